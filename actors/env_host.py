@@ -1,0 +1,109 @@
+"""Env-host actor: a vectorised environment plus numpy policy inference, one Ray call per
+rollout fragment.
+
+Imports numpy, stdlib and saferl's numpy-only modules: Safety-Gymnasium hosts run this module in
+the Safety-Gymnasium interpreter (``runtime_env={"py_executable": ...}``), which has numpy 1.x
+and no torch. Torch tasks are built only when such a task is asked for.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from saferl import registry
+from saferl.actors import np_policy
+from saferl.envs.np_compat import alias_numpy2_modules
+
+# Arrays pickled by numpy 2 (the driver and learners) must unpickle here under numpy 1.
+alias_numpy2_modules()
+
+
+def make_vec_env(task_name: str, num_envs: int, spares: int = 0, render_mode: str | None = None):
+    spec = registry.get_task(task_name)
+    if spec.kind == "safety_gymnasium":
+        from saferl.envs.safety_gym import make_env  # only inside the Safety-Gymnasium interpreter
+        from saferl.envs.vector import VecEnv
+
+        return VecEnv(lambda: make_env(spec.entry, seed=0, render_mode=render_mode), num_envs, spares)
+    import importlib
+
+    from saferl.envs.diff import TorchVecEnv
+
+    module, cls = spec.entry.split(":")
+    return TorchVecEnv(getattr(importlib.import_module(module), cls)(**spec.kwargs), num_envs)
+
+
+class EnvHost:
+    def __init__(self, task_name: str, num_envs: int, seed: int, host_index: int = 0, spares: int = 0):
+        self.vec = make_vec_env(task_name, num_envs, spares)
+        self.host_index = host_index
+        self.reset(seed)
+
+    def spec(self) -> dict:
+        v = self.vec
+        return {"obs_dim": v.obs_dim, "act_dim": v.act_dim, "act_low": v.act_low,
+                "act_high": v.act_high, "max_episode_steps": v.max_episode_steps, "num_envs": v.num_envs}
+
+    def ping(self) -> int:
+        return self.host_index
+
+    # -- the plain protocol (tests, tools) ------------------------------------------------------
+    def reset(self, seed: int) -> np.ndarray:
+        self.rng = np.random.default_rng([int(seed), self.host_index])
+        self.obs = self.vec.reset(int(seed) * 7919 + self.host_index)
+        return self.obs
+
+    def step(self, actions: np.ndarray):
+        out = self.vec.step(np.asarray(actions, np.float32))
+        self.obs = out[0]
+        return out
+
+    # -- rollouts ------------------------------------------------------------------------------
+    def rollout(self, policy: dict, num_steps: int) -> tuple[dict, dict]:
+        """Step every env ``num_steps`` times with the given policy weights.
+
+        Returns arrays shaped [T, N, ...]: obs, act (the Gaussian sample u), logp, reward, cost,
+        terminated, truncated; ``last_obs`` [N, d]; ``final_idx`` [K, 2] (t, env) with
+        ``final_obs`` [K, d] for episodes that ended (their next obs is a fresh reset);
+        and, separately, a small summary: finished episodes' return/cost/length and timings
+        (the coordinator reads only the summary; the batch goes straight to the learner)."""
+        n, d, a = self.vec.num_envs, self.vec.obs_dim, self.vec.act_dim
+        buf = {"obs": np.empty((num_steps, n, d), np.float32), "act": np.empty((num_steps, n, a), np.float32),
+               "logp": np.empty((num_steps, n), np.float32), "reward": np.empty((num_steps, n), np.float32),
+               "cost": np.empty((num_steps, n), np.float32), "terminated": np.empty((num_steps, n), bool),
+               "truncated": np.empty((num_steps, n), bool)}
+        final_idx, final_obs, episodes = [], [], []
+        t_infer = t_env = 0.0
+        for t in range(num_steps):
+            t0 = time.perf_counter()
+            action, u, logp = np_policy.act(policy, self.obs, self.rng)
+            t1 = time.perf_counter()
+            obs, rew, cost, term, trunc, info = self.vec.step(action)
+            t_env += time.perf_counter() - t1
+            t_infer += t1 - t0
+            buf["obs"][t], buf["act"][t], buf["logp"][t] = self.obs, u, logp
+            buf["reward"][t], buf["cost"][t], buf["terminated"][t], buf["truncated"][t] = rew, cost, term, trunc
+            for i, fo in info["final_obs"].items():
+                final_idx.append((t, i))
+                final_obs.append(fo)
+            episodes += info["episodes"]
+            self.obs = obs
+        buf["last_obs"] = self.obs.copy()
+        buf["final_idx"] = np.asarray(final_idx, np.int64).reshape(-1, 2)
+        buf["final_obs"] = np.asarray(final_obs, np.float32).reshape(-1, d)
+        summary = {"episodes": episodes, "inference_s": t_infer, "env_s": t_env}
+        return buf, summary
+
+    def evaluate(self, policy: dict, episodes: int, deterministic: bool = True) -> list[dict]:
+        """Run until ``episodes`` episodes finish (fresh resets first); returns their stats."""
+        self.obs = self.vec.reset(int(self.rng.integers(2**31)))
+        done: list[dict] = []
+        while len(done) < episodes:
+            action, _, _ = np_policy.act(policy, self.obs, self.rng, deterministic=deterministic)
+            self.obs, *_, info = self.vec.step(action)
+            done += info["episodes"]
+        return done[:episodes]
+
+    def close(self) -> None:
+        self.vec.close()

@@ -1,0 +1,43 @@
+"""Learner actor: hosts one algorithm's learner on the device Ray granted it."""
+from __future__ import annotations
+
+import ray
+
+from saferl import registry
+from saferl.learners.base import EnvSpec
+from saferl.learners.networks import pick_device
+
+
+class LearnerActor:
+    def __init__(self, algo: str, params: dict, env_spec: dict, cost_limit: float, seed: int,
+                 device: str = "auto"):
+        # Ray hides GPUs that were not granted (CUDA_VISIBLE_DEVICES), so "auto" means: the grant.
+        cls = registry.get_algo(algo).load()
+        self.device = pick_device(device)
+        self.learner = cls(cls.Params(**params), EnvSpec(**env_spec), cost_limit, self.device, seed)
+
+    def device_name(self) -> str:
+        return str(self.device)
+
+    def policy_state(self):
+        return self.learner.policy_state()
+
+    def numpy_policy(self) -> dict:
+        return self.learner.numpy_policy()
+
+    def policy_arch(self) -> dict:
+        return self.learner.arch
+
+    def update(self, batches: list) -> dict:
+        """``batches``: host batches or worker results, or Ray references to them (a list of
+        references is resolved here, so the data goes from the hosts straight to the learner)."""
+        return self.learner.update(ray.get(batches) if isinstance(batches[0], ray.ObjectRef) else batches)
+
+    def phase(self, name: str, signals: dict) -> dict:
+        return self.learner.phase(name, signals)
+
+    def state_dict(self) -> dict:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.learner.load_state_dict(sd)

@@ -1,0 +1,194 @@
+"""The coordinator: creates the actors of a run, runs its iterations, and owns the schedule.
+
+One iteration:
+  sampling algorithms   weights (one object, broadcast by reference) -> env hosts roll out
+                        -> the learner updates on their batches
+  gradient algorithms   weights -> gradient workers back-propagate through their shard
+                        -> the learner combines the shard gradients and steps
+then every schedule phase whose interval divides the iteration count runs on the learner
+(e.g. ``dual`` for the Lagrange multiplier; later safety-index and world-model phases).
+All schedule state lives here and in checkpoints, never inside a learner's inner loop.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from saferl.actors.env_host import EnvHost
+from saferl.actors.gradient_worker import GradientWorker, make_diff_env
+from saferl.actors.learner import LearnerActor
+from saferl.cluster import rundir
+from saferl.cluster.metrics import MetricsLogger
+from saferl.config import ConfigError, RunConfig
+
+
+@dataclass
+class ScheduleState:
+    iteration: int = 0
+    env_steps: int = 0
+    phase_runs: dict = field(default_factory=dict)  # phase -> times run
+    pending_costs: dict = field(default_factory=dict)  # phase -> episode costs since its last run
+
+
+def sg_python(cfg: RunConfig) -> str:
+    """The Safety-Gymnasium interpreter: config, $SAFERL_SG_PYTHON, or the .venv-sg that
+    deploy/setup.sh puts beside the main .venv."""
+    path = cfg.resources.sg_python or os.environ.get("SAFERL_SG_PYTHON") or str(
+        Path(sys.prefix).parent / ".venv-sg" / "bin" / "python")
+    if not Path(path).is_file():
+        raise ConfigError(f"config error: resources.sg_python: Safety-Gymnasium interpreter {path} "
+                          "does not exist (run deploy/setup.sh, or set SAFERL_SG_PYTHON)")
+    return path
+
+
+def host_options(cfg: RunConfig) -> dict:
+    opts = {"num_cpus": cfg.resources.num_cpus_per_host}
+    if cfg.task_spec.kind == "safety_gymnasium":
+        opts["runtime_env"] = {"py_executable": sg_python(cfg)}
+    return opts
+
+
+def spares_for(cfg: RunConfig) -> int:
+    r = cfg.resources
+    if r.spare_envs is not None:
+        return r.spare_envs
+    return r.envs_per_host if cfg.task_spec.slow_reset else 0
+
+
+class Coordinator:
+    def __init__(self, cfg: RunConfig, run_dir: Path, console=None, resume: dict | None = None):
+        self.cfg, self.run_dir, self.console = cfg, Path(run_dir), console
+        self.kind = cfg.algo_spec.kind
+        self.state = ScheduleState(**resume["schedule"]) if resume else ScheduleState()
+        res = cfg.resources
+        self.n_envs = res.num_env_hosts * res.envs_per_host
+        self._make_actors()
+        if resume:
+            ray.get(self.learner.load_state_dict.remote(resume["learner"]))
+        self.logger = MetricsLogger(self.run_dir, cfg)
+        self._checkpointed = self.state.iteration if resume else None
+
+    # -- actors ----------------------------------------------------------------------------------
+    def _make_actors(self) -> None:
+        cfg, res = self.cfg, self.cfg.resources
+        seed = cfg.seed * 1000 + self.state.iteration  # fresh env streams after a resume
+        if self.kind == "sampling":
+            host_cls = ray.remote(EnvHost).options(**host_options(cfg))
+            self.hosts = [host_cls.remote(cfg.task, res.envs_per_host, seed, i, spares_for(cfg))
+                          for i in range(res.num_env_hosts)]
+            spec = ray.get(self.hosts[0].spec.remote())
+        else:
+            env = make_diff_env(cfg.task)
+            spec = {"obs_dim": env.obs_dim, "act_dim": env.act_dim, "act_low": [env.act_low] * env.act_dim,
+                    "act_high": [env.act_high] * env.act_dim, "max_episode_steps": env.max_episode_steps}
+        spec = {k: (np.asarray(v).tolist() if k.startswith("act_") else v) for k, v in spec.items()
+                if k != "num_envs"}
+        learner_cls = ray.remote(LearnerActor).options(num_cpus=1, num_gpus=res.num_gpus_per_learner)
+        self.learner = learner_cls.remote(cfg.algo, cfg.algo_params, spec, cfg.limit, cfg.seed, cfg.device)
+        if self.kind == "gradient":
+            arch = ray.get(self.learner.policy_arch.remote())
+            params = cfg.learner_params()
+            self.horizon = params.horizon or spec["max_episode_steps"]
+            self.stochastic = params.stochastic
+            worker_cls = ray.remote(GradientWorker).options(num_cpus=res.num_cpus_per_host,
+                                                            num_gpus=res.num_gpus_per_host)
+            self.hosts = [worker_cls.remote(cfg.task, i * res.envs_per_host, res.envs_per_host, self.n_envs,
+                                            cfg.seed, arch, cfg.device) for i in range(res.num_env_hosts)]
+        self.steps_per_iteration = (cfg.steps_per_iteration if self.kind == "sampling"
+                                    else self.n_envs * self.horizon)
+
+    # -- one iteration ---------------------------------------------------------------------------
+    def iterate(self) -> dict:
+        t0 = time.perf_counter()
+        st = self.state
+        if self.kind == "sampling":
+            per_env = self.cfg.steps_per_iteration // self.n_envs
+            policy = self.learner.numpy_policy.remote()  # one object in the store, read by every host
+            refs = [h.rollout.options(num_returns=2).remote(policy, per_env) for h in self.hosts]
+            update = self.learner.update.remote([b for b, _ in refs])
+            summaries = ray.get([s for _, s in refs])
+            t_roll = time.perf_counter() - t0
+            metrics = ray.get(update)
+            episodes = [ep for s in summaries for ep in s["episodes"]]
+        else:
+            weights = self.learner.policy_state.remote()
+            results = [w.compute.remote(weights, st.iteration, self.horizon, self.stochastic) for w in self.hosts]
+            t_roll = None
+            metrics = ray.get(self.learner.update.remote(results))
+            # one finite-horizon episode per env per iteration: J is the mean episode signal
+            episodes = [{"return": metrics["j_r"], "cost": metrics["j_c"], "length": self.horizon}]
+        st.iteration += 1
+        st.env_steps += self.steps_per_iteration
+        for name in self.cfg.algo_spec.phases:
+            st.pending_costs.setdefault(name, []).extend(ep["cost"] for ep in episodes)
+            if st.iteration % self.cfg.phase_every(name) == 0:
+                costs = st.pending_costs[name]
+                signals = {"episode_cost": float(np.mean(costs)) if costs else None}
+                metrics.update(ray.get(self.learner.phase.remote(name, signals)))
+                st.phase_runs[name] = st.phase_runs.get(name, 0) + 1
+                st.pending_costs[name] = []
+        dt = time.perf_counter() - t0
+        row = {"iteration": st.iteration, "env_steps": st.env_steps, **metrics,
+               "time/iteration_s": dt, "time/env_steps_per_s": self.steps_per_iteration / dt}
+        if t_roll is not None:
+            row["time/rollout_s"] = t_roll
+        if episodes:
+            row["episode/return"] = float(np.mean([e["return"] for e in episodes]))
+            row["episode/cost"] = float(np.mean([e["cost"] for e in episodes]))
+            row["episode/length"] = float(np.mean([e["length"] for e in episodes]))
+            row["episode/count"] = len(episodes)
+            row["episode/violation_rate"] = float(np.mean([e["cost"] > self.cfg.limit for e in episodes]))
+        return row
+
+    # -- the run ---------------------------------------------------------------------------------
+    def total_iterations(self) -> int:
+        return max(1, math.ceil(self.cfg.total_env_steps / self.steps_per_iteration))
+
+    def checkpoint(self) -> Path:
+        self._checkpointed = self.state.iteration
+        payload = {"algo": self.cfg.algo, "task": self.cfg.task, "config": self.cfg.model_dump(mode="json"),
+                   "schedule": asdict(self.state), "learner": ray.get(self.learner.state_dict.remote())}
+        return rundir.save_checkpoint(self.run_dir, self.state.iteration, payload,
+                                      self.cfg.schedule.keep_checkpoints)
+
+    def run(self, stop_after: int | None = None) -> dict:
+        """Iterate to the budget (or ``stop_after`` more iterations); checkpoint on schedule and
+        at the end. Returns the last logged row."""
+        total = self.total_iterations()
+        sched = self.cfg.schedule
+        last: dict = {}
+        done = 0
+        while self.state.iteration < total and (stop_after is None or done < stop_after):
+            row = self.iterate()
+            done += 1
+            last = row
+            if self.state.iteration % sched.log_every == 0 or self.state.iteration == total:
+                self.logger.log(self.state.env_steps, row)
+                self._progress(row, total)
+            if self.state.iteration % sched.checkpoint_every == 0:
+                self.checkpoint()
+        if self._checkpointed != self.state.iteration:
+            self.checkpoint()
+        return last
+
+    def _progress(self, row: dict, total: int) -> None:
+        if self.console is None:
+            return
+        parts = [f"it {row['iteration']}/{total}", f"steps {row['env_steps']:,}"]
+        for key, label in (("episode/return", "return"), ("episode/cost", "cost"),
+                           ("lagrange_multiplier", "λ"), ("time/env_steps_per_s", "steps/s")):
+            if key in row:
+                parts.append(f"{label} {row[key]:.3g}")
+        self.console.print(" | ".join(parts))
+
+    def close(self) -> None:
+        self.logger.close()
+        for actor in [*self.hosts, self.learner]:
+            ray.kill(actor)

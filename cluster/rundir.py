@@ -1,0 +1,86 @@
+"""The run directory: resolved config, metrics, checkpoints.
+
+    runs/<name>/config.yaml          the validated config the run uses (resume reads it back)
+    runs/<name>/metrics.csv          one row per logged iteration (also metrics.jsonl)
+    runs/<name>/tb/                  TensorBoard event files
+    runs/<name>/wandb/               Weights & Biases files (offline unless configured online)
+    runs/<name>/checkpoints/ckpt_<iteration>.pt   atomic; the last ``keep`` are kept
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from saferl.config import ConfigError, RunConfig, load_config
+
+CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    name = cfg.name or f"{cfg.algo}-{cfg.task}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(cfg.run_root) / name
+    suffix = 1
+    while path.exists():
+        path = Path(cfg.run_root) / f"{name}-{suffix}"
+        suffix += 1
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "config.yaml").write_text(cfg.to_yaml())
+    return path
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
+    cfg_path = Path(run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"run error: {run_dir} is not a run directory (no config.yaml)")
+    return load_config(cfg_path, overrides)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary name, fsync, rename: a crash never leaves a half-written file
+    under the final name."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("ckpt_*.pt")
+             if (m := CKPT_RE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(run_dir: Path, iteration: int, payload: dict, keep: int) -> Path:
+    path = Path(run_dir) / "checkpoints" / f"ckpt_{iteration:07d}.pt"
+    atomic_save(payload, path)
+    for old in checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(run_dir: Path, cfg: RunConfig) -> dict | None:
+    """The newest checkpoint, refused with a clear message if it belongs to another algorithm
+    or task."""
+    found = checkpoints(run_dir)
+    if not found:
+        return None
+    try:
+        ckpt = torch.load(found[-1], map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 — any unreadable file is reported the same way
+        raise ConfigError(f"checkpoint error: {found[-1]} cannot be read ({err.__class__.__name__})") from None
+    for key in ("algo", "task"):
+        if ckpt.get(key) != getattr(cfg, key):
+            raise ConfigError(f"checkpoint error: {found[-1]} is for {key} {ckpt.get(key)!r}, "
+                              f"the config says {getattr(cfg, key)!r}")
+    return ckpt

@@ -1,0 +1,53 @@
+"""Starting or joining Ray, and the top-level train / resume entry points."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from saferl.cluster import rundir
+from saferl.config import ConfigError, RunConfig
+
+def required_cpus(cfg: RunConfig) -> float:
+    r = cfg.resources
+    return r.num_env_hosts * r.num_cpus_per_host + 1  # + the learner
+
+
+def connect(cfg: RunConfig | None = None, address: str | None = None) -> bool:
+    """Join the cluster at ``address`` / $RAY_ADDRESS (a submitted job), or start an embedded
+    local one sized for ``cfg`` (logical CPUs may exceed the cores: Ray time-shares them).
+    Returns True when this call started Ray (and so should stop it)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="warning")
+        return True
+    need = required_cpus(cfg) if cfg is not None else 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), logging_level="warning")
+    return True
+
+
+def train(cfg: RunConfig, run_dir: Path | None = None, console=None, stop_after: int | None = None) -> Path:
+    """Run (or, with ``run_dir``, resume) a training job; returns the run directory."""
+    from saferl.cluster.coordinator import Coordinator  # imports torch; keep `saferl list` fast
+
+    resume = None
+    if run_dir is None:
+        run_dir = rundir.new_run_dir(cfg)
+    else:
+        resume = rundir.load_checkpoint(run_dir, cfg)
+        if resume is None:
+            raise ConfigError(f"run error: {run_dir} has no checkpoint to resume from")
+    started = connect(cfg)
+    try:
+        coord = Coordinator(cfg, run_dir, console=console, resume=resume)
+        try:
+            coord.run(stop_after=stop_after)
+        finally:
+            coord.close()
+    finally:
+        if started:
+            ray.shutdown()
+    return Path(run_dir)

@@ -1,0 +1,82 @@
+"""Differentiable torch task protocol, and its adapter to the vectorised numpy protocol.
+
+A differentiable task is batched and functional so gradients flow through whole trajectories:
+
+    initial_state(n, generator) -> state [n, ...]
+    observe(state) -> obs [n, obs_dim]
+    step(state, action) -> next_state, reward [n], cost [n]     (all differentiable)
+
+Episodes have a fixed horizon (``max_episode_steps``). ``TorchVecEnv`` runs the same task
+without gradients behind the numpy protocol, so sampling algorithms and evaluation use it too.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from saferl.envs.vector import EpisodeStats
+
+
+class DiffEnv:
+    obs_dim: int
+    act_dim: int
+    max_episode_steps: int
+    act_low = -1.0
+    act_high = 1.0
+
+    def initial_state(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError  # abstract
+
+    def observe(self, state: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # abstract
+
+    def step(self, state: torch.Tensor, action: torch.Tensor):
+        raise NotImplementedError  # abstract
+
+
+class TorchVecEnv:
+    """Numpy protocol over a batched DiffEnv (auto-reset at the horizon = truncation)."""
+
+    def __init__(self, env: DiffEnv, num_envs: int):
+        self.env, self.num_envs = env, num_envs
+        self.obs_dim, self.act_dim = env.obs_dim, env.act_dim
+        self.act_low = np.full(env.act_dim, env.act_low, np.float32)
+        self.act_high = np.full(env.act_dim, env.act_high, np.float32)
+        self.max_episode_steps = env.max_episode_steps
+        self.stats = EpisodeStats(num_envs)
+
+    def reset(self, seed: int) -> np.ndarray:
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.state = self.env.initial_state(self.num_envs, self.gen)
+        self.t = np.zeros(self.num_envs, dtype=np.int64)
+        self.stats = EpisodeStats(self.num_envs)
+        return self._obs(self.state)
+
+    def _obs(self, state) -> np.ndarray:
+        return self.env.observe(state).numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def step(self, actions: np.ndarray):
+        a = torch.as_tensor(np.clip(actions, self.act_low, self.act_high), dtype=torch.float32)
+        self.state, r, c = self.env.step(self.state, a)
+        rew, cost = r.numpy().astype(np.float32), c.numpy().astype(np.float32)
+        self.t += 1
+        self.stats.add(rew, cost)
+        trunc = self.t >= self.max_episode_steps
+        term = np.zeros(self.num_envs, bool)
+        obs = self._obs(self.state)
+        final_obs, episodes = {}, []
+        done = np.flatnonzero(trunc)
+        if done.size:
+            fresh = self.env.initial_state(done.size, self.gen)
+            self.state = self.state.clone()
+            self.state[torch.as_tensor(done)] = fresh
+            for i in done:
+                final_obs[int(i)] = obs[i].copy()
+                episodes.append(self.stats.end(i))
+            self.t[done] = 0
+            obs = self._obs(self.state)
+        return obs, rew, cost, term, trunc, {"final_obs": final_obs, "episodes": episodes}
+
+    def close(self) -> None:
+        pass

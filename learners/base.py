@@ -1,0 +1,59 @@
+"""What the coordinator expects of a learner (the learner actor hosts one of these).
+
+A learner owns its networks, optimisers and multipliers, runs on ``device`` (``cuda`` when the
+actor was granted a GPU), and exposes:
+
+    policy_state()          weights the hosts act with (numpy dict for env hosts,
+                            flat torch parameters for gradient workers)
+    update(batches)         one policy/critic update from host batches or worker gradients
+    phase(name, signals)    a scheduled phase (e.g. ``dual``), run when the coordinator says
+    state_dict() / load_state_dict()   everything needed to resume bit-for-bit
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EnvSpec(BaseModel):
+    obs_dim: int
+    act_dim: int
+    act_low: list[float]
+    act_high: list[float]
+    max_episode_steps: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Learner:
+    Params = Params
+
+    def __init__(self, params, env: EnvSpec, cost_limit: float, device: torch.device, seed: int):
+        self.p, self.env, self.cost_limit, self.device = params, env, cost_limit, device
+        seed_everything(seed)
+
+    def phase(self, name: str, signals: dict) -> dict:
+        return getattr(self, f"phase_{name}")(signals)
+
+    def rng_state(self) -> dict:
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+    def set_rng_state(self, sd: dict) -> None:
+        torch.set_rng_state(sd["torch"])
+        np.random.set_state(sd["numpy"])
+        random.setstate(sd["python"])
+
+    def numpy_policy(self) -> dict:
+        """Weights for numpy inference in env hosts (rollouts and evaluation)."""
+        return self.policy.export_numpy()

@@ -1,0 +1,116 @@
+"""Networks shared by the learners: MLPs, the Gaussian policy, running observation statistics."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def mlp(sizes: Sequence[int], activation=nn.Tanh, out_gain: float = 1.0) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(a, b)
+        last = i == len(sizes) - 2
+        nn.init.orthogonal_(lin.weight, gain=out_gain if last else np.sqrt(2))
+        nn.init.zeros_(lin.bias)
+        layers += [lin] if last else [lin, activation()]
+    return nn.Sequential(*layers)
+
+
+class RunningNorm(nn.Module):
+    """Running mean/variance of observations (parallel Welford), stored as buffers so they are
+    checkpointed with the policy and broadcast with its weights."""
+
+    def __init__(self, dim: int, clip: float = 10.0):
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.mean.shape[0]).to(torch.float64)
+        self.update_moments(x.shape[0], x.mean(0), x.var(0, unbiased=False))
+
+    @torch.no_grad()
+    def update_moments(self, n: int, mean, var) -> None:
+        mean = torch.tensor(np.asarray(mean), dtype=torch.float64, device=self.mean.device)
+        var = torch.tensor(np.asarray(var), dtype=torch.float64, device=self.mean.device)
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
+        self.count = total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.mean.to(x.dtype)) / torch.sqrt(self.var.to(x.dtype) + 1e-8)
+        return z.clamp(-self.clip, self.clip)
+
+
+class GaussianPolicy(nn.Module):
+    """Diagonal Gaussian with state-independent log σ; ``squash`` = tanh on the sample (bounded
+    actions for differentiable tasks), otherwise the env clips (the PPO/OmniSafe convention)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], init_log_std: float = -0.5,
+                 squash: bool = False, normalise_obs: bool = True):
+        super().__init__()
+        self.squash = squash
+        self.norm = RunningNorm(obs_dim) if normalise_obs else None
+        self.net = mlp([obs_dim, *hidden, act_dim], out_gain=0.01)
+        self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
+
+    def normalised(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.norm(obs) if self.norm is not None else obs
+
+    def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        return torch.distributions.Normal(self.net(self.normalised(obs)), self.log_std.exp())
+
+    def log_prob(self, obs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.dist(obs).log_prob(u).sum(-1)
+
+    def rsample(self, obs: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """Reparameterised action: mean + σ·noise (noise None = deterministic), squashed if set."""
+        u = self.net(self.normalised(obs))
+        if noise is not None:
+            u = u + self.log_std.exp() * noise
+        return torch.tanh(u) if self.squash else u
+
+    def export_numpy(self) -> dict:
+        """Weights for ``saferl.actors.np_policy`` (inference inside env hosts)."""
+        lin = [m for m in self.net if isinstance(m, nn.Linear)]
+        dim = lin[0].in_features
+        norm = self.norm
+        f32 = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
+        return {
+            "layers": [(f32(m.weight), f32(m.bias)) for m in lin],
+            "log_std": f32(self.log_std),
+            "obs_mean": f32(norm.mean) if norm is not None else np.zeros(dim, np.float32),
+            "obs_var": f32(norm.var) if norm is not None else np.ones(dim, np.float32) - 1e-8,
+            "obs_clip": float(norm.clip) if norm is not None else np.inf,
+            "squash": self.squash,
+        }
+
+
+def flat_params(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def set_flat_params(module: nn.Module, flat: torch.Tensor) -> None:
+    i = 0
+    for p in module.parameters():
+        n = p.numel()
+        p.data.copy_(flat[i:i + n].view_as(p))
+        i += n
+
+
+def flat_grad(output: torch.Tensor, params: Sequence[torch.Tensor], retain_graph: bool = False) -> torch.Tensor:
+    grads = torch.autograd.grad(output, params, retain_graph=retain_graph, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")

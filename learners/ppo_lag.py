@@ -1,0 +1,154 @@
+"""PPO-Lagrangian (Ray, Achiam & Amodei 2019, "Benchmarking Safe Exploration in Deep RL";
+clipped PPO from Schulman et al. 2017).
+
+Per update, with reward and cost GAE from separate critics (``learners/gae.py``):
+
+    Â = (z(Â_R) − λ (Â_C − mean Â_C)) / (1 + λ)                       (OmniSafe's scaling)
+    L_π = −E[min(ρ Â, clip(ρ, 1 ± ε) Â)] − c_H H[π],    ρ = π_θ(u|s) / π_old(u|s)
+    L_V = E[(V_R(s) − R̂)²] + E[(V_C(s) − Ĉ)²]
+
+and the multiplier λ of ``learners/lagrange.py`` is stepped on the mean episode cost by the
+coordinator's ``dual`` phase (not here). Early stop of the epochs when the sampled KL
+exceeds ``target_kl``. The parts (batch assembly, critics, the clipped surrogate) are functions
+so TRPO-Lag, CPO and sTRPO can reuse them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from saferl.learners import base
+from saferl.learners.gae import gae
+from saferl.learners.lagrange import LagrangeParams, make_multiplier
+from saferl.learners.networks import GaussianPolicy, mlp
+
+
+class PPOLagParams(base.Params):
+    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    policy_lr: float = Field(3e-4, gt=0)
+    critic_lr: float = Field(3e-4, gt=0)
+    gamma: float = Field(0.99, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cost_gamma: float = Field(0.99, gt=0, le=1)
+    cost_lam: float = Field(0.95, ge=0, le=1)
+    clip: float = Field(0.2, gt=0)
+    epochs: int = Field(10, gt=0)
+    minibatch_size: int = Field(256, gt=0)
+    target_kl: float = Field(0.02, gt=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(40.0, gt=0)
+    init_log_std: float = -0.5
+    normalise_obs: bool = True
+    lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(lr=0.01))
+
+
+def assemble(batches: list[dict], device: torch.device) -> dict:
+    """Concatenate host batches along the env axis; build next_obs [T, N, d] with the final
+    observation of ended episodes substituted (the stored next obs is already a reset)."""
+    out = {}
+    for key in ("obs", "act", "logp", "reward", "cost", "terminated", "truncated"):
+        out[key] = torch.as_tensor(np.concatenate([b[key] for b in batches], axis=1), device=device)
+    next_obs = []
+    for b in batches:
+        nxt = np.concatenate([b["obs"][1:], b["last_obs"][None]], axis=0)
+        if len(b["final_idx"]):
+            nxt[b["final_idx"][:, 0], b["final_idx"][:, 1]] = b["final_obs"]
+        next_obs.append(nxt)
+    out["next_obs"] = torch.as_tensor(np.concatenate(next_obs, axis=1), device=device)
+    out["end"] = out["terminated"] | out["truncated"]
+    return out
+
+
+@torch.no_grad()
+def advantages(critic: torch.nn.Module, norm, batch: dict, signal: str, gamma: float, lam: float):
+    v = critic(norm(batch["obs"])).squeeze(-1)
+    v_next = critic(norm(batch["next_obs"])).squeeze(-1) * (~batch["terminated"])
+    return gae(batch[signal], v, v_next, batch["end"], gamma, lam)
+
+
+def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float):
+    ratio = torch.exp(logp - logp_old)
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
+    return loss, ratio
+
+
+class PPOLag(base.Learner):
+    Params = PPOLagParams
+
+    def __init__(self, params: PPOLagParams, env: base.EnvSpec, cost_limit, device, seed):
+        super().__init__(params, env, cost_limit, device, seed)
+        p = params
+        self.policy = GaussianPolicy(env.obs_dim, env.act_dim, p.hidden, p.init_log_std,
+                                     normalise_obs=p.normalise_obs).to(device)
+        self.v_r = mlp([env.obs_dim, *p.hidden, 1]).to(device)
+        self.v_c = mlp([env.obs_dim, *p.hidden, 1]).to(device)
+        self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)
+        self.v_opt = torch.optim.Adam([*self.v_r.parameters(), *self.v_c.parameters()], lr=p.critic_lr)
+        self.multiplier = make_multiplier(p.lagrange)
+
+    def policy_state(self) -> dict:
+        return self.policy.export_numpy()
+
+    def update(self, batches: list[dict]) -> dict:
+        p, dev = self.p, self.device
+        batch = assemble(batches, dev)
+        norm = self.policy.normalised
+        adv_r, ret_r = advantages(self.v_r, norm, batch, "reward", p.gamma, p.lam)
+        adv_c, ret_c = advantages(self.v_c, norm, batch, "cost", p.cost_gamma, p.cost_lam)
+        lam = self.multiplier.value
+        adv_r = (adv_r - adv_r.mean()) / (adv_r.std() + 1e-8)
+        adv = ((adv_r - lam * (adv_c - adv_c.mean())) / (1 + lam)).reshape(-1)
+        obs = batch["obs"].reshape(-1, self.env.obs_dim)
+        act, logp_old = batch["act"].reshape(-1, self.env.act_dim), batch["logp"].reshape(-1)
+        ret_r, ret_c = ret_r.reshape(-1), ret_c.reshape(-1)
+        n = obs.shape[0]
+        stats = {"loss_pi": [], "loss_v": [], "kl": [], "clip_frac": []}
+        epochs_run = 0
+        for _ in range(p.epochs):
+            epochs_run += 1
+            for idx in torch.randperm(n, device=dev).split(p.minibatch_size):
+                dist = self.policy.dist(obs[idx])
+                logp = dist.log_prob(act[idx]).sum(-1)
+                loss_pi, ratio = clipped_surrogate(logp, logp_old[idx], adv[idx], p.clip)
+                loss_pi = loss_pi - p.entropy_coef * dist.entropy().sum(-1).mean()
+                self.pi_opt.zero_grad()
+                loss_pi.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
+                self.pi_opt.step()
+                z = norm(obs[idx])
+                loss_v = ((self.v_r(z).squeeze(-1) - ret_r[idx]) ** 2).mean() + \
+                         ((self.v_c(z).squeeze(-1) - ret_c[idx]) ** 2).mean()
+                self.v_opt.zero_grad()
+                loss_v.backward()
+                self.v_opt.step()
+                stats["loss_pi"].append(loss_pi.item())
+                stats["loss_v"].append(loss_v.item())
+                stats["clip_frac"].append(((ratio - 1).abs() > p.clip).float().mean().item())
+            with torch.no_grad():
+                kl = (logp_old - self.policy.log_prob(obs, act)).mean().item()
+            stats["kl"].append(kl)
+            if kl > p.target_kl:
+                break
+        if self.policy.norm is not None:  # statistics for the next rollout, after this update
+            self.policy.norm.update(batch["obs"])
+        out = {k: float(np.mean(v)) for k, v in stats.items()}
+        out.update(epochs=epochs_run, std=self.policy.log_std.exp().mean().item(),
+                   lagrange_multiplier=lam)
+        return out
+
+    def phase_dual(self, signals: dict) -> dict:
+        """Dual step on the mean episode cost since the last dual step (skipped if none ended)."""
+        if signals.get("episode_cost") is None:
+            return {}
+        return {"lagrange_multiplier": self.multiplier.update(signals["episode_cost"], self.cost_limit)}
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "v_r": self.v_r.state_dict(), "v_c": self.v_c.state_dict(),
+                "pi_opt": self.pi_opt.state_dict(), "v_opt": self.v_opt.state_dict(),
+                "multiplier": self.multiplier.state_dict(), "rng": self.rng_state()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for key in ("policy", "v_r", "v_c", "pi_opt", "v_opt", "multiplier"):
+            getattr(self, key).load_state_dict(sd[key])
+        self.set_rng_state(sd["rng"])

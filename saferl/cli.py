@@ -1,0 +1,159 @@
+"""The ``saferl`` command line.
+
+    saferl train CONFIG [--set key=value ...]      run on the embedded local Ray cluster
+    saferl train --resume RUN_DIR                   continue from the last checkpoint
+    saferl submit CONFIG --address ADDR             run as a Ray job on a cluster
+    saferl status|logs|stop JOB_ID --address ADDR   follow a submitted job
+    saferl eval RUN_DIR --episodes N                return, cost and violation rate
+    saferl list                                     algorithms and tasks
+    saferl bench rollout                            env-host throughput vs a plain process
+
+User errors print one line (``config error: …``) and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from saferl import registry
+from saferl.config import ConfigError, load_config
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def cmd_list(args) -> int:
+    con = _console()
+    con.print("[bold]algorithms[/bold]")
+    for a in registry.ALGORITHMS.values():
+        con.print(f"  {a.name:<12} {a.kind:<9} phases={','.join(a.phases):<8} {a.paper}")
+    con.print("[bold]tasks[/bold]")
+    for t in registry.TASKS.values():
+        diff = "differentiable" if t.differentiable else ""
+        con.print(f"  {t.name:<26} {t.kind:<17} cost_limit={t.cost_limit:<6g} T={t.max_episode_steps:<5} {diff}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from saferl.cluster import rundir
+    from saferl.cluster.session import train
+
+    con = _console()
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = rundir.load_run_config(run_dir, args.set)
+        con.print(f"resuming {run_dir}")
+    else:
+        if not args.config:
+            raise ConfigError("usage error: saferl train needs CONFIG or --resume RUN_DIR")
+        cfg = load_config(args.config, args.set)
+        run_dir = None
+    out = train(cfg, run_dir=run_dir, console=con, stop_after=args.stop_after)
+    con.print(f"[bold green]done[/bold green]: results in {out}  "
+              f"(metrics.csv, tb/, checkpoints/; `saferl eval {out} --episodes 10`)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from saferl.cluster.evaluate import evaluate
+
+    result = evaluate(Path(args.run_dir), args.episodes, deterministic=not args.stochastic)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from saferl.cluster import jobs
+
+    load_config(args.config, args.set)  # fail here, not on the cluster
+    job_id = jobs.submit(args.address, args.config, args.set, env_vars=args.env)
+    print(f"submitted {job_id} to {args.address}; follow with: saferl status {job_id} --address {args.address}")
+    return 0
+
+
+def cmd_job(args) -> int:
+    from saferl.cluster import jobs
+
+    if args.command == "status":
+        print(jobs.status(args.address, args.job_id))
+    elif args.command == "logs":
+        print(jobs.logs(args.address, args.job_id), end="")
+    else:
+        print(jobs.stop(args.address, args.job_id))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from saferl.cluster.bench import bench_rollout
+
+    bench_rollout(out_dir=Path(args.out), task=args.task, steps=args.steps,
+                  envs_per_host=args.envs_per_host, hosts=args.hosts, console=_console())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="saferl", description="Distributed safe RL on Ray.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="algorithms and tasks")
+    p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("train", help="train on the embedded local Ray cluster (or $RAY_ADDRESS)")
+    p.add_argument("config", nargs="?", help="YAML file or configs/ short name, e.g. ppo_lag/SafetyPointGoal1-v0")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many iterations")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's latest checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--stochastic", action="store_true", help="sample actions instead of the mean")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("submit", help="submit a training job to a Ray cluster (Ray Jobs API)")
+    p.add_argument("config")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--env", action="append", default=[], metavar="NAME",
+                   help="environment variable to forward to the job (none are sent otherwise)")
+    p.set_defaults(fn=cmd_submit)
+
+    for name, help_ in (("status", "status of a submitted job"), ("logs", "logs of a submitted job"),
+                        ("stop", "stop a submitted job")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("job_id")
+        p.add_argument("--address", required=True)
+        p.set_defaults(fn=cmd_job)
+
+    p = sub.add_parser("bench", help="benchmarks that write result files")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    b = bsub.add_parser("rollout", help="env steps/s: env hosts on Ray vs one plain process")
+    b.add_argument("--task", default="SafetyPointGoal1-v0")
+    b.add_argument("--steps", type=int, default=200, help="steps per env per measurement")
+    b.add_argument("--envs-per-host", type=int, nargs="+", default=[4, 16, 32])
+    b.add_argument("--hosts", type=int, nargs="+", default=[1, 2])
+    b.add_argument("--out", default="bench_results")
+    b.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with `saferl train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

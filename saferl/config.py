@@ -1,0 +1,204 @@
+"""Typed run configuration: one schema for every algorithm and task.
+
+A config is a YAML file (``configs/<algo>/<task>.yaml``) plus ``--set key.sub=value`` overrides.
+Every error is reported as one line naming the field, e.g.
+``config error: resources.num_env_hosts: Input should be greater than 0 (got -1)``.
+Algorithm hyper-parameters live in ``algo_params`` and are validated by the learner's own
+``Params`` model, so each algorithm documents its knobs next to its update rule.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from saferl import registry
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; ``str(err)`` is one line."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Resources(Strict):
+    num_env_hosts: int = Field(1, gt=0, description="env-host (or gradient-worker) actors")
+    envs_per_host: int = Field(8, gt=0, description="vectorised envs inside each host")
+    num_cpus_per_host: float = Field(1.0, gt=0)
+    num_gpus_per_learner: float = Field(0.0, ge=0, description="fractions allowed, e.g. 0.5")
+    num_gpus_per_host: float = Field(0.0, ge=0, description="for gradient workers; fractions allowed")
+    spare_envs: int | None = Field(
+        None, ge=0, description="pre-reset spare envs per host; None = envs_per_host for tasks "
+        "whose reset rebuilds the world (Safety-Gymnasium navigation), else 0")
+    sg_python: str | None = Field(
+        None, description="Safety-Gymnasium interpreter; None = $SAFERL_SG_PYTHON or the "
+        ".venv-sg beside the running interpreter's venv")
+
+
+class Schedule(Strict):
+    """Intervals in iterations. Each algorithm phase (e.g. ``dual``) runs when
+    ``iteration % every == 0``; the coordinator owns this, learners never count."""
+    phases: dict[str, int] = Field(default_factory=lambda: {"dual": 1})
+    log_every: int = Field(1, gt=0)
+    checkpoint_every: int = Field(10, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)
+
+    @field_validator("phases")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        for name, every in v.items():
+            if every <= 0:
+                raise ValueError(f"phase {name!r} interval must be > 0 (got {every})")
+        return v
+
+
+class Logging(Strict):
+    csv: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_mode: Literal["offline", "online"] = "offline"
+    wandb_project: str = "saferl"
+
+
+class RunConfig(Strict):
+    algo: str
+    task: str
+    seed: int = 0
+    total_env_steps: int = Field(100_000, gt=0, description="budget in environment steps")
+    steps_per_iteration: int = Field(
+        2048, gt=0, description="env steps per iteration over all hosts (sampling algorithms; "
+        "gradient algorithms step num_env_hosts × envs_per_host envs over their horizon)")
+    cost_limit: float | None = Field(None, description="None = the task's registered limit")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    run_root: str = "runs"
+    name: str | None = None
+    resources: Resources = Field(default_factory=Resources)
+    schedule: Schedule = Field(default_factory=Schedule)
+    logging: Logging = Field(default_factory=Logging)
+    algo_params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("algo")
+    @classmethod
+    def _known_algo(cls, v: str) -> str:
+        registry.get_algo(v)  # the error lists the known names
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        registry.get_task(v)
+        return v
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "RunConfig":
+        algo, task = registry.get_algo(self.algo), registry.get_task(self.task)
+        if algo.kind == "gradient" and not task.differentiable:
+            raise ValueError(f"task: {self.task} is not differentiable; {self.algo} needs analytic "
+                             "gradients through the simulator")
+        unknown = set(self.schedule.phases) - set(algo.phases)
+        if unknown:
+            raise ValueError(f"schedule.phases: {self.algo} has no phase {sorted(unknown)}; "
+                             f"it has {list(algo.phases)}")
+        n_envs = self.resources.num_env_hosts * self.resources.envs_per_host
+        if algo.kind == "sampling" and self.steps_per_iteration % n_envs:
+            raise ValueError(f"steps_per_iteration: must be divisible by num_env_hosts × "
+                             f"envs_per_host = {n_envs} (got {self.steps_per_iteration})")
+        return self
+
+    # -- derived values --------------------------------------------------------------------
+    @property
+    def task_spec(self) -> registry.TaskSpec:
+        return registry.get_task(self.task)
+
+    @property
+    def algo_spec(self) -> registry.AlgoSpec:
+        return registry.get_algo(self.algo)
+
+    @property
+    def limit(self) -> float:
+        return self.task_spec.cost_limit if self.cost_limit is None else self.cost_limit
+
+    def phase_every(self, phase: str) -> int:
+        return self.schedule.phases.get(phase, 1)
+
+    def learner_params(self):
+        """The algorithm's validated hyper-parameters (errors name ``algo_params.<field>``)."""
+        params_cls = self.algo_spec.load().Params
+        try:
+            return params_cls(**self.algo_params)
+        except ValidationError as err:
+            raise ConfigError(_one_line(err, prefix="algo_params")) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _one_line(err: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        got = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
+        parts.append(f"{loc}: {msg}{got}" if loc else f"{msg}{got}")
+    return "config error: " + "; ".join(parts)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["resources.num_env_hosts=2", "algo_params.lr=1e-3"]`` -> nested dict (YAML-typed values)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"config error: --set {pair!r}: expected key=value")
+        key, raw = pair.split("=", 1)
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config error: --set {key}: {p} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A config path, or a short name ``algo/task`` found under ``configs/``."""
+    p = Path(name_or_path)
+    for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config error: config file {name_or_path!r} does not exist")
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
+    """Load, merge overrides, validate (including the algorithm's hyper-parameters)."""
+    if isinstance(source, dict):
+        data = source
+    else:
+        path = resolve_path(str(source))
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config error: {path}: not valid YAML ({err.__class__.__name__})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error: {path}: top level must be a mapping")
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        cfg = RunConfig(**data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+    cfg.learner_params()  # validate hyper-parameters now, not minutes later inside an actor
+    return cfg

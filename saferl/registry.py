@@ -1,0 +1,85 @@
+"""Registries of algorithms and tasks: the names a config may use.
+
+Entries are plain data with lazy import paths so that ``saferl list`` and config validation stay
+cheap and never import torch, Ray or a simulator.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+EnvKind = Literal["safety_gymnasium", "torch"]
+AlgoKind = Literal["sampling", "gradient"]
+
+
+@dataclass(frozen=True)
+class AlgoSpec:
+    name: str
+    kind: AlgoKind  # sampling: env hosts return transitions; gradient: gradient workers return ∇J
+    learner: str  # "module:Class" of the learner (its nested ``Params`` model holds hyper-parameters)
+    phases: tuple[str, ...]  # schedule phases the learner implements (e.g. "dual")
+    paper: str
+
+    def load(self):
+        module, cls = self.learner.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: EnvKind
+    entry: str  # safety_gymnasium id, or "module:Class" of a differentiable torch env
+    cost_limit: float
+    max_episode_steps: int
+    differentiable: bool = False
+    slow_reset: bool = False  # resets rebuild the world (~0.9 s): hosts keep pre-reset spares
+    kwargs: dict = field(default_factory=dict)
+
+
+ALGORITHMS: dict[str, AlgoSpec] = {}
+TASKS: dict[str, TaskSpec] = {}
+
+
+def register_algo(spec: AlgoSpec) -> None:
+    ALGORITHMS[spec.name] = spec
+
+
+def register_task(spec: TaskSpec) -> None:
+    TASKS[spec.name] = spec
+
+
+register_algo(AlgoSpec("ppo_lag", "sampling", "saferl.learners.ppo_lag:PPOLag", ("dual",),
+                       "Ray, Achiam & Amodei 2019 (Safety Gym); PPO: Schulman et al. 2017"))
+register_algo(AlgoSpec("bptt_lag", "gradient", "saferl.learners.bptt_lag:BPTTLag", ("dual",),
+                       "seed 000, Appendix F.1, eq 75-80"))
+
+# Safety-Gymnasium tasks. Cost limit 25 is the benchmark convention (OmniSafe, the seeds).
+for _id, _steps, _slow in [
+    ("SafetyPointGoal1-v0", 1000, True),
+    ("SafetyCarGoal1-v0", 1000, True),
+    ("SafetyPointButton1-v0", 1000, True),
+    ("SafetyCarCircle1-v0", 500, False),
+    ("SafetyAntVelocity-v1", 1000, False),
+    ("SafetyHopperVelocity-v1", 1000, False),
+]:
+    register_task(TaskSpec(_id, "safety_gymnasium", _id, 25.0, _steps, slow_reset=_slow))
+
+# CGPO's FunctionEnv (seed 000, Appendix C / F.4.1): J_C = sum_{t<100} f(x_t) <= 8.
+register_task(TaskSpec("FunctionEnv-v0", "torch", "saferl.envs.function_env:FunctionEnv", 8.0, 100,
+                       differentiable=True))
+register_task(TaskSpec("FunctionEnvFloor-v0", "torch", "saferl.envs.function_env:FunctionEnv", 8.0,
+                       100, differentiable=False, kwargs={"floor": True}))
+
+
+def get_algo(name: str) -> AlgoSpec:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(sorted(ALGORITHMS))}")
+    return ALGORITHMS[name]
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name]

@@ -1,0 +1,140 @@
+"""saferl.envs.safety_gym and saferl.envs.np_compat, checked inside the Safety-Gymnasium interpreter.
+
+pytest runs in the main interpreter (numpy 2), where safety_gymnasium cannot be imported, so the
+checks run in a subprocess of ``.venv-sg/bin/python`` (override: ``SAFERL_SG_PYTHON``) and report
+back as JSON. All tasks share one subprocess to pay the import once (~15 s in all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SG_PYTHON = Path(os.environ.get("SAFERL_SG_PYTHON", REPO / ".venv-sg" / "bin" / "python"))
+
+TASKS = [
+    "SafetyPointGoal1-v0", "SafetyCarGoal1-v0", "SafetyPointButton1-v0",
+    "SafetyCarCircle1-v0", "SafetyAntVelocity-v1", "SafetyHopperVelocity-v1",
+]
+
+pytestmark = pytest.mark.skipif(
+    not SG_PYTHON.exists(), reason=f"no Safety-Gymnasium interpreter at {SG_PYTHON} "
+    "(build it with deploy/setup.sh)")
+
+
+def run_sg(code: str, *args: str, timeout: float = 120) -> dict:
+    """Run ``code`` in the SG interpreter; it must print one JSON object on its last line."""
+    proc = subprocess.run([str(SG_PYTHON), "-c", code, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"SG interpreter failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+ADAPTER_CHECK = r"""
+import json, sys
+import numpy as np
+from saferl.envs.safety_gym import make_env
+
+out = {}
+for task in sys.argv[1:]:
+    env = make_env(task, seed=0)
+    r = {"obs_dim": env.obs_dim, "act_dim": env.act_dim,
+         "act_low": [env.act_low.dtype.name, list(env.act_low.shape), env.act_low.tolist()],
+         "act_high": [env.act_high.dtype.name, list(env.act_high.shape), env.act_high.tolist()],
+         "max_episode_steps": env.max_episode_steps}
+    obs0 = env.reset(seed=0)
+    r["reset"] = [type(obs0).__name__, obs0.dtype.name, list(obs0.shape)]
+    rng = np.random.default_rng(0)
+    steps = []
+    for _ in range(5):
+        # out-of-box actions: the adapter clips them
+        obs, rew, cost, term, trunc, info = env.step(rng.uniform(-2, 2, env.act_dim))
+        steps.append([type(obs).__name__, obs.dtype.name, list(obs.shape), type(rew).__name__,
+                      type(cost).__name__, cost, type(term).__name__, type(trunc).__name__,
+                      type(info).__name__, bool(np.all(np.isfinite(obs)))])
+    r["steps"] = steps
+    r["reseed_same"] = bool(np.array_equal(env.reset(seed=0), obs0))
+    env.close()
+    if task == sys.argv[1]:  # a fresh instance with the same seed (first resets are slow)
+        other = make_env(task, seed=0)
+        r["fresh_same"] = bool(np.array_equal(other.reset(seed=0), obs0))
+        r["fresh_default_seed_same"] = bool(np.array_equal(make_env(task, seed=0).reset(None), obs0))
+        other.close()
+    out[task] = r
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def adapter_results() -> dict:
+    return run_sg(ADAPTER_CHECK, *TASKS, timeout=180)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_adapter_protocol(adapter_results: dict, task: str) -> None:
+    r = adapter_results[task]
+    assert r["obs_dim"] > 0 and r["act_dim"] > 0 and r["max_episode_steps"] > 0
+    for name in ("act_low", "act_high"):
+        assert r[name][:2] == ["float32", [r["act_dim"]]], name
+    assert all(lo < hi for lo, hi in zip(r["act_low"][2], r["act_high"][2]))
+    assert r["reset"] == ["ndarray", "float32", [r["obs_dim"]]]
+    for (otype, odtype, oshape, rtype, ctype, cost, ttype, trtype, itype, finite) in r["steps"]:
+        assert (otype, odtype, oshape) == ("ndarray", "float32", [r["obs_dim"]])
+        assert (rtype, ctype, ttype, trtype, itype) == ("float", "float", "bool", "bool", "dict")
+        assert cost >= 0.0 and finite
+    assert r["reseed_same"], "reset(seed=0) twice gave different first observations"
+
+
+def test_same_seed_same_first_obs(adapter_results: dict) -> None:
+    r = adapter_results[TASKS[0]]
+    assert r["fresh_same"], "two envs reset with seed 0 gave different first observations"
+    assert r["fresh_default_seed_same"], "first reset(None) did not use make_env's seed"
+
+
+NP2_LOAD = r"""
+import json, pickle, sys
+import numpy as np
+with open(sys.argv[1], "rb") as f:
+    blobs = pickle.load(f)
+try:
+    pickle.loads(blobs["in_band"])
+    before = "loaded"
+except ModuleNotFoundError as e:
+    before = str(e)
+from saferl.envs.np_compat import alias_numpy2_modules
+alias_numpy2_modules()
+objs = [pickle.loads(blobs["in_band"]),
+        pickle.loads(blobs["out_of_band"], buffers=blobs["buffers"])]
+print(json.dumps({"numpy": np.__version__, "before": before,
+                  "loaded": [[[a.dtype.str, list(a.shape), a.tolist()] for a in o] for o in objs]}))
+"""
+
+
+def test_numpy2_pickles_load_in_sg_interpreter(tmp_path: Path) -> None:
+    if int(np.__version__.split(".")[0]) < 2:
+        pytest.skip("the main interpreter is expected to run numpy 2")
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1.5, -2.0]),
+              np.array([3, 4], dtype=np.int64), np.zeros((0, 4), dtype=np.float32),
+              np.arange(6, dtype=np.float64).reshape(2, 3).T]  # non-contiguous
+    buffers: list[bytes] = []
+    blobs = {
+        "in_band": pickle.dumps(arrays, protocol=5),
+        # what Ray does: protocol 5 with out-of-band buffers (numpy._core.numeric._frombuffer)
+        "out_of_band": pickle.dumps(arrays, protocol=5,
+                                    buffer_callback=lambda b: buffers.append(b.raw().tobytes())),
+    }
+    blobs["buffers"] = buffers
+    path = tmp_path / "np2.pkl"
+    path.write_bytes(pickle.dumps(blobs, protocol=4))
+    r = run_sg(NP2_LOAD, str(path))
+    assert r["numpy"].startswith("1."), r["numpy"]
+    assert "numpy._core" in r["before"], f"expected the numpy-2 pickle to fail unaliased: {r}"
+    want = [[a.dtype.str, list(a.shape), a.tolist()] for a in arrays]
+    assert r["loaded"] == [want, want]

@@ -1,0 +1,127 @@
+"""Vertical slices on a real local Ray cluster: gradient workers, BPTT-Lag, PPO-Lag, the dual
+schedule, checkpoints and resume."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from saferl.actors.gradient_worker import GradientWorker
+from saferl.cluster import rundir
+from saferl.cluster.session import train
+from saferl.config import ConfigError, load_config
+from saferl.learners.bptt_lag import combine
+from saferl.learners.networks import GaussianPolicy, flat_params, set_flat_params
+
+ARCH = dict(obs_dim=1, act_dim=1, hidden=[8, 8], init_log_std=-1.0, squash=True, normalise_obs=False)
+
+
+def policy_state(seed=0):
+    torch.manual_seed(seed)
+    pol = GaussianPolicy(**ARCH)
+    return pol, {k: v.clone() for k, v in pol.state_dict().items()}
+
+
+def test_gradient_worker_matches_finite_differences():
+    torch.set_default_dtype(torch.float64)
+    try:
+        pol, state = policy_state()
+        worker = GradientWorker("FunctionEnv-v0", 0, 16, 16, seed=3, policy_arch=ARCH, device="cpu")
+        out = worker.compute(state, iteration=0, horizon=30)
+        theta = flat_params(pol)
+        rng = np.random.default_rng(0)
+        for _ in range(3):  # directional derivatives along random unit directions
+            d = torch.tensor(rng.normal(size=theta.shape[0]))
+            d /= d.norm()
+            vals = []
+            for sign in (1, -1):
+                set_flat_params(pol, theta + sign * 1e-6 * d)
+                vals.append(worker.compute(pol.state_dict(), iteration=0, horizon=30)["j_c"])
+            fd = (vals[0] - vals[1]) / 2e-6
+            assert fd == pytest.approx(float(np.dot(out["q"], d.numpy())), rel=1e-5, abs=1e-8)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_sharded_workers_give_the_single_worker_gradient():
+    _, state = policy_state(1)
+    whole = GradientWorker("FunctionEnv-v0", 0, 12, 12, 5, ARCH, "cpu").compute(state, 4, 20)
+    shards = [GradientWorker("FunctionEnv-v0", o, 4, 12, 5, ARCH, "cpu").compute(state, 4, 20) for o in (0, 4, 8)]
+    est = combine(shards)
+    assert est["j_c"] == pytest.approx(whole["j_c"], rel=1e-6)
+    np.testing.assert_allclose(est["g"], whole["g"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(est["q"], whole["q"], rtol=1e-4, atol=1e-6)
+
+
+def metrics(run_dir) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "metrics.csv")
+
+
+def test_bptt_lag_satisfies_the_constraint(ray_session, run_root):
+    cfg = load_config("bptt_lag/FunctionEnv-v0", ["total_env_steps=192000", f"run_root={run_root}"])
+    m = metrics(train(cfg))
+    assert m["j_c"].iloc[0] > 8.0, "the constraint should bind at the start"
+    assert (m["j_c"].iloc[-5:] <= 8.0).all(), m["j_c"].tolist()
+
+
+def test_ppo_lag_improves_return(ray_session, run_root):
+    cfg = load_config("ppo_lag/FunctionEnv-v0", ["total_env_steps=16000", "cost_limit=1000000",
+                                                  f"run_root={run_root}"])
+    m = metrics(train(cfg))
+    assert (m["lagrange_multiplier"] == 0).all()
+    assert m["episode/return"].iloc[-2:].mean() > m["episode/return"].iloc[:2].mean() + 2.0, \
+        m["episode/return"].tolist()
+
+
+@pytest.mark.parametrize("limit,init,direction", [(1.0, 0.0, +1), (100.0, 2.0, -1)])
+def test_dual_schedule_moves_the_multiplier(ray_session, run_root, limit, init, direction):
+    cfg = load_config("ppo_lag/FunctionEnv-v0", [
+        "total_env_steps=8000", f"cost_limit={limit}", f"algo_params.lagrange.init={init}",
+        "algo_params.lagrange.lr=0.001", "schedule.phases.dual=2", f"run_root={run_root}"])
+    run = train(cfg)
+    lam = metrics(run)["lagrange_multiplier"].to_numpy()  # logged after each iteration's phases
+    assert lam[0] == init, "dual every 2 iterations: unchanged after the first"
+    steps = np.diff(np.concatenate([[init], lam[1::2]]))  # the changes made by each dual step
+    assert len(steps) == 2 and np.all(direction * steps > 0), lam
+    ckpt = rundir.load_checkpoint(run, cfg)
+    assert ckpt["schedule"]["phase_runs"]["dual"] == 2
+
+
+def test_resume_continues_identically(ray_session, run_root):
+    over = ["total_env_steps=38400", "resources.num_env_hosts=1", "resources.envs_per_host=64",
+            "schedule.checkpoint_every=3", "schedule.phases.dual=2"]
+    full = train(load_config("bptt_lag/FunctionEnv-v0", over + [f"run_root={run_root}/a"]))
+    cfg_b = load_config("bptt_lag/FunctionEnv-v0", over + [f"run_root={run_root}/b"])
+    part = train(cfg_b, stop_after=3)
+    assert rundir.load_checkpoint(part, cfg_b)["schedule"]["iteration"] == 3
+    train(rundir.load_run_config(part), run_dir=part)
+    a, b = rundir.load_checkpoint(full, cfg_b), rundir.load_checkpoint(part, cfg_b)
+    assert a["schedule"] == b["schedule"] and a["schedule"]["iteration"] == 6
+    for k, v in a["learner"]["policy"].items():
+        torch.testing.assert_close(v, b["learner"]["policy"][k])
+    assert a["learner"]["multiplier"] == b["learner"]["multiplier"]
+    ma, mb = metrics(full), metrics(part)
+    assert list(mb["iteration"]) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(ma["j_c"], mb["j_c"])
+
+
+def test_checkpoint_mismatch_and_corruption_are_refused(tmp_path):
+    cfg = load_config("bptt_lag/FunctionEnv-v0", [f"run_root={tmp_path}"])
+    run = rundir.new_run_dir(cfg)
+    rundir.save_checkpoint(run, 1, {"algo": "ppo_lag", "task": cfg.task}, keep=2)
+    with pytest.raises(ConfigError, match="is for algo 'ppo_lag'"):
+        rundir.load_checkpoint(run, cfg)
+    (run / "checkpoints" / "ckpt_0000002.pt").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        rundir.load_checkpoint(run, cfg)
+
+
+def test_atomic_checkpoints_keep_the_last_n(tmp_path):
+    cfg = load_config("bptt_lag/FunctionEnv-v0", [f"run_root={tmp_path}"])
+    run = rundir.new_run_dir(cfg)
+    for i in range(1, 6):
+        rundir.save_checkpoint(run, i, {"algo": cfg.algo, "task": cfg.task, "i": i}, keep=3)
+    (run / "checkpoints" / "ckpt_0000009.pt.tmp").write_bytes(b"half-written")  # a killed write
+    assert [p.name for p in rundir.checkpoints(run)] == [f"ckpt_000000{i}.pt" for i in (3, 4, 5)]
+    assert rundir.load_checkpoint(run, cfg)["i"] == 5

@@ -13,19 +13,20 @@ import numpy as np
 
 from saferl import registry
 from saferl.actors import np_policy
-from saferl.envs.np_compat import alias_numpy2_modules
+from saferl.envs.np_compat import pickle_arrays_as_numpy2
 
-# Arrays pickled by numpy 2 (the driver and learners) must unpickle here under numpy 1.
-alias_numpy2_modules()
+# Under numpy 1 (the Safety-Gymnasium interpreter): unpickle the numpy 2 arrays the driver and
+# learners send, and pickle ours under numpy 2's module names (no deprecation warnings there).
+pickle_arrays_as_numpy2()
 
 
-def make_vec_env(task_name: str, num_envs: int, spares: int = 0, render_mode: str | None = None):
+def make_vec_env(task_name: str, num_envs: int, render_mode: str | None = None):
     spec = registry.get_task(task_name)
     if spec.kind == "safety_gymnasium":
         from saferl.envs.safety_gym import make_env  # only inside the Safety-Gymnasium interpreter
         from saferl.envs.vector import VecEnv
 
-        return VecEnv(lambda: make_env(spec.entry, seed=0, render_mode=render_mode), num_envs, spares)
+        return VecEnv(lambda: make_env(spec.entry, seed=0, render_mode=render_mode), num_envs)
     import importlib
 
     from saferl.envs.diff import TorchVecEnv
@@ -35,8 +36,8 @@ def make_vec_env(task_name: str, num_envs: int, spares: int = 0, render_mode: st
 
 
 class EnvHost:
-    def __init__(self, task_name: str, num_envs: int, seed: int, host_index: int = 0, spares: int = 0):
-        self.vec = make_vec_env(task_name, num_envs, spares)
+    def __init__(self, task_name: str, num_envs: int, seed: int, host_index: int = 0):
+        self.vec = make_vec_env(task_name, num_envs)
         self.host_index = host_index
         self.reset(seed)
 
@@ -51,7 +52,7 @@ class EnvHost:
     # -- the plain protocol (tests, tools) ------------------------------------------------------
     def reset(self, seed: int) -> np.ndarray:
         self.rng = np.random.default_rng([int(seed), self.host_index])
-        self.obs = self.vec.reset(int(seed) * 7919 + self.host_index)
+        self.obs = self.vec.reset(int(np.random.SeedSequence([int(seed), self.host_index]).generate_state(1)[0]))
         return self.obs
 
     def step(self, actions: np.ndarray):

@@ -55,13 +55,6 @@ def host_options(cfg: RunConfig) -> dict:
     return opts
 
 
-def spares_for(cfg: RunConfig) -> int:
-    r = cfg.resources
-    if r.spare_envs is not None:
-        return r.spare_envs
-    return r.envs_per_host if cfg.task_spec.slow_reset else 0
-
-
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: Path, console=None, resume: dict | None = None):
         self.cfg, self.run_dir, self.console = cfg, Path(run_dir), console
@@ -81,7 +74,7 @@ class Coordinator:
         seed = cfg.seed * 1000 + self.state.iteration  # fresh env streams after a resume
         if self.kind == "sampling":
             host_cls = ray.remote(EnvHost).options(**host_options(cfg))
-            self.hosts = [host_cls.remote(cfg.task, res.envs_per_host, seed, i, spares_for(cfg))
+            self.hosts = [host_cls.remote(cfg.task, res.envs_per_host, seed, i)
                           for i in range(res.num_env_hosts)]
             spec = ray.get(self.hosts[0].spec.remote())
         else:
@@ -117,6 +110,8 @@ class Coordinator:
             t_roll = time.perf_counter() - t0
             metrics = ray.get(update)
             episodes = [ep for s in summaries for ep in s["episodes"]]
+            metrics["time/host_inference_s"] = float(np.mean([s["inference_s"] for s in summaries]))
+            metrics["time/host_env_s"] = float(np.mean([s["env_s"] for s in summaries]))
         else:
             weights = self.learner.policy_state.remote()
             results = [w.compute.remote(weights, st.iteration, self.horizon, self.stochastic) for w in self.hosts]

@@ -29,6 +29,8 @@ from saferl.config import REPO_ROOT, ConfigError, resolve_path
 # Never uploaded: environments, outputs, VCS data, caches.
 EXCLUDES = [".venv", ".venv-sg", "runs", ".git", "bench_results", "wandb", "__pycache__", "*.egg-info"]
 CONNECT_TIMEOUT_S = 10
+AUTH_HINT = ("token-authenticated cluster: export RAY_AUTH_MODE=token and its token as RAY_AUTH_TOKEN "
+             "or in ~/.ray/auth_token")
 
 
 def _url(address: str) -> str:
@@ -43,7 +45,7 @@ def _check_reachable(url: str) -> None:
             raise ValueError
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise ConfigError(f"cluster error: bad address {url!r} (expected e.g. http://127.0.0.1:8265)") from None
+        raise ConfigError(f"cluster error: bad address {url!r} (e.g. http://127.0.0.1:8265)") from None
     try:
         socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
     except ConnectionRefusedError:
@@ -67,20 +69,25 @@ def _one_line(err: Exception) -> str:
 @contextmanager
 def _client(address: str, job_id: str | None = None):
     """A connected JobSubmissionClient; any failure inside becomes a one-line ConfigError."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     url = _url(address)
     _check_reachable(url)
     try:
         client = JobSubmissionClient(url)
-    except Exception as err:  # noqa: BLE001 — a port that answers but is no Ray dashboard, auth, ...
+    except AuthenticationError as err:
+        raise ConfigError(f"cluster error: {url}: {_one_line(err)} ({AUTH_HINT})") from None
+    except Exception as err:  # noqa: BLE001 — e.g. a port that answers but is no Ray dashboard
         raise ConfigError(f"cluster error: no Ray Jobs API at {url} ({_one_line(err)})") from None
     try:
         yield client
     except ConfigError:
         raise
+    except AuthenticationError as err:
+        raise ConfigError(f"cluster error: {url}: {_one_line(err)} ({AUTH_HINT})") from None
     except Exception as err:  # noqa: BLE001
-        if job_id is not None and ("404" in str(err) or "does not exist" in str(err)):
+        if job_id is not None and ("status code 404" in str(err) or "does not exist" in str(err)):
             raise ConfigError(f"cluster error: no job {job_id!r} at {url}") from None
         raise ConfigError(f"cluster error: {url}: {_one_line(err)}") from None
 
@@ -88,7 +95,7 @@ def _client(address: str, job_id: str | None = None):
 def _repo_config_path(config: str) -> str:
     """The config's path relative to the repository root (the job's working directory)."""
     if not ((REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "cluster").is_dir()):
-        raise ConfigError("submit error: saferl submit needs a source checkout of saferl (it uploads the repository)")
+        raise ConfigError("submit error: saferl submit needs a source checkout (it uploads the repository)")
     path = resolve_path(config).resolve()
     try:
         rel = path.relative_to(REPO_ROOT)
@@ -121,7 +128,7 @@ def status(address: str, job_id: str) -> str:
         info = client.get_job_info(job_id)
     line = f"{job_id}: {info.status.value}"
     if info.status.value in ("FAILED", "STOPPED") and info.message:
-        line += f" ({_one_line(Exception(info.message))}; see `saferl logs {job_id} --address {address}`)"
+        line += f" ({info.message.strip().splitlines()[0]}; see `saferl logs {job_id} --address {address}`)"
     return line
 
 

@@ -22,10 +22,11 @@ CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
 
 def new_run_dir(cfg: RunConfig) -> Path:
     name = cfg.name or f"{cfg.algo}-{cfg.task}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = Path(cfg.run_root) / name
+    root = Path(cfg.run_root).expanduser()
+    path = root / name
     suffix = 1
     while path.exists():
-        path = Path(cfg.run_root) / f"{name}-{suffix}"
+        path = root / f"{name}-{suffix}"
         suffix += 1
     (path / "checkpoints").mkdir(parents=True)
     (path / "config.yaml").write_text(cfg.to_yaml())

@@ -12,6 +12,14 @@ cd "$ROOT"
 
 stamp_of() { cat deploy/setup.sh deploy/requirements-$1.txt pyproject.toml | sha256sum | cut -c1-16; }
 
+# pip's notices about this machine's extra local indexes are noise, not errors.
+quiet_pip() {
+  local log rc=0; log=$(mktemp)
+  "$@" >"$log" 2>&1 || rc=$?
+  grep -v -e "is ignored: it is neither a file nor a directory" "$log" || true
+  rm -f "$log"; return "$rc"
+}
+
 make_venv() {  # name, requirement set
   local venv=$1 set=$2 want
   want=$(stamp_of "$set")

@@ -12,11 +12,20 @@ Protocol of :class:`SafetyGymEnv` (what the numpy vectoriser relies on):
   ``step(action) -> (obs, reward, cost, terminated, truncated, info)`` with python
   float/float/bool/bool, actions clipped to the box, no auto-reset;
   ``render() -> rgb frame | None``; ``close()``.
+
+Fast resets: a navigation task (Goal/Button/Push/Circle) rebuilds its MuJoCo model from XML on
+every reset, and ~95% of that (~0.95 s of ~1 s here) is MuJoCo decoding the 24 MB of skybox PNGs
+(``star_hd.*.png``), a purely visual asset. Unless the env renders (or is a Vision task), the
+adapter's resets swap that skybox for a plain built-in one: physics and observations are
+unchanged (the test checks identical trajectories), a reset takes a few ms instead of ~1 s. See
+:func:`_install_fast_reset`; ``make_env(..., fast_reset=False)`` keeps the original assets.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import copy
 import dataclasses
 import io
 import os
@@ -59,28 +68,67 @@ _IMPORT_NOISE = ("reward functions were updated in v1.2.1",)
 
 def import_safety_gymnasium():
     """Import ``safety_gymnasium`` with the Python 3.11 dataclass shim applied first."""
-    if "safety_gymnasium" in sys.modules:
-        return sys.modules["safety_gymnasium"]
-    _patch_dataclasses_for_ndarray_defaults()
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            import safety_gymnasium
-    finally:
-        kept = [ln for ln in captured.getvalue().splitlines(True)
-                if not any(noise in ln for noise in _IMPORT_NOISE)]
-        if kept:
-            sys.stderr.write("".join(kept))
-    return safety_gymnasium
+    if "safety_gymnasium" not in sys.modules:
+        _patch_dataclasses_for_ndarray_defaults()
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured):
+                import safety_gymnasium  # noqa: F401
+        finally:
+            kept = [ln for ln in captured.getvalue().splitlines(True)
+                    if not any(noise in ln for noise in _IMPORT_NOISE)]
+            if kept:
+                sys.stderr.write("".join(kept))
+    _install_fast_reset()
+    return sys.modules["safety_gymnasium"]
+
+
+# True while a SafetyGymEnv made with fast_reset=True resets (per thread: a context variable).
+_FAST_RESET = contextvars.ContextVar("saferl_sg_fast_reset", default=False)
+# Replaces assets.yaml's skybox (six star_hd PNGs, ~0.95 s to decode on every world build).
+_PLAIN_SKYBOX = {"@type": "skybox", "@builtin": "gradient", "@rgb1": "0.4 0.6 0.8",
+                 "@rgb2": "0 0 0", "@width": "32", "@height": "32"}
+
+
+def _install_fast_reset() -> None:
+    """Give ``safety_gymnasium.world`` a ``yaml`` whose ``load`` caches the parsed asset config
+    (World.build re-reads configs/assets.yaml on every reset) and, while ``_FAST_RESET`` is set,
+    hands out the plain skybox. Nothing else in World.build changes."""
+    import safety_gymnasium.world as world
+
+    real_yaml = world.yaml
+    if getattr(real_yaml, "_saferl_fast_reset", False):
+        return
+    cache: dict[str, Any] = {}
+
+    class _CachingYaml:
+        _saferl_fast_reset = True
+        FullLoader = real_yaml.FullLoader
+
+        @staticmethod
+        def load(stream, Loader):  # noqa: N803  (yaml's own argument name)
+            name = getattr(stream, "name", None)
+            if not isinstance(name, str):
+                return real_yaml.load(stream, Loader=Loader)
+            if name not in cache:
+                cache[name] = real_yaml.load(stream, Loader=Loader)
+            config = copy.deepcopy(cache[name])
+            if _FAST_RESET.get() and "skybox" in config.get("textures", {}):
+                config["textures"]["skybox"] = dict(_PLAIN_SKYBOX)
+            return config
+
+    world.yaml = _CachingYaml
 
 
 class SafetyGymEnv:
     """A thin adapter over one ``safety_gymnasium.make(task_id)`` environment."""
 
-    def __init__(self, env: Any, task_id: str, seed: int, render_mode: str | None = None):
+    def __init__(self, env: Any, task_id: str, seed: int, render_mode: str | None = None,
+                 fast_reset: bool = False):
         self._env = env
         self.task_id = task_id
         self.render_mode = render_mode
+        self.fast_reset = fast_reset
         obs_space, act_space = env.observation_space, env.action_space
         if not hasattr(obs_space, "low") or not hasattr(act_space, "low"):
             raise NotImplementedError(
@@ -107,7 +155,11 @@ class SafetyGymEnv:
             seed = self._seed
         if seed is not None:
             self._seeded = True
-        obs, _info = self._env.reset(seed=None if seed is None else int(seed))
+        token = _FAST_RESET.set(self.fast_reset)
+        try:
+            obs, _info = self._env.reset(seed=None if seed is None else int(seed))
+        finally:
+            _FAST_RESET.reset(token)
         return np.asarray(obs, dtype=np.float32).reshape(self.obs_dim)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, float, bool, bool, dict]:
@@ -147,11 +199,13 @@ def _max_episode_steps(env: Any) -> int:
 
 
 def make_env(task_id: str, seed: int, render_mode: str | None = None,
-             **make_kwargs: Any) -> SafetyGymEnv:
+             fast_reset: bool | None = None, **make_kwargs: Any) -> SafetyGymEnv:
     """Make one Safety-Gymnasium task, e.g. ``make_env("SafetyPointGoal1-v0", seed=0)``.
 
-    ``make_kwargs`` go to ``safety_gymnasium.make`` (e.g. ``max_episode_steps``). The env is
-    seeded on its first ``reset`` (with ``seed`` unless reset is given one)."""
+    ``fast_reset`` (default: on unless rendering or a Vision task) swaps the skybox for a plain
+    one on resets (module docstring). ``make_kwargs`` go to ``safety_gymnasium.make`` (e.g.
+    ``max_episode_steps``). The env is seeded on its first ``reset`` (with ``seed`` unless reset
+    is given one)."""
     if render_mode is not None:
         make_kwargs["render_mode"] = render_mode
         if not os.environ.get("DISPLAY"):  # headless: MuJoCo's default (glfw) needs a display
@@ -159,4 +213,6 @@ def make_env(task_id: str, seed: int, render_mode: str | None = None,
     sg = import_safety_gymnasium()
     env = sg.make(task_id, **make_kwargs)
     env.action_space.seed(int(seed))
-    return SafetyGymEnv(env, task_id, seed, render_mode)
+    if fast_reset is None:
+        fast_reset = render_mode is None and "Vision" not in task_id
+    return SafetyGymEnv(env, task_id, seed, render_mode, fast_reset)

@@ -13,8 +13,6 @@ Single envs follow the adapter protocol of ``saferl.envs.safety_gym.SafetyGymEnv
 """
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -38,82 +36,32 @@ class EpisodeStats:
         return ep
 
 
-class _ResetPool:
-    """Envs being reset in a background thread, handed out FIFO.
-
-    A Safety-Gymnasium navigation reset rebuilds the MuJoCo world (~0.9 s). Swapping in a spare
-    that was reset ahead of time keeps the other envs of the batch stepping; the background
-    thread does most of its work while the host is idle (the learner is updating). Seeds are
-    assigned when an env is queued, so the sequence of episodes is reproducible.
-    """
-
-    def __init__(self):
-        self._todo: queue.Queue = queue.Queue()
-        self._ready: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._work, daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while True:
-            env, seed = self._todo.get()
-            if env is None:
-                return
-            try:
-                self._ready.put((env, env.reset(seed), None))
-            except Exception as err:  # surfaced to the stepping thread by get()
-                self._ready.put((env, None, err))
-
-    def put(self, env, seed: int) -> None:
-        self._todo.put((env, seed))
-
-    def get(self):
-        env, obs, err = self._ready.get()
-        if err is not None:
-            raise err
-        return env, obs
-
-    def close(self) -> None:
-        self._todo.put((None, None))
-
-
 class VecEnv:
-    """N single envs stepped in one process, with auto-reset, episode stats and optional
-    pre-reset spares (see ``_ResetPool``)."""
+    """N single envs stepped in one process, with auto-reset and episode stats.
 
-    def __init__(self, make_env: Callable[[], object], num_envs: int, spares: int = 0):
-        self.num_envs, self.spares = num_envs, spares
+    Resets happen inline: the Safety-Gymnasium adapter's fast reset (``envs/safety_gym.py``)
+    makes a navigation reset a few milliseconds instead of ~1 s, so one env's reset no longer
+    stalls the batch."""
+
+    def __init__(self, make_env: Callable[[], object], num_envs: int):
+        self.num_envs = num_envs
         self.envs = [make_env() for _ in range(num_envs)]
-        self._spare_envs = [make_env() for _ in range(spares)]
         e = self.envs[0]
         self.obs_dim, self.act_dim = e.obs_dim, e.act_dim
         self.act_low, self.act_high = e.act_low, e.act_high
         self.max_episode_steps = e.max_episode_steps
         self.stats = EpisodeStats(num_envs)
-        self._pool = _ResetPool() if spares else None
         self._next_seed = 0
 
     def _seed(self) -> int:
+        """Episode k of this vector env is seeded (seed·1000003 + k) mod 2³¹: reproducible."""
         self._next_seed += 1
-        return self._base_seed + self._next_seed
+        return (self._base_seed + self._next_seed) % 2**31
 
     def reset(self, seed: int) -> np.ndarray:
         self._base_seed, self._next_seed = int(seed) * 1_000_003, 0
         self.stats = EpisodeStats(self.num_envs)
-        obs = np.stack([env.reset(self._seed()) for env in self.envs])
-        if self._pool is not None:
-            # the pool always holds `spares` envs: take them back and requeue with fresh seeds
-            spare = self._spare_envs or [self._pool.get()[0] for _ in range(self.spares)]
-            for env in spare:
-                self._pool.put(env, self._seed())
-            self._spare_envs = []
-        return obs.astype(np.float32)
-
-    def _restart(self, i: int) -> np.ndarray:
-        if self._pool is None:
-            return self.envs[i].reset(self._seed())
-        self._pool.put(self.envs[i], self._seed())
-        self.envs[i], obs = self._pool.get()
-        return obs
+        return np.stack([env.reset(self._seed()) for env in self.envs]).astype(np.float32)
 
     def step(self, actions: np.ndarray):
         n = self.num_envs
@@ -127,11 +75,9 @@ class VecEnv:
         for i in np.flatnonzero(term | trunc):
             final_obs[int(i)] = obs[i].copy()
             episodes.append(self.stats.end(i))
-            obs[i] = self._restart(i)
+            obs[i] = self.envs[i].reset(self._seed())
         return obs, rew, cost, term, trunc, {"final_obs": final_obs, "episodes": episodes}
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
         for env in self.envs:
             getattr(env, "close", lambda: None)()

@@ -24,7 +24,7 @@ from saferl.config import ConfigError, load_config
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, soft_wrap=True)
 
 
 def cmd_list(args) -> int:
@@ -70,9 +70,15 @@ def cmd_eval(args) -> int:
 def cmd_submit(args) -> int:
     from saferl.cluster import jobs
 
-    load_config(args.config, args.set)  # fail here, not on the cluster
-    job_id = jobs.submit(args.address, args.config, args.set, env_vars=args.env)
-    print(f"submitted {job_id} to {args.address}; follow with: saferl status {job_id} --address {args.address}")
+    cfg = load_config(args.config, args.set)  # fail here, not on the cluster
+    overrides = list(args.set)
+    if not (cfg.run_root.startswith("~") or Path(cfg.run_root).is_absolute()):
+        # a relative run_root would land in the job's temporary copy of the repository
+        overrides.append(f"run_root=~/saferl-runs/{cfg.run_root}")
+    job_id = jobs.submit(args.address, args.config, overrides, env_vars=args.env)
+    where = dict(o.split("=", 1) for o in overrides if o.startswith("run_root="))
+    print(f"submitted {job_id} to {args.address}; results under {where.get('run_root', cfg.run_root)} "
+          f"on the node running the job; follow with: saferl status {job_id} --address {args.address}")
     return 0
 
 
@@ -135,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser("rollout", help="env steps/s: env hosts on Ray vs one plain process")
     b.add_argument("--task", default="SafetyPointGoal1-v0")
-    b.add_argument("--steps", type=int, default=200, help="steps per env per measurement")
+    b.add_argument("--steps", type=int, default=1000, help="steps per env per measurement (1000 = one navigation episode, resets included)")
     b.add_argument("--envs-per-host", type=int, nargs="+", default=[4, 16, 32])
     b.add_argument("--hosts", type=int, nargs="+", default=[1, 2])
     b.add_argument("--out", default="bench_results")

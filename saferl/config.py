@@ -34,9 +34,6 @@ class Resources(Strict):
     num_cpus_per_host: float = Field(1.0, gt=0)
     num_gpus_per_learner: float = Field(0.0, ge=0, description="fractions allowed, e.g. 0.5")
     num_gpus_per_host: float = Field(0.0, ge=0, description="for gradient workers; fractions allowed")
-    spare_envs: int | None = Field(
-        None, ge=0, description="pre-reset spare envs per host; None = envs_per_host for tasks "
-        "whose reset rebuilds the world (Safety-Gymnasium navigation), else 0")
     sg_python: str | None = Field(
         None, description="Safety-Gymnasium interpreter; None = $SAFERL_SG_PYTHON or the "
         ".venv-sg beside the running interpreter's venv")

@@ -34,7 +34,6 @@ class TaskSpec:
     cost_limit: float
     max_episode_steps: int
     differentiable: bool = False
-    slow_reset: bool = False  # resets rebuild the world (~0.9 s): hosts keep pre-reset spares
     kwargs: dict = field(default_factory=dict)
 
 
@@ -56,15 +55,15 @@ register_algo(AlgoSpec("bptt_lag", "gradient", "saferl.learners.bptt_lag:BPTTLag
                        "seed 000, Appendix F.1, eq 75-80"))
 
 # Safety-Gymnasium tasks. Cost limit 25 is the benchmark convention (OmniSafe, the seeds).
-for _id, _steps, _slow in [
-    ("SafetyPointGoal1-v0", 1000, True),
-    ("SafetyCarGoal1-v0", 1000, True),
-    ("SafetyPointButton1-v0", 1000, True),
-    ("SafetyCarCircle1-v0", 500, False),
-    ("SafetyAntVelocity-v1", 1000, False),
-    ("SafetyHopperVelocity-v1", 1000, False),
+for _id, _steps in [
+    ("SafetyPointGoal1-v0", 1000),
+    ("SafetyCarGoal1-v0", 1000),
+    ("SafetyPointButton1-v0", 1000),
+    ("SafetyCarCircle1-v0", 500),
+    ("SafetyAntVelocity-v1", 1000),
+    ("SafetyHopperVelocity-v1", 1000),
 ]:
-    register_task(TaskSpec(_id, "safety_gymnasium", _id, 25.0, _steps, slow_reset=_slow))
+    register_task(TaskSpec(_id, "safety_gymnasium", _id, 25.0, _steps))
 
 # CGPO's FunctionEnv (seed 000, Appendix C / F.4.1): J_C = sum_{t<100} f(x_t) <= 8.
 register_task(TaskSpec("FunctionEnv-v0", "torch", "saferl.envs.function_env:FunctionEnv", 8.0, 100,

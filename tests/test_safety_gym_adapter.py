@@ -2,7 +2,7 @@
 
 pytest runs in the main interpreter (numpy 2), where safety_gymnasium cannot be imported, so the
 checks run in a subprocess of ``.venv-sg/bin/python`` (override: ``SAFERL_SG_PYTHON``) and report
-back as JSON. All tasks share one subprocess to pay the import once (~15 s in all).
+back as JSON. All tasks share one subprocess to pay the import once (~10 s in all).
 """
 
 from __future__ import annotations
@@ -51,11 +51,12 @@ for task in sys.argv[1:]:
          "max_episode_steps": env.max_episode_steps}
     obs0 = env.reset(seed=0)
     r["reset"] = [type(obs0).__name__, obs0.dtype.name, list(obs0.shape)]
-    rng = np.random.default_rng(0)
-    steps = []
-    for _ in range(5):
-        # out-of-box actions: the adapter clips them
-        obs, rew, cost, term, trunc, info = env.step(rng.uniform(-2, 2, env.act_dim))
+    # out-of-box actions: the adapter clips them
+    actions = np.random.default_rng(0).uniform(-2, 2, (5, env.act_dim))
+    steps, traj = [], [obs0]
+    for a in actions:
+        obs, rew, cost, term, trunc, info = env.step(a)
+        traj.append(obs)
         steps.append([type(obs).__name__, obs.dtype.name, list(obs.shape), type(rew).__name__,
                       type(cost).__name__, cost, type(term).__name__, type(trunc).__name__,
                       type(info).__name__, bool(np.all(np.isfinite(obs)))])
@@ -67,6 +68,12 @@ for task in sys.argv[1:]:
         r["fresh_same"] = bool(np.array_equal(other.reset(seed=0), obs0))
         r["fresh_default_seed_same"] = bool(np.array_equal(make_env(task, seed=0).reset(None), obs0))
         other.close()
+        # the plain-skybox fast reset must not change what the agent sees
+        orig = make_env(task, seed=0, fast_reset=False)
+        same = [np.array_equal(orig.reset(seed=0), traj[0])]
+        same += [np.array_equal(orig.step(a)[0], o) for a, o in zip(actions, traj[1:])]
+        r["fast_reset_same_traj"] = bool(all(same)) and env.fast_reset and not orig.fast_reset
+        orig.close()
     out[task] = r
 print(json.dumps(out))
 """
@@ -96,6 +103,10 @@ def test_same_seed_same_first_obs(adapter_results: dict) -> None:
     r = adapter_results[TASKS[0]]
     assert r["fresh_same"], "two envs reset with seed 0 gave different first observations"
     assert r["fresh_default_seed_same"], "first reset(None) did not use make_env's seed"
+
+
+def test_fast_reset_keeps_observations(adapter_results: dict) -> None:
+    assert adapter_results[TASKS[0]]["fast_reset_same_traj"]
 
 
 NP2_LOAD = r"""

@@ -1,4 +1,4 @@
-"""``saferl submit`` / ``status`` / ``logs`` against a real Ray head started by this test.
+"""``saferl submit`` / ``status`` / ``logs`` / ``stop`` against a real Ray head started by this test.
 
 The head runs in its own process group on loopback with its own ports and temp dir, so it is
 independent of the in-process ``ray.init`` of conftest's ``ray_session`` and of any other Ray on
@@ -58,17 +58,25 @@ def _stop(proc: subprocess.Popen) -> None:
         p.kill()
 
 
-@pytest.fixture
-def ray_head(monkeypatch):
-    """The dashboard address of a fresh local Ray head."""
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+@pytest.fixture(scope="module")
+def ray_head():
+    """The dashboard address of a local Ray head shared by this module's tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)  # nothing here sets it; make sure none leaks in
+        yield from _start_head()
+
+
+def _start_head():
+    """Start the head, yield its dashboard address once the Jobs API answers, stop it."""
     gcs, dash, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray puts sockets in it
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is ours
-    # A local head turns on token authentication when ~/.ray/auth_token exists (Ray >= 2.5x's
-    # default), and the Jobs client would then need that token. This loopback-only test cluster
-    # opts out, as the warning Ray prints suggests: RAY_AUTH_MODE=disabled.
+    # Ray 2.59+ turns token authentication on for local clusters: `ray start --head` enables it
+    # whenever ~/.ray/auth_token exists (any earlier ray.init creates one), and the Jobs client
+    # then fails with "Authentication required" unless its own process has RAY_AUTH_MODE=token.
+    # This loopback-only, short-lived head opts out as Ray's warning and docs say to
+    # (https://docs.ray.io/en/latest/ray-security/token-auth.html): RAY_AUTH_MODE=disabled.
     env["RAY_AUTH_MODE"] = "disabled"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     cmd = [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -84,15 +92,16 @@ def ray_head(monkeypatch):
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.monotonic() + 60
-        while True:  # up when the Jobs API answers (an unknown job id is its "hello")
+        deadline, last = time.monotonic() + 60, ""
+        while True:  # up once the Jobs API answers: "no job" for an id that does not exist
             try:
                 jobs.status(address, "raysubmit_none")
             except ConfigError as err:
                 if "no job" in str(err):
                     break
+                last = str(err)
             assert proc.poll() is None, (Path(temp_dir) / "ray_start.log").read_text()
-            assert time.monotonic() < deadline, "Ray head did not come up in 60 s"
+            assert time.monotonic() < deadline, f"Ray head not up after 60 s: {last}"
             time.sleep(0.5)
         yield address
     finally:
@@ -115,6 +124,13 @@ def test_submit_runs_a_tiny_training_job(ray_head, tmp_path, capsys):
     capsys.readouterr()
     assert main(["status", job_id, "--address", ray_head]) == 0
     assert "SUCCEEDED" in capsys.readouterr().out
+    assert main(["logs", job_id, "--address", ray_head]) == 0
+    assert "done" in capsys.readouterr().out
+    assert main(["stop", job_id, "--address", ray_head]) == 0
+    assert "already finished (SUCCEEDED)" in capsys.readouterr().out
+    assert main(["status", "raysubmit_nope", "--address", ray_head]) == 2
+    assert capsys.readouterr().err == f"cluster error: no job 'raysubmit_nope' at {ray_head}\n"
+    assert "env_vars" not in _runtime_env(ray_head, job_id)  # nothing forwarded unasked
     run = run_root / "submitted"
     assert (run / "metrics.csv").is_file()
     assert list((run / "checkpoints").glob("ckpt_*.pt")), sorted(p.name for p in run.rglob("*"))
@@ -131,3 +147,25 @@ def test_config_outside_the_repo_is_refused(tmp_path):
     outside.write_text((ROOT / CONFIG).read_text())
     with pytest.raises(ConfigError, match="not uploaded with the job"):
         jobs.submit("http://127.0.0.1:9", str(outside), [])
+
+
+def test_unset_env_var_is_refused(monkeypatch):
+    monkeypatch.delenv("SAFERL_TEST_UNSET", raising=False)
+    with pytest.raises(ConfigError, match="SAFERL_TEST_UNSET is not set"):
+        jobs.submit("http://127.0.0.1:9", CONFIG, [], env_vars=["SAFERL_TEST_UNSET"])
+
+
+def _runtime_env(address: str, job_id: str) -> dict:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address).get_job_info(job_id).runtime_env
+
+
+def test_env_is_forwarded_only_by_name_and_stop(ray_head, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAFERL_TEST_FORWARDED", "yes")
+    monkeypatch.setenv("SAFERL_TEST_SECRET", "not-sent")
+    job_id = jobs.submit(ray_head, "ppo_lag/FunctionEnv-v0", [f"run_root={tmp_path}"],
+                         env_vars=["SAFERL_TEST_FORWARDED"])
+    assert _runtime_env(ray_head, job_id)["env_vars"] == {"SAFERL_TEST_FORWARDED": "yes"}
+    assert main(["stop", job_id, "--address", ray_head]) == 0
+    assert capsys.readouterr().out == f"{job_id}: stop requested\n"

@@ -1,0 +1,20 @@
+# The two commands of the README. Both bootstrap the interpreters first (idempotent: a no-op
+# when deploy/requirements-*.txt, deploy/setup.sh and pyproject.toml are unchanged).
+PY := .venv/bin/python
+
+.PHONY: setup run test test-slow bench
+setup:
+	@bash deploy/setup.sh
+
+# PPO-Lag on SafetyPointGoal1-v0, short budget, embedded local Ray cluster.
+run: setup
+	$(PY) -m saferl.cli train ppo_lag/SafetyPointGoal1-v0 --set total_env_steps=40000 --set resources.num_env_hosts=1 --set resources.envs_per_host=16 --set steps_per_iteration=8000
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) -m saferl.cli bench rollout

@@ -8,7 +8,7 @@ setup:
 
 # PPO-Lag on SafetyPointGoal1-v0, short budget, embedded local Ray cluster.
 run: setup
-	$(PY) -m saferl.cli train ppo_lag/SafetyPointGoal1-v0 --set total_env_steps=40000 --set resources.num_env_hosts=1 --set resources.envs_per_host=16 --set steps_per_iteration=8000
+	$(PY) -m saferl.cli train ppo_lag/SafetyPointGoal1-v0 --set total_env_steps=60000
 
 test: setup
 	$(PY) -m pytest -q

@@ -28,17 +28,16 @@ make_venv() {  # name, requirement set
   fi
   echo "[setup] building $venv ($set stack) ..."
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel
+  pipi() { quiet_pip "$venv/bin/python" -m pip install -q "$@"; }
   if [ "$set" = sg ]; then
-    "$venv/bin/python" -m pip install -q -r deploy/requirements-sg.txt
+    pipi -r deploy/requirements-sg.txt
     # Their declared pins (pygame 2.1.0, numpy<1.24) have no Python 3.11 wheels; the rest of
     # their dependencies are listed in requirements-sg.txt.
-    "$venv/bin/python" -m pip install -q --no-deps safety-gymnasium==1.0.0 gymnasium-robotics==1.2.2
-    "$venv/bin/python" -m pip install -q --no-deps -e .
+    pipi --no-deps safety-gymnasium==1.0.0 gymnasium-robotics==1.2.2
   else
-    "$venv/bin/python" -m pip install -q -r deploy/requirements-main.txt
-    "$venv/bin/python" -m pip install -q --no-deps -e .
+    pipi -r deploy/requirements-main.txt
   fi
+  pipi --no-deps -e .
   echo "$want" > "$venv/.saferl-stamp"
   echo "[setup] $venv ready"
 }

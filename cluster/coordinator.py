@@ -27,6 +27,7 @@ from saferl.actors.learner import LearnerActor
 from saferl.cluster import rundir
 from saferl.cluster.metrics import MetricsLogger
 from saferl.config import ConfigError, RunConfig
+from saferl.learners.base import EnvSpec
 
 
 @dataclass
@@ -79,10 +80,8 @@ class Coordinator:
             spec = ray.get(self.hosts[0].spec.remote())
         else:
             env = make_diff_env(cfg.task)
-            spec = {"obs_dim": env.obs_dim, "act_dim": env.act_dim, "act_low": [env.act_low] * env.act_dim,
-                    "act_high": [env.act_high] * env.act_dim, "max_episode_steps": env.max_episode_steps}
-        spec = {k: (np.asarray(v).tolist() if k.startswith("act_") else v) for k, v in spec.items()
-                if k != "num_envs"}
+            spec = {k: getattr(env, k) for k in EnvSpec.model_fields}
+        spec = EnvSpec.of(spec).model_dump()
         learner_cls = ray.remote(LearnerActor).options(num_cpus=1, num_gpus=res.num_gpus_per_learner)
         self.learner = learner_cls.remote(cfg.algo, cfg.algo_params, spec, cfg.limit, cfg.seed, cfg.device)
         if self.kind == "gradient":

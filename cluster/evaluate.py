@@ -19,9 +19,7 @@ def numpy_policy_from_checkpoint(cfg, ckpt: dict, spec: dict) -> dict:
     import torch
 
     cls = cfg.algo_spec.load()
-    env = EnvSpec(**{k: (np.asarray(v).tolist() if k.startswith("act_") else v) for k, v in spec.items()
-                     if k != "num_envs"})
-    learner = cls(cfg.learner_params(), env, cfg.limit, torch.device("cpu"), cfg.seed)
+    learner = cls(cfg.learner_params(), EnvSpec.of(spec), cfg.limit, torch.device("cpu"), cfg.seed)
     learner.load_state_dict(ckpt["learner"])
     return learner.numpy_policy()
 

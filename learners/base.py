@@ -29,6 +29,14 @@ class EnvSpec(BaseModel):
     act_high: list[float]
     max_episode_steps: int
 
+    @classmethod
+    def of(cls, spec: dict) -> "EnvSpec":
+        """From an env host's ``spec()`` (numpy bounds, extra keys) or a plain dict."""
+        fields = {k: spec[k] for k in cls.model_fields}
+        bounds = {k: np.broadcast_to(np.asarray(fields[k], np.float64), (fields["act_dim"],)).tolist()
+                  for k in ("act_low", "act_high")}
+        return cls(**{**fields, **bounds})
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -125,3 +125,28 @@ def test_atomic_checkpoints_keep_the_last_n(tmp_path):
     (run / "checkpoints" / "ckpt_0000009.pt.tmp").write_bytes(b"half-written")  # a killed write
     assert [p.name for p in rundir.checkpoints(run)] == [f"ckpt_000000{i}.pt" for i in (3, 4, 5)]
     assert rundir.load_checkpoint(run, cfg)["i"] == 5
+
+
+def test_metrics_reach_tensorboard_and_offline_wandb(ray_session, run_root, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config("ppo_lag/FunctionEnv-v0", ["total_env_steps=4000", "logging.wandb=true",
+                                                  f"run_root={run_root}"])
+    run = train(cfg)
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert {"episode/return", "episode/cost", "lagrange_multiplier"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("episode/cost")] == [2000, 4000]
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
+
+
+def test_evaluate_a_gradient_run(ray_session, run_root):
+    from saferl.cluster.evaluate import evaluate
+
+    cfg = load_config("bptt_lag/FunctionEnv-v0", ["total_env_steps=12800", f"run_root={run_root}"])
+    result = evaluate(train(cfg), episodes=6)
+    assert result["episodes"] == 6 and result["cost_limit"] == 8.0 and result["iteration"] == 2
+    assert result["cost_mean"] == pytest.approx(result["return_mean"])  # FunctionEnv: r ≡ c

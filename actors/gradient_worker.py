@@ -1,18 +1,22 @@
 """Gradient worker: a differentiable env host (DESIGN.md §4).
 
-Given the learner's policy weights it rolls out its shard of envs through the differentiable
-simulator, back-propagates, and returns J_R, J_C, the flattened gradients g = ∇J_R,
-q = ∇J_C, and observation moments (for the policy's running normaliser). The learner averages
-shards weighted by their env counts, so more workers = more envs per gradient.
+It holds a shard of envs and their state across calls. Given the learner's weights (policy, and
+critics for short-horizon methods) it rolls the next window of h steps through the
+differentiable simulator, back-propagates, and returns the window objectives L_R, L_C, the
+flattened gradients g = ∇L_R, q = ∇L_C, the trajectory (for critic training), observation
+moments (for the running normaliser), and the episodes that finished. All envs of a run start
+episodes together, every T / h windows; the learner averages shards weighted by env count.
 """
 from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import torch
 
 from saferl import registry
-from saferl.learners.analytic import bptt_objectives, common_randomness, objective_gradients
+from saferl.learners.analytic import (TimeValue, episode_starts, objective_gradients, rollout_window,
+                                      window_noise)
 from saferl.learners.networks import GaussianPolicy, pick_device
 
 
@@ -24,23 +28,66 @@ def make_diff_env(task_name: str):
 
 class GradientWorker:
     def __init__(self, task_name: str, env_offset: int, num_envs: int, total_envs: int, seed: int,
-                 policy_arch: dict, device: str = "auto"):
+                 arch: dict, device: str = "auto"):
         self.env = make_diff_env(task_name)
+        self.horizon = self.env.max_episode_steps
         self.shard = slice(env_offset, env_offset + num_envs)
         self.total_envs, self.seed = total_envs, seed
         self.device = pick_device(device)
-        self.policy = GaussianPolicy(**policy_arch).to(self.device)
+        self.policy = GaussianPolicy(**arch["policy"]).to(self.device)
+        self.critics = None
+        if arch.get("critic_hidden"):
+            self.critics = tuple(TimeValue(arch["policy"]["obs_dim"], arch["critic_hidden"], self.horizon)
+                                 .to(self.device) for _ in range(2))
+        self.episode, self.t = -1, self.horizon  # the first call starts episode 0
 
     def ping(self) -> int:
         return self.shard.start
 
-    def compute(self, policy_state: dict, iteration: int, horizon: int, stochastic: bool = True) -> dict:
-        self.policy.load_state_dict(policy_state)
-        states, noise = common_randomness(self.seed, iteration, self.total_envs, self.env, horizon)
-        state = states[self.shard].to(self.device)
-        noise = noise[:, self.shard].to(self.device) if stochastic else None
-        j_r, j_c, obs = bptt_objectives(self.env, self.policy, state, noise, horizon)
-        g, q = objective_gradients(j_r, j_c, list(self.policy.parameters()))
-        return {"j_r": j_r.item(), "j_c": j_c.item(), "g": g, "q": q, "n": state.shape[0],
-                "obs_count": obs.shape[0], "obs_mean": obs.mean(0).cpu().numpy(),
-                "obs_var": obs.var(0, unbiased=False).cpu().numpy()}
+    def get_state(self) -> dict:
+        """Where this shard's episodes are (checkpointed so a resumed run continues them)."""
+        return {"episode": self.episode, "t": self.t, "state": getattr(self, "state", None),
+                "ret": getattr(self, "ret", None), "cost": getattr(self, "cost", None)}
+
+    def set_state(self, sd: dict) -> None:
+        self.episode, self.t = sd["episode"], sd["t"]
+        if sd["state"] is not None:
+            self.state, self.ret, self.cost = sd["state"].to(self.device), sd["ret"], sd["cost"]
+
+    def _load(self, weights: dict) -> None:
+        self.policy.load_state_dict(weights["policy"])
+        if self.critics is not None:
+            self.critics[0].load_state_dict(weights["v_r"])
+            self.critics[1].load_state_dict(weights["v_c"])
+
+    def compute(self, weights: dict, iteration: int, h: int, stochastic: bool = True) -> tuple[dict, dict]:
+        """One window; returns (result for the learner, summary of finished episodes)."""
+        self._load(weights)
+        if self.t >= self.horizon:  # start the next episode for every env
+            self.episode += 1
+            self.state = episode_starts(self.seed, self.episode, self.total_envs, self.env)[self.shard].to(self.device)
+            self.t, self.ret, self.cost = 0, np.zeros(self.state.shape[0]), np.zeros(self.state.shape[0])
+        h = min(h, self.horizon - self.t)
+        noise = None
+        if stochastic:
+            noise = window_noise(self.seed, iteration, self.total_envs, self.env.act_dim, h)[:, self.shard]
+            noise = noise.to(self.device)
+        sum_r, sum_c, boot_r, boot_c, state, traj = rollout_window(
+            self.env, self.policy, self.state, self.t, h, self.horizon, noise, self.critics)
+        l_r, l_c = (sum_r + boot_r).mean(), (sum_c + boot_c).mean()
+        g, q = objective_gradients(l_r, l_c, list(self.policy.parameters()))
+        prefix_r, prefix_c = self.ret.mean(), self.cost.mean()
+        self.ret, self.cost = self.ret + sum_r.detach().cpu().numpy(), self.cost + sum_c.detach().cpu().numpy()
+        self.state, self.t = state.detach(), self.t + h
+        episodes = []
+        if self.t >= self.horizon:
+            episodes = [{"return": float(r), "cost": float(c), "length": self.horizon}
+                        for r, c in zip(self.ret, self.cost)]
+        obs = traj["obs"][:-1].reshape(-1, traj["obs"].shape[-1])
+        result = {"l_r": l_r.item(), "l_c": l_c.item(), "g": g, "q": q, "n": self.state.shape[0],
+                  # estimates of J_R(θ), J_C(θ): realised episode prefix + window + critic tail
+                  "j_r": float(prefix_r + l_r.item()), "j_c": float(prefix_c + l_c.item()),
+                  "traj": {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in traj.items()},
+                  "obs_count": obs.shape[0], "obs_mean": obs.mean(0).cpu().numpy(),
+                  "obs_var": obs.var(0, unbiased=False).cpu().numpy()}
+        return result, {"episodes": episodes}

@@ -25,8 +25,10 @@ class LearnerActor:
     def numpy_policy(self) -> dict:
         return self.learner.numpy_policy()
 
-    def policy_arch(self) -> dict:
-        return self.learner.arch
+    def gradient_setup(self) -> dict:
+        """What gradient workers need: network shapes and the window length h."""
+        return {"arch": self.learner.arch, "horizon": self.learner.horizon,
+                "stochastic": self.learner.p.stochastic}
 
     def update(self, batches: list) -> dict:
         """``batches``: host batches or worker results, or Ray references to them (a list of

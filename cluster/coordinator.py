@@ -66,6 +66,8 @@ class Coordinator:
         self._make_actors()
         if resume:
             ray.get(self.learner.load_state_dict.remote(resume["learner"]))
+            if self.kind == "gradient":
+                ray.get([w.set_state.remote(sd) for w, sd in zip(self.hosts, resume["workers"])])
         self.logger = MetricsLogger(self.run_dir, cfg)
         self._checkpointed = self.state.iteration if resume else None
 
@@ -85,14 +87,12 @@ class Coordinator:
         learner_cls = ray.remote(LearnerActor).options(num_cpus=1, num_gpus=res.num_gpus_per_learner)
         self.learner = learner_cls.remote(cfg.algo, cfg.algo_params, spec, cfg.limit, cfg.seed, cfg.device)
         if self.kind == "gradient":
-            arch = ray.get(self.learner.policy_arch.remote())
-            params = cfg.learner_params()
-            self.horizon = params.horizon or spec["max_episode_steps"]
-            self.stochastic = params.stochastic
+            setup = ray.get(self.learner.gradient_setup.remote())
+            self.horizon, self.stochastic = setup["horizon"], setup["stochastic"]
             worker_cls = ray.remote(GradientWorker).options(num_cpus=res.num_cpus_per_host,
                                                             num_gpus=res.num_gpus_per_host)
             self.hosts = [worker_cls.remote(cfg.task, i * res.envs_per_host, res.envs_per_host, self.n_envs,
-                                            cfg.seed, arch, cfg.device) for i in range(res.num_env_hosts)]
+                                            cfg.seed, setup["arch"], cfg.device) for i in range(res.num_env_hosts)]
         self.steps_per_iteration = (cfg.steps_per_iteration if self.kind == "sampling"
                                     else self.n_envs * self.horizon)
 
@@ -113,11 +113,13 @@ class Coordinator:
             metrics["time/host_env_s"] = float(np.mean([s["env_s"] for s in summaries]))
         else:
             weights = self.learner.policy_state.remote()
-            results = [w.compute.remote(weights, st.iteration, self.horizon, self.stochastic) for w in self.hosts]
+            refs = [w.compute.options(num_returns=2).remote(weights, st.iteration, self.horizon, self.stochastic)
+                    for w in self.hosts]
+            update = self.learner.update.remote([r for r, _ in refs])
+            summaries = ray.get([s for _, s in refs])
             t_roll = None
-            metrics = ray.get(self.learner.update.remote(results))
-            # one finite-horizon episode per env per iteration: J is the mean episode signal
-            episodes = [{"return": metrics["j_r"], "cost": metrics["j_c"], "length": self.horizon}]
+            metrics = ray.get(update)
+            episodes = [ep for s in summaries for ep in s["episodes"]]
         st.iteration += 1
         st.env_steps += self.steps_per_iteration
         for name in self.cfg.algo_spec.phases:
@@ -149,6 +151,8 @@ class Coordinator:
         self._checkpointed = self.state.iteration
         payload = {"algo": self.cfg.algo, "task": self.cfg.task, "config": self.cfg.model_dump(mode="json"),
                    "schedule": asdict(self.state), "learner": ray.get(self.learner.state_dict.remote())}
+        if self.kind == "gradient":  # where each shard's episodes are, so a resume continues them
+            payload["workers"] = ray.get([w.get_state.remote() for w in self.hosts])
         return rundir.save_checkpoint(self.run_dir, self.state.iteration, payload,
                                       self.cfg.schedule.keep_checkpoints)
 

@@ -1,46 +1,98 @@
-"""Analytic (first-order) policy gradients through a differentiable simulator — the machinery
-shared by BPTT-Lag now and by SHAC, SHAC-Lag and CGPO later.
+"""Analytic (first-order) policy gradients through a differentiable simulator: the machinery
+shared by BPTT-Lag, SHAC, SHAC-Lag and CGPO (seed 000, §5.3 and Appendix A.4-A.5).
 
-BPTT objectives (seed 000, eq 79-80), over N envs and horizon T:
+Short-horizon objectives (eq 19-20 = 55-56) over N envs, window [t0, t0 + h):
 
-    L_R(θ) = 1/N Σ_i Σ_{t<T} r(s_t^i, a_t^i),     L_C(θ) = 1/N Σ_i Σ_{t<T} c(s_t^i, a_t^i)
+    L_R(θ) = 1/N Σ_i [ Σ_{t=t0}^{t0+h-1} r(s_t^i, a_t^i) + V_R(s_{t0+h}^i, t0+h) ]
+    L_C(θ) = 1/N Σ_i [ Σ_{t=t0}^{t0+h-1} c(s_t^i, a_t^i) + V_C(s_{t0+h}^i, t0+h) ]
 
-with a_t = π_θ(s_t) reparameterised (mean + σ·ε, ε fixed per call) so both are deterministic,
-differentiable functions of θ; g = ∇L_R and q = ∇L_C by back-propagation through time.
+with V(s, T) = 0 at the finite horizon T. Back-propagating through the simulator gives the
+adjoints of eq 57-64, so g = ∇L_R and q = ∇L_C. With h = T and no critics these are BPTT's
+eq 79-80. Actions are reparameterised (a = tanh(μ + σε), ε drawn from a common stream), so the
+objectives are deterministic, differentiable functions of θ.
+
+Critics take the time step, V(s, t) (eq 65), and are fitted to finite-horizon TD(λ) targets
+(eq 66-68), computed by the one GAE of ``learners/gae.py`` with γ = 1: G^λ_t = Â_t + V(s_t, t).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
-from saferl.learners.networks import GaussianPolicy, flat_grad
-
-
-def common_randomness(seed: int, iteration: int, total_envs: int, env, horizon: int):
-    """Initial states and action noise for *all* envs of an iteration; each worker slices its
-    shard, so N workers of n envs compute exactly the gradient one worker of N·n would."""
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(iteration))
-    states = env.initial_state(total_envs, gen)
-    noise = torch.randn(horizon, total_envs, env.act_dim, generator=gen)
-    return states, noise
+from saferl.learners.gae import gae
+from saferl.learners.networks import GaussianPolicy, flat_grad, mlp
 
 
-def bptt_objectives(env, policy: GaussianPolicy, state: torch.Tensor, noise: torch.Tensor | None,
-                    horizon: int):
-    """Returns (J_R, J_C, observations) with J the mean over envs of the summed signal."""
-    total_r = torch.zeros(state.shape[0], device=state.device)
-    total_c = torch.zeros_like(total_r)
-    observations = []
-    for t in range(horizon):
+def _generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+def episode_starts(seed: int, episode: int, total_envs: int, env) -> torch.Tensor:
+    """Initial states of *all* envs for one episode; workers slice their shard, so N workers of
+    n envs compute exactly what one worker of N·n would."""
+    return env.initial_state(total_envs, _generator(seed, 0, episode))
+
+
+def window_noise(seed: int, iteration: int, total_envs: int, act_dim: int, h: int) -> torch.Tensor:
+    return torch.randn(h, total_envs, act_dim, generator=_generator(seed, 1, iteration))
+
+
+class TimeValue(nn.Module):
+    """V(s, t): finite-horizon value with the time step as an input (eq 65)."""
+
+    def __init__(self, obs_dim: int, hidden: list[int], horizon: int):
+        super().__init__()
+        self.horizon = horizon
+        self.net = mlp([obs_dim + 1, *hidden, 1], activation=nn.ELU)
+
+    def forward(self, obs_normalised: torch.Tensor, t) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=obs_normalised.dtype, device=obs_normalised.device)
+        t = torch.broadcast_to(t / self.horizon, obs_normalised.shape[:-1]).unsqueeze(-1)
+        return self.net(torch.cat([obs_normalised, t], -1)).squeeze(-1)
+
+
+def rollout_window(env, policy: GaussianPolicy, state: torch.Tensor, t0: int, h: int, horizon: int,
+                   noise: torch.Tensor | None, critics: tuple[TimeValue, TimeValue] | None = None):
+    """Roll h steps from (state, t0) keeping the graph. Returns per-env window sums of reward and
+    cost, per-env bootstrap values V(s_{t0+h}, t0+h) (zero at the horizon or without critics),
+    the final state, and the (detached) trajectory for critic training."""
+    sum_r = torch.zeros(state.shape[0], device=state.device)
+    sum_c = torch.zeros_like(sum_r)
+    observations, rewards, costs = [], [], []
+    for k in range(h):
         obs = env.observe(state)
         observations.append(obs.detach())
-        action = policy.rsample(obs, None if noise is None else noise[t])
+        action = policy.rsample(obs, None if noise is None else noise[k])
         state, r, c = env.step(state, action)
-        total_r, total_c = total_r + r, total_c + c
-    return total_r.mean(), total_c.mean(), torch.cat(observations)
+        sum_r, sum_c = sum_r + r, sum_c + c
+        rewards.append(r.detach())
+        costs.append(c.detach())
+    obs_end = env.observe(state)
+    observations.append(obs_end.detach())
+    boot_r = boot_c = torch.zeros_like(sum_r)
+    if critics is not None and t0 + h < horizon:
+        z = policy.normalised(obs_end)
+        boot_r, boot_c = critics[0](z, t0 + h), critics[1](z, t0 + h)
+    traj = {"obs": torch.stack(observations), "reward": torch.stack(rewards), "cost": torch.stack(costs),
+            "t0": t0}
+    return sum_r, sum_c, boot_r, boot_c, state, traj
 
 
-def objective_gradients(j_r: torch.Tensor, j_c: torch.Tensor, params) -> tuple[np.ndarray, np.ndarray]:
-    g = flat_grad(j_r, params, retain_graph=True)
-    q = flat_grad(j_c, params)
+def objective_gradients(l_r: torch.Tensor, l_c: torch.Tensor, params) -> tuple[np.ndarray, np.ndarray]:
+    g = flat_grad(l_r, params, retain_graph=True)
+    q = flat_grad(l_c, params)
     return g.cpu().numpy(), q.cpu().numpy()
+
+
+def td_lambda_targets(critic: TimeValue, obs_normalised: torch.Tensor, rewards: torch.Tensor, t0: int,
+                      horizon: int, lam: float) -> torch.Tensor:
+    """G^λ_t for a window (eq 67) from rewards [h, N] and observations [h+1, N, d]."""
+    h = rewards.shape[0]
+    with torch.no_grad():
+        times = torch.arange(t0, t0 + h + 1, device=rewards.device, dtype=rewards.dtype)
+        values = critic(obs_normalised, times[:, None])  # [h+1, N]
+        values[times >= horizon] = 0.0  # V(s, T) = 0
+    no_end = torch.zeros_like(rewards, dtype=torch.bool)
+    _, targets = gae(rewards, values[:-1], values[1:], no_end, gamma=1.0, lam=lam)
+    return targets

@@ -42,7 +42,7 @@ class Resources(Strict):
 class Schedule(Strict):
     """Intervals in iterations. Each algorithm phase (e.g. ``dual``) runs when
     ``iteration % every == 0``; the coordinator owns this, learners never count."""
-    phases: dict[str, int] = Field(default_factory=lambda: {"dual": 1})
+    phases: dict[str, int] = Field(default_factory=dict, description="phase -> interval; unlisted phases run every iteration")
     log_every: int = Field(1, gt=0)
     checkpoint_every: int = Field(10, gt=0)
     keep_checkpoints: int = Field(3, gt=0)

@@ -53,6 +53,10 @@ register_algo(AlgoSpec("ppo_lag", "sampling", "saferl.learners.ppo_lag:PPOLag", 
                        "Ray, Achiam & Amodei 2019 (Safety Gym); PPO: Schulman et al. 2017"))
 register_algo(AlgoSpec("bptt_lag", "gradient", "saferl.learners.bptt_lag:BPTTLag", ("dual",),
                        "seed 000, Appendix F.1, eq 75-80"))
+register_algo(AlgoSpec("shac_lag", "gradient", "saferl.learners.shac_lag:SHACLag", ("dual",),
+                       "seed 000, Appendix F.1; SHAC: Xu et al. 2022"))
+register_algo(AlgoSpec("shac", "gradient", "saferl.learners.shac_lag:SHAC", (),
+                       "Xu et al. 2022 (unconstrained)"))
 
 # Safety-Gymnasium tasks. Cost limit 25 is the benchmark convention (OmniSafe, the seeds).
 for _id, _steps in [

@@ -11,24 +11,29 @@ from saferl.actors.gradient_worker import GradientWorker
 from saferl.cluster import rundir
 from saferl.cluster.session import train
 from saferl.config import ConfigError, load_config
-from saferl.learners.bptt_lag import combine
+from saferl.learners.shac_lag import combine
 from saferl.learners.networks import GaussianPolicy, flat_params, set_flat_params
 
-ARCH = dict(obs_dim=1, act_dim=1, hidden=[8, 8], init_log_std=-1.0, squash=True, normalise_obs=False)
+POLICY = dict(obs_dim=1, act_dim=1, hidden=[8, 8], init_log_std=-1.0, squash=True, normalise_obs=False)
+ARCH = {"policy": POLICY, "critic_hidden": None}
 
 
 def policy_state(seed=0):
     torch.manual_seed(seed)
-    pol = GaussianPolicy(**ARCH)
-    return pol, {k: v.clone() for k, v in pol.state_dict().items()}
+    pol = GaussianPolicy(**POLICY)
+    return pol, {"policy": {k: v.clone() for k, v in pol.state_dict().items()}}
+
+
+def window(worker, weights, iteration, h):
+    return worker.compute(weights, iteration, h)[0]
 
 
 def test_gradient_worker_matches_finite_differences():
     torch.set_default_dtype(torch.float64)
     try:
         pol, state = policy_state()
-        worker = GradientWorker("FunctionEnv-v0", 0, 16, 16, seed=3, policy_arch=ARCH, device="cpu")
-        out = worker.compute(state, iteration=0, horizon=30)
+        worker = GradientWorker("FunctionEnv-v0", 0, 16, 16, seed=3, arch=ARCH, device="cpu")
+        out = window(worker, state, 0, 100)
         theta = flat_params(pol)
         rng = np.random.default_rng(0)
         for _ in range(3):  # directional derivatives along random unit directions
@@ -37,7 +42,9 @@ def test_gradient_worker_matches_finite_differences():
             vals = []
             for sign in (1, -1):
                 set_flat_params(pol, theta + sign * 1e-6 * d)
-                vals.append(worker.compute(pol.state_dict(), iteration=0, horizon=30)["j_c"])
+                worker.t = worker.horizon  # restart the same episode
+                worker.episode = -1
+                vals.append(window(worker, {"policy": pol.state_dict()}, 0, 100)["l_c"])
             fd = (vals[0] - vals[1]) / 2e-6
             assert fd == pytest.approx(float(np.dot(out["q"], d.numpy())), rel=1e-5, abs=1e-8)
     finally:
@@ -46,10 +53,10 @@ def test_gradient_worker_matches_finite_differences():
 
 def test_sharded_workers_give_the_single_worker_gradient():
     _, state = policy_state(1)
-    whole = GradientWorker("FunctionEnv-v0", 0, 12, 12, 5, ARCH, "cpu").compute(state, 4, 20)
-    shards = [GradientWorker("FunctionEnv-v0", o, 4, 12, 5, ARCH, "cpu").compute(state, 4, 20) for o in (0, 4, 8)]
+    whole = window(GradientWorker("FunctionEnv-v0", 0, 12, 12, 5, ARCH, "cpu"), state, 4, 20)
+    shards = [window(GradientWorker("FunctionEnv-v0", o, 4, 12, 5, ARCH, "cpu"), state, 4, 20) for o in (0, 4, 8)]
     est = combine(shards)
-    assert est["j_c"] == pytest.approx(whole["j_c"], rel=1e-6)
+    assert est["l_c"] == pytest.approx(whole["l_c"], rel=1e-6)
     np.testing.assert_allclose(est["g"], whole["g"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(est["q"], whole["q"], rtol=1e-4, atol=1e-6)
 

@@ -1,0 +1,157 @@
+"""SHAC-Lag and SHAC (seed 000, Appendix F.1; SHAC: Xu et al. 2022).
+
+g = ∇L_R and q = ∇L_C come from short windows of h steps with time-conditioned critic
+bootstraps (eq 55-56, ``learners/analytic.py``), computed by the gradient workers. The
+surrogate problem max_δ gᵀδ s.t. c + qᵀδ ≤ 0 (eq 75-76) is solved by the primal-dual iteration
+of eq 77-78: an Adam step on θ along g − λq every update, and λ ← max(0, λ + η_λ(Ĵ_C − b)) on the
+coordinator's ``dual`` schedule. After each policy step the critics V_R(s, t), V_C(s, t) are fitted
+to finite-horizon TD(λ) targets (eq 66-68). SHAC is the same learner with λ ≡ 0.
+
+Choices not fixed by the paper: Adam for the primal step (lr, betas, grad-norm clip in Params);
+the dual step uses the current window estimate Ĵ_C = realised episode prefix + window costs +
+V_C tail; no target critics (the paper's eq 68 uses the current critic).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from saferl.learners import base
+from saferl.learners.analytic import TimeValue, td_lambda_targets
+from saferl.learners.lagrange import LagrangeParams, make_multiplier
+from saferl.learners.networks import GaussianPolicy
+
+
+class SHACLagParams(base.Params):
+    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    critic_hidden: list[int] | None = Field(default_factory=lambda: [64, 64],
+                                            description="None = no critics (BPTT over whole episodes)")
+    horizon: int | None = Field(10, gt=0, description="window h; None = the task's episode length T")
+    lr: float = Field(2e-3, gt=0)
+    betas: tuple[float, float] = (0.7, 0.95)
+    critic_lr: float = Field(1e-3, gt=0)
+    critic_iterations: int = Field(16, gt=0)
+    critic_minibatch: int = Field(64, gt=0)
+    td_lambda: float = Field(0.95, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    init_log_std: float = -1.0
+    stochastic: bool = Field(True, description="reparameterised exploration noise in rollouts")
+    normalise_obs: bool = True
+    lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(lr=0.05))
+
+
+def combine(results: list[dict]) -> dict:
+    """Average shard results weighted by their env counts."""
+    w = np.array([r["n"] for r in results], dtype=np.float64)
+    w /= w.sum()
+    return {k: sum(wi * r[k] for wi, r in zip(w, results)) for k in ("l_r", "l_c", "j_r", "j_c", "g", "q")}
+
+
+class SHACLag(base.Learner):
+    Params = SHACLagParams
+    constrained = True
+
+    def __init__(self, params: SHACLagParams, env: base.EnvSpec, cost_limit, device, seed):
+        super().__init__(params, env, cost_limit, device, seed)
+        p = params
+        self.horizon = min(p.horizon or env.max_episode_steps, env.max_episode_steps)
+        use_critics = p.critic_hidden is not None and self.horizon < env.max_episode_steps
+        self.arch = {"policy": dict(obs_dim=env.obs_dim, act_dim=env.act_dim, hidden=p.hidden,
+                                    init_log_std=p.init_log_std, squash=True, normalise_obs=p.normalise_obs),
+                     "critic_hidden": p.critic_hidden if use_critics else None}
+        self.policy = GaussianPolicy(**self.arch["policy"]).to(device)
+        self.opt = torch.optim.Adam(self.policy.parameters(), lr=p.lr, betas=p.betas)
+        self.critics = None
+        if use_critics:
+            self.critics = torch.nn.ModuleList(
+                TimeValue(env.obs_dim, p.critic_hidden, env.max_episode_steps) for _ in range(2)).to(device)
+            self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=p.critic_lr)
+        self.multiplier = make_multiplier(p.lagrange)
+        self.last_j_c: float | None = None
+
+    # -- what gradient workers receive -------------------------------------------------------
+    def policy_state(self) -> dict:
+        cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
+        out = {"policy": cpu(self.policy)}
+        if self.critics is not None:
+            out["v_r"], out["v_c"] = cpu(self.critics[0]), cpu(self.critics[1])
+        return out
+
+    # -- the update --------------------------------------------------------------------------
+    def update(self, results: list[dict]) -> dict:
+        est = combine(results)
+        metrics = self.policy_step(est)
+        if self.critics is not None:
+            metrics.update(self.fit_critics(results))
+        if self.policy.norm is not None:
+            for r in results:
+                self.policy.norm.update_moments(r["obs_count"], r["obs_mean"], r["obs_var"])
+        self.last_j_c = float(est["j_c"])
+        return {"l_r": float(est["l_r"]), "l_c": float(est["l_c"]), "j_r": float(est["j_r"]),
+                "j_c": float(est["j_c"]), **metrics}
+
+    def policy_step(self, est: dict) -> dict:
+        """Adam along the ascent direction of L_R − λ L_C."""
+        lam = self.multiplier.value if self.constrained else 0.0
+        direction = torch.as_tensor(est["g"] - lam * est["q"], dtype=torch.float32, device=self.device)
+        self.opt.zero_grad()
+        i = 0
+        for prm in self.policy.parameters():
+            prm.grad = -direction[i:i + prm.numel()].view_as(prm).clone()
+            i += prm.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.p.max_grad_norm)
+        self.opt.step()
+        return {"grad_norm": float(grad_norm), "lagrange_multiplier": lam}
+
+    def fit_critics(self, results: list[dict]) -> dict:
+        """Minibatch regression of V(s, t) on TD(λ) targets of the window just rolled."""
+        trajs = [r["traj"] for r in results]
+        t0, dev, p = trajs[0]["t0"], self.device, self.p
+        obs = torch.cat([t["obs"] for t in trajs], 1).to(dev)  # [h+1, N, d]
+        with torch.no_grad():
+            z = self.policy.normalised(obs)
+        h, n = obs.shape[0] - 1, obs.shape[1]
+        data = []
+        for critic, key in zip(self.critics, ("reward", "cost")):
+            signal = torch.cat([t[key] for t in trajs], 1).to(dev)
+            data.append(td_lambda_targets(critic, z, signal, t0, self.env.max_episode_steps, p.td_lambda))
+        times = torch.arange(t0, t0 + h, device=dev, dtype=z.dtype)[:, None].expand(h, n).reshape(-1)
+        z, targets = z[:-1].reshape(h * n, -1), [d.reshape(-1) for d in data]
+        losses = []
+        for _ in range(p.critic_iterations):
+            for idx in torch.randperm(h * n, device=dev).split(p.critic_minibatch):
+                loss = sum(((c(z[idx], times[idx]) - tgt[idx]) ** 2).mean() for c, tgt in zip(self.critics, targets))
+                self.critic_opt.zero_grad()
+                loss.backward()
+                self.critic_opt.step()
+                losses.append(loss.item())
+        return {"critic_loss": float(np.mean(losses))}
+
+    def phase_dual(self, signals: dict) -> dict:
+        if not self.constrained or self.last_j_c is None:
+            return {}
+        return {"lagrange_multiplier": self.multiplier.update(self.last_j_c, self.cost_limit)}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        sd = {"policy": self.policy.state_dict(), "opt": self.opt.state_dict(),
+              "multiplier": self.multiplier.state_dict(), "last_j_c": self.last_j_c, "rng": self.rng_state()}
+        if self.critics is not None:
+            sd["critics"], sd["critic_opt"] = self.critics.state_dict(), self.critic_opt.state_dict()
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.policy.load_state_dict(sd["policy"])
+        self.opt.load_state_dict(sd["opt"])
+        self.multiplier.load_state_dict(sd["multiplier"])
+        self.last_j_c = sd["last_j_c"]
+        if self.critics is not None:
+            self.critics.load_state_dict(sd["critics"])
+            self.critic_opt.load_state_dict(sd["critic_opt"])
+        self.set_rng_state(sd["rng"])
+
+
+class SHAC(SHACLag):
+    """Unconstrained SHAC: λ ≡ 0 (no dual phase)."""
+    constrained = False

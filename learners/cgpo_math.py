@@ -86,11 +86,15 @@ def dual_variables(r: float, s: float, t: float, c: float, radius_sq: float,
         Lb(λ) = −(r/λ + λδ̂)/2,                        λ ∈ Λb   (ν = 0)
     Both are concave, so projecting their stationary points √(gap/(δ̂ − c²/t)) and √(r/δ̂) onto
     the intervals maximises each piece; the larger piece wins (ties → λb, as in Algorithm 2).
+    Λa is open: a λa projected onto its end −s/c (where ν = 0) has La(λa) = Lb(λa) ≤ Lb(λb), so
+    it is dropped rather than compared, which would only let rounding pick it.
     """
     gap = max(r - s * s / t, 0.0) if gap is None else gap
     slack = (radius_sq * t - c * c) / t
     set_a, set_b = lambda_sets(s, c)
     lam_a = _proj(math.sqrt(gap / slack), set_a)
+    if lam_a is not None and c != 0 and lam_a == -s / c:
+        lam_a = None
     lam_b = _proj(math.sqrt(r / radius_sq), set_b)
     la = -INF if lam_a is None else -0.5 * _over(gap, lam_a) - 0.5 * lam_a * slack + s * c / t
     lb = -INF if lam_b is None else -0.5 * (_over(r, lam_b) + lam_b * radius_sq)

@@ -55,6 +55,8 @@ register_algo(AlgoSpec("bptt_lag", "gradient", "saferl.learners.bptt_lag:BPTTLag
                        "seed 000, Appendix F.1, eq 75-80"))
 register_algo(AlgoSpec("shac_lag", "gradient", "saferl.learners.shac_lag:SHACLag", ("dual",),
                        "seed 000, Appendix F.1; SHAC: Xu et al. 2022"))
+register_algo(AlgoSpec("cgpo", "gradient", "saferl.learners.cgpo:CGPO", (),
+                       "seed 000, Algorithm 1-2, eq 6-20"))
 register_algo(AlgoSpec("shac", "gradient", "saferl.learners.shac_lag:SHAC", (),
                        "Xu et al. 2022 (unconstrained)"))
 

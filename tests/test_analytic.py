@@ -53,3 +53,39 @@ def test_shac_lag_reaches_the_constraint(ray_session, run_root):
     assert m["episode/cost"].iloc[0] > 8.0
     assert (m["episode/cost"].iloc[-3:] <= 8.0).all(), m["episode/cost"].tolist()
     assert m["lagrange_multiplier"].iloc[0] > 0 and m["critic_loss"].iloc[-1] < m["critic_loss"].iloc[0]
+
+
+def fake_result(n_params, rng, j_r, j_c, obs_dim=1):
+    traj = {"obs": torch.zeros(3, 2, obs_dim), "reward": torch.zeros(2, 2), "cost": torch.zeros(2, 2), "t0": 0}
+    return {"l_r": j_r, "l_c": j_c, "j_r": j_r, "j_c": j_c, "g": rng.normal(size=n_params),
+            "q": rng.normal(size=n_params), "n": 2, "traj": traj, "obs_count": 4,
+            "obs_mean": np.zeros(obs_dim), "obs_var": np.ones(obs_dim)}
+
+
+def test_cgpo_step_applies_the_subproblem_solution_and_adapts_the_radius():
+    from saferl.learners.base import EnvSpec
+    from saferl.learners.cgpo import CGPO
+    from saferl.learners.cgpo_math import adapt_radius, reduction_ratio, solve_subproblem, toleration_ratio
+    from saferl.learners.networks import flat_params
+
+    env = EnvSpec(obs_dim=1, act_dim=1, act_low=[-1], act_high=[1], max_episode_steps=100)
+    p = CGPO.Params(hidden=[4], critic_hidden=[4], horizon=2, critic_iterations=1)
+    learner = CGPO(p, env, cost_limit=8.0, device=torch.device("cpu"), seed=0)
+    rng = np.random.default_rng(0)
+    theta0 = flat_params(learner.policy).double().numpy()
+    r1 = fake_result(theta0.size, rng, j_r=10.0, j_c=9.0)
+    learner.update([r1])
+    expected, _ = solve_subproblem(r1["g"], r1["q"], 9.0 - 8.0, p.radius.init)
+    np.testing.assert_allclose(flat_params(learner.policy).double().numpy() - theta0, expected, atol=1e-6)
+    r2 = fake_result(theta0.size, rng, j_r=10.5, j_c=8.2)
+    out = learner.update([r2])
+    rho = reduction_ratio(10.0, 10.5, 10.0 + r1["g"] @ expected)
+    zeta = toleration_ratio(8.2, 9.0 + r1["q"] @ expected, 8.0)
+    assert out["radius_sq"] == pytest.approx(adapt_radius(p.radius.init, rho, zeta, p.radius))
+
+
+def test_cgpo_drives_the_cost_to_the_limit(ray_session, run_root):
+    cfg = load_config("cgpo/FunctionEnv-v0", ["total_env_steps=160000", f"run_root={run_root}"])
+    m = pd.read_csv(train(cfg) / "metrics.csv")
+    cost = m["episode/cost"].to_numpy()
+    assert cost[0] > 20.0 and cost[-5:].mean() <= 8.5, cost.tolist()

@@ -18,6 +18,15 @@ from saferl import registry
 from saferl.learners.analytic import (TimeValue, episode_starts, objective_gradients, rollout_window,
                                       window_noise)
 from saferl.learners.networks import GaussianPolicy, pick_device
+from saferl.learners.world_model import WorldModel, WorldModelEnv
+
+
+def load_weights(worker, weights: dict) -> None:
+    """The learner's policy (and critics, for short-horizon methods) into a worker."""
+    worker.policy.load_state_dict(weights["policy"])
+    if worker.critics is not None:
+        worker.critics[0].load_state_dict(weights["v_r"])
+        worker.critics[1].load_state_dict(weights["v_c"])
 
 
 def make_diff_env(task_name: str):
@@ -54,15 +63,9 @@ class GradientWorker:
         if sd["state"] is not None:
             self.state, self.ret, self.cost = sd["state"].to(self.device), sd["ret"], sd["cost"]
 
-    def _load(self, weights: dict) -> None:
-        self.policy.load_state_dict(weights["policy"])
-        if self.critics is not None:
-            self.critics[0].load_state_dict(weights["v_r"])
-            self.critics[1].load_state_dict(weights["v_c"])
-
     def compute(self, weights: dict, iteration: int, h: int, stochastic: bool = True) -> tuple[dict, dict]:
         """One window; returns (result for the learner, summary of finished episodes)."""
-        self._load(weights)
+        load_weights(self, weights)
         if self.t >= self.horizon:  # start the next episode for every env
             self.episode += 1
             self.state = episode_starts(self.seed, self.episode, self.total_envs, self.env)[self.shard].to(self.device)
@@ -91,3 +94,86 @@ class GradientWorker:
                   "obs_count": obs.shape[0], "obs_mean": obs.mean(0).cpu().numpy(),
                   "obs_var": obs.var(0, unbiased=False).cpu().numpy()}
         return result, {"episodes": episodes}
+
+
+class ModelGradientWorker:
+    """MB-CGPO's worker (seed 000, Algorithm 3): steps its shard of the *real* (possibly
+    non-differentiable) task through the numpy protocol to collect transitions, then takes the
+    window's gradients through the world model from the same start observations."""
+
+    def __init__(self, task_name: str, env_offset: int, num_envs: int, total_envs: int, seed: int,
+                 arch: dict, world_model_hidden: list[int], device: str = "auto"):
+        from saferl.actors.env_host import make_vec_env
+
+        self.vec = make_vec_env(task_name, num_envs)
+        self.horizon = self.vec.max_episode_steps
+        self.obs = self.vec.reset(int(np.random.SeedSequence([seed, env_offset]).generate_state(1)[0]))
+        self.shard, self.total_envs, self.seed = slice(env_offset, env_offset + num_envs), total_envs, seed
+        self.device = pick_device(device)
+        self.policy = GaussianPolicy(**arch["policy"]).to(self.device)
+        self.critics = tuple(TimeValue(self.vec.obs_dim, arch["critic_hidden"], self.horizon).to(self.device)
+                             for _ in range(2)) if arch.get("critic_hidden") else None
+        self.model = WorldModel(self.vec.obs_dim, self.vec.act_dim, world_model_hidden).to(self.device)
+        self.t, self.ret, self.cost = 0, np.zeros(num_envs), np.zeros(num_envs)
+
+    def ping(self) -> int:
+        return self.shard.start
+
+    def get_state(self) -> dict:
+        return {"obs": self.obs, "t": self.t, "ret": self.ret, "cost": self.cost}
+
+    def set_state(self, sd: dict) -> None:  # the real env restarts; its episode clock resumes
+        self.t, self.ret, self.cost = sd["t"], sd["ret"], sd["cost"]
+
+    def collect(self, weights: dict, iteration: int, h: int, stochastic: bool = True) -> tuple[dict, dict]:
+        """Roll h real steps; returns (transitions for the world model, finished episodes)."""
+        load_weights(self, weights)
+        h = min(h, self.horizon - self.t)
+        noise = window_noise(self.seed, iteration, self.total_envs, self.vec.act_dim, h)[:, self.shard]
+        self.start_obs, self.start_t, self.window_h = self.obs.copy(), self.t, h
+        keys = ("obs", "act", "next_obs", "reward", "cost")
+        data, episodes = {k: [] for k in keys}, []
+        self.window_r, self.window_c = np.zeros_like(self.ret), np.zeros_like(self.cost)
+        for k in range(h):
+            with torch.no_grad():
+                obs_t = torch.as_tensor(self.obs, device=self.device)
+                act = self.policy.rsample(obs_t, noise[k].to(self.device) if stochastic else None).cpu().numpy()
+            obs, rew, cost, term, trunc, info = self.vec.step(act)
+            if term.any():
+                raise RuntimeError("MB-CGPO's windows assume fixed-horizon episodes (no termination)")
+            nxt = obs.copy()
+            for i, fo in info["final_obs"].items():
+                nxt[i] = fo
+            for key, val in zip(keys, (self.obs, act, nxt, rew, cost)):
+                data[key].append(val)
+            self.window_r, self.window_c = self.window_r + rew, self.window_c + cost
+            episodes += info["episodes"]
+            self.obs = obs
+        self.real_traj = {"obs": torch.as_tensor(np.concatenate([np.stack(data["obs"]), nxt[None]])),
+                          "reward": torch.as_tensor(np.stack(data["reward"])),
+                          "cost": torch.as_tensor(np.stack(data["cost"])), "t0": self.t}
+        return {k: np.concatenate(v) for k, v in data.items()}, {"episodes": episodes}
+
+    def compute(self, weights: dict, model_weights: dict, iteration: int, stochastic: bool = True) -> dict:
+        """Gradients of the window just collected, through the world model (eq 19-20 with D_M)."""
+        load_weights(self, weights)
+        self.model.load_state_dict(model_weights)
+        env = WorldModelEnv(self.model, self.vec.act_dim, self.horizon)
+        h, t0 = self.window_h, self.start_t
+        noise = window_noise(self.seed, iteration, self.total_envs, self.vec.act_dim, h)[:, self.shard]
+        state = torch.as_tensor(self.start_obs, device=self.device)
+        sum_r, sum_c, boot_r, boot_c, _, _ = rollout_window(
+            env, self.policy, state, t0, h, self.horizon, noise.to(self.device) if stochastic else None, self.critics)
+        l_r, l_c = (sum_r + boot_r).mean(), (sum_c + boot_c).mean()
+        g, q = objective_gradients(l_r, l_c, list(self.policy.parameters()))
+        # J(θ) from real data: realised prefix + real window + critic tail
+        j_r = float((self.ret + self.window_r).mean() + boot_r.mean().item())
+        j_c = float((self.cost + self.window_c).mean() + boot_c.mean().item())
+        self.t += h
+        self.ret, self.cost = self.ret + self.window_r, self.cost + self.window_c
+        if self.t >= self.horizon:
+            self.t, self.ret, self.cost = 0, np.zeros_like(self.ret), np.zeros_like(self.cost)
+        obs = self.real_traj["obs"][:-1].reshape(-1, self.vec.obs_dim)
+        return {"l_r": l_r.item(), "l_c": l_c.item(), "g": g, "q": q, "n": len(self.ret), "j_r": j_r, "j_c": j_c,
+                "traj": self.real_traj, "obs_count": obs.shape[0], "obs_mean": obs.mean(0).numpy(),
+                "obs_var": obs.var(0, unbiased=False).numpy()}

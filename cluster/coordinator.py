@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from saferl.actors.env_host import EnvHost
-from saferl.actors.gradient_worker import GradientWorker, make_diff_env
+from saferl.actors.env_host import EnvHost, make_vec_env
+from saferl.actors.gradient_worker import GradientWorker, ModelGradientWorker, make_diff_env
 from saferl.actors.learner import LearnerActor
+from saferl.actors.world_model import WorldModelActor
 from saferl.cluster import rundir
 from saferl.cluster.metrics import MetricsLogger
 from saferl.config import ConfigError, RunConfig
@@ -68,6 +69,8 @@ class Coordinator:
             ray.get(self.learner.load_state_dict.remote(resume["learner"]))
             if self.kind == "gradient":
                 ray.get([w.set_state.remote(sd) for w, sd in zip(self.hosts, resume["workers"])])
+            if self.world_model is not None:
+                ray.get(self.world_model.load_state_dict.remote(resume["world_model"]))
         self.logger = MetricsLogger(self.run_dir, cfg)
         self._checkpointed = self.state.iteration if resume else None
 
@@ -81,60 +84,101 @@ class Coordinator:
                           for i in range(res.num_env_hosts)]
             spec = ray.get(self.hosts[0].spec.remote())
         else:
-            env = make_diff_env(cfg.task)
-            spec = {k: getattr(env, k) for k in EnvSpec.model_fields}
+            spec = self._env_spec()
         spec = EnvSpec.of(spec).model_dump()
         learner_cls = ray.remote(LearnerActor).options(num_cpus=1, num_gpus=res.num_gpus_per_learner)
         self.learner = learner_cls.remote(cfg.algo, cfg.algo_params, spec, cfg.limit, cfg.seed, cfg.device)
+        self.world_model = None
         if self.kind == "gradient":
             setup = ray.get(self.learner.gradient_setup.remote())
             self.horizon, self.stochastic = setup["horizon"], setup["stochastic"]
-            worker_cls = ray.remote(GradientWorker).options(num_cpus=res.num_cpus_per_host,
-                                                            num_gpus=res.num_gpus_per_host)
-            self.hosts = [worker_cls.remote(cfg.task, i * res.envs_per_host, res.envs_per_host, self.n_envs,
-                                            cfg.seed, setup["arch"], cfg.device) for i in range(res.num_env_hosts)]
+            opts = {"num_cpus": res.num_cpus_per_host, "num_gpus": res.num_gpus_per_host}
+            args = [(cfg.task, i * res.envs_per_host, res.envs_per_host, self.n_envs, cfg.seed, setup["arch"])
+                    for i in range(res.num_env_hosts)]
+            if cfg.algo_spec.world_model:
+                wm = cfg.learner_params().world_model
+                self.world_model = ray.remote(WorldModelActor).options(**opts).remote(
+                    spec["obs_dim"], spec["act_dim"], wm.model_dump(), cfg.seed, cfg.device)
+                worker_cls = ray.remote(ModelGradientWorker).options(**opts)
+                self.hosts = [worker_cls.remote(*a, wm.hidden, cfg.device) for a in args]
+            else:
+                worker_cls = ray.remote(GradientWorker).options(**opts)
+                self.hosts = [worker_cls.remote(*a, cfg.device) for a in args]
         self.steps_per_iteration = (cfg.steps_per_iteration if self.kind == "sampling"
                                     else self.n_envs * self.horizon)
 
+    def _env_spec(self) -> dict:
+        if self.cfg.algo_spec.world_model:  # the real task may be non-differentiable
+            vec = make_vec_env(self.cfg.task, 1)
+            return {k: getattr(vec, k) for k in EnvSpec.model_fields}
+        env = make_diff_env(self.cfg.task)
+        return {k: getattr(env, k) for k in EnvSpec.model_fields}
+
     # -- one iteration ---------------------------------------------------------------------------
+    def _sample(self) -> tuple[dict, list]:
+        per_env = self.cfg.steps_per_iteration // self.n_envs
+        policy = self.learner.numpy_policy.remote()  # one object in the store, read by every host
+        refs = [h.rollout.options(num_returns=2).remote(policy, per_env) for h in self.hosts]
+        update = self.learner.update.remote([b for b, _ in refs])
+        summaries = ray.get([s for _, s in refs])
+        metrics = ray.get(update)
+        metrics["time/host_inference_s"] = float(np.mean([s["inference_s"] for s in summaries]))
+        metrics["time/host_env_s"] = float(np.mean([s["env_s"] for s in summaries]))
+        return metrics, [ep for s in summaries for ep in s["episodes"]]
+
+    def _gradients(self) -> tuple[dict, list]:
+        weights = self.learner.policy_state.remote()
+        refs = [w.compute.options(num_returns=2).remote(weights, self.state.iteration, self.horizon,
+                                                        self.stochastic) for w in self.hosts]
+        update = self.learner.update.remote([r for r, _ in refs])
+        summaries = ray.get([s for _, s in refs])
+        return ray.get(update), [ep for s in summaries for ep in s["episodes"]]
+
+    def _model_gradients(self) -> tuple[dict, list]:
+        """Algorithm 3: real window -> world model data (and fit, when scheduled) -> gradients
+        through the model from the same start states."""
+        it, metrics = self.state.iteration, {}
+        weights = self.learner.policy_state.remote()
+        refs = [w.collect.options(num_returns=2).remote(weights, it, self.horizon, self.stochastic)
+                for w in self.hosts]
+        ray.get(self.world_model.add.remote(*[t for t, _ in refs]))
+        metrics.update(self._maybe_run_phase("world_model", it + 1, []))
+        model = self.world_model.weights.remote()
+        results = [w.compute.remote(weights, model, it, self.stochastic) for w in self.hosts]
+        metrics.update(ray.get(self.learner.update.remote(results)))
+        return metrics, [ep for _, s in refs for ep in ray.get(s)["episodes"]]
+
+    def _maybe_run_phase(self, name: str, iteration: int, episodes: list) -> dict:
+        """Run phase ``name`` if its interval divides ``iteration``. The ``dual`` signal is the
+        mean cost of the episodes finished since the phase last ran."""
+        st = self.state
+        st.pending_costs.setdefault(name, []).extend(ep["cost"] for ep in episodes)
+        if iteration % self.cfg.phase_every(name):
+            return {}
+        costs = st.pending_costs[name]
+        actor = self.world_model if name == "world_model" else self.learner
+        out = ray.get(actor.phase.remote(name, {"episode_cost": float(np.mean(costs)) if costs else None}))
+        st.phase_runs[name] = st.phase_runs.get(name, 0) + 1
+        st.pending_costs[name] = []
+        return out
+
     def iterate(self) -> dict:
         t0 = time.perf_counter()
         st = self.state
         if self.kind == "sampling":
-            per_env = self.cfg.steps_per_iteration // self.n_envs
-            policy = self.learner.numpy_policy.remote()  # one object in the store, read by every host
-            refs = [h.rollout.options(num_returns=2).remote(policy, per_env) for h in self.hosts]
-            update = self.learner.update.remote([b for b, _ in refs])
-            summaries = ray.get([s for _, s in refs])
-            t_roll = time.perf_counter() - t0
-            metrics = ray.get(update)
-            episodes = [ep for s in summaries for ep in s["episodes"]]
-            metrics["time/host_inference_s"] = float(np.mean([s["inference_s"] for s in summaries]))
-            metrics["time/host_env_s"] = float(np.mean([s["env_s"] for s in summaries]))
+            metrics, episodes = self._sample()
+        elif self.world_model is not None:
+            metrics, episodes = self._model_gradients()
         else:
-            weights = self.learner.policy_state.remote()
-            refs = [w.compute.options(num_returns=2).remote(weights, st.iteration, self.horizon, self.stochastic)
-                    for w in self.hosts]
-            update = self.learner.update.remote([r for r, _ in refs])
-            summaries = ray.get([s for _, s in refs])
-            t_roll = None
-            metrics = ray.get(update)
-            episodes = [ep for s in summaries for ep in s["episodes"]]
+            metrics, episodes = self._gradients()
         st.iteration += 1
         st.env_steps += self.steps_per_iteration
         for name in self.cfg.algo_spec.phases:
-            st.pending_costs.setdefault(name, []).extend(ep["cost"] for ep in episodes)
-            if st.iteration % self.cfg.phase_every(name) == 0:
-                costs = st.pending_costs[name]
-                signals = {"episode_cost": float(np.mean(costs)) if costs else None}
-                metrics.update(ray.get(self.learner.phase.remote(name, signals)))
-                st.phase_runs[name] = st.phase_runs.get(name, 0) + 1
-                st.pending_costs[name] = []
+            if name != "world_model":  # runs inside the model-based iteration
+                metrics.update(self._maybe_run_phase(name, st.iteration, episodes))
         dt = time.perf_counter() - t0
         row = {"iteration": st.iteration, "env_steps": st.env_steps, **metrics,
                "time/iteration_s": dt, "time/env_steps_per_s": self.steps_per_iteration / dt}
-        if t_roll is not None:
-            row["time/rollout_s"] = t_roll
         if episodes:
             row["episode/return"] = float(np.mean([e["return"] for e in episodes]))
             row["episode/cost"] = float(np.mean([e["cost"] for e in episodes]))
@@ -153,6 +197,8 @@ class Coordinator:
                    "schedule": asdict(self.state), "learner": ray.get(self.learner.state_dict.remote())}
         if self.kind == "gradient":  # where each shard's episodes are, so a resume continues them
             payload["workers"] = ray.get([w.get_state.remote() for w in self.hosts])
+        if self.world_model is not None:
+            payload["world_model"] = ray.get(self.world_model.state_dict.remote())
         return rundir.save_checkpoint(self.run_dir, self.state.iteration, payload,
                                       self.cfg.schedule.keep_checkpoints)
 
@@ -188,5 +234,6 @@ class Coordinator:
 
     def close(self) -> None:
         self.logger.close()
-        for actor in [*self.hosts, self.learner]:
-            ray.kill(actor)
+        for actor in [*self.hosts, self.learner, self.world_model]:
+            if actor is not None:
+                ray.kill(actor)

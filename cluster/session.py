@@ -11,7 +11,8 @@ from saferl.config import ConfigError, RunConfig
 
 def required_cpus(cfg: RunConfig) -> float:
     r = cfg.resources
-    return r.num_env_hosts * r.num_cpus_per_host + 1  # + the learner
+    world_model = r.num_cpus_per_host if cfg.algo_spec.world_model else 0
+    return r.num_env_hosts * r.num_cpus_per_host + world_model + 1  # + the learner
 
 
 def connect(cfg: RunConfig | None = None, address: str | None = None) -> bool:

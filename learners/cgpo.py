@@ -24,6 +24,7 @@ from saferl.learners.cgpo_math import (RadiusParams, adapt_radius, reduction_rat
                                        toleration_ratio)
 from saferl.learners.networks import flat_params, set_flat_params
 from saferl.learners.shac_lag import SHACLag, SHACLagParams
+from saferl.learners.world_model import WorldModelParams
 
 
 class CGPOParams(SHACLagParams):
@@ -64,3 +65,13 @@ class CGPO(SHACLag):
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
         self.radius_sq, self.prediction = sd["radius_sq"], sd["prediction"]
+
+
+class MBCGPOParams(CGPOParams):
+    world_model: WorldModelParams = Field(default_factory=WorldModelParams)
+
+
+class MBCGPO(CGPO):
+    """MB-CGPO (Algorithm 3): CGPO's update on gradients taken through a world model fitted to
+    real transitions (eq 85; ``learners/world_model.py``, ``actors/world_model.py``)."""
+    Params = MBCGPOParams

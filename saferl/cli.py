@@ -7,6 +7,7 @@
     saferl eval RUN_DIR --episodes N                return, cost and violation rate
     saferl list                                     algorithms and tasks
     saferl bench rollout                            env-host throughput vs a plain process
+    saferl study NAME                               reproduce a paper's table/figure
 
 User errors print one line (``config error: …``) and exit with status 2.
 """
@@ -102,6 +103,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from saferl.cluster import studies
+
+    out = studies.load(args.study).run(args)
+    _console().print(f"[bold green]done[/bold green]: study results in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="saferl", description="Distributed safe RL on Ray.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -146,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hosts", type=int, nargs="+", default=[1, 2])
     b.add_argument("--out", default="bench_results")
     b.set_defaults(fn=cmd_bench)
+    from saferl.cluster import studies
+
+    p = sub.add_parser("study", help="studies reproducing the papers' evidence (tables, plots, raw numbers)")
+    ssub = p.add_subparsers(dest="study", required=True)
+    for name in studies.STUDIES:
+        try:
+            module = studies.load(name)
+        except ModuleNotFoundError:  # a study whose module is not written yet is not offered
+            continue
+        s = ssub.add_parser(name, help=module.HELP)
+        module.add_arguments(s)
+        s.set_defaults(fn=cmd_study)
     return ap
 
 

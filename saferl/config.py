@@ -96,9 +96,12 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _compatible(self) -> "RunConfig":
         algo, task = registry.get_algo(self.algo), registry.get_task(self.task)
-        if algo.kind == "gradient" and not task.differentiable:
+        if algo.kind == "gradient" and not task.differentiable and not algo.world_model:
             raise ValueError(f"task: {self.task} is not differentiable; {self.algo} needs analytic "
                              "gradients through the simulator")
+        if algo.world_model and task.kind == "safety_gymnasium":
+            raise ValueError(f"task: {self.algo} steps its real env inside torch gradient workers; "
+                             "Safety-Gymnasium tasks live in another interpreter")
         unknown = set(self.schedule.phases) - set(algo.phases)
         if unknown:
             raise ValueError(f"schedule.phases: {self.algo} has no phase {sorted(unknown)}; "

@@ -18,8 +18,9 @@ class AlgoSpec:
     name: str
     kind: AlgoKind  # sampling: env hosts return transitions; gradient: gradient workers return ∇J
     learner: str  # "module:Class" of the learner (its nested ``Params`` model holds hyper-parameters)
-    phases: tuple[str, ...]  # schedule phases the learner implements (e.g. "dual")
+    phases: tuple[str, ...]  # schedule phases (e.g. "dual"; "world_model" runs on the world-model actor)
     paper: str
+    world_model: bool = False  # gradients come from a learned model: the task need not be differentiable
 
     def load(self):
         module, cls = self.learner.split(":")
@@ -57,6 +58,8 @@ register_algo(AlgoSpec("shac_lag", "gradient", "saferl.learners.shac_lag:SHACLag
                        "seed 000, Appendix F.1; SHAC: Xu et al. 2022"))
 register_algo(AlgoSpec("cgpo", "gradient", "saferl.learners.cgpo:CGPO", (),
                        "seed 000, Algorithm 1-2, eq 6-20"))
+register_algo(AlgoSpec("mb_cgpo", "gradient", "saferl.learners.cgpo:MBCGPO", ("world_model",),
+                       "seed 000, Algorithm 3, eq 85", world_model=True))
 register_algo(AlgoSpec("shac", "gradient", "saferl.learners.shac_lag:SHAC", (),
                        "Xu et al. 2022 (unconstrained)"))
 
@@ -76,6 +79,17 @@ register_task(TaskSpec("FunctionEnv-v0", "torch", "saferl.envs.function_env:Func
                        differentiable=True))
 register_task(TaskSpec("FunctionEnvFloor-v0", "torch", "saferl.envs.function_env:FunctionEnv", 8.0,
                        100, differentiable=False, kwargs={"floor": True}))
+
+# CGPO's differentiable Brax tasks (seed 000, Appendix E, Table 4: limits and episode lengths).
+# CartPole's cost is −x² with J_C <= −50 (the cart must stay away from the origin).
+for _id, _cls, _limit, _steps in [
+    ("BraxCartPole-v0", "BraxCartPole", -50.0, 300),
+    ("BraxReacher-v0", "BraxReacher", 400.0, 300),
+    ("BraxHalfCheetahVel-v0", "BraxHalfCheetahVel", 400.0, 200),
+    ("BraxAntVel-v0", "BraxAntVel", 1000.0, 300),
+]:
+    register_task(TaskSpec(_id, "torch", f"saferl.envs.brax_tasks:{_cls}", _limit, _steps,
+                           differentiable=True))
 
 
 def get_algo(name: str) -> AlgoSpec:

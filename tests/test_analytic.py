@@ -89,3 +89,28 @@ def test_cgpo_drives_the_cost_to_the_limit(ray_session, run_root):
     m = pd.read_csv(train(cfg) / "metrics.csv")
     cost = m["episode/cost"].to_numpy()
     assert cost[0] > 20.0 and cost[-5:].mean() <= 8.5, cost.tolist()
+
+
+def test_world_model_fits_the_floor_dynamics():
+    from saferl.learners.world_model import ReplayFit, WorldModelParams
+
+    rng = np.random.default_rng(0)
+    obs = rng.uniform(-2, 2, size=(4000, 1)).astype(np.float32)
+    act = rng.uniform(-1, 1, size=(4000, 1)).astype(np.float32)
+    f = (np.floor(obs[:, 0]) / 10) ** 2 + 0.1 + 0.1 * np.sin(8 * obs[:, 0] / np.pi)
+    fit = ReplayFit(1, 1, WorldModelParams(hidden=[64, 64], fit_steps=1000), torch.device("cpu"), 0)
+    fit.add({"obs": obs, "act": act, "next_obs": obs + 0.2 * act, "reward": f, "cost": f})
+    fit.fit()
+    with torch.no_grad():
+        nxt, r, c = fit.model(torch.tensor(obs[:200]), torch.tensor(act[:200]))
+    np.testing.assert_allclose(nxt.numpy(), obs[:200] + 0.2 * act[:200], atol=0.05)
+    baseline = np.abs(f[:200] - f.mean()).mean()  # predicting the mean cost
+    assert np.abs(c.numpy() - f[:200]).mean() < 0.5 * baseline  # eq 85's cost head learns f
+
+
+def test_mb_cgpo_reaches_the_limit_on_the_non_differentiable_task(ray_session, run_root):
+    cfg = load_config("mb_cgpo/FunctionEnvFloor-v0", ["total_env_steps=128000", f"run_root={run_root}"])
+    m = pd.read_csv(train(cfg) / "metrics.csv")
+    cost = m["episode/cost"].to_numpy()
+    assert cost[0] > 15.0 and cost[-5:].mean() <= 9.0, cost.tolist()
+    assert m["world_model/transitions"].iloc[-1] == 50000  # the configured capacity

@@ -1,0 +1,18 @@
+"""Runnable studies that reproduce the seed papers' evidence (``saferl study NAME``).
+
+Each module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> Path``
+(the output folder, holding a table, a plot and the raw numbers). ``STUDIES`` maps the CLI
+name to the module path; modules are imported only when their study runs.
+"""
+from __future__ import annotations
+
+import importlib
+
+STUDIES = {
+    "gbe": "saferl.cluster.studies.gbe",
+    "cgpo-table1": "saferl.cluster.studies.cgpo_table1",
+}
+
+
+def load(name: str):
+    return importlib.import_module(STUDIES[name])

@@ -1,0 +1,561 @@
+"""Seed 000, Table 1: Conv. Steps and Vio. Ratio of CGPO and its baselines on the Brax tasks.
+
+    saferl study cgpo-table1                          reduced run (1 seed, 50k steps, 16 envs)
+    saferl study cgpo-table1 --paper                  Table 4 scale: 5 seeds, each config's budget
+                                                      (epochs × envs × T) and envs
+    saferl study cgpo-table1 --tasks FunctionEnv-v0 --algos cgpo,shac_lag --budget 20000
+
+Every (task, algo, seed) is one ``saferl train`` of ``configs/<algo>/<task>.yaml`` (through
+``cluster.session.train``, all in one Ray session: the local embedded one, or a cluster's with
+``--address`` / $RAY_ADDRESS), with ``--set`` overrides passed through. The study reads each
+run's ``metrics.csv`` and writes into ``--out``:
+
+    runs.csv      one row per run: Conv. Steps, Vio. Ratio, counts, final return/cost, run dir
+    curves.csv    the evaluation curves the metrics are computed on (task, algo, seed, x, R, C)
+    table1.md     Table 1's layout: one row per algorithm, per task Conv. Steps and Vio. Ratio
+                  (mean ± std over seeds), with the paper's numbers below for reference
+    curves.png    episode cost (and return) vs env steps per algorithm, one column per task,
+                  with the cost limit
+    study.json    the settings (flags, metric parameters) the outputs were produced with
+    runs/         the run directories ``<algo>-<task>-s<seed>``
+
+Re-running with the same ``--out`` keeps finished runs (their ``study_done.json``), resumes
+interrupted ones from their last checkpoint, and recomputes the metrics and outputs, so changing
+``--conv-window`` etc. costs no training.
+
+**The curve.** Per run, the points (x_i, R_i, C_i), i = 0..n−1, are the logged iterations in
+which episodes finished: x_i = env steps so far, R_i / C_i = mean return / cost (undiscounted
+sums over the episode, J_R and J_C) of the episodes finished in that iteration. Gradient
+algorithms finish an episode of every env each T/h policy updates; PPO-Lag (one episode per env
+per iteration in the shipped configs) each update. The study forces ``schedule.log_every=1``
+so no finished episode is dropped. b is the cost limit.
+
+**Conv. Steps (F.2.1).** "The convergence point on the episodic return curve is the point from
+which the range of variation within a given window is less than a set threshold", and it must
+meet the constraint:
+
+    k* = min { k :  x_k + W ≤ x_{n−1},
+                    max_{i ∈ I_k} R_i − min_{i ∈ I_k} R_i  ≤  τ · (max_i R_i − min_i R_i),
+                    C_k ≤ b + m },          I_k = { i : x_k ≤ x_i ≤ x_k + W }
+    Conv. Steps = x_{k*}        (undefined, "-", when no k qualifies)
+
+with window W = ``--conv-window`` × budget (default 0.1), τ = ``--conv-tol`` (default 0.1) and
+the soft margin m = ``--margin`` × |b| (default 0.05).
+
+**Vio. Ratio (F.2.2).** Updates "nearing the constraint threshold" are in the safety-critical
+area; the ratio is the share of those that violate the constraint, with a soft margin:
+
+    critical  K = { i < n−1 : |C_i − b| ≤ w }          (the update i → i+1 starts near b)
+    violation     C_{i+1} > b + m                        (the policy it produced violates)
+    Vio. Ratio = 100 · |{ i ∈ K : C_{i+1} > b + m }| / |K|   (undefined, "-", when K is empty)
+
+with band w = ``--vio-band`` × |b| (default 0.2). An undefined entry is the paper's "-†": no
+updates in the safety-critical region.
+
+Choices not fixed by the paper (F.2 gives no formulas or numbers):
+* the window is measured in env steps (a fraction of the run's budget), so algorithms that log
+  at different intervals are judged over the same span; it must be fully observed (x_k + W ≤
+  x_{n−1}), so a run cannot "converge" in its last window;
+* the threshold is relative to the run's own return range (scale-free across tasks; a run whose
+  return still moves by more than τ of its total improvement per window has not converged);
+  "range of variation" = max − min; no smoothing (Figure 4 is unsmoothed);
+* "the convergence point meets the constraints": the cost at that point, C_k ≤ b + m, with the
+  same soft margin as Vio. Ratio;
+* Vio. Ratio counts *updates* (consecutive curve points): an update is in the critical area when
+  the policy it starts from has |C_i − b| ≤ w, and violates when the policy it produces has
+  C_{i+1} > b + m. (Counting points with |C − b| ≤ w instead would never count a large
+  overshoot, which is what the metric is meant to penalise.) Widths are relative to |b|, which
+  works for CartPole's negative limit (b = −50) too;
+* mean ± std over seeds is over the seeds where the metric is defined (std with ddof = 1); a
+  cell shows "(k/n)" when only k of n seeds define it;
+* budgets: Table 4's "num epochs" is read as full episodes of every env, so a config's
+  ``total_env_steps`` = epochs × envs × T (see the Brax configs); the reduced default here
+  (``--budget 50000 --envs 16``) only checks that everything runs. ``--envs N`` rescales each
+  config to N envs (keeping its hosts when N allows, and PPO-Lag's steps per env per iteration).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import threading
+import time
+from pathlib import Path
+
+HELP = ("seed 000 Table 1: Conv. Steps and Vio. Ratio of CGPO, SHAC-Lag, BPTT-Lag, PPO-Lag on the "
+        "Brax tasks")
+
+PAPER_TASKS = ("BraxCartPole-v0", "BraxReacher-v0", "BraxHalfCheetahVel-v0", "BraxAntVel-v0")
+PAPER_ALGOS = ("ppo_lag", "bptt_lag", "shac_lag", "cgpo")
+ALGO_LABELS = {"ppo_lag": "PPO-Lag", "bptt_lag": "BPTT-Lag", "shac_lag": "SHAC-Lag", "cgpo": "CGPO",
+               "shac": "SHAC"}
+TASK_LABELS = {"BraxCartPole-v0": "CartPole", "BraxReacher-v0": "Reacher",
+               "BraxHalfCheetahVel-v0": "HalfCheetah", "BraxAntVel-v0": "Ant"}
+# Seed 000, Table 1 (Conv. Steps, Vio. Ratio %; None = "-†"). PDO is the paper's primal-dual
+# baseline nearest to PPO-Lag, which the paper does not run.
+PAPER_TABLE1 = {
+    "PDO": [(4.99e6, 12.01), (3.99e6, 64.42), (3.43e6, 74.58), (1.70e7, 51.84)],
+    "BPTT-Lag": [(3.84e6, 23.99), (2.73e6, 67.88), (2.32e6, 61.56), (2.13e7, None)],
+    "SHAC-Lag": [(2.32e6, 46.31), (2.96e6, 50.59), (3.15e6, 65.90), (1.67e7, 57.53)],
+    "CGPO": [(1.77e6, 3.96), (1.15e6, 14.29), (2.02e6, 7.31), (8.52e6, 6.44)],
+}
+DEFAULTS = {"seeds": 1, "budget": "50000", "envs": "16"}
+PAPER = {"seeds": 5, "budget": "config", "envs": "config"}
+DONE_MARKER = "study_done.json"
+HEARTBEAT_S = 30.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the metrics (pure functions; unit-tested against hand-computed examples)
+# ---------------------------------------------------------------------------------------------
+def soft_limit(limit: float, margin: float) -> float:
+    """b + m with m = margin · |b|: above this a policy violates the constraint."""
+    return limit + margin * abs(limit)
+
+
+def conv_steps(steps, returns, costs, limit: float, *, window: float, tol: float = 0.1,
+               margin: float = 0.05) -> float | None:
+    """Conv. Steps (F.2.1): x_k of the first point k whose window [x_k, x_k + window] (fully
+    observed) has return range ≤ tol · (the run's return range) and whose cost C_k ≤ b + m.
+    None when no point qualifies."""
+    n = len(steps)
+    if n == 0 or not (len(returns) == len(costs) == n):
+        return None
+    threshold = tol * (max(returns) - min(returns))
+    feasible_below = soft_limit(limit, margin)
+    last = steps[-1]
+    for k in range(n):
+        if steps[k] + window > last:
+            break  # the window is no longer fully observed (steps are increasing)
+        if costs[k] > feasible_below:
+            continue
+        inside = [returns[i] for i in range(k, n) if steps[i] <= steps[k] + window]
+        if max(inside) - min(inside) <= threshold:
+            return float(steps[k])
+    return None
+
+
+def vio_ratio(costs, limit: float, *, band: float = 0.2, margin: float = 0.05) -> tuple[float | None, int, int]:
+    """Vio. Ratio (F.2.2) in percent, with the number of critical updates and of violations:
+    updates i → i+1 starting near the limit (|C_i − b| ≤ band · |b|) that end above b + m.
+    The ratio is None when no update starts near the limit."""
+    width, above = band * abs(limit), soft_limit(limit, margin)
+    critical = [i for i in range(len(costs) - 1) if abs(costs[i] - limit) <= width]
+    violations = sum(costs[i + 1] > above for i in critical)
+    return (100.0 * violations / len(critical) if critical else None), len(critical), violations
+
+
+def read_curve(metrics_csv: Path) -> tuple[list[float], list[float], list[float]]:
+    """(env steps, mean episode return, mean episode cost) of the logged iterations in which
+    episodes finished. A resumed run may have logged an iteration twice: the last row wins."""
+    by_iteration: dict[int, tuple[float, float, float]] = {}
+    with open(metrics_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            ret, cost = row.get("episode/return") or "", row.get("episode/cost") or ""
+            if ret == "" or cost == "":
+                continue
+            it = int(float(row.get("iteration") or len(by_iteration)))
+            by_iteration[it] = (float(row["env_steps"]), float(ret), float(cost))
+    pts = [by_iteration[k] for k in sorted(by_iteration)]
+    return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+
+
+def summarise(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and sample std over the defined values, and how many are defined."""
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None, None, 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+
+
+def format_cell(values: list[float | None], kind: str) -> str:
+    mean, std, k = summarise(values)
+    if mean is None:
+        return "-"
+    fmt = (lambda v: f"{v:.2e}") if kind == "steps" else (lambda v: f"{v:.2f}")
+    cell = fmt(mean) + (f" ± {fmt(std)}" if std is not None else "")
+    return cell + (f" ({k}/{len(values)})" if k < len(values) else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__.split("\n\n")[0]
+    p.add_argument("--tasks", type=_csv_list, default=list(PAPER_TASKS),
+                   help=f"comma-separated task names (default: {','.join(PAPER_TASKS)})")
+    p.add_argument("--algos", type=_csv_list, default=list(PAPER_ALGOS),
+                   help=f"comma-separated algorithms, table row order (default: {','.join(PAPER_ALGOS)})")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"seeds per (task, algo): 0..N-1 (default {DEFAULTS['seeds']}; paper {PAPER['seeds']})")
+    p.add_argument("--budget", default=None,
+                   help=f"env steps per run, or 'config' for each config's total_env_steps = Table 4's "
+                        f"epochs × envs × T (default {DEFAULTS['budget']})")
+    p.add_argument("--envs", default=None,
+                   help=f"envs per run (over all hosts), or 'config' for Table 4's (default {DEFAULTS['envs']})")
+    p.add_argument("--paper", action="store_true",
+                   help="paper scale: --seeds 5 --budget config --envs config (explicit flags still win)")
+    p.add_argument("--out", default=None, help="output folder (default runs/studies/cgpo-table1-<time>); "
+                   "an existing one is continued")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override passed to every run, e.g. resources.num_gpus_per_learner=1")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS; none: "
+                   "start a local one)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="runs trained at the same time (one driver thread each; default 1)")
+    p.add_argument("--conv-window", type=float, default=0.1,
+                   help="Conv. Steps window W as a fraction of the budget (default 0.1)")
+    p.add_argument("--conv-tol", type=float, default=0.1,
+                   help="Conv. Steps threshold τ as a fraction of the run's return range (default 0.1)")
+    p.add_argument("--vio-band", type=float, default=0.2,
+                   help="safety-critical band w as a fraction of |cost limit| (default 0.2)")
+    p.add_argument("--margin", type=float, default=0.05,
+                   help="soft margin m as a fraction of |cost limit| (default 0.05)")
+
+
+def _settings(args) -> dict:
+    from saferl.config import ConfigError
+
+    s = {}
+    for key in ("seeds", "budget", "envs"):
+        given = getattr(args, key)
+        s[key] = given if given is not None else (PAPER if args.paper else DEFAULTS)[key]
+    for key in ("budget", "envs"):
+        if str(s[key]).lower() == "config":
+            s[key] = None
+            continue
+        try:
+            s[key] = int(float(s[key]))
+        except ValueError:
+            raise ConfigError(f"usage error: --{key} {s[key]!r}: expected a number or 'config'") from None
+        if s[key] <= 0:
+            raise ConfigError(f"usage error: --{key} must be > 0 (got {s[key]})")
+    if s["seeds"] <= 0:
+        raise ConfigError(f"usage error: --seeds must be > 0 (got {s['seeds']})")
+    if args.parallel <= 0:
+        raise ConfigError(f"usage error: --parallel must be > 0 (got {args.parallel})")
+    if args.conv_window <= 0 or args.conv_tol < 0 or args.vio_band < 0 or args.margin < 0:
+        raise ConfigError("usage error: --conv-window must be > 0; --conv-tol, --vio-band, --margin >= 0")
+    if not args.tasks or not args.algos:
+        raise ConfigError("usage error: --tasks and --algos need at least one name")
+    return s
+
+
+def _env_overrides(base, envs: int | None) -> list[str]:
+    """Rescale a config to ``envs`` envs: the largest host count ≤ its own that divides envs;
+    sampling algorithms keep their steps per env per iteration."""
+    if envs is None:
+        return []
+    r = base.resources
+    hosts = min(r.num_env_hosts, envs)
+    while envs % hosts:
+        hosts -= 1
+    out = [f"resources.num_env_hosts={hosts}", f"resources.envs_per_host={envs // hosts}"]
+    if base.algo_spec.kind == "sampling":
+        per_env = max(1, base.steps_per_iteration // (r.num_env_hosts * r.envs_per_host))
+        out.append(f"steps_per_iteration={per_env * envs}")
+    return out
+
+
+def _plan(args, s: dict, out: Path) -> list[dict]:
+    """Validate every (task, algo, seed) config before anything runs."""
+    from saferl import registry
+    from saferl.config import CONFIG_DIR, ConfigError, load_config
+
+    unknown = [t for t in args.tasks if t not in registry.TASKS]
+    if unknown:
+        missing_brax = [t for t in unknown if t in PAPER_TASKS]
+        hint = (" (the Brax tasks are registered by saferl/registry.py from envs/brax_tasks.py; "
+                "until then try --tasks FunctionEnv-v0)") if missing_brax else ""
+        raise ConfigError(f"study error: unknown task {', '.join(map(repr, unknown))}; known: "
+                          f"{', '.join(sorted(registry.TASKS))}{hint}")
+    unknown = [a for a in args.algos if a not in registry.ALGORITHMS]
+    if unknown:
+        raise ConfigError(f"study error: unknown algorithm {', '.join(map(repr, unknown))}; known: "
+                          f"{', '.join(sorted(registry.ALGORITHMS))}")
+    jobs = []
+    for task in args.tasks:
+        for algo in args.algos:
+            path = CONFIG_DIR / algo / f"{task}.yaml"
+            if not path.is_file():
+                raise ConfigError(f"study error: no shipped config {path.relative_to(CONFIG_DIR.parent)} "
+                                  f"for {algo} on {task}")
+            base = load_config(path, list(args.set))
+            for seed in range(s["seeds"]):
+                name = f"{algo}-{task}-s{seed}"
+                mine = [f"seed={seed}", f"run_root={out / 'runs'}", f"name={name}", "schedule.log_every=1",
+                        *_env_overrides(base, s["envs"])]
+                if s["budget"] is not None:
+                    mine.append(f"total_env_steps={s['budget']}")
+                overrides = mine + list(args.set)  # the user's --set wins
+                cfg = load_config(path, overrides)
+                jobs.append({"task": task, "algo": algo, "seed": seed, "cfg": cfg, "name": name,
+                             "config": str(path.relative_to(CONFIG_DIR.parent)), "overrides": overrides})
+    return jobs
+
+
+class _Heartbeat:
+    """A console for one run's coordinator that forwards at most one line per HEARTBEAT_S."""
+
+    def __init__(self, console, prefix: str):
+        self.console, self.prefix, self.last = console, prefix, time.monotonic()
+
+    def print(self, msg, *a, **kw) -> None:
+        now = time.monotonic()
+        if now - self.last >= HEARTBEAT_S:
+            self.last = now
+            self.console.print(f"    {self.prefix} {msg}")
+
+
+def _train_one(job: dict, console, tag: str) -> dict:
+    from saferl.cluster import rundir
+    from saferl.cluster.session import train
+
+    cfg = job["cfg"]
+    run_dir = Path(cfg.run_root) / job["name"]
+    done = run_dir / DONE_MARKER
+    record = {"task": job["task"], "algo": job["algo"], "seed": job["seed"], "cost_limit": cfg.limit,
+              "total_env_steps": cfg.total_env_steps,
+              "num_envs": cfg.resources.num_env_hosts * cfg.resources.envs_per_host, "run_dir": str(run_dir)}
+    if done.is_file():
+        record.update(json.loads(done.read_text()), status="ok (kept)")
+        console.print(f"{tag} {job['algo']} on {job['task']} seed {job['seed']}: finished earlier, kept")
+        return record
+    resume = None
+    if run_dir.exists():
+        if rundir.checkpoints(run_dir):
+            resume = run_dir
+        else:  # started but nothing to resume from: start over
+            shutil.rmtree(run_dir)
+    console.print(f"{tag} {'resume' if resume else 'start'} {job['algo']} on {job['task']} seed {job['seed']} "
+                  f"({cfg.total_env_steps:,} env steps, {record['num_envs']} envs)")
+    t0 = time.perf_counter()
+    try:
+        out = train(cfg, run_dir=resume, console=_Heartbeat(console, f"{tag} {job['algo']}/{job['task']}"))
+    except Exception as err:  # noqa: BLE001 — one failed run must not lose the others
+        record.update(status=f"failed: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                      wall_s=time.perf_counter() - t0)
+        console.print(f"{tag} [red]FAILED[/red] {job['algo']} on {job['task']} seed {job['seed']}: {record['status']}")
+        return record
+    record["run_dir"] = str(out)
+    wall = time.perf_counter() - t0
+    (Path(out) / DONE_MARKER).write_text(json.dumps({"wall_s": wall}))
+    record.update(status="ok", wall_s=wall)
+    return record
+
+
+def _evaluate(record: dict, args) -> tuple[dict, list[tuple]]:
+    """Add the metrics to a run's record; return its curve rows."""
+    path = Path(record["run_dir"]) / "metrics.csv"
+    if not record["status"].startswith("ok") or not path.is_file():
+        return record, []
+    x, ret, cost = read_curve(path)
+    b = record["cost_limit"]
+    conv = conv_steps(x, ret, cost, b, window=args.conv_window * record["total_env_steps"],
+                      tol=args.conv_tol, margin=args.margin)
+    vio, n_crit, n_vio = vio_ratio(cost, b, band=args.vio_band, margin=args.margin)
+    record.update(conv_steps=conv, vio_ratio=vio, n_points=len(x), n_critical=n_crit, n_violations=n_vio,
+                  final_return=ret[-1] if ret else None, final_cost=cost[-1] if cost else None)
+    rows = [(record["task"], record["algo"], record["seed"], xi, ri, ci) for xi, ri, ci in zip(x, ret, cost)]
+    return record, rows
+
+
+RUN_COLUMNS = ["task", "algo", "seed", "status", "conv_steps", "vio_ratio", "n_points", "n_critical",
+               "n_violations", "final_return", "final_cost", "cost_limit", "total_env_steps", "num_envs",
+               "wall_s", "run_dir"]
+
+
+def _write_runs(out: Path, records: list[dict]) -> None:
+    tmp = out / "runs.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, RUN_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in sorted(records, key=lambda r: (r["task"], r["algo"], r["seed"])):
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in RUN_COLUMNS})
+    os.replace(tmp, out / "runs.csv")
+
+
+def _write_table(out: Path, records: list[dict], args, s: dict) -> None:
+    tasks, algos = args.tasks, args.algos
+    label = lambda t: TASK_LABELS.get(t, t)  # noqa: E731
+    header = ["Algorithms"] + [f"{label(t)} {m}" for t in tasks for m in ("Conv. Steps ↓", "Vio. Ratio (%) ↓")]
+    budget = "each config's total_env_steps" if s["budget"] is None else f"{s['budget']:,} env steps"
+    envs = "each config's" if s["envs"] is None else s["envs"]
+    lines = ["# Seed 000, Table 1: reproduction", "",
+             f"{s['seeds']} seed(s) per cell (mean ± std over seeds); budget {budget} per run; envs {envs}.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for algo in algos:
+        cells = [ALGO_LABELS.get(algo, algo)]
+        for task in tasks:
+            rs = [r for r in records if r["task"] == task and r["algo"] == algo]
+            cells.append(format_cell([r.get("conv_steps") for r in rs], "steps"))
+            cells.append(format_cell([r.get("vio_ratio") for r in rs], "ratio"))
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in records if not r["status"].startswith("ok")]
+    lines += ["", "-: undefined for every seed (Conv. Steps: no convergence point that meets the constraint; "
+              "Vio. Ratio: no update started in the safety-critical band, the paper's \"-†\"). "
+              "(k/n): defined for k of n seeds."]
+    if failed:
+        lines.append(f"{len(failed)} run(s) failed and are left out; see runs.csv.")
+    lines += ["", f"Metric settings (F.2; formulas in `saferl/cluster/studies/cgpo_table1.py`): window W = "
+              f"{args.conv_window} × budget, threshold τ = {args.conv_tol} × the run's return range, "
+              f"safety-critical band w = {args.vio_band} × |b|, soft margin m = {args.margin} × |b|."]
+    paper_cols = [PAPER_TASKS.index(t) for t in tasks if t in PAPER_TASKS]
+    if paper_cols:
+        lines += ["", "## The paper's numbers (seed 000, Table 1; 5 seeds, Table 4 budgets)", "",
+                  "| Algorithms | " + " | ".join(f"{label(PAPER_TASKS[j])} {m}" for j in paper_cols
+                                               for m in ("Conv. Steps ↓", "Vio. Ratio (%) ↓")) + " |",
+                  "|" + "---|" * (1 + 2 * len(paper_cols))]
+        for name, vals in PAPER_TABLE1.items():
+            cells = [name]
+            for j in paper_cols:
+                steps, ratio = vals[j]
+                cells += [f"{steps:.2e}", "-†" if ratio is None else f"{ratio:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "PDO (Chow et al. 2018) is the paper's primal-dual baseline nearest to PPO-Lag, which the "
+                  "paper does not run."]
+    (out / "table1.md").write_text("\n".join(lines) + "\n")
+
+
+def _write_curves(out: Path, curves: list[tuple]) -> None:
+    with open(out / "curves.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["task", "algo", "seed", "env_steps", "episode_return", "episode_cost"])
+        w.writerows(sorted(curves, key=lambda r: (r[0], r[1], r[2], r[3])))
+
+
+def _plot(out: Path, curves: list[tuple], records: list[dict], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks, algos = args.tasks, args.algos
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, task in enumerate(tasks):
+        limit = next((r["cost_limit"] for r in records if r["task"] == task), None)
+        for a, algo in enumerate(algos):
+            series = {}
+            for t, al, seed, x, ret, cost in curves:
+                if t == task and al == algo:
+                    series.setdefault(seed, []).append((x, ret, cost))
+            if not series:
+                continue
+            color = colors[a % len(colors)]
+            for row, col in ((0, 1), (1, 2)):
+                ax = axes[row][j]
+                runs = [np.array(sorted(v))[:, [0, col]] for v in series.values()]
+                if len(runs) == 1:
+                    ax.plot(runs[0][:, 0], runs[0][:, 1], color=color, label=ALGO_LABELS.get(algo, algo))
+                    continue
+                lo, hi = max(r[0, 0] for r in runs), min(r[-1, 0] for r in runs)
+                grid = np.linspace(lo, hi, 200) if hi > lo else np.array([lo])
+                ys = np.stack([np.interp(grid, r[:, 0], r[:, 1]) for r in runs])
+                mean, std = ys.mean(0), ys.std(0)
+                ax.plot(grid, mean, color=color, label=f"{ALGO_LABELS.get(algo, algo)} ({len(runs)} seeds)")
+                ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        if limit is not None:
+            axes[1][j].axhline(limit, color="k", linestyle="--", linewidth=1, label=f"cost limit {limit:g}")
+            if args.margin > 0:
+                axes[1][j].axhline(soft_limit(limit, args.margin), color="k", linestyle=":", linewidth=0.8,
+                                   label="limit + soft margin")
+        axes[0][j].set_title(TASK_LABELS.get(task, task))
+        axes[0][j].set_ylabel("episode return")
+        axes[1][j].set_ylabel("episode cost")
+        axes[1][j].set_xlabel("env steps")
+        for row in (0, 1):
+            axes[row][j].grid(alpha=0.3)
+            if axes[row][j].get_legend_handles_labels()[0]:
+                axes[row][j].legend(fontsize=7)
+    fig.suptitle("Seed 000, Table 1 study\nepisode return and cost vs env steps (mean ± std over seeds)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> Path:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+    from rich.console import Console
+
+    from saferl.cluster.session import connect, required_cpus
+
+    console = Console(highlight=False, soft_wrap=True)
+    s = _settings(args)
+    out = Path(args.out or f"runs/studies/cgpo-table1-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
+    jobs = _plan(args, s, out)  # every config validated before anything is created or started
+    out.mkdir(parents=True, exist_ok=True)
+    for job in jobs[:: s["seeds"]]:  # one warning per (task, algo)
+        cfg = job["cfg"]
+        rounds = cfg.total_env_steps // (cfg.resources.num_env_hosts * cfg.resources.envs_per_host
+                                         * cfg.task_spec.max_episode_steps)
+        if rounds < 3:
+            console.print(f"[yellow]warning[/yellow]: {job['algo']} on {job['task']}: the budget gives {rounds} "
+                          "episode(s) per env, too few points for the metrics; raise --budget or lower --envs")
+    settings = {"settings": s, "tasks": args.tasks, "algos": args.algos, "set": args.set,
+                "conv_window": args.conv_window, "conv_tol": args.conv_tol, "vio_band": args.vio_band,
+                "margin": args.margin, "runs": [{k: j[k] for k in ("task", "algo", "seed", "config", "overrides")}
+                                                for j in jobs]}
+    (out / "study.json").write_text(json.dumps(settings, indent=2))
+    console.print(f"study cgpo-table1: {len(jobs)} runs ({len(args.tasks)} tasks × {len(args.algos)} algos × "
+                  f"{s['seeds']} seeds) into {out}")
+
+    to_train = [j["cfg"] for j in jobs if not (Path(j["cfg"].run_root) / j["name"] / DONE_MARKER).is_file()]
+    started = connect(max(to_train, key=required_cpus), address=args.address) if to_train else False
+    t_start = time.perf_counter()
+    records: list[dict] = []
+    curves: list[tuple] = []
+    lock = threading.Lock()
+
+    def one(i_job):
+        i, job = i_job
+        record = _train_one(job, console, f"[{i + 1}/{len(jobs)}]")
+        record, rows = _evaluate(record, args)
+        with lock:
+            records.append(record)
+            curves.extend(rows)
+            _write_runs(out, records)
+        if record["status"].startswith("ok"):
+            fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+            console.print(f"[{i + 1}/{len(jobs)}] done {job['algo']} on {job['task']} seed {job['seed']} "
+                          f"in {record.get('wall_s', 0):.0f} s: Conv. Steps {fmt(record.get('conv_steps'), '.3g')}, "
+                          f"Vio. Ratio {fmt(record.get('vio_ratio'), '.1f')}% "
+                          f"({record.get('n_violations')}/{record.get('n_critical')} critical updates), "
+                          f"final return {fmt(record.get('final_return'), '.3g')}, "
+                          f"cost {fmt(record.get('final_cost'), '.3g')} (limit {record['cost_limit']:g})")
+
+    try:
+        if args.parallel == 1:
+            for item in enumerate(jobs):
+                one(item)
+        else:
+            with ThreadPoolExecutor(args.parallel) as pool:
+                list(pool.map(one, enumerate(jobs)))
+    finally:
+        if started:
+            ray.shutdown()
+    _write_curves(out, curves)
+    _write_table(out, records, args, s)
+    _plot(out, curves, records, args)
+    console.print((out / "table1.md").read_text().split("\n\n")[2])
+    console.print(f"{len(records)} runs in {time.perf_counter() - t_start:.0f} s; table1.md, runs.csv, "
+                  f"curves.csv, curves.png in {out}")
+    failed = [r for r in records if not r["status"].startswith("ok")]
+    if failed:
+        from saferl.config import ConfigError
+
+        raise ConfigError(f"study error: {len(failed)} of {len(records)} runs failed (see {out / 'runs.csv'}); "
+                          "the table leaves them out")
+    return out

@@ -27,6 +27,12 @@ def make_vec_env(task_name: str, num_envs: int, render_mode: str | None = None):
         from saferl.envs.vector import VecEnv
 
         return VecEnv(lambda: make_env(spec.entry, seed=0, render_mode=render_mode), num_envs)
+    if spec.kind == "gymnasium":
+        from saferl.envs.gym_tasks import GymCostEnv
+        from saferl.envs.vector import VecEnv
+
+        kwargs = {**spec.kwargs, **({"render_mode": render_mode} if render_mode else {})}
+        return VecEnv(lambda: GymCostEnv(spec.entry, max_episode_steps=spec.max_episode_steps, **kwargs), num_envs)
     import importlib
 
     from saferl.envs.diff import TorchVecEnv

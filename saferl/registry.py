@@ -9,7 +9,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Literal
 
-EnvKind = Literal["safety_gymnasium", "torch"]
+EnvKind = Literal["safety_gymnasium", "gymnasium", "torch"]
 AlgoKind = Literal["sampling", "gradient"]
 
 
@@ -31,7 +31,7 @@ class AlgoSpec:
 class TaskSpec:
     name: str
     kind: EnvKind
-    entry: str  # safety_gymnasium id, or "module:Class" of a differentiable torch env
+    entry: str  # safety_gymnasium / gymnasium id, or "module:Class" of a torch env
     cost_limit: float
     max_episode_steps: int
     differentiable: bool = False
@@ -90,6 +90,10 @@ for _id, _cls, _limit, _steps in [
 ]:
     register_task(TaskSpec(_id, "torch", f"saferl.envs.brax_tasks:{_cls}", _limit, _steps,
                            differentiable=True))
+
+# Non-differentiable Swimmer (seed 000, Appendix F.4.1): for MB-CGPO and sampling baselines.
+register_task(TaskSpec("SwimmerVelocity-v0", "gymnasium", "Swimmer-v5", 150.0, 300,
+                       kwargs={"cost": "speed"}))
 
 
 def get_algo(name: str) -> AlgoSpec:

@@ -59,6 +59,10 @@ Choices not fixed by the paper:
   step size is measured along the same update direction from the same θ.
 * Cells report mean ± std over seeds of each seed's mean over epochs (the relative error is
   heavy-tailed: its denominator can approach 0), and, separately, medians over all updates.
+* Other differentiable tasks (``--task``, e.g. the Brax tasks) run the same code. ``--horizon``
+  shortens part 1's trajectories (b scales by horizon/T). Batches whose J_C or gradients are not
+  finite (a diverging simulator: BraxCartPole-v0 over its full T = 300 with an untrained policy)
+  are skipped and counted (``skipped_batches`` in summary.json).
 * Policy: tanh-squashed Gaussian, hidden ``--hidden`` (default [32, 32], configs/cgpo), log σ₀ = −1
   (SHAC-Lag default). CPU, torch limited to one thread; float64 where the task computes in it
   (``--dtype auto``: FunctionEnv), since in float32 J_C(θ+δ) − J_C(θ) at ‖δ‖ = 1e-4 is within a few
@@ -88,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measured updates per training run (paper: 100)")
     parser.add_argument("--stages", type=int, default=4, help="training stages the epochs are grouped into")
     parser.add_argument("--envs", type=int, default=64, help="trajectories per batch N")
+    parser.add_argument("--horizon", type=int, default=None,
+                        help="GBE/ABE trajectory length (default: the task's T; the limit b scales with it)")
     parser.add_argument("--delta", type=float, default=0.01, help="‖δ‖ of every training update (App. C.2)")
     parser.add_argument("--step-sizes", type=float, nargs="+", default=DEFAULT_STEP_SIZES,
                         help="‖δ‖ rows of Tables 2-3")
@@ -284,17 +290,32 @@ def _step(policy, delta: np.ndarray, obs) -> None:
     policy.norm.update(obs[:-1])
 
 
-def run_gbe_abe(env, limit: float, args, log, dtype) -> list[dict]:
-    """Part 1: one training run per seed; every update measured with GBE and ABE."""
-    T, N, rows = env.max_episode_steps, args.envs, []
+def _finite(*values) -> bool:
+    return all(bool(np.all(np.isfinite(v))) for v in values)
+
+
+def run_gbe_abe(env, limit: float, args, log, dtype) -> tuple[list[dict], int]:
+    """Part 1: one training run per seed; every update measured with GBE and ABE. Returns the rows
+    and the number of batches skipped for non-finite values (a diverging simulator)."""
+    T = args.horizon or env.max_episode_steps
+    limit = limit * T / env.max_episode_steps
+    N, rows, skipped = args.envs, [], 0
     for seed in range(args.seeds):
         policy = _make_policy(env, args.hidden, seed, dtype)
         critic = ABECritic(env.obs_dim, args.gamma, args.gae_lambda, args.critic_iters, dtype)
         for epoch in range(args.epochs):
             start, noise = _batch(env, seed, epoch, N, T, dtype)
             j_r, j_c, g, q, _, traj = batch_gradients(env, policy, start, noise, T)
+            if not _finite(j_c, g, q):
+                skipped += 1
+                log(f"[gbe-abe] seed {seed} epoch {epoch + 1}: non-finite J_C or gradient, batch skipped")
+                continue
             delta = update_direction(g, q, j_c - limit, args.delta)
             true_new = shifted_cost(env, policy, start, noise, T, delta)
+            if not _finite(true_new):
+                skipped += 1
+                log(f"[gbe-abe] seed {seed} epoch {epoch + 1}: non-finite J_C(θ+δ), batch skipped")
+                continue
             pred_gbe = j_c + float(delta @ q)
             obs = traj["obs"]
             u = pre_squash_actions(policy, obs, noise)
@@ -313,13 +334,13 @@ def run_gbe_abe(env, limit: float, args, log, dtype) -> list[dict]:
                 r = rows[-1]
                 log(f"[gbe-abe] seed {seed} epoch {epoch + 1}/{args.epochs}: J_C {j_c:.3f} "
                     f"ΔJ_C {r['change']:+.2e}  err GBE {r['err_gbe']:.3g}  ABE {r['err_abe']:.3g} (critic EV {ev:.2f})")
-    return rows
+    return rows, skipped
 
 
-def run_fobg_zobg(env, limit: float, args, log, dtype) -> list[dict]:
+def run_fobg_zobg(env, limit: float, args, log, dtype) -> tuple[list[dict], int]:
     """Part 2: one training run per (seed, length); every update measured at every step size with
-    FoBG and ZoBG gradients."""
-    T, N, rows = env.max_episode_steps, args.envs, []
+    FoBG and ZoBG gradients. Returns the rows and the number of skipped (non-finite) batches."""
+    T, N, rows, skipped = env.max_episode_steps, args.envs, [], 0
     for seed in range(args.seeds):
         for length in args.lengths:
             steps = length + 1  # L actions costed over L + 1 env steps (module docstring)
@@ -331,10 +352,17 @@ def run_fobg_zobg(env, limit: float, args, log, dtype) -> list[dict]:
                 obs = traj["obs"]
                 u = pre_squash_actions(policy, obs, noise)
                 q_zo = zobg_gradient(policy, obs, u, costs)
+                if not _finite(j_c, g, q_fo, q_zo):
+                    skipped += 1
+                    log(f"[fobg-zobg] seed {seed} L={length} epoch {epoch + 1}: non-finite values, batch skipped")
+                    continue
                 direction = update_direction(g, q_fo, j_c - limit * steps / T, 1.0)
                 for size in args.step_sizes:
                     delta = size * direction
                     true_new = shifted_cost(env, policy, start, noise, steps, delta)
+                    if not _finite(true_new):
+                        skipped += 1
+                        continue
                     pred_fo, pred_zo = j_c + float(delta @ q_fo), j_c + float(delta @ q_zo)
                     rows.append({
                         "seed": seed, "length": length, "step_size": size, "epoch": epoch, "j_c": j_c,
@@ -343,10 +371,11 @@ def run_fobg_zobg(env, limit: float, args, log, dtype) -> list[dict]:
                         "err_zobg": relative_error(true_new, pred_zo, j_c)})
                 _step(policy, args.delta * direction, obs)
             last = [r for r in rows if r["seed"] == seed and r["length"] == length]
-            log(f"[fobg-zobg] seed {seed} L={length}: {args.epochs} epochs in {time.perf_counter() - t0:.1f}s, "
-                f"median err FoBG {np.median([r['err_fobg'] for r in last]):.3g} "
-                f"ZoBG {np.median([r['err_zobg'] for r in last]):.3g}")
-    return rows
+            if last:
+                log(f"[fobg-zobg] seed {seed} L={length}: {args.epochs} epochs in {time.perf_counter() - t0:.1f}s, "
+                    f"median err FoBG {np.median([r['err_fobg'] for r in last]):.3g} "
+                    f"ZoBG {np.median([r['err_zobg'] for r in last]):.3g}")
+    return rows, skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,6 +392,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def _seed_stats(rows, key, **where) -> tuple[float, float, float]:
     """(mean over seeds of per-seed means, std over seeds, median over all rows)."""
     sel = [r for r in rows if all(r[k] == v for k, v in where.items())]
+    if not sel:
+        return math.nan, math.nan, math.nan
     seeds = sorted({r["seed"] for r in sel})
     per_seed = [np.mean([r[key] for r in sel if r["seed"] == s]) for s in seeds]
     return float(np.mean(per_seed)), float(np.std(per_seed)), float(np.median([r[key] for r in sel]))
@@ -378,7 +409,8 @@ def _fmt(x: float) -> str:
 
 def gbe_abe_table(rows, args) -> str:
     lines = [f"# GBE vs ABE: relative error of Ĵ_C(θ+δ), ‖δ‖ = {args.delta:g} (eq 74; seed 000 Fig. 1, 5)", "",
-             f"Task {args.task}, {args.seeds} seeds × {args.epochs} updates, N = {args.envs}. "
+             f"Task {args.task}, T = {args.horizon or 'task horizon'}, {args.seeds} seeds × {args.epochs} updates, "
+             f"N = {args.envs}. "
              "mean ± std over seeds of per-seed means; median and share > 1 over all updates.", "",
              "| stage | epochs | J_C(θ) | GBE mean ± std | GBE median | ABE mean ± std | ABE median | ABE > 1 | GBE > 1 |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -438,8 +470,9 @@ def plot_gbe_abe(rows, args, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
     for key, label, color in [("err_gbe", "GBE (eq 73)", "tab:blue"), ("err_abe", "ABE (eq 72)", "tab:red")]:
-        m = np.array([[r[key] for r in rows if r["seed"] == s] for s in range(args.seeds)])
-        m = np.where(np.isfinite(m), m, np.nan)
+        m = np.full((args.seeds, args.epochs), np.nan)
+        for r in rows:
+            m[int(r["seed"]), int(r["epoch"])] = r[key] if np.isfinite(r[key]) else np.nan
         ax.plot(epochs, np.nanmedian(m, 0), color=color, label=label)
         ax.fill_between(epochs, np.nanmin(m, 0), np.nanmax(m, 0), color=color, alpha=0.2)
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
@@ -465,7 +498,8 @@ def plot_gbe_abe(rows, args, path: Path) -> None:
     ax.set(yscale="log", ylabel="relative error", title="(b) per training stage (blue GBE, red ABE)")
     ax = axes[2]
     for s in range(args.seeds):
-        ax.plot(epochs, [r["j_c"] for r in rows if r["seed"] == s], label=f"seed {s}")
+        sel = [r for r in rows if r["seed"] == s]
+        ax.plot([r["epoch"] for r in sel], [r["j_c"] for r in sel], label=f"seed {s}")
     ax.set(xlabel="training epoch (update)", ylabel="J_C(θ)", title="(c) constraint during training")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -529,6 +563,8 @@ def _check_args(args) -> None:
             raise ConfigError(f"config error: --{name} must be ≥ 1")
     if args.stages > args.epochs:
         raise ConfigError("config error: --stages must not exceed --epochs")
+    if args.horizon is not None and args.horizon < 1:
+        raise ConfigError("config error: --horizon must be ≥ 1")
     if min(args.lengths) < 1 or min(args.step_sizes) <= 0 or args.delta <= 0:
         raise ConfigError("config error: --lengths, --step-sizes and --delta must be positive")
 
@@ -538,6 +574,7 @@ def run(args) -> Path:
 
     from saferl import registry
     from saferl.actors.gradient_worker import make_diff_env
+    from saferl.config import ConfigError
 
     _check_args(args)
     out = Path(args.out) if args.out else Path("runs") / "studies" / f"gbe-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -557,13 +594,15 @@ def run(args) -> Path:
     try:
         if args.parts in ("all", "gbe-abe"):
             t0 = time.perf_counter()
-            rows = run_gbe_abe(env, limit, args, log, dtype)
+            rows, skipped = run_gbe_abe(env, limit, args, log, dtype)
+            if not rows:
+                raise ConfigError(f"study error: GBE/ABE: every batch of {args.task} was non-finite (try a shorter --horizon)")
             _write_csv(out / "gbe_abe.csv", rows)
             (out / "gbe_abe.md").write_text(gbe_abe_table(rows, args))
             plot_gbe_abe(rows, args, out / "gbe_abe.png")
             g, a = [r["err_gbe"] for r in rows], [r["err_abe"] for r in rows]
             summary["gbe_abe"] = {
-                "seconds": time.perf_counter() - t0, "median_err_gbe": float(np.median(g)),
+                "seconds": time.perf_counter() - t0, "skipped_batches": skipped, "median_err_gbe": float(np.median(g)),
                 "median_err_abe": float(np.median(a)), "share_abe_above_1": float(np.mean(np.array(a) > 1)),
                 "share_gbe_above_1": float(np.mean(np.array(g) > 1)),
                 "median_err_abe_literal": float(np.median([r["err_abe_literal"] for r in rows])),
@@ -572,12 +611,14 @@ def run(args) -> Path:
             log(f"GBE/ABE done: median relative error GBE {np.median(g):.3g}, ABE {np.median(a):.3g}")
         if args.parts in ("all", "fobg-zobg"):
             t0 = time.perf_counter()
-            rows = run_fobg_zobg(env, limit, args, log, dtype)
+            rows, skipped = run_fobg_zobg(env, limit, args, log, dtype)
+            if not rows:
+                raise ConfigError(f"study error: FoBG/ZoBG: every batch of {args.task} was non-finite (try shorter --lengths)")
             _write_csv(out / "fobg_zobg.csv", rows)
             (out / "fobg_zobg.md").write_text(fobg_zobg_tables(rows, args))
             plot_fobg_zobg(rows, args, out / "fobg_zobg.png")
             summary["fobg_zobg"] = {
-                "seconds": time.perf_counter() - t0,
+                "seconds": time.perf_counter() - t0, "skipped_batches": skipped,
                 "median_err_fobg": {f"L={L}": float(np.median([r["err_fobg"] for r in rows if r["length"] == L]))
                                     for L in args.lengths},
                 "median_err_zobg": {f"L={L}": float(np.median([r["err_zobg"] for r in rows if r["length"] == L]))

@@ -34,7 +34,7 @@ so no finished episode is dropped. b is the cost limit.
 which the range of variation within a given window is less than a set threshold", and it must
 meet the constraint:
 
-    k* = min { k :  x_k + W ≤ x_{n−1},
+    k* = min { k :  x_k + W ≤ x_{n−1},   |I_k| ≥ 2,
                     max_{i ∈ I_k} R_i − min_{i ∈ I_k} R_i  ≤  τ · (max_i R_i − min_i R_i),
                     C_k ≤ b + m },          I_k = { i : x_k ≤ x_i ≤ x_k + W }
     Conv. Steps = x_{k*}        (undefined, "-", when no k qualifies)
@@ -55,7 +55,8 @@ updates in the safety-critical region.
 Choices not fixed by the paper (F.2 gives no formulas or numbers):
 * the window is measured in env steps (a fraction of the run's budget), so algorithms that log
   at different intervals are judged over the same span; it must be fully observed (x_k + W ≤
-  x_{n−1}), so a run cannot "converge" in its last window;
+  x_{n−1}), so a run cannot "converge" in its last window, and hold at least two points (one
+  point shows no variation);
 * the threshold is relative to the run's own return range (scale-free across tasks; a run whose
   return still moves by more than τ of its total improvement per window has not converged);
   "range of variation" = max − min; no smoothing (Figure 4 is unsmoothed);
@@ -76,6 +77,7 @@ Choices not fixed by the paper (F.2 gives no formulas or numbers):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -120,8 +122,8 @@ def soft_limit(limit: float, margin: float) -> float:
 def conv_steps(steps, returns, costs, limit: float, *, window: float, tol: float = 0.1,
                margin: float = 0.05) -> float | None:
     """Conv. Steps (F.2.1): x_k of the first point k whose window [x_k, x_k + window] (fully
-    observed) has return range ≤ tol · (the run's return range) and whose cost C_k ≤ b + m.
-    None when no point qualifies."""
+    observed, at least two points) has return range ≤ tol · (the run's return range) and whose
+    cost C_k ≤ b + m. None when no point qualifies."""
     n = len(steps)
     if n == 0 or not (len(returns) == len(costs) == n):
         return None
@@ -134,7 +136,7 @@ def conv_steps(steps, returns, costs, limit: float, *, window: float, tol: float
         if costs[k] > feasible_below:
             continue
         inside = [returns[i] for i in range(k, n) if steps[i] <= steps[k] + window]
-        if max(inside) - min(inside) <= threshold:
+        if len(inside) >= 2 and max(inside) - min(inside) <= threshold:
             return float(steps[k])
     return None
 
@@ -326,8 +328,14 @@ def _train_one(job: dict, console, tag: str) -> dict:
               "total_env_steps": cfg.total_env_steps,
               "num_envs": cfg.resources.num_env_hosts * cfg.resources.envs_per_host, "run_dir": str(run_dir)}
     if done.is_file():
-        record.update(json.loads(done.read_text()), status="ok (kept)")
-        console.print(f"{tag} {job['algo']} on {job['task']} seed {job['seed']}: finished earlier, kept")
+        kept = json.loads(done.read_text())
+        note = ""
+        if "total_env_steps" in kept and (kept["total_env_steps"], kept.get("num_envs")) != (
+                record["total_env_steps"], record["num_envs"]):
+            note = (f" (note: it ran {kept.get('total_env_steps'):,} env steps with {kept.get('num_envs')} envs; "
+                    "use another --out to rerun)")
+        record.update(kept, status="ok (kept)")
+        console.print(f"{tag} {job['algo']} on {job['task']} seed {job['seed']}: finished earlier, kept{note}")
         return record
     resume = None
     if run_dir.exists():
@@ -341,13 +349,20 @@ def _train_one(job: dict, console, tag: str) -> dict:
     try:
         out = train(cfg, run_dir=resume, console=_Heartbeat(console, f"{tag} {job['algo']}/{job['task']}"))
     except Exception as err:  # noqa: BLE001 — one failed run must not lose the others
-        record.update(status=f"failed: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+        import traceback
+
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        record.update(status=f"failed: {err.__class__.__name__}: {(lines[-1] if lines else '')[:300]}",
                       wall_s=time.perf_counter() - t0)
-        console.print(f"{tag} [red]FAILED[/red] {job['algo']} on {job['task']} seed {job['seed']}: {record['status']}")
+        if run_dir.exists():
+            (run_dir / "study_error.txt").write_text("".join(traceback.format_exception(err)))
+        console.print(f"{tag} FAILED {job['algo']} on {job['task']} seed {job['seed']}: "
+                      f"{record['status']} (traceback in {run_dir / 'study_error.txt'})", markup=False)
         return record
     record["run_dir"] = str(out)
     wall = time.perf_counter() - t0
-    (Path(out) / DONE_MARKER).write_text(json.dumps({"wall_s": wall}))
+    (Path(out) / DONE_MARKER).write_text(json.dumps({k: record[k] for k in (
+        "total_env_steps", "num_envs", "cost_limit")} | {"wall_s": wall}))
     record.update(status="ok", wall_s=wall)
     return record
 
@@ -477,11 +492,65 @@ def _plot(out: Path, curves: list[tuple], records: list[dict], args) -> None:
             axes[row][j].grid(alpha=0.3)
             if axes[row][j].get_legend_handles_labels()[0]:
                 axes[row][j].legend(fontsize=7)
-    fig.suptitle("Seed 000, Table 1 study\nepisode return and cost vs env steps (mean ± std over seeds)",
-                 fontsize=10)
+    fig.suptitle("Seed 000, Table 1 study\n(mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
+
+
+def _needs(cfg) -> tuple[float, float]:
+    """(CPUs, GPUs) a run's actors hold: its env hosts / gradient workers and its learner."""
+    from saferl.cluster.session import required_cpus
+
+    r = cfg.resources
+    return required_cpus(cfg), r.num_gpus_per_learner + r.num_env_hosts * r.num_gpus_per_host
+
+
+def _start_ray(cfgs: list, args) -> bool:
+    """Join ``--address`` / $RAY_ADDRESS, or start a local Ray sized for the ``--parallel``
+    largest runs (logical CPUs may exceed the cores: Ray time-shares them). True when this
+    call started Ray."""
+    import ray
+
+    from saferl.cluster.session import connect
+
+    if ray.is_initialized():
+        return False
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        return connect(None, address=args.address)
+    need = sum(sorted((_needs(c)[0] for c in cfgs), reverse=True)[: args.parallel])
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), logging_level="warning")
+    return True
+
+
+class _ResourceGate:
+    """With ``--parallel``, start a run only when the cluster has the CPUs/GPUs for all of its
+    actors: runs that each got a learner but wait for hosts would otherwise deadlock."""
+
+    def __init__(self):
+        import ray
+
+        total = ray.cluster_resources()
+        self.cpus, self.gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+        self.used_cpus = self.used_gpus = 0.0
+        self.running = 0
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, cfg):
+        cpus, gpus = _needs(cfg)
+        with self.cond:
+            self.cond.wait_for(lambda: self.running == 0 or (self.used_cpus + cpus <= self.cpus + 1e-9
+                                                               and self.used_gpus + gpus <= self.gpus + 1e-9))
+            self.used_cpus, self.used_gpus = self.used_cpus + cpus, self.used_gpus + gpus
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used_cpus, self.used_gpus, self.running = (self.used_cpus - cpus, self.used_gpus - gpus,
+                                                                self.running - 1)
+                self.cond.notify_all()
 
 
 def run(args) -> Path:
@@ -489,8 +558,6 @@ def run(args) -> Path:
 
     import ray
     from rich.console import Console
-
-    from saferl.cluster.session import connect, required_cpus
 
     console = Console(highlight=False, soft_wrap=True)
     s = _settings(args)
@@ -513,7 +580,8 @@ def run(args) -> Path:
                   f"{s['seeds']} seeds) into {out}")
 
     to_train = [j["cfg"] for j in jobs if not (Path(j["cfg"].run_root) / j["name"] / DONE_MARKER).is_file()]
-    started = connect(max(to_train, key=required_cpus), address=args.address) if to_train else False
+    started = _start_ray(to_train, args) if to_train else False
+    gate = _ResourceGate() if args.parallel > 1 and to_train else None
     t_start = time.perf_counter()
     records: list[dict] = []
     curves: list[tuple] = []
@@ -521,17 +589,23 @@ def run(args) -> Path:
 
     def one(i_job):
         i, job = i_job
-        record = _train_one(job, console, f"[{i + 1}/{len(jobs)}]")
+        if gate is not None:
+            with gate.hold(job["cfg"]):
+                record = _train_one(job, console, f"[{i + 1}/{len(jobs)}]")
+        else:
+            record = _train_one(job, console, f"[{i + 1}/{len(jobs)}]")
         record, rows = _evaluate(record, args)
         with lock:
             records.append(record)
             curves.extend(rows)
-            _write_runs(out, records)
+            _write_runs(out, records)  # partial results while a long study runs
+            _write_table(out, records, args, s)
         if record["status"].startswith("ok"):
             fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+            vio = "-" if record.get("vio_ratio") is None else f"{record['vio_ratio']:.1f}%"
             console.print(f"[{i + 1}/{len(jobs)}] done {job['algo']} on {job['task']} seed {job['seed']} "
                           f"in {record.get('wall_s', 0):.0f} s: Conv. Steps {fmt(record.get('conv_steps'), '.3g')}, "
-                          f"Vio. Ratio {fmt(record.get('vio_ratio'), '.1f')}% "
+                          f"Vio. Ratio {vio} "
                           f"({record.get('n_violations')}/{record.get('n_critical')} critical updates), "
                           f"final return {fmt(record.get('final_return'), '.3g')}, "
                           f"cost {fmt(record.get('final_cost'), '.3g')} (limit {record['cost_limit']:g})")
@@ -543,6 +617,10 @@ def run(args) -> Path:
         else:
             with ThreadPoolExecutor(args.parallel) as pool:
                 list(pool.map(one, enumerate(jobs)))
+    except KeyboardInterrupt:
+        console.print(f"interrupted: run the same command with --out {out} to continue (finished runs are "
+                      "kept, interrupted ones resume from their last checkpoint)")
+        raise
     finally:
         if started:
             ray.shutdown()

@@ -5,8 +5,10 @@ One iteration:
                         -> the learner updates on their batches
   gradient algorithms   weights -> gradient workers back-propagate through their shard
                         -> the learner combines the shard gradients and steps
-then every schedule phase whose interval divides the iteration count runs on the learner
-(e.g. ``dual`` for the Lagrange multiplier; later safety-index and world-model phases).
+  model-based           real windows -> world-model actor (fit on its ``world_model`` phase)
+                        -> gradients through the model -> the learner steps
+then every schedule phase whose interval divides the iteration count runs (e.g. ``dual`` for
+the Lagrange multiplier on the learner).
 All schedule state lives here and in checkpoints, never inside a learner's inner loop.
 """
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Coordinator:
             if self.world_model is not None:
                 ray.get(self.world_model.load_state_dict.remote(resume["world_model"]))
         self.logger = MetricsLogger(self.run_dir, cfg)
+        self._episodes: list[dict] = []  # finished since the last logged row
         self._checkpointed = self.state.iteration if resume else None
 
     # -- actors ----------------------------------------------------------------------------------
@@ -176,16 +179,20 @@ class Coordinator:
         for name in self.cfg.algo_spec.phases:
             if name != "world_model":  # runs inside the model-based iteration
                 metrics.update(self._maybe_run_phase(name, st.iteration, episodes))
+        self._episodes += episodes
         dt = time.perf_counter() - t0
-        row = {"iteration": st.iteration, "env_steps": st.env_steps, **metrics,
-               "time/iteration_s": dt, "time/env_steps_per_s": self.steps_per_iteration / dt}
-        if episodes:
-            row["episode/return"] = float(np.mean([e["return"] for e in episodes]))
-            row["episode/cost"] = float(np.mean([e["cost"] for e in episodes]))
-            row["episode/length"] = float(np.mean([e["length"] for e in episodes]))
-            row["episode/count"] = len(episodes)
-            row["episode/violation_rate"] = float(np.mean([e["cost"] > self.cfg.limit for e in episodes]))
-        return row
+        return {"iteration": st.iteration, "env_steps": st.env_steps, **metrics,
+                "time/iteration_s": dt, "time/env_steps_per_s": self.steps_per_iteration / dt}
+
+    def _episode_stats(self) -> dict:
+        """Summary of the episodes finished since the last logged row."""
+        eps, self._episodes = self._episodes, []
+        if not eps:
+            return {}
+        cost = np.array([e["cost"] for e in eps])
+        return {"episode/return": float(np.mean([e["return"] for e in eps])), "episode/cost": float(cost.mean()),
+                "episode/length": float(np.mean([e["length"] for e in eps])), "episode/count": len(eps),
+                "episode/violation_rate": float(np.mean(cost > self.cfg.limit))}
 
     # -- the run ---------------------------------------------------------------------------------
     def total_iterations(self) -> int:
@@ -214,6 +221,7 @@ class Coordinator:
             done += 1
             last = row
             if self.state.iteration % sched.log_every == 0 or self.state.iteration == total:
+                row.update(self._episode_stats())
                 self.logger.log(self.state.env_steps, row)
                 self._progress(row, total)
             if self.state.iteration % sched.checkpoint_every == 0:

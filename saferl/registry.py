@@ -95,6 +95,14 @@ for _id, _cls, _limit, _steps in [
 register_task(TaskSpec("SwimmerVelocity-v0", "gymnasium", "Swimmer-v5", 150.0, 300,
                        kwargs={"cost": "speed"}))
 
+# SafeGBPO's balancing tasks (seed 003, Appendix 7.1): T 240. The cost is the safety monitor,
+# 1 per step on which the state leaves the RCI set or the feasible state box; the paper's
+# safeguards guarantee no violation ever, so the limit is 0 (any cost is a failure, not a budget).
+for _id, _cls in [("SafeGBPOPendulum-v0", "SafeGBPOPendulum"),
+                  ("SafeGBPOQuadrotor-v0", "SafeGBPOQuadrotor")]:
+    register_task(TaskSpec(_id, "torch", f"saferl.envs.safegbpo_tasks:{_cls}", 0.0, 240,
+                           differentiable=True))
+
 
 def get_algo(name: str) -> AlgoSpec:
     if name not in ALGORITHMS:

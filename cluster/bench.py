@@ -93,3 +93,55 @@ def bench_rollout(out_dir: Path, task: str, steps: int, envs_per_host: list[int]
     (out_dir / "rollout.md").write_text("\n".join(lines) + "\n")
     say(f"results: {out_dir / 'rollout.json'}, {out_dir / 'rollout.md'}")
     return rows
+
+
+def bench_gradients(out_dir: Path, task: str, workers: list[int], envs_per_worker: list[int], horizon: int,
+                    windows: int, console=None) -> list[dict]:
+    """``saferl bench gradients``: env steps differentiated per second by gradient-worker actors
+    (forward + backward through the simulator, critics included) vs workers × envs per worker.
+    The first window of each configuration (jit/compile, allocation) is timed separately."""
+    from saferl.actors.gradient_worker import GradientWorker, make_diff_env
+    from saferl.learners.analytic import TimeValue
+
+    say = console.print if console else print
+    env = make_diff_env(task)
+    arch = {"policy": dict(obs_dim=env.obs_dim, act_dim=env.act_dim, hidden=[64, 64], squash=True),
+            "critic_hidden": [64, 64]}
+    policy = GaussianPolicy(**arch["policy"])
+    critic = TimeValue(env.obs_dim, [64, 64], env.max_episode_steps)
+    weights = ray.put({"policy": policy.state_dict(), "v_r": critic.state_dict(), "v_c": critic.state_dict()})
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=max(workers), logging_level="error", include_dashboard=False)
+    rows = []
+    try:
+        for n in envs_per_worker:
+            for w in workers:
+                cls = ray.remote(GradientWorker).options(num_cpus=1)
+                actors = [cls.remote(task, i * n, n, w * n, 0, arch, "cpu") for i in range(w)]
+                t = time.perf_counter()
+                ray.get([a.compute.options(num_returns=2).remote(weights, 0, horizon)[1] for a in actors])
+                first = time.perf_counter() - t
+                t = time.perf_counter()
+                for k in range(1, windows + 1):
+                    ray.get([a.compute.options(num_returns=2).remote(weights, k, horizon)[1] for a in actors])
+                dt = time.perf_counter() - t
+                for a in actors:
+                    ray.kill(a)
+                sps = w * n * horizon * windows / dt
+                rows.append({"task": task, "workers": w, "envs_per_worker": n, "horizon": horizon,
+                             "first_window_s": round(first, 2), "steps_per_s": round(sps, 1)})
+                say(f"{w} worker(s) × {n:>4} envs, h={horizon}: {sps:9.0f} differentiated steps/s "
+                    f"(first window incl. compile {first:.1f} s)")
+    finally:
+        if started:
+            ray.shutdown()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gradients.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| workers | envs/worker | h | differentiated steps/s | first window (compile) s |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['workers']} | {r['envs_per_worker']} | {r['horizon']} | {r['steps_per_s']:.0f} | "
+              f"{r['first_window_s']:.1f} |" for r in rows]
+    (out_dir / "gradients.md").write_text(f"{task}\n\n" + "\n".join(lines) + "\n")
+    say(f"results: {out_dir / 'gradients.json'}, {out_dir / 'gradients.md'}")
+    return rows

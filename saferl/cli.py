@@ -6,7 +6,7 @@
     saferl status|logs|stop JOB_ID --address ADDR   follow a submitted job
     saferl eval RUN_DIR --episodes N                return, cost and violation rate
     saferl list                                     algorithms and tasks
-    saferl bench rollout                            env-host throughput vs a plain process
+    saferl bench rollout|gradients                  env-host / gradient-worker throughput
     saferl study NAME                               reproduce a paper's table/figure
 
 User errors print one line (``config error: …``) and exit with status 2.
@@ -96,10 +96,15 @@ def cmd_job(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from saferl.cluster.bench import bench_rollout
+    from saferl.cluster import bench
 
-    bench_rollout(out_dir=Path(args.out), task=args.task, steps=args.steps,
-                  envs_per_host=args.envs_per_host, hosts=args.hosts, console=_console())
+    if args.bench == "rollout":
+        bench.bench_rollout(out_dir=Path(args.out), task=args.task, steps=args.steps,
+                            envs_per_host=args.envs_per_host, hosts=args.hosts, console=_console())
+    else:
+        bench.bench_gradients(out_dir=Path(args.out), task=args.task, workers=args.workers,
+                              envs_per_worker=args.envs_per_worker, horizon=args.horizon,
+                              windows=args.windows, console=_console())
     return 0
 
 
@@ -153,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=1000, help="steps per env per measurement (1000 = one navigation episode, resets included)")
     b.add_argument("--envs-per-host", type=int, nargs="+", default=[4, 16, 32])
     b.add_argument("--hosts", type=int, nargs="+", default=[1, 2])
+    b.add_argument("--out", default="bench_results")
+    b.set_defaults(fn=cmd_bench)
+    b = bsub.add_parser("gradients", help="gradient-worker throughput vs workers and envs per worker")
+    b.add_argument("--task", default="BraxReacher-v0")
+    b.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    b.add_argument("--envs-per-worker", type=int, nargs="+", default=[16, 64])
+    b.add_argument("--horizon", type=int, default=10, help="window length h")
+    b.add_argument("--windows", type=int, default=5, help="timed windows after the first")
     b.add_argument("--out", default="bench_results")
     b.set_defaults(fn=cmd_bench)
     from saferl.cluster import studies

@@ -284,3 +284,31 @@ def test_policy_window_matches_per_step_rollout(cartpole):
     torch.testing.assert_close(s_w, s_end, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(obs_w, traj["obs"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g_win, g_ref, rtol=1e-3, atol=1e-6)
+
+
+def test_cartpole_stays_finite_when_the_pole_falls():
+    """Random actions over the whole T = 300 (the regime a fresh policy visits)."""
+    from saferl.actors.gradient_worker import make_diff_env
+
+    env = make_diff_env("BraxCartPole-v0")
+    gen = torch.Generator().manual_seed(0)
+    state = env.initial_state(4, gen)
+    with torch.no_grad():
+        for _ in range(env.max_episode_steps):
+            state, r, c = env.step(state, torch.rand(4, 1, generator=gen) * 2 - 1)
+    assert torch.isfinite(state).all() and state.abs().max() < 100
+
+
+def test_cgpo_runs_on_a_brax_task_through_two_gradient_workers(ray_session, run_root):
+    import pandas as pd
+
+    from saferl.cluster.session import train
+    from saferl.config import load_config
+
+    cfg = load_config("cgpo/BraxCartPole-v0", [
+        "resources.num_env_hosts=2", "resources.envs_per_host=4", "algo_params.horizon=5",
+        "total_env_steps=120", "schedule.log_every=1", f"run_root={run_root}"])
+    m = pd.read_csv(train(cfg) / "metrics.csv")
+    assert list(m["iteration"]) == [1, 2, 3]
+    assert np.isfinite(m[["j_r", "j_c", "step_norm", "critic_loss"]].to_numpy()).all()
+    assert (m["step_norm"] > 0).all()

@@ -85,14 +85,20 @@ def bench_rollout(out_dir: Path, task: str, steps: int, envs_per_host: list[int]
     finally:
         if started:
             ray.shutdown()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "rollout.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| env hosts | envs/host | Ray steps/s | plain process steps/s | Ray / plain |", "|---|---|---|---|---|"]
-    lines += [f"| {r['env_hosts']} | {r['envs_per_host']} | {r['ray_steps_per_s']:.0f} | "
-              f"{r['plain_steps_per_s']:.0f} | {r['ray_vs_plain']:.2f} |" for r in rows]
-    (out_dir / "rollout.md").write_text("\n".join(lines) + "\n")
-    say(f"results: {out_dir / 'rollout.json'}, {out_dir / 'rollout.md'}")
+    _write(out_dir, "rollout", rows, ["env hosts", "envs/host", "Ray steps/s", "plain process steps/s", "Ray / plain"],
+           lambda r: [r["env_hosts"], r["envs_per_host"], f"{r['ray_steps_per_s']:.0f}",
+                      f"{r['plain_steps_per_s']:.0f}", f"{r['ray_vs_plain']:.2f}"], say)
     return rows
+
+
+def _write(out_dir: Path, name: str, rows: list[dict], header: list[str], cells, say, title: str = "") -> None:
+    """``<name>.json`` (the rows) and ``<name>.md`` (a table) in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in cells(r)) + " |" for r in rows]
+    (out_dir / f"{name}.md").write_text((f"{title}\n\n" if title else "") + "\n".join(lines) + "\n")
+    say(f"results: {out_dir / (name + '.json')}, {out_dir / (name + '.md')}")
 
 
 def bench_gradients(out_dir: Path, task: str, workers: list[int], envs_per_worker: list[int], horizon: int,
@@ -136,12 +142,8 @@ def bench_gradients(out_dir: Path, task: str, workers: list[int], envs_per_worke
     finally:
         if started:
             ray.shutdown()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gradients.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| workers | envs/worker | h | differentiated steps/s | first window (compile) s |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['workers']} | {r['envs_per_worker']} | {r['horizon']} | {r['steps_per_s']:.0f} | "
-              f"{r['first_window_s']:.1f} |" for r in rows]
-    (out_dir / "gradients.md").write_text(f"{task}\n\n" + "\n".join(lines) + "\n")
-    say(f"results: {out_dir / 'gradients.json'}, {out_dir / 'gradients.md'}")
+    _write(out_dir, "gradients", rows, ["workers", "envs/worker", "h", "differentiated steps/s",
+                                        "first window (compile) s"],
+           lambda r: [r["workers"], r["envs_per_worker"], r["horizon"], f"{r['steps_per_s']:.0f}",
+                      f"{r['first_window_s']:.1f}"], say, title=task)
     return rows

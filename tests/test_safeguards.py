@@ -1,0 +1,215 @@
+"""SafeGBPO safeguards (seed 003, §5): the safe action polytope, the exact fast boundary
+projection vs the cvxpylayers oracle, the ray mask, passthrough, and the SafeguardedEnv wrapper.
+The key property: every safeguard's output is safe by construction — in the action box and the
+CTRL zonotope, with the linearised next-state zonotope inside the RCI set (checked with the
+halfspace form and, independently, with the LP containment certificate of eq 6)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+from saferl.envs import safeguards as sg
+from saferl.envs.diff import TorchVecEnv
+from saferl.envs.safegbpo_tasks import SafeGBPOPendulum, SafeGBPOQuadrotor
+
+TASKS = [SafeGBPOPendulum, SafeGBPOQuadrotor]
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module", params=TASKS, ids=lambda c: c.__name__)
+def env64(request):
+    return request.param(dtype=F64)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _states(env, n, seed, power=1.0):
+    """States in the RCI set, pushed towards its boundary with power < 1 (γ ↦ sign γ |γ|^power)."""
+    g = _gen(seed)
+    gam = torch.rand(n, env.rci.num_generators, generator=g, dtype=F64) * 2 - 1
+    s = env.rci.center + (gam.sign() * gam.abs() ** power) @ env.rci.generators.T
+    return env._extend(s)
+
+
+def _actions(env, n, seed):
+    a = torch.rand(n, env.act_dim, generator=_gen(seed), dtype=F64) * 2 - 1
+    a[: n // 4] = a[: n // 4].sign()  # box corners: the farthest feasible actions
+    return a
+
+
+def _binding(env, n, seed):
+    """States/actions where the safe set cuts the box and the projection is active (half), with
+    row pruning to 64 exact (for the cvxpylayers programs)."""
+    s, a = _states(env, 40 * n, seed, power=0.2), _actions(env, 40 * n, seed + 1)
+    P, p = sg.safe_action_polytope(env, s)
+    _, info = sg.project_polytope(P, p, a, return_info=True)
+    exact = sg.prune_polytope(P, p, 64)[2]
+    act = (info["active"] & exact).nonzero().squeeze(-1)[: n // 2]
+    rest = (~info["active"] & exact).nonzero().squeeze(-1)[: n - act.numel()]
+    idx = torch.cat([act, rest])
+    assert act.numel() >= n // 4
+    return s[idx], a[idx]
+
+
+def _assert_safe(env, s, a_safe, lp_checks=6):
+    tol = 1e-7
+    assert (a_safe.abs() <= 1 + tol).all()
+    assert env.ctrl.contains_point(a_safe, tol=1e-6).all()  # CTRL: gauge (LP) ≤ 1
+    nxt = env.linearised_next_set(s, a_safe)
+    # exact halfspace check: support of the next set in every RCI facet normal
+    sup = torch.stack([nxt.support(hrow.expand_as(nxt.center)) for hrow in env.rci_H], -1) \
+        if env.rci_H.shape[0] < 100 else (nxt.center @ env.rci_H.T + (env.rci_H @ nxt.generators).abs().sum(-1))
+    assert (sup <= env.rci_h + tol).all()
+    # independent: the LP containment certificate (eq 6), sufficient
+    k = min(lp_checks, s.shape[0])
+    assert env.rci.contains_zonotope(nxt[:k], tol=1e-6).all()
+
+
+def test_polytope_is_exact(env64):
+    """a ∈ {P a ≤ p} ⟺ a in box ∧ a ∈ CTRL ∧ next-state zonotope ⊆ RCI (halfspace form)."""
+    s, a = _states(env64, 256, 0, power=0.3), _actions(env64, 256, 1) * 1.05
+    P, p = sg.safe_action_polytope(env64, s)
+    assert P.shape[:-1] == p.shape and P.shape[-1] == env64.act_dim
+    inside = sg.is_feasible(P, p, a, tol=0)
+    nxt = env64.linearised_next_set(s, a)
+    sup = nxt.center @ env64.rci_H.T + (env64.rci_H @ nxt.generators).abs().sum(-1)
+    Hc, hc = env64.ctrl.halfspaces()
+    direct = ((a.abs() <= 1).all(-1) & (a @ Hc.T <= hc).all(-1) & (sup <= env64.rci_h).all(-1))
+    assert torch.equal(inside, direct) and 0 < inside.sum() < 256
+    # differentiable in the state (p is affine in s)
+    s.requires_grad_(True)
+    pp = sg.safe_action_polytope(env64, s)[1]
+    (pp * torch.rand(pp.shape, generator=_gen(2), dtype=F64)).sum().backward()  # (±H rows cancel)
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind,centre", [("boundary_projection", "orthogonal"),
+                                         ("ray_mask_linear", "orthogonal"),
+                                         ("ray_mask_hyperbolic", "orthogonal"),
+                                         ("ray_mask_linear", "zonotopic"),
+                                         ("ray_mask_hyperbolic", "zonotopic")])
+def test_safeguard_output_is_safe(env64, kind, centre):
+    n = 8 if (centre == "zonotopic" and env64.act_dim > 1) else 48
+    s = torch.cat([_states(env64, n // 2, 2), _binding(env64, n // 2, 3)[0]])
+    a = _actions(env64, n, 4)
+    a_safe = sg.safeguard(env64, s, a, kind, centre)
+    _assert_safe(env64, s, a_safe)
+    # safe actions are kept by the projection and the orthogonal ray mask
+    P, p = sg.safe_action_polytope(env64, s)
+    safe_in = sg.is_feasible(P, p, a, tol=0)
+    if kind == "boundary_projection" or centre == "orthogonal":
+        torch.testing.assert_close(a_safe[safe_in], a[safe_in])
+        assert (a_safe[~safe_in] - a[~safe_in]).norm(dim=-1).min() > 0
+
+
+def test_fast_projection_matches_cvxpylayers(env64):
+    s, a = _binding(env64, 16, 5)
+    s, a = s.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    P, p = sg.safe_action_polytope(env64, s)
+    fast = sg.project_polytope(P, p, a)
+    Pk, pk, exact = sg.prune_polytope(P, p, 64)
+    assert exact.all()
+    ref = sg.project_cvxpylayers(Pk, pk, a)
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=0)
+    assert sg.is_feasible(P, p, fast).all()
+    w = torch.randn(fast.shape, generator=_gen(6), dtype=F64)
+    g_fast = torch.autograd.grad((w * fast).sum(), (a, s), retain_graph=True)
+    g_ref = torch.autograd.grad((w * ref).sum(), (a, s))
+    torch.testing.assert_close(g_fast[0], g_ref[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g_fast[1], g_ref[1], atol=1e-5, rtol=1e-4)
+
+
+def test_projection_2d_synthetic_against_oracle():
+    """Random 2-D polygons with many rows (vertex solutions included) vs cvxpylayers."""
+    g = _gen(7)
+    n, k = 64, 24
+    ang = torch.rand(n, k, generator=g, dtype=F64) * 6.283
+    P = torch.stack([ang.cos(), ang.sin()], -1)
+    p = torch.rand(n, k, generator=g, dtype=F64) * 0.8 + 0.1  # contains a disc around 0
+    z = (torch.rand(n, 2, generator=g, dtype=F64) * 2 - 1) * 1.5
+    a = sg.project_polytope(P, p, z)
+    ref = sg.project_cvxpylayers(P, p, z)
+    torch.testing.assert_close(a, ref, atol=1e-6, rtol=0)
+    active = ((P @ a.unsqueeze(-1)).squeeze(-1) - p).abs() < 1e-9
+    assert (active.sum(-1) == 2).sum() > 5 and (active.sum(-1) == 1).sum() > 5  # vertices & edges
+
+
+def test_ray_mask_geometry(env64):
+    s = torch.cat([_states(env64, 32, 8), _binding(env64, 32, 9)[0]])
+    P, p = sg.safe_action_polytope(env64, s)
+    a = _actions(env64, 64, 10)
+    a[-8:] = a[-8:].sign()  # more box corners
+    c = sg.zonotopic_centre(P, p) if env64.act_dim == 1 else sg.orthogonal_centre(P, p, a)[0]
+    keep = slice(None) if env64.act_dim == 1 else sg.orthogonal_centre(P, p, a)[2]
+    P, p, a, c = P[keep], p[keep], a[keep], c[keep]
+    assert a.shape[0] > 4
+    assert sg.is_feasible(P, p, c).all()
+    for hyper in (False, True):
+        out = sg.ray_map(P, p, a, c, hyper)
+        assert sg.is_feasible(P, p, out).all()  # the box is mapped into S
+        torch.testing.assert_close(sg.ray_map(P, p, c, c, hyper), c)  # centre fixed
+        u, v = a - c, out - c  # same direction: parallel with a positive factor
+        cos = (u * v).sum(-1) / (u.norm(dim=-1) * v.norm(dim=-1))
+        torch.testing.assert_close(cos, torch.ones_like(cos))
+        # the farthest feasible point along the ray maps to the safe boundary
+        lam_f = sg.box_boundary(c, u / u.norm(dim=-1, keepdim=True))
+        far = c + u / u.norm(dim=-1, keepdim=True) * lam_f.unsqueeze(-1)
+        viol = ((P @ sg.ray_map(P, p, far, c, hyper).unsqueeze(-1)).squeeze(-1) - p).amax(-1)
+        assert viol.abs().max() < 1e-8
+
+
+def test_ray_mask_jacobian_full_rank():
+    env = SafeGBPOQuadrotor(dtype=F64)
+    s, a = _binding(env, 8, 11)
+    P, p = sg.safe_action_polytope(env, s)
+    c = sg.zonotopic_centre(P, p)
+    for i in range(4):
+        J = jacobian(lambda x: sg.ray_map(P[i], p[i], x, c[i].detach(), True), a[i])
+        assert torch.linalg.matrix_rank(J) == 2
+
+
+def test_passthrough_identity_jacobian(env64):
+    s, a = _binding(env64, 8, 12)
+    for kind in sg.KINDS:
+        def f(x):
+            return sg.passthrough(x, sg.safeguard(env64, s[:1], x, kind))
+        x = a[:1].clone()
+        J = jacobian(f, x).reshape(env64.act_dim, env64.act_dim)
+        torch.testing.assert_close(J, torch.eye(env64.act_dim, dtype=F64))
+        torch.testing.assert_close(f(x), sg.safeguard(env64, s[:1], x, kind))
+    reg = sg.regulariser(torch.zeros(3, 2, dtype=F64), torch.ones(3, 2, dtype=F64), 0.1)
+    assert float(reg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("cls", TASKS, ids=lambda c: c.__name__)
+def test_wrapper_step(cls):
+    base = cls(dtype=F64, noise_seed=3)
+    wrapped = sg.SafeguardedEnv(cls(dtype=F64, noise_seed=3), kind="boundary_projection", c_reg=0.5)
+    s, a = _binding(base, 16, 13)
+    a = a.clone().requires_grad_(True)
+    nxt, r, c = wrapped.step(s, a)
+    a_safe = sg.safeguard(base, s, a.detach())
+    nxt0, r0, c0 = base.step(s, a_safe)
+    torch.testing.assert_close(nxt, nxt0)
+    torch.testing.assert_close(r, r0 - 0.5 * (a_safe - a.detach()).pow(2).mean(-1))
+    torch.testing.assert_close(c, c0)  # (near the RCI boundary the nonlinear step may leave it)
+    r.sum().backward()
+    assert torch.isfinite(a.grad).all()
+    # linearised at the current state (exact for these control-affine tasks): the true step is
+    # safe even from near-boundary states; float32 rollout behind the numpy protocol likewise
+    w2 = sg.SafeguardedEnv(cls(dtype=F64), kind="ray_mask_linear", linearise="state")
+    _assert_safe_state = sg.safe_action_polytope(base, s, linearise="state")
+    assert (w2.step(s, a.detach())[2] == 0).all()
+    assert _assert_safe_state[0].shape[-1] == cls.act_dim
+    for kind, pt in [("ray_mask_hyperbolic", True), ("boundary_projection", False)]:
+        venv = TorchVecEnv(sg.SafeguardedEnv(cls(), kind=kind, passthrough=pt, c_reg=0.1,
+                                             linearise="state"), 8)
+        venv.reset(0)
+        rng = torch.Generator().manual_seed(0)
+        for _ in range(10):
+            act = (torch.rand(8, cls.act_dim, generator=rng) * 2 - 1).numpy()
+            _, _, cost, *_ = venv.step(act)
+            assert (cost == 0).all()

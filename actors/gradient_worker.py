@@ -48,6 +48,7 @@ class GradientWorker:
         if arch.get("critic_hidden"):
             self.critics = tuple(TimeValue(arch["policy"]["obs_dim"], arch["critic_hidden"], self.horizon)
                                  .to(self.device) for _ in range(2))
+        self.gamma = arch.get("gamma", 1.0)
         self.episode, self.t = -1, self.horizon  # the first call starts episode 0
 
     def ping(self) -> int:
@@ -76,11 +77,12 @@ class GradientWorker:
             noise = window_noise(self.seed, iteration, self.total_envs, self.env.act_dim, h)[:, self.shard]
             noise = noise.to(self.device)
         sum_r, sum_c, boot_r, boot_c, state, traj = rollout_window(
-            self.env, self.policy, self.state, self.t, h, self.horizon, noise, self.critics)
+            self.env, self.policy, self.state, self.t, h, self.horizon, noise, self.critics, self.gamma)
         l_r, l_c = (sum_r + boot_r).mean(), (sum_c + boot_c).mean()
         g, q = objective_gradients(l_r, l_c, list(self.policy.parameters()))
         prefix_r, prefix_c = self.ret.mean(), self.cost.mean()
-        self.ret, self.cost = self.ret + sum_r.detach().cpu().numpy(), self.cost + sum_c.detach().cpu().numpy()
+        win_r, win_c = traj["reward"].sum(0).cpu().numpy(), traj["cost"].sum(0).cpu().numpy()
+        self.ret, self.cost = self.ret + win_r, self.cost + win_c
         self.state, self.t = state.detach(), self.t + h
         episodes = []
         if self.t >= self.horizon:
@@ -89,7 +91,8 @@ class GradientWorker:
         obs = traj["obs"][:-1].reshape(-1, traj["obs"].shape[-1])
         result = {"l_r": l_r.item(), "l_c": l_c.item(), "g": g, "q": q, "n": self.state.shape[0],
                   # estimates of J_R(θ), J_C(θ): realised episode prefix + window + critic tail
-                  "j_r": float(prefix_r + l_r.item()), "j_c": float(prefix_c + l_c.item()),
+                  "j_r": float(prefix_r + win_r.mean() + boot_r.mean().item()),
+                  "j_c": float(prefix_c + win_c.mean() + boot_c.mean().item()),
                   "traj": {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in traj.items()},
                   "obs_count": obs.shape[0], "obs_mean": obs.mean(0).cpu().numpy(),
                   "obs_var": obs.var(0, unbiased=False).cpu().numpy()}
@@ -114,6 +117,7 @@ class ModelGradientWorker:
         self.critics = tuple(TimeValue(self.vec.obs_dim, arch["critic_hidden"], self.horizon).to(self.device)
                              for _ in range(2)) if arch.get("critic_hidden") else None
         self.model = WorldModel(self.vec.obs_dim, self.vec.act_dim, world_model_hidden).to(self.device)
+        self.gamma = arch.get("gamma", 1.0)
         self.t, self.ret, self.cost = 0, np.zeros(num_envs), np.zeros(num_envs)
 
     def ping(self) -> int:
@@ -163,7 +167,8 @@ class ModelGradientWorker:
         noise = window_noise(self.seed, iteration, self.total_envs, self.vec.act_dim, h)[:, self.shard]
         state = torch.as_tensor(self.start_obs, device=self.device)
         sum_r, sum_c, boot_r, boot_c, _, _ = rollout_window(
-            env, self.policy, state, t0, h, self.horizon, noise.to(self.device) if stochastic else None, self.critics)
+            env, self.policy, state, t0, h, self.horizon, noise.to(self.device) if stochastic else None,
+            self.critics, self.gamma)
         l_r, l_c = (sum_r + boot_r).mean(), (sum_c + boot_c).mean()
         g, q = objective_gradients(l_r, l_c, list(self.policy.parameters()))
         # J(θ) from real data: realised prefix + real window + critic tail

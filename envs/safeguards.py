@@ -337,7 +337,11 @@ def ray_map(P, p, a, c, hyperbolic: bool = False):
     lam_a = diff.norm(dim=-1)
     zero = lam_a <= 1e-12
     lam_a_safe = torch.where(zero, torch.ones_like(lam_a), lam_a)
-    r = diff / lam_a_safe.unsqueeze(-1)
+    # a = c: any unit direction keeps λ_s finite (the box rows bound every ray), so the unused
+    # branch of the final `where` has finite gradients instead of 0·inf = NaN
+    e1 = torch.zeros_like(diff)
+    e1[..., 0] = 1.0
+    r = torch.where(zero.unsqueeze(-1), e1, diff / lam_a_safe.unsqueeze(-1))
     lam_s = ray_boundary(P, p, c, r)
     lam_f = box_boundary(c, r)
     lam_f = torch.maximum(lam_f, lam_a)  # a outside the box (numerically) stays in S
@@ -360,6 +364,10 @@ def orthogonal_centre(P, p, a, tol=None):
     dist = step.norm(dim=-1)
     unsafe = dist > tol
     n = step / torch.where(unsafe, dist, torch.ones_like(dist)).unsqueeze(-1)
+    # where a is safe any unit n keeps t finite, so the unused c has finite gradients (no 0·inf)
+    e1 = torch.zeros_like(n)
+    e1[..., 0] = 1.0
+    n = torch.where(unsafe.unsqueeze(-1), n, e1)
     # rows active at b₁ with (P n)_i ≈ 0⁺ must not stop the ray at t = 0 spuriously
     t = ray_boundary(P, p, b1, n, eps=1e-9 if a.dtype == torch.float64 else 1e-5)
     c = b1 + 0.5 * t.unsqueeze(-1) * n
@@ -433,7 +441,11 @@ def safeguard(env, state, action, kind: str = "boundary_projection", centre: str
     hyper = kind == "ray_mask_hyperbolic"
     if centre == "orthogonal":
         c, _, unsafe = orthogonal_centre(P, p, a)
-        return torch.where(unsafe.unsqueeze(-1), ray_map(P, p, a, c, hyper), a)
+        unsafe = unsafe.unsqueeze(-1)
+        # safe actions pass through; they enter the ray map as a = c so its (unused) value and
+        # gradient stay finite, and `where` then passes no NaN back
+        c = torch.where(unsafe, c, a)
+        return torch.where(unsafe, ray_map(P, p, a, c, hyper), a)
     return ray_map(P, p, a, zonotopic_centre(P, p), hyper)
 
 

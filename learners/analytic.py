@@ -53,10 +53,12 @@ class TimeValue(nn.Module):
 
 
 def rollout_window(env, policy: GaussianPolicy, state: torch.Tensor, t0: int, h: int, horizon: int,
-                   noise: torch.Tensor | None, critics: tuple[TimeValue, TimeValue] | None = None):
+                   noise: torch.Tensor | None, critics: tuple[TimeValue, TimeValue] | None = None,
+                   gamma: float = 1.0):
     """Roll h steps from (state, t0) keeping the graph. Returns per-env window sums of reward and
-    cost, per-env bootstrap values V(s_{t0+h}, t0+h) (zero at the horizon or without critics),
-    the final state, and the (detached) trajectory for critic training."""
+    cost (Σ γ^k r_k; γ = 1 is the paper's finite-horizon objective, SHAC's own tasks discount),
+    per-env bootstrap values γ^h V(s_{t0+h}, t0+h) (zero at the horizon or without critics), the
+    final state, and the (detached, undiscounted) trajectory for critic training."""
     sum_r = torch.zeros(state.shape[0], device=state.device)
     sum_c = torch.zeros_like(sum_r)
     observations, rewards, costs = [], [], []
@@ -65,7 +67,7 @@ def rollout_window(env, policy: GaussianPolicy, state: torch.Tensor, t0: int, h:
         observations.append(obs.detach())
         action = policy.rsample(obs, None if noise is None else noise[k])
         state, r, c = env.step(state, action)
-        sum_r, sum_c = sum_r + r, sum_c + c
+        sum_r, sum_c = sum_r + gamma ** k * r, sum_c + gamma ** k * c
         rewards.append(r.detach())
         costs.append(c.detach())
     obs_end = env.observe(state)
@@ -73,26 +75,28 @@ def rollout_window(env, policy: GaussianPolicy, state: torch.Tensor, t0: int, h:
     boot_r = boot_c = torch.zeros_like(sum_r)
     if critics is not None and t0 + h < horizon:
         z = policy.normalised(obs_end)
-        boot_r, boot_c = critics[0](z, t0 + h), critics[1](z, t0 + h)
+        boot_r, boot_c = gamma ** h * critics[0](z, t0 + h), gamma ** h * critics[1](z, t0 + h)
     traj = {"obs": torch.stack(observations), "reward": torch.stack(rewards), "cost": torch.stack(costs),
             "t0": t0}
     return sum_r, sum_c, boot_r, boot_c, state, traj
 
 
 def objective_gradients(l_r: torch.Tensor, l_c: torch.Tensor, params) -> tuple[np.ndarray, np.ndarray]:
-    g = flat_grad(l_r, params, retain_graph=True)
-    q = flat_grad(l_c, params)
+    g = flat_grad(l_r, params, retain_graph=l_c.requires_grad)
+    # a cost with no path to θ (e.g. a 0/1 violation indicator and no critic) has zero gradient
+    q = flat_grad(l_c, params) if l_c.requires_grad else torch.zeros_like(g)
     return g.cpu().numpy(), q.cpu().numpy()
 
 
 def td_lambda_targets(critic: TimeValue, obs_normalised: torch.Tensor, rewards: torch.Tensor, t0: int,
-                      horizon: int, lam: float) -> torch.Tensor:
-    """G^λ_t for a window (eq 67) from rewards [h, N] and observations [h+1, N, d]."""
+                      horizon: int, lam: float, gamma: float = 1.0) -> torch.Tensor:
+    """G^λ_t for a window (eq 67; discounted when γ < 1) from rewards [h, N] and observations
+    [h+1, N, d]."""
     h = rewards.shape[0]
     with torch.no_grad():
         times = torch.arange(t0, t0 + h + 1, device=rewards.device, dtype=rewards.dtype)
         values = critic(obs_normalised, times[:, None])  # [h+1, N]
         values[times >= horizon] = 0.0  # V(s, T) = 0
     no_end = torch.zeros_like(rewards, dtype=torch.bool)
-    _, targets = gae(rewards, values[:-1], values[1:], no_end, gamma=1.0, lam=lam)
+    _, targets = gae(rewards, values[:-1], values[1:], no_end, gamma=gamma, lam=lam)
     return targets

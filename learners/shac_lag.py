@@ -34,6 +34,8 @@ class SHACLagParams(base.Params):
     critic_iterations: int = Field(16, gt=0)
     critic_minibatch: int = Field(64, gt=0)
     td_lambda: float = Field(0.95, ge=0, le=1)
+    gamma: float = Field(1.0, gt=0, le=1, description="1 = the finite-horizon objective of seed 000; "
+                         "SHAC's own tasks (seed 003) discount")
     max_grad_norm: float = Field(1.0, gt=0)
     init_log_std: float = -1.0
     stochastic: bool = Field(True, description="reparameterised exploration noise in rollouts")
@@ -59,7 +61,7 @@ class SHACLag(base.Learner):
         use_critics = p.critic_hidden is not None and self.horizon < env.max_episode_steps
         self.arch = {"policy": dict(obs_dim=env.obs_dim, act_dim=env.act_dim, hidden=p.hidden,
                                     init_log_std=p.init_log_std, squash=True, normalise_obs=p.normalise_obs),
-                     "critic_hidden": p.critic_hidden if use_critics else None}
+                     "critic_hidden": p.critic_hidden if use_critics else None, "gamma": p.gamma}
         self.policy = GaussianPolicy(**self.arch["policy"]).to(device)
         self.opt = torch.optim.Adam(self.policy.parameters(), lr=p.lr, betas=p.betas)
         self.critics = None
@@ -115,7 +117,7 @@ class SHACLag(base.Learner):
         data = []
         for critic, key in zip(self.critics, ("reward", "cost")):
             signal = torch.cat([t[key] for t in trajs], 1).to(dev)
-            data.append(td_lambda_targets(critic, z, signal, t0, self.env.max_episode_steps, p.td_lambda))
+            data.append(td_lambda_targets(critic, z, signal, t0, self.env.max_episode_steps, p.td_lambda, p.gamma))
         times = torch.arange(t0, t0 + h, device=dev, dtype=z.dtype)[:, None].expand(h, n).reshape(-1)
         z, targets = z[:-1].reshape(h * n, -1), [d.reshape(-1) for d in data]
         losses = []

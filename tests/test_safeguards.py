@@ -213,3 +213,17 @@ def test_wrapper_step(cls):
             act = (torch.rand(8, cls.act_dim, generator=rng) * 2 - 1).numpy()
             _, _, cost, *_ = venv.step(act)
             assert (cost == 0).all()
+
+
+def test_shac_through_the_ray_mask_improves_with_zero_violations(ray_session, run_root):
+    import pandas as pd
+
+    from saferl.cluster.session import train
+    from saferl.config import load_config
+
+    cfg = load_config("shac/SafeGBPOPendulum-RM-v0", ["total_env_steps=23040", "schedule.log_every=4",
+                                                      f"run_root={run_root}"])
+    m = pd.read_csv(train(cfg) / "metrics.csv").dropna(subset=["episode/return"])
+    ret = m["episode/return"].to_numpy()
+    assert ret[-2:].mean() > ret[0] + 200, ret.tolist()
+    assert (m["episode/cost"] == 0).all() and m["episode/count"].sum() >= 40

@@ -131,7 +131,7 @@ class SafetyGymEnv:
         self.fast_reset = fast_reset
         obs_space, act_space = env.observation_space, env.action_space
         if not hasattr(obs_space, "low") or not hasattr(act_space, "low"):
-            raise NotImplementedError(
+            raise TypeError(
                 f"{task_id}: only Box observation/action spaces are supported, got "
                 f"{obs_space} / {act_space}")
         self.obs_dim = int(np.prod(obs_space.shape))

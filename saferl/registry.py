@@ -104,9 +104,10 @@ for _id, _cls in [("SafeGBPOPendulum-v0", "SafeGBPOPendulum"),
                            differentiable=True))
 
 # SafeGBPO safeguarded tasks (seed 003, §5): the policy's action passes through a safeguard onto
-# the safe action set. Linearised at the current state (both tasks are affine in action and
-# noise there), so the next-state set is exact and the guarantee holds for the real step; the
-# paper's linearisation at the origin leaves ~6% of Pendulum steps outside the RCI set here.
+# the safe action set. The next-state set is the Taylor expansion at the current state (paper
+# eq 12-14: exact, as both tasks are affine in action and noise), so the guarantee holds for the
+# real step; a linearisation at the origin (spec/ALGORITHMS.md's reading) left ~6% of Pendulum
+# steps outside the RCI set here.
 for _base, _sys in [("SafeGBPOPendulum", "pendulum"), ("SafeGBPOQuadrotor", "quadrotor")]:
     for _tag, _kw in [("RM", {"kind": "ray_mask_hyperbolic", "centre": "orthogonal"}),
                       ("BP", {"kind": "boundary_projection", "c_reg": 0.1})]:

@@ -161,6 +161,25 @@ def test_ray_mask_geometry(env64):
         assert viol.abs().max() < 1e-8
 
 
+def test_boundary_projection_jacobian_lemma_1(env64):
+    """Lemma 1: identity for safe actions; a projection of rank < m for projected ones."""
+    s, a = _binding(env64, 16, 21)
+    P, p = sg.safe_action_polytope(env64, s)
+    _, info = sg.project_polytope(P, p, a, return_info=True)
+    eye = torch.eye(env64.act_dim, dtype=F64)
+    seen = set()
+    for i in range(s.shape[0]):
+        J = jacobian(lambda x: sg.project_polytope(P[i], p[i], x), a[i])
+        projected = bool(info["active"][i])
+        seen.add(projected)
+        if projected:
+            assert torch.linalg.matrix_rank(J, atol=1e-9, rtol=0.0) < env64.act_dim
+            torch.testing.assert_close(J @ J, J)  # idempotent: a projection matrix
+        else:
+            torch.testing.assert_close(J, eye)
+    assert seen == {True, False}
+
+
 def test_ray_mask_jacobian_full_rank():
     env = SafeGBPOQuadrotor(dtype=F64)
     s, a = _binding(env, 8, 11)

@@ -11,7 +11,9 @@ pure ascent (Corollary 5.2, case b), or the dual solution of Algorithm 2 (case c
 J_R) and the toleration ratio ζ, measured once the next iteration has estimated J(θ_{k+1}).
 Critics V_R(s, t), V_C(s, t) are trained with finite-horizon TD(λ) (eq 65-68), as in SHAC-Lag.
 
-Choices not fixed by the paper: J(θ) is estimated per window as realised episode prefix + window
+g and q are not clipped (Table 4's max grad norm is 1e9): the trust region bounds the step, and
+rescaling q would change the linearised constraint. Choices not fixed by the paper: J(θ) is
+estimated per window as realised episode prefix + window
 sum + critic tail (the windows of one iteration all start at the same t0); η1 = 0.25, η2 = 0.75.
 """
 from __future__ import annotations
@@ -23,17 +25,16 @@ from pydantic import Field
 from saferl.learners.cgpo_math import (RadiusParams, adapt_radius, reduction_ratio, solve_subproblem,
                                        toleration_ratio)
 from saferl.learners.networks import flat_params, set_flat_params
-from saferl.learners.shac_lag import SHACLag, SHACLagParams
+from saferl.learners.shac_lag import WindowLearner, WindowParams
 from saferl.learners.world_model import WorldModelParams
 
 
-class CGPOParams(SHACLagParams):
+class CGPOParams(WindowParams):
     radius: RadiusParams = Field(default_factory=RadiusParams, description="δ̂ bounds ‖δ‖² (eq 10, 18)")
 
 
-class CGPO(SHACLag):
+class CGPO(WindowLearner):
     Params = CGPOParams
-    constrained = False  # the sub-problem enforces the constraint; there is no λ to schedule
 
     def __init__(self, params: CGPOParams, env, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)

@@ -23,23 +23,27 @@ from saferl.learners.lagrange import LagrangeParams, make_multiplier
 from saferl.learners.networks import GaussianPolicy
 
 
-class SHACLagParams(base.Params):
+class WindowParams(base.Params):
+    """What every short-horizon analytic-gradient learner shares (windows, critics, policy)."""
     hidden: list[int] = Field(default_factory=lambda: [64, 64])
     critic_hidden: list[int] | None = Field(default_factory=lambda: [64, 64],
                                             description="None = no critics (BPTT over whole episodes)")
     horizon: int | None = Field(10, gt=0, description="window h; None = the task's episode length T")
-    lr: float = Field(2e-3, gt=0)
-    betas: tuple[float, float] = (0.7, 0.95)
     critic_lr: float = Field(1e-3, gt=0)
     critic_iterations: int = Field(16, gt=0)
     critic_minibatch: int = Field(64, gt=0)
     td_lambda: float = Field(0.95, ge=0, le=1)
     gamma: float = Field(1.0, gt=0, le=1, description="1 = the finite-horizon objective of seed 000; "
                          "SHAC's own tasks (seed 003) discount")
-    max_grad_norm: float = Field(1.0, gt=0)
     init_log_std: float = -1.0
     stochastic: bool = Field(True, description="reparameterised exploration noise in rollouts")
     normalise_obs: bool = True
+
+
+class SHACLagParams(WindowParams):
+    lr: float = Field(2e-3, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    betas: tuple[float, float] = (0.7, 0.95)
     lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(lr=0.05))
 
 
@@ -50,11 +54,11 @@ def combine(results: list[dict]) -> dict:
     return {k: sum(wi * r[k] for wi, r in zip(w, results)) for k in ("l_r", "l_c", "j_r", "j_c", "g", "q")}
 
 
-class SHACLag(base.Learner):
-    Params = SHACLagParams
-    constrained = True
+class WindowLearner(base.Learner):
+    """Policy, time critics and the update skeleton; subclasses define ``policy_step``."""
+    Params = WindowParams
 
-    def __init__(self, params: SHACLagParams, env: base.EnvSpec, cost_limit, device, seed):
+    def __init__(self, params: WindowParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
         p = params
         self.horizon = min(p.horizon or env.max_episode_steps, env.max_episode_steps)
@@ -63,13 +67,11 @@ class SHACLag(base.Learner):
                                     init_log_std=p.init_log_std, squash=True, normalise_obs=p.normalise_obs),
                      "critic_hidden": p.critic_hidden if use_critics else None, "gamma": p.gamma}
         self.policy = GaussianPolicy(**self.arch["policy"]).to(device)
-        self.opt = torch.optim.Adam(self.policy.parameters(), lr=p.lr, betas=p.betas)
         self.critics = None
         if use_critics:
             self.critics = torch.nn.ModuleList(
                 TimeValue(env.obs_dim, p.critic_hidden, env.max_episode_steps) for _ in range(2)).to(device)
             self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=p.critic_lr)
-        self.multiplier = make_multiplier(p.lagrange)
         self.last_j_c: float | None = None
 
     # -- what gradient workers receive -------------------------------------------------------
@@ -92,19 +94,6 @@ class SHACLag(base.Learner):
         self.last_j_c = float(est["j_c"])
         return {"l_r": float(est["l_r"]), "l_c": float(est["l_c"]), "j_r": float(est["j_r"]),
                 "j_c": float(est["j_c"]), **metrics}
-
-    def policy_step(self, est: dict) -> dict:
-        """Adam along the ascent direction of L_R − λ L_C."""
-        lam = self.multiplier.value if self.constrained else 0.0
-        direction = torch.as_tensor(est["g"] - lam * est["q"], dtype=torch.float32, device=self.device)
-        self.opt.zero_grad()
-        i = 0
-        for prm in self.policy.parameters():
-            prm.grad = -direction[i:i + prm.numel()].view_as(prm).clone()
-            i += prm.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.p.max_grad_norm)
-        self.opt.step()
-        return {"grad_norm": float(grad_norm), "lagrange_multiplier": lam}
 
     def fit_critics(self, results: list[dict]) -> dict:
         """Minibatch regression of V(s, t) on TD(λ) targets of the window just rolled."""
@@ -130,28 +119,59 @@ class SHACLag(base.Learner):
                 losses.append(loss.item())
         return {"critic_loss": float(np.mean(losses))}
 
-    def phase_dual(self, signals: dict) -> dict:
-        if not self.constrained or self.last_j_c is None:
-            return {}
-        return {"lagrange_multiplier": self.multiplier.update(self.last_j_c, self.cost_limit)}
+    def policy_step(self, est: dict) -> dict:
+        raise NotImplementedError  # abstract
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        sd = {"policy": self.policy.state_dict(), "opt": self.opt.state_dict(),
-              "multiplier": self.multiplier.state_dict(), "last_j_c": self.last_j_c, "rng": self.rng_state()}
+        sd = {"policy": self.policy.state_dict(), "last_j_c": self.last_j_c, "rng": self.rng_state()}
         if self.critics is not None:
             sd["critics"], sd["critic_opt"] = self.critics.state_dict(), self.critic_opt.state_dict()
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
         self.policy.load_state_dict(sd["policy"])
-        self.opt.load_state_dict(sd["opt"])
-        self.multiplier.load_state_dict(sd["multiplier"])
         self.last_j_c = sd["last_j_c"]
         if self.critics is not None:
             self.critics.load_state_dict(sd["critics"])
             self.critic_opt.load_state_dict(sd["critic_opt"])
         self.set_rng_state(sd["rng"])
+
+
+class SHACLag(WindowLearner):
+    Params = SHACLagParams
+    constrained = True
+
+    def __init__(self, params: SHACLagParams, env: base.EnvSpec, cost_limit, device, seed):
+        super().__init__(params, env, cost_limit, device, seed)
+        self.opt = torch.optim.Adam(self.policy.parameters(), lr=params.lr, betas=params.betas)
+        self.multiplier = make_multiplier(params.lagrange)
+
+    def policy_step(self, est: dict) -> dict:
+        """Adam along the ascent direction of L_R − λ L_C."""
+        lam = self.multiplier.value if self.constrained else 0.0
+        direction = torch.as_tensor(est["g"] - lam * est["q"], dtype=torch.float32, device=self.device)
+        self.opt.zero_grad()
+        i = 0
+        for prm in self.policy.parameters():
+            prm.grad = -direction[i:i + prm.numel()].view_as(prm).clone()
+            i += prm.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.p.max_grad_norm)
+        self.opt.step()
+        return {"grad_norm": float(grad_norm), "lagrange_multiplier": lam}
+
+    def phase_dual(self, signals: dict) -> dict:
+        if not self.constrained or self.last_j_c is None:
+            return {}
+        return {"lagrange_multiplier": self.multiplier.update(self.last_j_c, self.cost_limit)}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "opt": self.opt.state_dict(), "multiplier": self.multiplier.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
+        self.opt.load_state_dict(sd["opt"])
+        self.multiplier.load_state_dict(sd["multiplier"])
 
 
 class SHAC(SHACLag):

@@ -29,6 +29,27 @@ def load_weights(worker, weights: dict) -> None:
         worker.critics[1].load_state_dict(weights["v_c"])
 
 
+def build_networks(worker, arch: dict, obs_dim: int) -> None:
+    """The learner's policy and (for short-horizon methods) its two time critics, on the worker."""
+    worker.policy = GaussianPolicy(**arch["policy"]).to(worker.device)
+    worker.critics = None
+    if arch.get("critic_hidden"):
+        worker.critics = tuple(TimeValue(obs_dim, arch["critic_hidden"], worker.horizon).to(worker.device)
+                               for _ in range(2))
+    worker.gamma = arch.get("gamma", 1.0)
+
+
+def shard_result(l_r, l_c, g, q, j_r: float, j_c: float, traj: dict) -> dict:
+    """What the learner receives from a shard: objectives, gradients, J estimates, the trajectory
+    (critic training) and observation moments (the running normaliser)."""
+    obs = traj["obs"][:-1].reshape(-1, traj["obs"].shape[-1])
+    return {"l_r": l_r.item(), "l_c": l_c.item(), "g": g, "q": q, "n": traj["obs"].shape[1],
+            "j_r": float(j_r), "j_c": float(j_c),
+            "traj": {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in traj.items()},
+            "obs_count": obs.shape[0], "obs_mean": obs.mean(0).cpu().numpy(),
+            "obs_var": obs.var(0, unbiased=False).cpu().numpy()}
+
+
 def make_diff_env(task_name: str):
     spec = registry.get_task(task_name)
     module, cls = spec.entry.split(":")
@@ -43,12 +64,7 @@ class GradientWorker:
         self.shard = slice(env_offset, env_offset + num_envs)
         self.total_envs, self.seed = total_envs, seed
         self.device = pick_device(device)
-        self.policy = GaussianPolicy(**arch["policy"]).to(self.device)
-        self.critics = None
-        if arch.get("critic_hidden"):
-            self.critics = tuple(TimeValue(arch["policy"]["obs_dim"], arch["critic_hidden"], self.horizon)
-                                 .to(self.device) for _ in range(2))
-        self.gamma = arch.get("gamma", 1.0)
+        build_networks(self, arch, self.env.obs_dim)
         self.episode, self.t = -1, self.horizon  # the first call starts episode 0
 
     def ping(self) -> int:
@@ -88,14 +104,9 @@ class GradientWorker:
         if self.t >= self.horizon:
             episodes = [{"return": float(r), "cost": float(c), "length": self.horizon}
                         for r, c in zip(self.ret, self.cost)]
-        obs = traj["obs"][:-1].reshape(-1, traj["obs"].shape[-1])
-        result = {"l_r": l_r.item(), "l_c": l_c.item(), "g": g, "q": q, "n": self.state.shape[0],
-                  # estimates of J_R(θ), J_C(θ): realised episode prefix + window + critic tail
-                  "j_r": float(prefix_r + win_r.mean() + boot_r.mean().item()),
-                  "j_c": float(prefix_c + win_c.mean() + boot_c.mean().item()),
-                  "traj": {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in traj.items()},
-                  "obs_count": obs.shape[0], "obs_mean": obs.mean(0).cpu().numpy(),
-                  "obs_var": obs.var(0, unbiased=False).cpu().numpy()}
+        # estimates of J_R(θ), J_C(θ): realised episode prefix + window + critic tail
+        result = shard_result(l_r, l_c, g, q, prefix_r + win_r.mean() + boot_r.mean().item(),
+                              prefix_c + win_c.mean() + boot_c.mean().item(), traj)
         return result, {"episodes": episodes}
 
 
@@ -113,11 +124,8 @@ class ModelGradientWorker:
         self.obs = self.vec.reset(int(np.random.SeedSequence([seed, env_offset]).generate_state(1)[0]))
         self.shard, self.total_envs, self.seed = slice(env_offset, env_offset + num_envs), total_envs, seed
         self.device = pick_device(device)
-        self.policy = GaussianPolicy(**arch["policy"]).to(self.device)
-        self.critics = tuple(TimeValue(self.vec.obs_dim, arch["critic_hidden"], self.horizon).to(self.device)
-                             for _ in range(2)) if arch.get("critic_hidden") else None
+        build_networks(self, arch, self.vec.obs_dim)
         self.model = WorldModel(self.vec.obs_dim, self.vec.act_dim, world_model_hidden).to(self.device)
-        self.gamma = arch.get("gamma", 1.0)
         self.t, self.ret, self.cost = 0, np.zeros(num_envs), np.zeros(num_envs)
 
     def ping(self) -> int:
@@ -172,13 +180,10 @@ class ModelGradientWorker:
         l_r, l_c = (sum_r + boot_r).mean(), (sum_c + boot_c).mean()
         g, q = objective_gradients(l_r, l_c, list(self.policy.parameters()))
         # J(θ) from real data: realised prefix + real window + critic tail
-        j_r = float((self.ret + self.window_r).mean() + boot_r.mean().item())
-        j_c = float((self.cost + self.window_c).mean() + boot_c.mean().item())
+        j_r = (self.ret + self.window_r).mean() + boot_r.mean().item()
+        j_c = (self.cost + self.window_c).mean() + boot_c.mean().item()
         self.t += h
         self.ret, self.cost = self.ret + self.window_r, self.cost + self.window_c
         if self.t >= self.horizon:
             self.t, self.ret, self.cost = 0, np.zeros_like(self.ret), np.zeros_like(self.cost)
-        obs = self.real_traj["obs"][:-1].reshape(-1, self.vec.obs_dim)
-        return {"l_r": l_r.item(), "l_c": l_c.item(), "g": g, "q": q, "n": len(self.ret), "j_r": j_r, "j_c": j_c,
-                "traj": self.real_traj, "obs_count": obs.shape[0], "obs_mean": obs.mean(0).numpy(),
-                "obs_var": obs.var(0, unbiased=False).numpy()}
+        return shard_result(l_r, l_c, g, q, j_r, j_c, self.real_traj)

@@ -149,7 +149,7 @@ class Coordinator:
         model = self.world_model.weights.remote()
         results = [w.compute.remote(weights, model, it, self.stochastic) for w in self.hosts]
         metrics.update(ray.get(self.learner.update.remote(results)))
-        return metrics, [ep for _, s in refs for ep in ray.get(s)["episodes"]]
+        return metrics, [ep for s in ray.get([s for _, s in refs]) for ep in s["episodes"]]
 
     def _maybe_run_phase(self, name: str, iteration: int, episodes: list) -> dict:
         """Run phase ``name`` if its interval divides ``iteration``. The ``dual`` signal is the

@@ -41,10 +41,20 @@ def make_vec_env(task_name: str, num_envs: int, render_mode: str | None = None):
     return TorchVecEnv(getattr(importlib.import_module(module), cls)(**spec.kwargs), num_envs)
 
 
+def next_observations(batch: dict) -> np.ndarray:
+    """[T, N, d] observation after each step of a ``rollout`` batch, with the final observation
+    of ended episodes substituted (the stored next obs is already a reset)."""
+    nxt = np.concatenate([batch["obs"][1:], batch["last_obs"][None]], axis=0)
+    if len(batch["final_idx"]):
+        nxt[batch["final_idx"][:, 0], batch["final_idx"][:, 1]] = batch["final_obs"]
+    return nxt
+
+
 class EnvHost:
     def __init__(self, task_name: str, num_envs: int, seed: int, host_index: int = 0):
         self.vec = make_vec_env(task_name, num_envs)
         self.host_index = host_index
+        self.low, self.high = np.asarray(self.vec.act_low, np.float32), np.asarray(self.vec.act_high, np.float32)
         self.reset(seed)
 
     def spec(self) -> dict:
@@ -67,6 +77,13 @@ class EnvHost:
         return out
 
     # -- rollouts ------------------------------------------------------------------------------
+    def _act(self, policy: dict, obs: np.ndarray, deterministic: bool = False):
+        """Policy inference; squashed actions in [−1, 1] are mapped onto the task's box."""
+        action, u, logp = np_policy.act(policy, obs, self.rng, deterministic)
+        if policy.get("squash") or policy.get("uniform"):
+            action = self.low + (action + 1.0) * 0.5 * (self.high - self.low)
+        return action, u, logp
+
     def rollout(self, policy: dict, num_steps: int) -> tuple[dict, dict]:
         """Step every env ``num_steps`` times with the given policy weights.
 
@@ -84,7 +101,7 @@ class EnvHost:
         t_infer = t_env = 0.0
         for t in range(num_steps):
             t0 = time.perf_counter()
-            action, u, logp = np_policy.act(policy, self.obs, self.rng)
+            action, u, logp = self._act(policy, self.obs)
             t1 = time.perf_counter()
             obs, rew, cost, term, trunc, info = self.vec.step(action)
             t_env += time.perf_counter() - t1
@@ -107,7 +124,7 @@ class EnvHost:
         self.obs = self.vec.reset(int(self.rng.integers(2**31)))
         done: list[dict] = []
         while len(done) < episodes:
-            action, _, _ = np_policy.act(policy, self.obs, self.rng, deterministic=deterministic)
+            action, _, _ = self._act(policy, self.obs, deterministic)
             self.obs, *_, info = self.vec.step(action)
             done += info["episodes"]
         return done[:episodes]

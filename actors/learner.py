@@ -30,6 +30,10 @@ class LearnerActor:
         return {"arch": self.learner.arch, "horizon": self.learner.horizon,
                 "stochastic": self.learner.p.stochastic}
 
+    def offpolicy_setup(self) -> dict:
+        """What the coordinator needs for the replay buffer and the update-to-data schedule."""
+        return self.learner.offpolicy_setup()
+
     def update(self, batches: list) -> dict:
         """``batches``: host batches or worker results, or Ray references to them (a list of
         references is resolved here, so the data goes from the hosts straight to the learner)."""

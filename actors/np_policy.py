@@ -19,17 +19,33 @@ def normalise(state: dict, obs: np.ndarray) -> np.ndarray:
 def mean_action(state: dict, obs: np.ndarray) -> np.ndarray:
     h = normalise(state, obs.astype(np.float32))
     layers = state["layers"]
+    act = np.tanh if state.get("activation", "tanh") == "tanh" else (lambda x: np.maximum(x, 0.0))
     for w, b in layers[:-1]:
-        h = np.tanh(h @ w.T + b)
+        h = act(h @ w.T + b)
     w, b = layers[-1]
     return h @ w.T + b
 
 
+def mean_and_log_std(state: dict, obs: np.ndarray):
+    """The Gaussian's mean and log σ: a state-independent log σ, or (``std_head``, SAC) the
+    network's second half, clamped."""
+    out = mean_action(state, obs)
+    if not state.get("std_head"):
+        return out, state["log_std"]
+    mu, log_std = np.split(out, 2, axis=-1)
+    return mu, np.clip(log_std, *state["log_std_bounds"])
+
+
 def act(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: bool = False):
     """Returns (env action, Gaussian sample u, log N(u; mean, std)). With ``squash`` the env
-    action is tanh(u) and the log-prob is of u (learners that need it apply the correction)."""
-    mu = mean_action(state, obs)
-    log_std = state["log_std"]
+    action is tanh(u) and the log-prob is of u (learners that need it apply the correction).
+    ``{"uniform": True}`` is the warm-up policy of off-policy learners: tanh(u) uniform in the
+    box, log-prob 0."""
+    if state.get("uniform"):
+        a = rng.uniform(-1.0, 1.0, (obs.shape[0], state["act_dim"])).astype(np.float32)
+        u = np.arctanh(np.clip(a, -1 + 1e-6, 1 - 1e-6))
+        return a, u.astype(np.float32), np.zeros(obs.shape[0], np.float32)
+    mu, log_std = mean_and_log_std(state, obs)
     if deterministic:
         u = mu
     else:

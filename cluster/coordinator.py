@@ -3,6 +3,8 @@
 One iteration:
   sampling algorithms   weights (one object, broadcast by reference) -> env hosts roll out
                         -> the learner updates on their batches
+  off-policy            weights (uniform actions during warm-up) -> env hosts roll out -> the
+                        replay-buffer actor -> utd × steps minibatches -> the learner
   gradient algorithms   weights -> gradient workers back-propagate through their shard
                         -> the learner combines the shard gradients and steps
   model-based           real windows -> world-model actor (fit on its ``world_model`` phase)
@@ -26,6 +28,7 @@ import ray
 from saferl.actors.env_host import EnvHost, make_vec_env
 from saferl.actors.gradient_worker import GradientWorker, ModelGradientWorker, make_diff_env
 from saferl.actors.learner import LearnerActor
+from saferl.actors.replay import ReplayBuffer
 from saferl.actors.world_model import WorldModelActor
 from saferl.cluster import rundir
 from saferl.cluster.metrics import MetricsLogger
@@ -73,6 +76,8 @@ class Coordinator:
                 ray.get([w.set_state.remote(sd) for w, sd in zip(self.hosts, resume["workers"])])
             if self.world_model is not None:
                 ray.get(self.world_model.load_state_dict.remote(resume["world_model"]))
+            if resume.get("replay") is not None:
+                ray.get(self.replay.load_state_dict.remote(resume["replay"]))
         self.logger = MetricsLogger(self.run_dir, cfg)
         self._episodes: list[dict] = []  # finished since the last logged row
         self._checkpointed = self.state.iteration if resume else None
@@ -81,7 +86,7 @@ class Coordinator:
     def _make_actors(self) -> None:
         cfg, res = self.cfg, self.cfg.resources
         seed = cfg.seed * 1000 + self.state.iteration  # fresh env streams after a resume
-        if self.kind == "sampling":
+        if cfg.algo_spec.uses_env_hosts:
             host_cls = ray.remote(EnvHost).options(**host_options(cfg))
             self.hosts = [host_cls.remote(cfg.task, res.envs_per_host, seed, i)
                           for i in range(res.num_env_hosts)]
@@ -91,7 +96,13 @@ class Coordinator:
         spec = EnvSpec.of(spec).model_dump()
         learner_cls = ray.remote(LearnerActor).options(num_cpus=1, num_gpus=res.num_gpus_per_learner)
         self.learner = learner_cls.remote(cfg.algo, cfg.algo_params, spec, cfg.limit, cfg.seed, cfg.device)
-        self.world_model = None
+        self.world_model = self.replay = None
+        self.act_dim = spec["act_dim"]
+        if self.kind == "offpolicy":
+            self.offpolicy = ray.get(self.learner.offpolicy_setup.remote())
+            o = self.offpolicy
+            self.replay = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
+                o["capacity"], o["n_step"], o["gamma"], cfg.seed)
         if self.kind == "gradient":
             setup = ray.get(self.learner.gradient_setup.remote())
             self.horizon, self.stochastic = setup["horizon"], setup["stochastic"]
@@ -107,8 +118,16 @@ class Coordinator:
             else:
                 worker_cls = ray.remote(GradientWorker).options(**opts)
                 self.hosts = [worker_cls.remote(*a, cfg.device) for a in args]
-        self.steps_per_iteration = (cfg.steps_per_iteration if self.kind == "sampling"
-                                    else self.n_envs * self.horizon)
+        self.episode_steps = spec["max_episode_steps"]
+
+    def steps_of(self, iteration: int) -> int:
+        """Env steps of iteration ``iteration`` (0-based). A gradient iteration is one window of
+        every env; an episode's last window is shorter when h does not divide T."""
+        if self.cfg.algo_spec.uses_env_hosts:
+            return self.cfg.steps_per_iteration
+        T, h = self.episode_steps, self.horizon
+        k = iteration % math.ceil(T / h)
+        return self.n_envs * min(h, T - k * h)
 
     def _env_spec(self) -> dict:
         if self.cfg.algo_spec.world_model:  # the real task may be non-differentiable
@@ -123,8 +142,27 @@ class Coordinator:
         policy = self.learner.numpy_policy.remote()  # one object in the store, read by every host
         refs = [h.rollout.options(num_returns=2).remote(policy, per_env) for h in self.hosts]
         update = self.learner.update.remote([b for b, _ in refs])
+        return self._host_summaries(ray.get(update), refs)
+
+    def _offpolicy(self) -> tuple[dict, list]:
+        """Uniform actions until ``warmup_steps``; then utd × (steps this iteration) minibatches,
+        drawn after this iteration's transitions are in (Ray runs an actor's calls in order)."""
+        st, o = self.state, self.offpolicy
+        per_env = self.cfg.steps_per_iteration // self.n_envs
+        warm = st.env_steps < o["warmup_steps"]
+        policy = {"uniform": True, "act_dim": self.act_dim} if warm else self.learner.numpy_policy.remote()
+        refs = [h.rollout.options(num_returns=2).remote(policy, per_env) for h in self.hosts]
+        size = self.replay.add.remote(*[b for b, _ in refs])
+        metrics = {}
+        steps = self.steps_of(st.iteration)
+        if st.env_steps + steps >= o["warmup_steps"]:
+            sample = self.replay.sample.remote(max(1, round(o["utd"] * steps)), o["batch_size"])
+            metrics = ray.get(self.learner.update.remote([sample]))
+        metrics["replay/size"] = ray.get(size)
+        return self._host_summaries(metrics, refs)
+
+    def _host_summaries(self, metrics: dict, refs: list) -> tuple[dict, list]:
         summaries = ray.get([s for _, s in refs])
-        metrics = ray.get(update)
         metrics["time/host_inference_s"] = float(np.mean([s["inference_s"] for s in summaries]))
         metrics["time/host_env_s"] = float(np.mean([s["env_s"] for s in summaries]))
         return metrics, [ep for s in summaries for ep in s["episodes"]]
@@ -170,19 +208,22 @@ class Coordinator:
         st = self.state
         if self.kind == "sampling":
             metrics, episodes = self._sample()
+        elif self.kind == "offpolicy":
+            metrics, episodes = self._offpolicy()
         elif self.world_model is not None:
             metrics, episodes = self._model_gradients()
         else:
             metrics, episodes = self._gradients()
+        steps = self.steps_of(st.iteration)
         st.iteration += 1
-        st.env_steps += self.steps_per_iteration
+        st.env_steps += steps
         for name in self.cfg.algo_spec.phases:
             if name != "world_model":  # runs inside the model-based iteration
                 metrics.update(self._maybe_run_phase(name, st.iteration, episodes))
         self._episodes += episodes
         dt = time.perf_counter() - t0
         return {"iteration": st.iteration, "env_steps": st.env_steps, **metrics,
-                "time/iteration_s": dt, "time/env_steps_per_s": self.steps_per_iteration / dt}
+                "time/iteration_s": dt, "time/env_steps_per_s": steps / dt}
 
     def _episode_stats(self) -> dict:
         """Summary of the episodes finished since the last logged row."""
@@ -196,7 +237,10 @@ class Coordinator:
 
     # -- the run ---------------------------------------------------------------------------------
     def total_iterations(self) -> int:
-        return max(1, math.ceil(self.cfg.total_env_steps / self.steps_per_iteration))
+        steps = it = 0
+        while steps < self.cfg.total_env_steps:
+            steps, it = steps + self.steps_of(it), it + 1
+        return max(1, it)
 
     def checkpoint(self) -> Path:
         self._checkpointed = self.state.iteration
@@ -206,6 +250,8 @@ class Coordinator:
             payload["workers"] = ray.get([w.get_state.remote() for w in self.hosts])
         if self.world_model is not None:
             payload["world_model"] = ray.get(self.world_model.state_dict.remote())
+        if self.replay is not None and self.offpolicy["replay_in_checkpoint"]:
+            payload["replay"] = ray.get(self.replay.state_dict.remote())
         return rundir.save_checkpoint(self.run_dir, self.state.iteration, payload,
                                       self.cfg.schedule.keep_checkpoints)
 
@@ -242,6 +288,6 @@ class Coordinator:
 
     def close(self) -> None:
         self.logger.close()
-        for actor in [*self.hosts, self.learner, self.world_model]:
+        for actor in [*self.hosts, self.learner, self.world_model, self.replay]:
             if actor is not None:
                 ray.kill(actor)

@@ -47,4 +47,4 @@ def evaluate(run_dir: Path, episodes: int, deterministic: bool = True, num_hosts
     return {"run_dir": str(run_dir), "iteration": ckpt["schedule"]["iteration"], "episodes": len(eps),
             "return_mean": float(ret.mean()), "return_std": float(ret.std()),
             "cost_mean": float(cost.mean()), "cost_std": float(cost.std()), "cost_limit": cfg.limit,
-            "violation_rate": float(np.mean(cost > cfg.limit))}
+            "violation_rate": float(np.mean(cost > cfg.limit)), "returns": ret.tolist(), "costs": cost.tolist()}

@@ -92,11 +92,13 @@ def _client(address: str, job_id: str | None = None):
         raise ConfigError(f"cluster error: {url}: {_one_line(err)}") from None
 
 
-def _repo_config_path(config: str) -> str:
-    """The config's path relative to the repository root (the job's working directory)."""
+def _repo_config_path(config: str) -> tuple[str, dict]:
+    """The config's path relative to the repository root (the job's working directory), and the
+    fields a short name implies (``resolve_path``)."""
     if not ((REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "cluster").is_dir()):
         raise ConfigError("submit error: saferl submit needs a source checkout (it uploads the repository)")
-    path = resolve_path(config).resolve()
+    path, implied = resolve_path(config)
+    path = path.resolve()
     try:
         rel = path.relative_to(REPO_ROOT)
     except ValueError:
@@ -104,14 +106,15 @@ def _repo_config_path(config: str) -> str:
     if rel is None or any(fnmatch(part, pat) for part in rel.parts for pat in EXCLUDES):
         raise ConfigError(f"submit error: {config} is not uploaded with the job; "
                           f"copy it under {REPO_ROOT / 'configs'} and submit that")
-    return rel.as_posix()
+    return rel.as_posix(), implied
 
 
 def submit(address: str, config: str, overrides: list[str] | None = None,
            env_vars: list[str] | None = None) -> str:
     """Submit ``saferl train CONFIG --set ...`` as a job; returns its submission id."""
-    argv = ["python", "-m", "saferl.cli", "train", _repo_config_path(config)]
-    for pair in overrides or []:
+    path, implied = _repo_config_path(config)
+    argv = ["python", "-m", "saferl.cli", "train", path]
+    for pair in [f"{k}={v}" for k, v in implied.items()] + list(overrides or []):
         argv += ["--set", pair]
     missing = [name for name in env_vars or [] if name not in os.environ]
     if missing:

@@ -93,6 +93,51 @@ class GaussianPolicy(nn.Module):
         }
 
 
+class TanhGaussianPolicy(nn.Module):
+    """Tanh-squashed Gaussian with state-dependent σ (SAC; Haarnoja et al. 2018, Appendix C):
+    u ~ N(μ(s), σ(s)²), a = tanh(u), log π(a|s) = log N(u) − Σ log(1 − tanh²u). Actions in
+    [−1, 1]; env hosts rescale to the task's box."""
+
+    LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int]):
+        super().__init__()
+        self.act_dim = act_dim
+        self.net = mlp([obs_dim, *hidden, 2 * act_dim], activation=nn.ReLU, out_gain=0.01)
+
+    def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        mu, log_std = self.net(obs).split(self.act_dim, -1)
+        return torch.distributions.Normal(mu, log_std.clamp(self.LOG_STD_MIN, self.LOG_STD_MAX).exp())
+
+    def sample(self, obs: torch.Tensor, u: torch.Tensor | None = None):
+        """(a, log π(a|s)); reparameterised, or at the given pre-squash ``u``."""
+        dist = self.dist(obs)
+        u = dist.rsample() if u is None else u
+        return torch.tanh(u), tanh_log_prob(dist, u)
+
+    def export_numpy(self) -> dict:
+        f32 = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
+        lin = [m for m in self.net if isinstance(m, nn.Linear)]
+        dim = lin[0].in_features
+        return {"layers": [(f32(m.weight), f32(m.bias)) for m in lin], "activation": "relu",
+                "std_head": True, "log_std_bounds": (self.LOG_STD_MIN, self.LOG_STD_MAX),
+                "log_std": np.zeros(self.act_dim, np.float32), "squash": True,
+                "obs_mean": np.zeros(dim, np.float32), "obs_var": np.ones(dim, np.float32) - 1e-8,
+                "obs_clip": np.inf}
+
+
+def tanh_log_prob(dist: torch.distributions.Normal, u: torch.Tensor) -> torch.Tensor:
+    """log π(tanh u) = log N(u) − Σ log(1 − tanh² u), with the stable 2(log 2 − u − softplus(−2u))."""
+    return (dist.log_prob(u) - 2 * (np.log(2.0) - u - nn.functional.softplus(-2 * u))).sum(-1)
+
+
+@torch.no_grad()
+def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """Target ← (1 − τ) target + τ source."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.lerp_(s, tau)
+
+
 def flat_params(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from saferl.actors.env_host import next_observations
 from saferl.learners import base
 from saferl.learners.gae import gae
 from saferl.learners.lagrange import LagrangeParams, make_multiplier
@@ -49,13 +50,8 @@ def assemble(batches: list[dict], device: torch.device) -> dict:
     out = {}
     for key in ("obs", "act", "logp", "reward", "cost", "terminated", "truncated"):
         out[key] = torch.as_tensor(np.concatenate([b[key] for b in batches], axis=1), device=device)
-    next_obs = []
-    for b in batches:
-        nxt = np.concatenate([b["obs"][1:], b["last_obs"][None]], axis=0)
-        if len(b["final_idx"]):
-            nxt[b["final_idx"][:, 0], b["final_idx"][:, 1]] = b["final_obs"]
-        next_obs.append(nxt)
-    out["next_obs"] = torch.as_tensor(np.concatenate(next_obs, axis=1), device=device)
+    nxt = np.concatenate([next_observations(b) for b in batches], axis=1)
+    out["next_obs"] = torch.as_tensor(nxt, device=device)
     out["end"] = out["terminated"] | out["truncated"]
     return out
 
@@ -152,3 +148,8 @@ class PPOLag(base.Learner):
         for key in ("policy", "v_r", "v_c", "pi_opt", "v_opt", "multiplier"):
             getattr(self, key).load_state_dict(sd[key])
         self.set_rng_state(sd["rng"])
+
+
+class PPO(PPOLag):
+    """Unconstrained PPO: PPO-Lag without a dual phase (λ stays at its initial value, 0), so
+    Â = z(Â_R). Its cost critic is still trained and logged."""

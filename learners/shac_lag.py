@@ -9,9 +9,13 @@ to finite-horizon TD(λ) targets (eq 66-68). SHAC is the same learner with λ �
 
 Choices not fixed by the paper: Adam for the primal step (lr, betas, grad-norm clip in Params);
 the dual step uses the current window estimate Ĵ_C = realised episode prefix + window costs +
-V_C tail; no target critics (the paper's eq 68 uses the current critic).
+V_C tail; no target critics by default (seed 000's eq 68 uses the current critic). With
+``target_critic_alpha`` = α (SHAC, Xu et al. 2022 §3.2; seed 003's per-task values), the
+window bootstraps and the TD(λ) targets use target critics V̄ ← α V̄ + (1 − α) V after each fit.
 """
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
@@ -20,7 +24,7 @@ from pydantic import Field
 from saferl.learners import base
 from saferl.learners.analytic import TimeValue, td_lambda_targets
 from saferl.learners.lagrange import LagrangeParams, make_multiplier
-from saferl.learners.networks import GaussianPolicy
+from saferl.learners.networks import GaussianPolicy, polyak
 
 
 class WindowParams(base.Params):
@@ -38,6 +42,8 @@ class WindowParams(base.Params):
     init_log_std: float = -1.0
     stochastic: bool = Field(True, description="reparameterised exploration noise in rollouts")
     normalise_obs: bool = True
+    target_critic_alpha: float | None = Field(None, ge=0, lt=1, description="None = no target critics; "
+                                              "α: V̄ ← α V̄ + (1 − α) V after each critic fit (SHAC)")
 
 
 class SHACLagParams(WindowParams):
@@ -72,6 +78,7 @@ class WindowLearner(base.Learner):
             self.critics = torch.nn.ModuleList(
                 TimeValue(env.obs_dim, p.critic_hidden, env.max_episode_steps) for _ in range(2)).to(device)
             self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=p.critic_lr)
+        self.targets = copy.deepcopy(self.critics) if use_critics and p.target_critic_alpha is not None else None
         self.last_j_c: float | None = None
 
     # -- what gradient workers receive -------------------------------------------------------
@@ -79,8 +86,13 @@ class WindowLearner(base.Learner):
         cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
         out = {"policy": cpu(self.policy)}
         if self.critics is not None:
-            out["v_r"], out["v_c"] = cpu(self.critics[0]), cpu(self.critics[1])
+            out["v_r"], out["v_c"] = cpu(self.bootstrap[0]), cpu(self.bootstrap[1])
         return out
+
+    @property
+    def bootstrap(self) -> torch.nn.ModuleList:
+        """The critics window tails and TD(λ) targets bootstrap from: the targets when kept."""
+        return self.targets if self.targets is not None else self.critics
 
     # -- the update --------------------------------------------------------------------------
     def update(self, results: list[dict]) -> dict:
@@ -104,7 +116,7 @@ class WindowLearner(base.Learner):
             z = self.policy.normalised(obs)
         h, n = obs.shape[0] - 1, obs.shape[1]
         data = []
-        for critic, key in zip(self.critics, ("reward", "cost")):
+        for critic, key in zip(self.bootstrap, ("reward", "cost")):
             signal = torch.cat([t[key] for t in trajs], 1).to(dev)
             data.append(td_lambda_targets(critic, z, signal, t0, self.env.max_episode_steps, p.td_lambda, p.gamma))
         times = torch.arange(t0, t0 + h, device=dev, dtype=z.dtype)[:, None].expand(h, n).reshape(-1)
@@ -117,6 +129,8 @@ class WindowLearner(base.Learner):
                 loss.backward()
                 self.critic_opt.step()
                 losses.append(loss.item())
+        if self.targets is not None:
+            polyak(self.targets, self.critics, 1.0 - p.target_critic_alpha)
         return {"critic_loss": float(np.mean(losses))}
 
     def policy_step(self, est: dict) -> dict:
@@ -127,6 +141,8 @@ class WindowLearner(base.Learner):
         sd = {"policy": self.policy.state_dict(), "last_j_c": self.last_j_c, "rng": self.rng_state()}
         if self.critics is not None:
             sd["critics"], sd["critic_opt"] = self.critics.state_dict(), self.critic_opt.state_dict()
+        if self.targets is not None:
+            sd["targets"] = self.targets.state_dict()
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -135,6 +151,8 @@ class WindowLearner(base.Learner):
         if self.critics is not None:
             self.critics.load_state_dict(sd["critics"])
             self.critic_opt.load_state_dict(sd["critic_opt"])
+        if self.targets is not None:
+            self.targets.load_state_dict(sd["targets"])
         self.set_rng_state(sd["rng"])
 
 

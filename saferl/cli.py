@@ -64,7 +64,7 @@ def cmd_eval(args) -> int:
     from saferl.cluster.evaluate import evaluate
 
     result = evaluate(Path(args.run_dir), args.episodes, deterministic=not args.stochastic)
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("returns", "costs")}, indent=2))
     return 0
 
 

@@ -70,7 +70,7 @@ class RunConfig(Strict):
     seed: int = 0
     total_env_steps: int = Field(100_000, gt=0, description="budget in environment steps")
     steps_per_iteration: int = Field(
-        2048, gt=0, description="env steps per iteration over all hosts (sampling algorithms; "
+        2048, gt=0, description="env steps per iteration over all hosts (sampling and off-policy algorithms; "
         "gradient algorithms step num_env_hosts × envs_per_host envs over their horizon)")
     cost_limit: float | None = Field(None, description="None = the task's registered limit")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -107,7 +107,7 @@ class RunConfig(Strict):
             raise ValueError(f"schedule.phases: {self.algo} has no phase {sorted(unknown)}; "
                              f"it has {list(algo.phases)}")
         n_envs = self.resources.num_env_hosts * self.resources.envs_per_host
-        if algo.kind == "sampling" and self.steps_per_iteration % n_envs:
+        if algo.uses_env_hosts and self.steps_per_iteration % n_envs:
             raise ValueError(f"steps_per_iteration: must be divisible by num_env_hosts × "
                              f"envs_per_host = {n_envs} (got {self.steps_per_iteration})")
         return self
@@ -174,12 +174,18 @@ def _merge(base: dict, over: dict) -> dict:
     return merged
 
 
-def resolve_path(name_or_path: str) -> Path:
-    """A config path, or a short name ``algo/task`` found under ``configs/``."""
+def resolve_path(name_or_path: str) -> tuple[Path, dict]:
+    """A config path, or a short name ``algo/task`` found under ``configs/``; returns the file
+    and the fields to override in it. A wrapped task without its own file (e.g.
+    ``shac/SafeGBPOPendulum-RM-v0``) uses its base task's file with ``task`` replaced."""
     p = Path(name_or_path)
     for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{name_or_path}.yaml"):
         if cand.is_file():
-            return cand
+            return cand, {}
+    algo, _, task = name_or_path.removesuffix(".yaml").rpartition("/")
+    base = registry.TASKS[task].base if task in registry.TASKS else None
+    if base and (CONFIG_DIR / algo / f"{base}.yaml").is_file():
+        return CONFIG_DIR / algo / f"{base}.yaml", {"task": task}
     raise ConfigError(f"config error: config file {name_or_path!r} does not exist")
 
 
@@ -188,13 +194,14 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
     if isinstance(source, dict):
         data = source
     else:
-        path = resolve_path(str(source))
+        path, implied = resolve_path(str(source))
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config error: {path}: not valid YAML ({err.__class__.__name__})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config error: {path}: top level must be a mapping")
+        data = {**data, **implied}
     data = _merge(data, parse_overrides(overrides or []))
     try:
         cfg = RunConfig(**data)

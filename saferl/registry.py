@@ -10,17 +10,22 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 EnvKind = Literal["safety_gymnasium", "gymnasium", "torch"]
-AlgoKind = Literal["sampling", "gradient"]
+AlgoKind = Literal["sampling", "gradient", "offpolicy"]
 
 
 @dataclass(frozen=True)
 class AlgoSpec:
     name: str
-    kind: AlgoKind  # sampling: env hosts return transitions; gradient: gradient workers return ∇J
+    kind: AlgoKind  # sampling: env hosts' batches go to the learner; offpolicy: through a replay
+    # buffer; gradient: gradient workers return ∇J
     learner: str  # "module:Class" of the learner (its nested ``Params`` model holds hyper-parameters)
     phases: tuple[str, ...]  # schedule phases (e.g. "dual"; "world_model" runs on the world-model actor)
     paper: str
     world_model: bool = False  # gradients come from a learned model: the task need not be differentiable
+
+    @property
+    def uses_env_hosts(self) -> bool:
+        return self.kind in ("sampling", "offpolicy")
 
     def load(self):
         module, cls = self.learner.split(":")
@@ -36,6 +41,7 @@ class TaskSpec:
     max_episode_steps: int
     differentiable: bool = False
     kwargs: dict = field(default_factory=dict)
+    base: str | None = None  # a wrapped task (e.g. a safeguarded variant) uses its base's configs
 
 
 ALGORITHMS: dict[str, AlgoSpec] = {}
@@ -52,6 +58,12 @@ def register_task(spec: TaskSpec) -> None:
 
 register_algo(AlgoSpec("ppo_lag", "sampling", "saferl.learners.ppo_lag:PPOLag", ("dual",),
                        "Ray, Achiam & Amodei 2019 (Safety Gym); PPO: Schulman et al. 2017"))
+register_algo(AlgoSpec("ppo", "sampling", "saferl.learners.ppo_lag:PPO", (),
+                       "Schulman et al. 2017 (unconstrained)"))
+register_algo(AlgoSpec("sac_lag", "offpolicy", "saferl.learners.sac_lag:SACLag", ("dual",),
+                       "SAC: Haarnoja et al. 2018; Lagrangian as in FSRL / OmniSafe"))
+register_algo(AlgoSpec("sac", "offpolicy", "saferl.learners.sac_lag:SAC", (),
+                       "Haarnoja et al. 2018 (unconstrained)"))
 register_algo(AlgoSpec("bptt_lag", "gradient", "saferl.learners.bptt_lag:BPTTLag", ("dual",),
                        "seed 000, Appendix F.1, eq 75-80"))
 register_algo(AlgoSpec("shac_lag", "gradient", "saferl.learners.shac_lag:SHACLag", ("dual",),
@@ -103,16 +115,27 @@ for _id, _cls in [("SafeGBPOPendulum-v0", "SafeGBPOPendulum"),
     register_task(TaskSpec(_id, "torch", f"saferl.envs.safegbpo_tasks:{_cls}", 0.0, 240,
                            differentiable=True))
 
-# SafeGBPO safeguarded tasks (seed 003, §5): the policy's action passes through a safeguard onto
+# SafeGBPO safeguarded tasks (seed 003, §5-6): the policy's action passes through a safeguard onto
 # the safe action set. The next-state set is the Taylor expansion at the current state (paper
 # eq 12-14: exact, as both tasks are affine in action and noise), so the guarantee holds for the
 # real step; a linearisation at the origin (spec/ALGORITHMS.md's reading) left ~6% of Pendulum
-# steps outside the RCI set here.
+# steps outside the RCI set here. The variants are the paper's Tables 3-5: base boundary
+# projection (BP) and ray mask (RM: linear map, zonotopic safe centre), and the modifications.
+SAFEGUARD_VARIANTS: dict[str, dict] = {
+    "BP": {"kind": "boundary_projection"},
+    "BPReg": {"kind": "boundary_projection", "c_reg": 0.1},
+    "RM": {"kind": "ray_mask_linear", "centre": "zonotopic"},
+    "RMReg": {"kind": "ray_mask_linear", "centre": "zonotopic", "c_reg": 0.1},
+    "RMPass": {"kind": "ray_mask_linear", "centre": "zonotopic", "passthrough": True},
+    "RMHyp": {"kind": "ray_mask_hyperbolic", "centre": "zonotopic"},
+    "RMHypReg": {"kind": "ray_mask_hyperbolic", "centre": "zonotopic", "c_reg": 0.1},
+    "RMOrth": {"kind": "ray_mask_linear", "centre": "orthogonal"},
+}
 for _base, _sys in [("SafeGBPOPendulum", "pendulum"), ("SafeGBPOQuadrotor", "quadrotor")]:
-    for _tag, _kw in [("RM", {"kind": "ray_mask_hyperbolic", "centre": "orthogonal"}),
-                      ("BP", {"kind": "boundary_projection", "c_reg": 0.1})]:
+    for _tag, _kw in SAFEGUARD_VARIANTS.items():
         register_task(TaskSpec(f"{_base}-{_tag}-v0", "torch", "saferl.envs.safeguards:SafeguardedEnv", 0.0, 240,
-                               differentiable=True, kwargs={"task": _sys, "linearise": "state", **_kw}))
+                               differentiable=True, kwargs={"task": _sys, "linearise": "state", **_kw},
+                               base=f"{_base}-v0"))
 
 
 def get_algo(name: str) -> AlgoSpec:

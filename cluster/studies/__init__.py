@@ -11,6 +11,7 @@ import importlib
 STUDIES = {
     "gbe": "saferl.cluster.studies.gbe",
     "cgpo-table1": "saferl.cluster.studies.cgpo_table1",
+    "safeguards": "saferl.cluster.studies.safeguards",
 }
 
 

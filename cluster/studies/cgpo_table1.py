@@ -77,16 +77,13 @@ Choices not fixed by the paper (F.2 gives no formulas or numbers):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
-import math
-import os
-import shutil
-import statistics
-import threading
 import time
 from pathlib import Path
+
+from saferl.cluster.studies.runner import (csv_list, fail_if_any_failed, plot_mean_std, read_curve,
+                                           run_jobs, summarise, write_csv)
 
 HELP = ("seed 000 Table 1: Conv. Steps and Vio. Ratio of CGPO, SHAC-Lag, BPTT-Lag, PPO-Lag on the "
         "Brax tasks")
@@ -107,8 +104,6 @@ PAPER_TABLE1 = {
 }
 DEFAULTS = {"seeds": 1, "budget": "50000", "envs": "16"}
 PAPER = {"seeds": 5, "budget": "config", "envs": "config"}
-DONE_MARKER = "study_done.json"
-HEARTBEAT_S = 30.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,29 +146,6 @@ def vio_ratio(costs, limit: float, *, band: float = 0.2, margin: float = 0.05) -
     return (100.0 * violations / len(critical) if critical else None), len(critical), violations
 
 
-def read_curve(metrics_csv: Path) -> tuple[list[float], list[float], list[float]]:
-    """(env steps, mean episode return, mean episode cost) of the logged iterations in which
-    episodes finished. A resumed run may have logged an iteration twice: the last row wins."""
-    by_iteration: dict[int, tuple[float, float, float]] = {}
-    with open(metrics_csv, newline="") as fh:
-        for row in csv.DictReader(fh):
-            ret, cost = row.get("episode/return") or "", row.get("episode/cost") or ""
-            if ret == "" or cost == "":
-                continue
-            it = int(float(row.get("iteration") or len(by_iteration)))
-            by_iteration[it] = (float(row["env_steps"]), float(ret), float(cost))
-    pts = [by_iteration[k] for k in sorted(by_iteration)]
-    return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
-
-
-def summarise(values: list[float | None]) -> tuple[float | None, float | None, int]:
-    """Mean and sample std over the defined values, and how many are defined."""
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return None, None, 0
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
-
-
 def format_cell(values: list[float | None], kind: str) -> str:
     mean, std, k = summarise(values)
     if mean is None:
@@ -186,15 +158,11 @@ def format_cell(values: list[float | None], kind: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------------------------
-def _csv_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0]
-    p.add_argument("--tasks", type=_csv_list, default=list(PAPER_TASKS),
+    p.add_argument("--tasks", type=csv_list, default=list(PAPER_TASKS),
                    help=f"comma-separated task names (default: {','.join(PAPER_TASKS)})")
-    p.add_argument("--algos", type=_csv_list, default=list(PAPER_ALGOS),
+    p.add_argument("--algos", type=csv_list, default=list(PAPER_ALGOS),
                    help=f"comma-separated algorithms, table row order (default: {','.join(PAPER_ALGOS)})")
     p.add_argument("--seeds", type=int, default=None,
                    help=f"seeds per (task, algo): 0..N-1 (default {DEFAULTS['seeds']}; paper {PAPER['seeds']})")
@@ -304,69 +272,6 @@ def _plan(args, s: dict, out: Path) -> list[dict]:
     return jobs
 
 
-class _Heartbeat:
-    """A console for one run's coordinator that forwards at most one line per HEARTBEAT_S."""
-
-    def __init__(self, console, prefix: str):
-        self.console, self.prefix, self.last = console, prefix, time.monotonic()
-
-    def print(self, msg, *a, **kw) -> None:
-        now = time.monotonic()
-        if now - self.last >= HEARTBEAT_S:
-            self.last = now
-            self.console.print(f"    {self.prefix} {msg}")
-
-
-def _train_one(job: dict, console, tag: str) -> dict:
-    from saferl.cluster import rundir
-    from saferl.cluster.session import train
-
-    cfg = job["cfg"]
-    run_dir = Path(cfg.run_root) / job["name"]
-    done = run_dir / DONE_MARKER
-    record = {"task": job["task"], "algo": job["algo"], "seed": job["seed"], "cost_limit": cfg.limit,
-              "total_env_steps": cfg.total_env_steps,
-              "num_envs": cfg.resources.num_env_hosts * cfg.resources.envs_per_host, "run_dir": str(run_dir)}
-    if done.is_file():
-        kept = json.loads(done.read_text())
-        note = ""
-        if "total_env_steps" in kept and (kept["total_env_steps"], kept.get("num_envs")) != (
-                record["total_env_steps"], record["num_envs"]):
-            note = (f" (note: it ran {kept.get('total_env_steps'):,} env steps with {kept.get('num_envs')} envs; "
-                    "use another --out to rerun)")
-        record.update(kept, status="ok (kept)")
-        console.print(f"{tag} {job['algo']} on {job['task']} seed {job['seed']}: finished earlier, kept{note}")
-        return record
-    resume = None
-    if run_dir.exists():
-        if rundir.checkpoints(run_dir):
-            resume = run_dir
-        else:  # started but nothing to resume from: start over
-            shutil.rmtree(run_dir)
-    console.print(f"{tag} {'resume' if resume else 'start'} {job['algo']} on {job['task']} seed {job['seed']} "
-                  f"({cfg.total_env_steps:,} env steps, {record['num_envs']} envs)")
-    t0 = time.perf_counter()
-    try:
-        out = train(cfg, run_dir=resume, console=_Heartbeat(console, f"{tag} {job['algo']}/{job['task']}"))
-    except Exception as err:  # noqa: BLE001 — one failed run must not lose the others
-        import traceback
-
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        record.update(status=f"failed: {err.__class__.__name__}: {(lines[-1] if lines else '')[:300]}",
-                      wall_s=time.perf_counter() - t0)
-        if run_dir.exists():
-            (run_dir / "study_error.txt").write_text("".join(traceback.format_exception(err)))
-        console.print(f"{tag} FAILED {job['algo']} on {job['task']} seed {job['seed']}: "
-                      f"{record['status']} (traceback in {run_dir / 'study_error.txt'})", markup=False)
-        return record
-    record["run_dir"] = str(out)
-    wall = time.perf_counter() - t0
-    (Path(out) / DONE_MARKER).write_text(json.dumps({k: record[k] for k in (
-        "total_env_steps", "num_envs", "cost_limit")} | {"wall_s": wall}))
-    record.update(status="ok", wall_s=wall)
-    return record
-
-
 def _evaluate(record: dict, args) -> tuple[dict, list[tuple]]:
     """Add the metrics to a run's record; return its curve rows."""
     path = Path(record["run_dir"]) / "metrics.csv"
@@ -389,13 +294,7 @@ RUN_COLUMNS = ["task", "algo", "seed", "status", "conv_steps", "vio_ratio", "n_p
 
 
 def _write_runs(out: Path, records: list[dict]) -> None:
-    tmp = out / "runs.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, RUN_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in sorted(records, key=lambda r: (r["task"], r["algo"], r["seed"])):
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in RUN_COLUMNS})
-    os.replace(tmp, out / "runs.csv")
+    write_csv(out / "runs.csv", RUN_COLUMNS, sorted(records, key=lambda r: (r["task"], r["algo"], r["seed"])))
 
 
 def _write_table(out: Path, records: list[dict], args, s: dict) -> None:
@@ -470,15 +369,7 @@ def _plot(out: Path, curves: list[tuple], records: list[dict], args) -> None:
             for row, col in ((0, 1), (1, 2)):
                 ax = axes[row][j]
                 runs = [np.array(sorted(v))[:, [0, col]] for v in series.values()]
-                if len(runs) == 1:
-                    ax.plot(runs[0][:, 0], runs[0][:, 1], color=color, label=ALGO_LABELS.get(algo, algo))
-                    continue
-                lo, hi = max(r[0, 0] for r in runs), min(r[-1, 0] for r in runs)
-                grid = np.linspace(lo, hi, 200) if hi > lo else np.array([lo])
-                ys = np.stack([np.interp(grid, r[:, 0], r[:, 1]) for r in runs])
-                mean, std = ys.mean(0), ys.std(0)
-                ax.plot(grid, mean, color=color, label=f"{ALGO_LABELS.get(algo, algo)} ({len(runs)} seeds)")
-                ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+                plot_mean_std(ax, runs, color, ALGO_LABELS.get(algo, algo))
         if limit is not None:
             axes[1][j].axhline(limit, color="k", linestyle="--", linewidth=1, label=f"cost limit {limit:g}")
             if args.margin > 0:
@@ -498,65 +389,7 @@ def _plot(out: Path, curves: list[tuple], records: list[dict], args) -> None:
     plt.close(fig)
 
 
-def _needs(cfg) -> tuple[float, float]:
-    """(CPUs, GPUs) a run's actors hold: its env hosts / gradient workers and its learner."""
-    from saferl.cluster.session import required_cpus
-
-    r = cfg.resources
-    return required_cpus(cfg), r.num_gpus_per_learner + r.num_env_hosts * r.num_gpus_per_host
-
-
-def _start_ray(cfgs: list, args) -> bool:
-    """Join ``--address`` / $RAY_ADDRESS, or start a local Ray sized for the ``--parallel``
-    largest runs (logical CPUs may exceed the cores: Ray time-shares them). True when this
-    call started Ray."""
-    import ray
-
-    from saferl.cluster.session import connect
-
-    if ray.is_initialized():
-        return False
-    if args.address or os.environ.get("RAY_ADDRESS"):
-        return connect(None, address=args.address)
-    need = sum(sorted((_needs(c)[0] for c in cfgs), reverse=True)[: args.parallel])
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), logging_level="warning")
-    return True
-
-
-class _ResourceGate:
-    """With ``--parallel``, start a run only when the cluster has the CPUs/GPUs for all of its
-    actors: runs that each got a learner but wait for hosts would otherwise deadlock."""
-
-    def __init__(self):
-        import ray
-
-        total = ray.cluster_resources()
-        self.cpus, self.gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-        self.used_cpus = self.used_gpus = 0.0
-        self.running = 0
-        self.cond = threading.Condition()
-
-    @contextlib.contextmanager
-    def hold(self, cfg):
-        cpus, gpus = _needs(cfg)
-        with self.cond:
-            self.cond.wait_for(lambda: self.running == 0 or (self.used_cpus + cpus <= self.cpus + 1e-9
-                                                               and self.used_gpus + gpus <= self.gpus + 1e-9))
-            self.used_cpus, self.used_gpus = self.used_cpus + cpus, self.used_gpus + gpus
-            self.running += 1
-        try:
-            yield
-        finally:
-            with self.cond:
-                self.used_cpus, self.used_gpus, self.running = (self.used_cpus - cpus, self.used_gpus - gpus,
-                                                                self.running - 1)
-                self.cond.notify_all()
-
-
 def run(args) -> Path:
-    from concurrent.futures import ThreadPoolExecutor
-
-    import ray
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
@@ -579,61 +412,31 @@ def run(args) -> Path:
     console.print(f"study cgpo-table1: {len(jobs)} runs ({len(args.tasks)} tasks × {len(args.algos)} algos × "
                   f"{s['seeds']} seeds) into {out}")
 
-    to_train = [j["cfg"] for j in jobs if not (Path(j["cfg"].run_root) / j["name"] / DONE_MARKER).is_file()]
-    started = _start_ray(to_train, args) if to_train else False
-    gate = _ResourceGate() if args.parallel > 1 and to_train else None
     t_start = time.perf_counter()
-    records: list[dict] = []
     curves: list[tuple] = []
-    lock = threading.Lock()
+    done: list[dict] = []
 
-    def one(i_job):
-        i, job = i_job
-        if gate is not None:
-            with gate.hold(job["cfg"]):
-                record = _train_one(job, console, f"[{i + 1}/{len(jobs)}]")
-        else:
-            record = _train_one(job, console, f"[{i + 1}/{len(jobs)}]")
+    def finish(record: dict, tag: str) -> None:
         record, rows = _evaluate(record, args)
-        with lock:
-            records.append(record)
-            curves.extend(rows)
-            _write_runs(out, records)  # partial results while a long study runs
-            _write_table(out, records, args, s)
+        done.append(record)
+        curves.extend(rows)
+        _write_runs(out, done)  # partial results while a long study runs
+        _write_table(out, done, args, s)
         if record["status"].startswith("ok"):
             fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
             vio = "-" if record.get("vio_ratio") is None else f"{record['vio_ratio']:.1f}%"
-            console.print(f"[{i + 1}/{len(jobs)}] done {job['algo']} on {job['task']} seed {job['seed']} "
+            console.print(f"{tag} done {record['algo']} on {record['task']} seed {record['seed']} "
                           f"in {record.get('wall_s', 0):.0f} s: Conv. Steps {fmt(record.get('conv_steps'), '.3g')}, "
-                          f"Vio. Ratio {vio} "
-                          f"({record.get('n_violations')}/{record.get('n_critical')} critical updates), "
-                          f"final return {fmt(record.get('final_return'), '.3g')}, "
+                          f"Vio. Ratio {vio} ({record.get('n_violations')}/{record.get('n_critical')} critical "
+                          f"updates), final return {fmt(record.get('final_return'), '.3g')}, "
                           f"cost {fmt(record.get('final_cost'), '.3g')} (limit {record['cost_limit']:g})")
 
-    try:
-        if args.parallel == 1:
-            for item in enumerate(jobs):
-                one(item)
-        else:
-            with ThreadPoolExecutor(args.parallel) as pool:
-                list(pool.map(one, enumerate(jobs)))
-    except KeyboardInterrupt:
-        console.print(f"interrupted: run the same command with --out {out} to continue (finished runs are "
-                      "kept, interrupted ones resume from their last checkpoint)")
-        raise
-    finally:
-        if started:
-            ray.shutdown()
+    records = run_jobs(jobs, args, console, finish)
     _write_curves(out, curves)
     _write_table(out, records, args, s)
     _plot(out, curves, records, args)
     console.print((out / "table1.md").read_text().split("\n\n")[2])
     console.print(f"{len(records)} runs in {time.perf_counter() - t_start:.0f} s; table1.md, runs.csv, "
                   f"curves.csv, curves.png in {out}")
-    failed = [r for r in records if not r["status"].startswith("ok")]
-    if failed:
-        from saferl.config import ConfigError
-
-        raise ConfigError(f"study error: {len(failed)} of {len(records)} runs failed (see {out / 'runs.csv'}); "
-                          "the table leaves them out")
+    fail_if_any_failed(records, out)
     return out

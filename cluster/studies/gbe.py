@@ -442,7 +442,7 @@ def gbe_abe_table(rows, args) -> str:
 
 def fobg_zobg_tables(rows, args) -> str:
     lens = [f"{L}" for L in args.lengths]
-    out = [f"# FoBG vs ZoBG: relative error of Ĵ_C(θ+δ) = J_C(θ) + δᵀq (eq 74; seed 000 Tables 2-3)", "",
+    out = ["# FoBG vs ZoBG: relative error of Ĵ_C(θ+δ) = J_C(θ) + δᵀq (eq 74; seed 000 Tables 2-3)", "",
            f"Task {args.task}, {args.seeds} seeds × {args.epochs} updates per (seed, L), N = {args.envs}. "
            "Rows: update magnitude ‖δ‖; columns: trajectory length L.", ""]
     for title, key, stat in [("Table 2 (ZoBG): mean ± std over seeds", "err_zobg", "mean"),

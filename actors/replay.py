@@ -1,0 +1,82 @@
+"""Replay-buffer actor for off-policy learners: env hosts' rollout batches go in (straight from
+the hosts, never through the driver), minibatches go out to the learner.
+
+Storage is a ring of ``capacity`` n-step transitions (s, u, Σγᵏr, Σγᵏc, γⁿ(1 − terminal), s'),
+preallocated on the first batch, so memory is bounded and stated: capacity × (2·obs_dim +
+act_dim + 3) float32 numbers. n-step sums stop at an episode's end (bootstrapping a truncated
+one from its final observation) and at a fragment's end (bootstrapping from the last obs).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from saferl.actors.env_host import next_observations
+
+FIELDS = ("obs", "act", "reward", "cost", "discount", "next_obs")
+
+
+def n_step_transitions(batch: dict, n: int, gamma: float) -> dict:
+    """Flatten a rollout batch [T, N] into n-step transitions [T·N]."""
+    reward, cost = batch["reward"], batch["cost"]
+    end = batch["terminated"] | batch["truncated"]
+    T, N = reward.shape
+    t = np.repeat(np.arange(T)[:, None], N, axis=1)
+    col = np.broadcast_to(np.arange(N), (T, N))
+    ret_r, ret_c = np.zeros((T, N)), np.zeros((T, N))
+    scale, last = np.ones((T, N)), t.copy()
+    active = np.ones((T, N), bool)
+    for k in range(n):
+        tk = np.minimum(t + k, T - 1)
+        active &= t + k < T
+        ret_r += np.where(active, scale * reward[tk, col], 0.0)
+        ret_c += np.where(active, scale * cost[tk, col], 0.0)
+        last = np.where(active, tk, last)
+        scale = np.where(active, scale * gamma, scale)
+        active &= ~end[tk, col]
+    out = {"obs": batch["obs"], "act": batch["act"], "reward": ret_r, "cost": ret_c,
+           "discount": scale * ~batch["terminated"][last, col],
+           "next_obs": next_observations(batch)[last, col]}
+    return {k: np.asarray(v, np.float32).reshape(T * N, *np.shape(v)[2:]) for k, v in out.items()}
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, n_step: int, gamma: float, seed: int):
+        self.capacity, self.n_step, self.gamma = capacity, n_step, gamma
+        self.rng = np.random.default_rng(seed)
+        self.data: dict[str, np.ndarray] = {}
+        self.pos = self.size = 0
+
+    def add(self, *batches: dict) -> int:
+        for batch in batches:
+            self._put(n_step_transitions(batch, self.n_step, self.gamma))
+        return self.size
+
+    def _put(self, tr: dict) -> None:
+        if not self.data:
+            self.data = {k: np.empty((self.capacity, *v.shape[1:]), np.float32) for k, v in tr.items()}
+        n = len(tr["obs"])
+        idx = (self.pos + np.arange(n)) % self.capacity  # a batch larger than capacity keeps its tail
+        for k, v in tr.items():
+            self.data[k][idx] = v
+        self.pos = int((self.pos + n) % self.capacity)
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, num_batches: int, batch_size: int) -> dict:
+        """``num_batches`` minibatches of uniform draws: arrays [num_batches, batch_size, ...]."""
+        if self.size == 0:
+            raise RuntimeError("replay buffer is empty: sample after the first rollout")
+        idx = self.rng.integers(0, self.size, (num_batches, batch_size))
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def state_dict(self) -> dict:
+        return {"data": {k: v[:self.size] for k, v in self.data.items()}, "pos": self.pos,
+                "size": self.size, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.data = {}
+        if sd["size"]:
+            self.data = {k: np.empty((self.capacity, *v.shape[1:]), np.float32) for k, v in sd["data"].items()}
+            for k, v in sd["data"].items():
+                self.data[k][:sd["size"]] = v
+        self.pos, self.size = sd["pos"], sd["size"]
+        self.rng.bit_generator.state = sd["rng"]

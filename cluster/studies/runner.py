@@ -1,0 +1,245 @@
+"""What every study shares: one ``saferl train`` per job in one Ray session (embedded, or a
+cluster's with ``--address``), finished runs kept and interrupted ones resumed when a study is
+re-run with the same ``--out``, a heartbeat line per run, ``--parallel`` runs gated on the
+cluster's resources, and the curves read back from each run's ``metrics.csv``.
+
+A job is a dict with ``task``, ``algo``, ``seed``, ``name`` (its run directory under the config's
+``run_root``) and ``cfg`` (a validated RunConfig).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import threading
+import time
+from pathlib import Path
+
+DONE_MARKER = "study_done.json"
+HEARTBEAT_S = 30.0
+
+
+def read_curve(metrics_csv: Path) -> tuple[list[float], list[float], list[float]]:
+    """(env steps, mean episode return, mean episode cost) of the logged iterations in which
+    episodes finished. A resumed run may have logged an iteration twice: the last row wins."""
+    by_iteration: dict[int, tuple[float, float, float]] = {}
+    with open(metrics_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            ret, cost = row.get("episode/return") or "", row.get("episode/cost") or ""
+            if ret == "" or cost == "":
+                continue
+            it = int(float(row.get("iteration") or len(by_iteration)))
+            by_iteration[it] = (float(row["env_steps"]), float(ret), float(cost))
+    pts = [by_iteration[k] for k in sorted(by_iteration)]
+    return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+
+
+def summarise(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and sample std over the defined values, and how many are defined."""
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None, None, 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+
+
+def csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+class Heartbeat:
+    """A console for one run's coordinator that forwards at most one line per HEARTBEAT_S."""
+
+    def __init__(self, console, prefix: str):
+        self.console, self.prefix, self.last = console, prefix, time.monotonic()
+
+    def print(self, msg, *a, **kw) -> None:
+        now = time.monotonic()
+        if now - self.last >= HEARTBEAT_S:
+            self.last = now
+            self.console.print(f"    {self.prefix} {msg}")
+
+
+def train_one(job: dict, console, tag: str) -> dict:
+    from saferl.cluster import rundir
+    from saferl.cluster.session import train
+
+    cfg = job["cfg"]
+    run_dir = Path(cfg.run_root) / job["name"]
+    done = run_dir / DONE_MARKER
+    record = {"task": job["task"], "algo": job["algo"], "seed": job["seed"], "cost_limit": cfg.limit,
+              "total_env_steps": cfg.total_env_steps,
+              "num_envs": cfg.resources.num_env_hosts * cfg.resources.envs_per_host, "run_dir": str(run_dir)}
+    if done.is_file():
+        kept = json.loads(done.read_text())
+        note = ""
+        if "total_env_steps" in kept and (kept["total_env_steps"], kept.get("num_envs")) != (
+                record["total_env_steps"], record["num_envs"]):
+            note = (f" (note: it ran {kept.get('total_env_steps'):,} env steps with {kept.get('num_envs')} envs; "
+                    "use another --out to rerun)")
+        record.update(kept, status="ok (kept)")
+        console.print(f"{tag} {job['algo']} on {job['task']} seed {job['seed']}: finished earlier, kept{note}")
+        return record
+    resume = None
+    if run_dir.exists():
+        if rundir.checkpoints(run_dir):
+            resume = run_dir
+        else:  # started but nothing to resume from: start over
+            shutil.rmtree(run_dir)
+    console.print(f"{tag} {'resume' if resume else 'start'} {job['algo']} on {job['task']} seed {job['seed']} "
+                  f"({cfg.total_env_steps:,} env steps, {record['num_envs']} envs)")
+    t0 = time.perf_counter()
+    try:
+        out = train(cfg, run_dir=resume, console=Heartbeat(console, f"{tag} {job['algo']}/{job['task']}"))
+    except Exception as err:  # noqa: BLE001 — one failed run must not lose the others
+        import traceback
+
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        record.update(status=f"failed: {err.__class__.__name__}: {(lines[-1] if lines else '')[:300]}",
+                      wall_s=time.perf_counter() - t0)
+        if run_dir.exists():
+            (run_dir / "study_error.txt").write_text("".join(traceback.format_exception(err)))
+        console.print(f"{tag} FAILED {job['algo']} on {job['task']} seed {job['seed']}: "
+                      f"{record['status']} (traceback in {run_dir / 'study_error.txt'})", markup=False)
+        return record
+    record["run_dir"] = str(out)
+    wall = time.perf_counter() - t0
+    (Path(out) / DONE_MARKER).write_text(json.dumps({k: record[k] for k in (
+        "total_env_steps", "num_envs", "cost_limit")} | {"wall_s": wall}))
+    record.update(status="ok", wall_s=wall)
+    return record
+
+
+def needs(cfg) -> tuple[float, float]:
+    """(CPUs, GPUs) a run's actors hold: its env hosts / gradient workers and its learner."""
+    from saferl.cluster.session import required_cpus
+
+    r = cfg.resources
+    return required_cpus(cfg), r.num_gpus_per_learner + r.num_env_hosts * r.num_gpus_per_host
+
+
+def start_ray(cfgs: list, args) -> bool:
+    """Join ``--address`` / $RAY_ADDRESS, or start a local Ray sized for the ``--parallel``
+    largest runs (logical CPUs may exceed the cores: Ray time-shares them). True when this
+    call started Ray."""
+    import ray
+
+    from saferl.cluster.session import connect
+
+    if ray.is_initialized():
+        return False
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        return connect(None, address=args.address)
+    need = sum(sorted((needs(c)[0] for c in cfgs), reverse=True)[: args.parallel])
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), logging_level="warning")
+    return True
+
+
+class ResourceGate:
+    """With ``--parallel``, start a run only when the cluster has the CPUs/GPUs for all of its
+    actors: runs that each got a learner but wait for hosts would otherwise deadlock."""
+
+    def __init__(self):
+        import ray
+
+        total = ray.cluster_resources()
+        self.cpus, self.gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+        self.used_cpus = self.used_gpus = 0.0
+        self.running = 0
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, cfg):
+        cpus, gpus = needs(cfg)
+        with self.cond:
+            self.cond.wait_for(lambda: self.running == 0 or (self.used_cpus + cpus <= self.cpus + 1e-9
+                                                               and self.used_gpus + gpus <= self.gpus + 1e-9))
+            self.used_cpus, self.used_gpus = self.used_cpus + cpus, self.used_gpus + gpus
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used_cpus, self.used_gpus, self.running = (self.used_cpus - cpus, self.used_gpus - gpus,
+                                                                self.running - 1)
+                self.cond.notify_all()
+
+
+def run_jobs(jobs: list[dict], args, console, finish) -> list[dict]:
+    """Train every job (``args.parallel`` at a time; Ray started here unless it runs already)
+    and call ``finish(record, tag)`` on each run's record under a lock, for partial outputs.
+    Returns the records in completion order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    to_train = [j["cfg"] for j in jobs if not (Path(j["cfg"].run_root) / j["name"] / DONE_MARKER).is_file()]
+    started = start_ray(to_train, args) if to_train else False
+    gate = ResourceGate() if args.parallel > 1 and to_train else None
+    records: list[dict] = []
+    lock = threading.Lock()
+
+    def one(i_job):
+        i, job = i_job
+        tag = f"[{i + 1}/{len(jobs)}]"
+        with gate.hold(job["cfg"]) if gate is not None else contextlib.nullcontext():
+            record = train_one(job, console, tag)
+        with lock:
+            records.append(record)
+            finish(record, tag)
+
+    try:
+        if args.parallel == 1:
+            for item in enumerate(jobs):
+                one(item)
+        else:
+            with ThreadPoolExecutor(args.parallel) as pool:
+                list(pool.map(one, enumerate(jobs)))
+    except KeyboardInterrupt:
+        out = Path(jobs[0]["cfg"].run_root).parent if jobs else "the same folder"
+        console.print(f"interrupted: run the same command with --out {out} to continue (finished runs are "
+                      "kept, interrupted ones resume from their last checkpoint)")
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    return records
+
+
+def fail_if_any_failed(records: list[dict], out: Path) -> None:
+    failed = [r for r in records if not r["status"].startswith("ok")]
+    if failed:
+        from saferl.config import ConfigError
+
+        raise ConfigError(f"study error: {len(failed)} of {len(records)} runs failed (see {out / 'runs.csv'}); "
+                          "the table leaves them out")
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Atomically (a study may be interrupted while writing partial results)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    os.replace(tmp, path)
+
+
+def plot_mean_std(ax, runs: list, color, label: str) -> None:
+    """Curves (arrays [n, 2] of x, y) of several seeds: mean ± std on their common x range
+    (one seed: the curve itself)."""
+    import numpy as np
+
+    if len(runs) == 1:
+        ax.plot(runs[0][:, 0], runs[0][:, 1], color=color, label=label)
+        return
+    lo, hi = max(r[0, 0] for r in runs), min(r[-1, 0] for r in runs)
+    grid = np.linspace(lo, hi, 200) if hi > lo else np.array([lo])
+    ys = np.stack([np.interp(grid, r[:, 0], r[:, 1]) for r in runs])
+    mean, std = ys.mean(0), ys.std(0)
+    ax.plot(grid, mean, color=color, label=f"{label} ({len(runs)} seeds)")
+    ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)

@@ -1,0 +1,154 @@
+"""SAC (Haarnoja et al. 2018, "Soft Actor-Critic Algorithms and Applications", eq 5-7, 17-18)
+and SAC-Lag (SAC with a cost critic and a Lagrange multiplier, as in FSRL and OmniSafe).
+
+Per minibatch of n-step transitions (``actors/replay.py``: r and c are n-step sums, ``discount``
+is γⁿ, 0 after a terminal state), a = tanh(u) from the stored pre-squash sample u:
+
+    y_R = r + discount · [min_j Q̄_Rj(s', a') − α log π(a'|s')],   a' ~ π(·|s')      (eq 5)
+    y_C = c + discount · Q̄_C(s', a')
+    L_Q = Σ_j E (Q_Rj(s, a) − y_R)² + E (Q_C(s, a) − y_C)²
+    L_π = E [α log π(ã|s) − min_j Q_Rj(s, ã) + λ Q_C(s, ã)] / (1 + λ),  ã ~ π reparameterised (eq 7)
+    L_α = −E [log α · (log π(ã|s) + H̄)],  H̄ = −dim(A)                             (eq 18)
+    Q̄ ← τ Q + (1 − τ) Q̄                                                       (polyak)
+
+λ is ``learners/lagrange.py``'s multiplier (PID by default), stepped on the mean episode cost by
+the coordinator's ``dual`` phase; plain SAC has no phase and λ = 0 (its cost critic is still
+trained, so its cost value is logged). The coordinator owns the update-to-data ratio and the
+uniform warm-up through ``offpolicy_setup``.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from saferl.learners import base
+from saferl.learners.lagrange import LagrangeParams, make_multiplier
+from saferl.learners.networks import TanhGaussianPolicy, mlp, polyak
+
+
+class OffPolicyParams(base.Params):
+    """What every off-policy learner shares: the buffer and the update-to-data schedule."""
+    buffer_capacity: int = Field(1_000_000, gt=0, description="transitions kept (ring buffer)")
+    n_step: int = Field(1, gt=0)
+    batch_size: int = Field(256, gt=0)
+    utd: float = Field(1.0, gt=0, description="gradient updates per env step (update-to-data ratio)")
+    warmup_steps: int = Field(5_000, ge=0, description="env steps with uniform actions before learning")
+    gamma: float = Field(0.99, gt=0, le=1)
+    replay_in_checkpoint: bool = Field(True, description="checkpoint the buffer (exact resume; "
+                                       "costs capacity × transition size on disk)")
+
+
+class SACLagParams(OffPolicyParams):
+    hidden: list[int] = Field(default_factory=lambda: [256, 256])
+    policy_lr: float = Field(3e-4, gt=0)
+    critic_lr: float = Field(3e-4, gt=0)
+    alpha_lr: float = Field(3e-4, gt=0)
+    init_alpha: float = Field(1.0, gt=0)
+    auto_alpha: bool = True
+    tau: float = Field(0.005, gt=0, le=1, description="polyak rate of the target critics")
+    max_grad_norm: float = Field(40.0, gt=0)
+    lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(kind="pid", kp=0.1, ki=0.003, kd=0.01))
+
+
+class Critic(torch.nn.Module):
+    """``n`` Q-networks Q(s, a) evaluated together: [n, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], n: int):
+        super().__init__()
+        self.qs = torch.nn.ModuleList(mlp([obs_dim + act_dim, *hidden, 1], activation=torch.nn.ReLU) for _ in range(n))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], -1)
+        return torch.stack([q(x).squeeze(-1) for q in self.qs])
+
+
+class SACLag(base.Learner):
+    Params = SACLagParams
+
+    def __init__(self, params: SACLagParams, env: base.EnvSpec, cost_limit, device, seed):
+        super().__init__(params, env, cost_limit, device, seed)
+        p, d, a = params, env.obs_dim, env.act_dim
+        self.policy = TanhGaussianPolicy(d, a, p.hidden).to(device)
+        self.q_r, self.q_c = Critic(d, a, p.hidden, 2).to(device), Critic(d, a, p.hidden, 1).to(device)
+        self.q_r_target, self.q_c_target = copy.deepcopy(self.q_r), copy.deepcopy(self.q_c)
+        self.log_alpha = torch.tensor(float(np.log(p.init_alpha)), device=device, requires_grad=True)
+        self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)
+        self.q_opt = torch.optim.Adam([*self.q_r.parameters(), *self.q_c.parameters()], lr=p.critic_lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=p.alpha_lr)
+        self.multiplier = make_multiplier(p.lagrange)
+        self.target_entropy = -float(a)
+
+    def offpolicy_setup(self) -> dict:
+        p = self.p
+        return {"capacity": p.buffer_capacity, "n_step": p.n_step, "gamma": p.gamma, "batch_size": p.batch_size,
+                "utd": p.utd, "warmup_steps": p.warmup_steps, "replay_in_checkpoint": p.replay_in_checkpoint}
+
+    def policy_state(self) -> dict:
+        return self.policy.export_numpy()
+
+    def update(self, batches: list[dict]) -> dict:
+        """One gradient step per minibatch of each sampled block [K, B, ...]."""
+        stats: dict[str, list] = {}
+        for block in batches:
+            data = {k: torch.tensor(v, device=self.device) for k, v in block.items()}  # a copy: Ray's arrays are read-only
+            for i in range(data["obs"].shape[0]):
+                for k, v in self.step({k: v[i] for k, v in data.items()}).items():
+                    stats.setdefault(k, []).append(v)
+        out = {k: float(np.mean(v)) for k, v in stats.items()}
+        out["lagrange_multiplier"] = self.multiplier.value
+        return out
+
+    def step(self, b: dict) -> dict:
+        p, alpha, lam = self.p, self.log_alpha.exp().detach(), self.multiplier.value
+        act = torch.tanh(b["act"])
+        with torch.no_grad():
+            a2, logp2 = self.policy.sample(b["next_obs"])
+            y_r = b["reward"] + b["discount"] * (self.q_r_target(b["next_obs"], a2).min(0).values - alpha * logp2)
+            y_c = b["cost"] + b["discount"] * self.q_c_target(b["next_obs"], a2)[0]
+        loss_q = ((self.q_r(b["obs"], act) - y_r) ** 2).mean(1).sum() + ((self.q_c(b["obs"], act)[0] - y_c) ** 2).mean()
+        self._descend(self.q_opt, loss_q, [*self.q_r.parameters(), *self.q_c.parameters()])
+
+        a_new, logp = self.policy.sample(b["obs"])
+        q_r, q_c = self.q_r(b["obs"], a_new).min(0).values, self.q_c(b["obs"], a_new)[0]
+        loss_pi = ((alpha * logp - q_r + lam * q_c) / (1 + lam)).mean()
+        self._descend(self.pi_opt, loss_pi, list(self.policy.parameters()))
+        if p.auto_alpha:
+            loss_alpha = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+            self.alpha_opt.zero_grad()
+            loss_alpha.backward()
+            self.alpha_opt.step()
+        polyak(self.q_r_target, self.q_r, p.tau)
+        polyak(self.q_c_target, self.q_c, p.tau)
+        return {"loss_q": loss_q.item(), "loss_pi": loss_pi.item(), "alpha": alpha.item(),
+                "entropy": -logp.mean().item(), "q_r": q_r.mean().item(), "q_c": q_c.mean().item()}
+
+    def _descend(self, opt, loss, params) -> None:
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.p.max_grad_norm)
+        opt.step()
+
+    def phase_dual(self, signals: dict) -> dict:
+        if signals.get("episode_cost") is None:
+            return {}
+        return {"lagrange_multiplier": self.multiplier.update(signals["episode_cost"], self.cost_limit)}
+
+    MODULES = ("policy", "q_r", "q_c", "q_r_target", "q_c_target", "pi_opt", "q_opt", "alpha_opt", "multiplier")
+
+    def state_dict(self) -> dict:
+        return {**{k: getattr(self, k).state_dict() for k in self.MODULES},
+                "log_alpha": self.log_alpha.detach().clone(), "rng": self.rng_state()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k in self.MODULES:
+            getattr(self, k).load_state_dict(sd[k])
+        with torch.no_grad():
+            self.log_alpha.copy_(sd["log_alpha"])
+        self.set_rng_state(sd["rng"])
+
+
+class SAC(SACLag):
+    """Unconstrained SAC: SAC-Lag without a dual phase (λ stays at its initial value, 0)."""

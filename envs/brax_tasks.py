@@ -56,8 +56,11 @@ Choices the paper leaves open (all overridable by kwargs):
   paper says 18), Ant 27.
 * Actions are in [−1, 1] for every task (the policy's tanh range); CartPole maps them to the
   paper's force range [−3, 3] exactly as Brax's ``inverted_pendulum.step`` does.
-* Ant keeps Brax's default ``terminate_when_unhealthy=True`` reward (healthy bonus 1 every step);
-  there is no termination here.
+* Ant keeps Brax's default ``terminate_when_unhealthy=True``: healthy bonus 1 per step, and the
+  episode ends once the torso height leaves ``healthy_z_range`` [0.2, 1.0] — here, with a fixed
+  horizon, as an absorbing state (frozen, reward 0, cost 0 from then on; see ``BraxAntVel``).
+  Without it the ant flips, sinks through the floor (only its feet collide), is launched
+  metres up and the generalized pipeline diverges to NaN within T = 300 under random actions.
 
 Initial states use each Brax env's reset noise, drawn from the torch generator passed in, so
 they are reproducible from the seed and identical on every worker.
@@ -357,20 +360,62 @@ class BraxHalfCheetahVel(_VelocityTask):
 
 
 class BraxAntVel(_VelocityTask):
-    """Velocity-constrained Ant (E.4). Reward (Brax): v_x + 1 − 0.5‖a‖² (contact cost 0)."""
+    """Velocity-constrained Ant (E.4). Reward (Brax): v_x + 1 − 0.5‖a‖² (contact cost 0).
+
+    Termination as an absorbing state (Brax's default ``terminate_when_unhealthy=True``): a
+    state whose torso height z = q[2] lies outside Brax's ``healthy_z_range`` [0.2, 1.0] is
+    *absorbing* — every later step returns it unchanged with reward 0 and cost 0 — so the
+    fixed-horizon return is exactly the return of Brax's terminated episode (the step that leaves
+    the range still pays the healthy bonus, as in Brax). Gradients through an absorbed step are
+    the identity on the state and zero into the action. The physics is never evaluated from an
+    absorbed state: those envs step a fixed, valid pose instead and the result is discarded
+    (``jnp.where`` on both sides, so no inf/NaN of the unused branch can reach a gradient).
+
+    Why not simply run on (as before): only the four feet collide in Brax's ant.xml, so once the
+    ant flips its torso sinks through the floor (z < 0), feet contacts drive joints up to ~2 rad
+    past their limits, the stiff limit springs launch it metres up (z 5–270 m), and the
+    generalized pipeline (substep 0.01 s) then spins the free-flying body up (root angular
+    velocity 50 → 1.2e3 rad/s in ~10 steps, at z ≈ 11 m) until NaN. Under random actions every env leaves
+    the healthy range (median step ~15–30) and a few per hundred reach NaN within T = 300,
+    both through this task and through Brax's own env with ``terminate_when_unhealthy=False``;
+    on trajectories that stay in the healthy range |qd| stayed below ~80. Brax never simulates
+    that regime (its ant terminates there). ``terminate_when_unhealthy=False`` restores the old
+    behaviour (no absorption, healthy bonus only while healthy) and with it the divergence."""
 
     env_name = "ant"
     obs_dim = 27
     obs_skip = 2
     max_episode_steps = 300
 
+    def _setup(self, grad_mode):
+        super()._setup(grad_mode)
+        self.absorbing = bool(self.brax._terminate_when_unhealthy)
+        self.healthy_z_range = tuple(float(z) for z in self.brax._healthy_z_range)
+
+    def _healthy(self, z):
+        lo, hi = self.healthy_z_range
+        return (z >= lo) & (z <= hi)  # Brax: unhealthy iff z < lo or z > hi
+
+    def alive(self, state: torch.Tensor) -> torch.Tensor:
+        """[n] bool: not (yet) in the absorbing state (always True without absorption)."""
+        if not self.absorbing:
+            return torch.ones(state.shape[0], dtype=torch.bool, device=state.device)
+        return self._healthy(state[:, 2])
+
+    def jax_step(self, s, a):
+        if not self.absorbing:
+            return super().jax_step(s, a)
+        alive = self._healthy(s[2])  # torso z: the free root joint's q[2] = Brax's x.pos[0, 2]
+        safe = jnp.concatenate([self.brax.sys.init_q, jnp.zeros(self.nv)]).astype(s.dtype)
+        next_state, r, c = super().jax_step(jnp.where(alive, s, safe), a)
+        zero = jnp.zeros((), s.dtype)
+        return jnp.where(alive, next_state, s), jnp.where(alive, r, zero), jnp.where(alive, c, zero)
+
     def reward(self, ps0, ps1, a):
         b = self.brax
         healthy = b._healthy_reward
         if not b._terminate_when_unhealthy:
-            z = ps1.x.pos[0, 2]
-            lo, hi = b._healthy_z_range
-            healthy = healthy * jnp.where((z < lo) | (z > hi), 0.0, 1.0)
+            healthy = healthy * jnp.where(self._healthy(ps1.x.pos[0, 2]), 1.0, 0.0)
         return self.torso_velocity(ps0, ps1)[0] + healthy - b._ctrl_cost_weight * jnp.sum(a ** 2)
 
 

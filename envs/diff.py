@@ -6,8 +6,11 @@ A differentiable task is batched and functional so gradients flow through whole 
     observe(state) -> obs [n, obs_dim]
     step(state, action) -> next_state, reward [n], cost [n]     (all differentiable)
 
-Episodes have a fixed horizon (``max_episode_steps``). ``TorchVecEnv`` runs the same task
-without gradients behind the numpy protocol, so sampling algorithms and evaluation use it too.
+Episodes have a fixed horizon (``max_episode_steps``); a task with an absorbing failure state
+(Brax's ant falling over) also defines ``alive(state) -> [n] bool``. ``TorchVecEnv`` runs the
+same task without gradients behind the numpy protocol, so sampling algorithms and evaluation use
+it too; there an env that stops being alive *terminates* (and resets), so sampling learners do
+not spend samples on frozen states and see true episode lengths.
 """
 from __future__ import annotations
 
@@ -62,11 +65,12 @@ class TorchVecEnv:
         rew, cost = r.numpy().astype(np.float32), c.numpy().astype(np.float32)
         self.t += 1
         self.stats.add(rew, cost)
-        trunc = self.t >= self.max_episode_steps
-        term = np.zeros(self.num_envs, bool)
+        alive = getattr(self.env, "alive", None)
+        term = np.zeros(self.num_envs, bool) if alive is None else ~alive(self.state).cpu().numpy()
+        trunc = (self.t >= self.max_episode_steps) & ~term
         obs = self._obs(self.state)
         final_obs, episodes = {}, []
-        done = np.flatnonzero(trunc)
+        done = np.flatnonzero(term | trunc)
         if done.size:
             fresh = self.env.initial_state(done.size, self.gen)
             self.state = self.state.clone()

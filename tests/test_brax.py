@@ -262,6 +262,34 @@ def test_larger_brax_tasks_step_and_differentiate(name):
 
 
 @pytest.mark.slow
+def test_ant_gradient_through_the_absorbing_state():
+    """Env 0 healthy, env 1 already absorbed (torso z 11 m, |qd| ~1e3: the kind of state that
+    diverged). Gradients stay finite; the absorbed env is the identity map with r = c = 0, so
+    it passes its state cotangent through unchanged and gives its actions zero gradient (the
+    physics is never differentiated at the absorbed state)."""
+    from saferl.actors.gradient_worker import make_diff_env
+
+    env = make_diff_env("BraxAntVel-v0")
+    gen = torch.Generator().manual_seed(0)
+    s0 = env.initial_state(2, gen)
+    s0[1, 2] = 11.0
+    s0[1, env.nq:] = 1e3 * torch.randn(env.nv, generator=gen)
+    assert env.alive(s0).tolist() == [True, False]
+    s0.requires_grad_(True)
+    a = (0.5 * torch.randn(3, 2, env.act_dim, generator=gen)).requires_grad_(True)
+    w = torch.randn(env.state_dim, generator=gen)
+    s, total = s0, torch.zeros(())
+    for t in range(3):
+        s, r, c = env.step(s, a[t])
+        total = total + r.sum() + c.sum()
+    assert torch.equal(s[1], s0[1].detach())
+    ga, gs = torch.autograd.grad(total + (s * w).sum(), (a, s0))
+    assert torch.isfinite(ga).all() and torch.isfinite(gs).all()
+    assert ga[:, 0].abs().sum() > 0 and (ga[:, 1] == 0).all()
+    torch.testing.assert_close(gs[1], w)
+
+
+@pytest.mark.slow
 def test_policy_window_matches_per_step_rollout(cartpole):
     """The optional JAX-side window (lax.scan + JAX port of the policy) gives the numbers and
     policy gradients of the per-step bridge with the torch policy."""
@@ -297,6 +325,55 @@ def test_cartpole_stays_finite_when_the_pole_falls():
         for _ in range(env.max_episode_steps):
             state, r, c = env.step(state, torch.rand(4, 1, generator=gen) * 2 - 1)
     assert torch.isfinite(state).all() and state.abs().max() < 100
+
+
+def test_ant_stays_finite_under_random_actions():
+    """Regression (PPO-Lag on BraxAntVel went NaN): with Brax's unhealthy termination kept as an
+    absorbing state, random actions over the whole T = 300 stay finite and bounded. Before, the
+    ant flipped, sank through the floor, was launched metres up (torso z 3–270 m) and the
+    generalized pipeline diverged (|qd| > 1e3, then NaN) in a few envs per hundred.
+
+    Envs 0-3 get a fresh PPO policy's Gaussian actions (σ 0.6, clipped), envs 4-7 bang-bang ±1:
+    first through the functional task (absorbing states frozen, no reward, no cost), then through
+    TorchVecEnv as PPO-Lag's env hosts run it (leaving the healthy range terminates and resets)."""
+    from saferl.actors.env_host import make_vec_env
+
+    n = 8
+    venv = make_vec_env("BraxAntVel-v0", n)
+    env = venv.env
+    gen = torch.Generator().manual_seed(0)
+
+    def actions():
+        return torch.cat([0.6 * torch.randn(4, 8, generator=gen),
+                          torch.randint(0, 2, (4, 8), generator=gen) * 2.0 - 1.0]).clamp(-1, 1)
+
+    s0 = env.initial_state(n, gen)
+    absorbed_seen = torch.zeros(n, dtype=torch.bool)
+    with torch.no_grad():
+        for t in range(env.max_episode_steps):
+            a, alive = actions(), env.alive(s0)
+            s1, rew, cost = env.step(s0, a)
+            assert torch.isfinite(s1).all() and torch.isfinite(rew).all() and torch.isfinite(cost).all(), t
+            assert s1[:, env.nq:].abs().max() < 1e3 and ((s1[:, 2] > -1) & (s1[:, 2] < 2)).all(), t
+            assert torch.equal(s1[~alive], s0[~alive]), t  # absorbed: frozen, no reward, no cost
+            assert (rew[~alive] == 0).all() and (cost[~alive] == 0).all(), t
+            # alive: Brax's ant reward v_x + 1 − 0.5‖a‖² and the cost ‖v_xy‖ (v by finite difference)
+            v = (s1[alive, :2] - s0[alive, :2]) / env.dt
+            torch.testing.assert_close(rew[alive], v[:, 0] + 1 - 0.5 * (a[alive] ** 2).sum(1), rtol=1e-4, atol=2e-3)
+            torch.testing.assert_close(cost[alive], v.norm(dim=1), rtol=1e-4, atol=2e-3)
+            absorbed_seen |= ~env.alive(s1)
+            s0 = s1
+    assert absorbed_seen.all()  # random actions do topple every ant: the regime that diverged
+
+    venv.reset(seed=0)
+    lengths = []
+    for t in range(100):
+        was_alive = env.alive(venv.state)
+        obs, rew, cost, term, trunc, info = venv.step(actions().numpy())
+        assert np.isfinite(obs).all() and was_alive.all(), t  # a fallen ant never takes another step
+        lengths += [e["length"] for e in info["episodes"]]
+        assert len(info["episodes"]) == int(term.sum()) and not trunc.any()
+    assert lengths and max(lengths) < 100
 
 
 def test_cgpo_runs_on_a_brax_task_through_two_gradient_workers(ray_session, run_root):

@@ -63,6 +63,12 @@ def advantages(critic: torch.nn.Module, norm, batch: dict, signal: str, gamma: f
     return gae(batch[signal], v, v_next, batch["end"], gamma, lam)
 
 
+def lagrangian_advantage(adv_r: torch.Tensor, adv_c: torch.Tensor, lam: float) -> torch.Tensor:
+    """Â = (z(Â_R) − λ (Â_C − mean Â_C)) / (1 + λ), z the per-batch z-score (OmniSafe's scaling)."""
+    adv_r = (adv_r - adv_r.mean()) / (adv_r.std() + 1e-8)
+    return (adv_r - lam * (adv_c - adv_c.mean())) / (1 + lam)
+
+
 def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float):
     ratio = torch.exp(logp - logp_old)
     loss = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
@@ -93,8 +99,7 @@ class PPOLag(base.Learner):
         adv_r, ret_r = advantages(self.v_r, norm, batch, "reward", p.gamma, p.lam)
         adv_c, ret_c = advantages(self.v_c, norm, batch, "cost", p.cost_gamma, p.cost_lam)
         lam = self.multiplier.value
-        adv_r = (adv_r - adv_r.mean()) / (adv_r.std() + 1e-8)
-        adv = ((adv_r - lam * (adv_c - adv_c.mean())) / (1 + lam)).reshape(-1)
+        adv = lagrangian_advantage(adv_r, adv_c, lam).reshape(-1)
         obs = batch["obs"].reshape(-1, self.env.obs_dim)
         act, logp_old = batch["act"].reshape(-1, self.env.act_dim), batch["logp"].reshape(-1)
         ret_r, ret_c = ret_r.reshape(-1), ret_c.reshape(-1)

@@ -60,6 +60,12 @@ register_algo(AlgoSpec("ppo_lag", "sampling", "saferl.learners.ppo_lag:PPOLag", 
                        "Ray, Achiam & Amodei 2019 (Safety Gym); PPO: Schulman et al. 2017"))
 register_algo(AlgoSpec("ppo", "sampling", "saferl.learners.ppo_lag:PPO", (),
                        "Schulman et al. 2017 (unconstrained)"))
+register_algo(AlgoSpec("trpo_lag", "sampling", "saferl.learners.trpo_lag:TRPOLag", ("dual",),
+                       "Ray, Achiam & Amodei 2019 (Safety Gym); TRPO: Schulman et al. 2015"))
+register_algo(AlgoSpec("trpo", "sampling", "saferl.learners.trpo_lag:TRPO", (),
+                       "Schulman et al. 2015 (unconstrained)"))
+register_algo(AlgoSpec("cpo", "sampling", "saferl.learners.cpo:CPO", (),
+                       "Achiam, Held, Tamar & Abbeel 2017 (the constraint is handled in the step: no dual phase)"))
 register_algo(AlgoSpec("sac_lag", "offpolicy", "saferl.learners.sac_lag:SACLag", ("dual",),
                        "SAC: Haarnoja et al. 2018; Lagrangian as in FSRL / OmniSafe"))
 register_algo(AlgoSpec("sac", "offpolicy", "saferl.learners.sac_lag:SAC", (),

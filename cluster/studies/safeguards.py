@@ -35,6 +35,7 @@ steps (# Stuck) ... non-convergent runs [are excluded] from the reward and step 
   not stayed in the band over at least the last 10% of the run);
 * Reward = mean deterministic evaluation return of the final policies of the converged runs,
   with a percentile-bootstrap 95% CI over their pooled evaluation episodes (2000 resamples);
+  over all runs, marked †, when none converged;
 * violations = Σ episode costs (steps outside the RCI set or the state box) over all training
   episodes; must be 0 for every safeguarded run (the study reports any that is not);
 * wall-clock ratio = (training seconds per env step) / (the same algorithm's unsafe runs'), the
@@ -57,7 +58,7 @@ BASE_VARIANTS = ("none", "BP", "RM")
 MODIFICATIONS = ("BPReg", "RMReg", "RMPass", "RMHyp", "RMHypReg", "RMOrth")
 ALGOS = ("shac", "ppo", "sac")
 ALGO_LABELS = {"shac": "SHAC", "ppo": "PPO", "sac": "SAC"}
-DEFAULT_BUDGET = {"shac": 48_000, "ppo": 96_000, "sac": 12_000}
+DEFAULT_BUDGET = {"shac": 48_000, "ppo": 192_000, "sac": 24_000}
 PAPER_BUDGET = {"shac": 192_000, "ppo": 400_000, "sac": 200_000}
 # Seed 003, Table 6 (wall-clock relative to unsafe, Pendulum, 10k steps) for reference.
 PAPER_WALL = {"BP": {"shac": 5.089, "ppo": 4.483, "sac": 4.774}, "RM": {"shac": 9.857, "ppo": 8.100, "sac": 7.500}}
@@ -258,10 +259,10 @@ def table(records: list[dict], s: dict) -> str:
                 continue
             conv = [r for r in rs if not r["stuck"]]
             steps = statistics.fmean(r["steps_to_5pct"] for r in conv) if conv else None
-            pooled = [v for r in conv for v in json.loads(r["eval_returns"])]
-            reward = statistics.fmean(pooled) if pooled else None
+            pooled = [v for r in (conv or rs) for v in json.loads(r["eval_returns"])]
+            reward = statistics.fmean(pooled)
             ci = bootstrap_ci(pooled)
-            ci_text = f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
+            ci_text = (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "") + ("" if conv else " †")
             viol = sum(r["train_violations"] for r in rs)
             ev_viol = sum(r["eval_violations"] for r in rs)
             speed = statistics.fmean(r["s_per_1k_steps"] for r in rs)
@@ -270,6 +271,7 @@ def table(records: list[dict], s: dict) -> str:
                          f"{_fmt(reward, '.4g')}{ci_text} | {len(rs) - len(conv)}/{len(rs)} | {viol:g} ({ev_viol:g}) | "
                          f"{_fmt(ratio, '.2f')} |")
         lines.append("")
+    lines += ["† no run converged within its budget: Reward is over all runs.", ""]
     bad = [r for r in ok if r["variant"] != "none" and (r["train_violations"] or r["eval_violations"])]
     lines.append("Safeguarded runs with a violation: " + (", ".join(Path(r["run_dir"]).name for r in bad) or "none")
                  + ".")

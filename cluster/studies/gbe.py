@@ -40,8 +40,9 @@ Choices not fixed by the paper:
   statistics are updated after each measured update (never inside one).
 * ABE is the practical CPO/OmniSafe form of eq 72 for a finite-horizon undiscounted task:
   γ = 0.99 (so 1/(1−γ) = 100), a time-independent cost critic V_C(s) (the infinite-horizon
-  assumption) fitted every epoch to TD(λ = 0.95) targets from ``learners/gae.gae`` with the time
-  limit treated as truncation (bootstrap V_C(s_T)); s ∼ d^π is the uniform empirical distribution
+  assumption) fitted every epoch to TD(λ = 0.95) targets from ``learners/gae.gae``, the episode
+  ending at T (``--abe-time-limit truncation`` bootstraps V_C(s_T) instead: on BraxCartPole that
+  self-bootstrap diverged to |A| ~ 1e5 as the cart drifts); s ∼ d^π is the uniform empirical distribution
   over all N·T visited states; a ∼ π are the batch's own actions (ratios on the pre-tanh sample u,
   where the tanh Jacobian cancels). The expectation is taken of (ρ − 1)·A rather than ρ·A, equal
   in expectation since E_π[A] = 0 but without the batch's non-zero mean advantage (the literal
@@ -102,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[32, 32], help="policy hidden sizes")
     parser.add_argument("--gamma", type=float, default=0.99, help="ABE's discount γ")
     parser.add_argument("--gae-lambda", type=float, default=0.95, help="ABE's GAE λ")
+    parser.add_argument("--abe-time-limit", choices=["termination", "truncation"], default="termination",
+                        help="ABE critic targets at T: the episode ends (default), or bootstrap V(s_T) (the "
+                             "infinite-horizon view; diverges on BraxCartPole)")
     parser.add_argument("--critic-iters", type=int, default=60,
                         help="ABE critic Adam steps per epoch (10x on the first)")
     parser.add_argument("--dtype", choices=["auto", "float32", "float64"], default="auto",
@@ -181,7 +185,8 @@ def shifted_cost(env, policy, start, noise, steps: int, delta: np.ndarray) -> fl
 class ABECritic:
     """Time-independent cost critic V_C(s) and the ABE estimate of eq 72 (see module docstring)."""
 
-    def __init__(self, obs_dim: int, gamma: float, lam: float, iters: int, dtype, hidden=(64, 64)):
+    def __init__(self, obs_dim: int, gamma: float, lam: float, iters: int, dtype, hidden=(64, 64),
+                 time_limit: str = "termination"):
         import torch
         from torch import nn
 
@@ -190,6 +195,7 @@ class ABECritic:
         self.net = mlp([obs_dim, *hidden, 1], activation=nn.ELU).to(dtype)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=3e-3)
         self.gamma, self.lam, self.iters, self.fits = gamma, lam, iters, 0
+        self.bootstrap_last = time_limit == "truncation"
 
     def _targets(self, z, costs):
         import torch
@@ -199,8 +205,11 @@ class ABECritic:
         with torch.no_grad():
             v = self.net(z).squeeze(-1)  # [T+1, N]
         end = torch.zeros_like(costs, dtype=torch.bool)
-        end[-1] = True  # time limit = truncation: bootstrap V(s_T) (the infinite-horizon view)
-        adv, targets = gae(costs, v[:-1], v[1:], end, self.gamma, self.lam)
+        end[-1] = True
+        v_next = v[1:].clone()
+        if not self.bootstrap_last:  # the episode ends at T: no value after it
+            v_next[-1] = 0.0
+        adv, targets = gae(costs, v[:-1], v_next, end, self.gamma, self.lam)
         return adv, targets, v[:-1]
 
     def fit_and_advantages(self, z, costs):
@@ -302,7 +311,8 @@ def run_gbe_abe(env, limit: float, args, log, dtype) -> tuple[list[dict], int]:
     N, rows, skipped = args.envs, [], 0
     for seed in range(args.seeds):
         policy = _make_policy(env, args.hidden, seed, dtype)
-        critic = ABECritic(env.obs_dim, args.gamma, args.gae_lambda, args.critic_iters, dtype)
+        critic = ABECritic(env.obs_dim, args.gamma, args.gae_lambda, args.critic_iters, dtype,
+                           time_limit=args.abe_time_limit)
         for epoch in range(args.epochs):
             start, noise = _batch(env, seed, epoch, N, T, dtype)
             j_r, j_c, g, q, _, traj = batch_gradients(env, policy, start, noise, T)

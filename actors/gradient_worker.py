@@ -50,20 +50,26 @@ def shard_result(l_r, l_c, g, q, j_r: float, j_c: float, traj: dict) -> dict:
             "obs_var": obs.var(0, unbiased=False).cpu().numpy()}
 
 
-def make_diff_env(task_name: str):
+def make_diff_env(task_name: str, device: torch.device | str | None = None):
+    """The task's differentiable env; tasks that hold tensors (``accepts_device``) are built on
+    ``device`` so a GPU worker steps them without host round trips."""
     spec = registry.get_task(task_name)
-    module, cls = spec.entry.split(":")
-    return getattr(importlib.import_module(module), cls)(**spec.kwargs)
+    module, name = spec.entry.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    kwargs = dict(spec.kwargs)
+    if device is not None and getattr(cls, "accepts_device", False):
+        kwargs["device"] = torch.device(device)
+    return cls(**kwargs)
 
 
 class GradientWorker:
     def __init__(self, task_name: str, env_offset: int, num_envs: int, total_envs: int, seed: int,
                  arch: dict, device: str = "auto"):
-        self.env = make_diff_env(task_name)
+        self.device = pick_device(device)
+        self.env = make_diff_env(task_name, self.device)
         self.horizon = self.env.max_episode_steps
         self.shard = slice(env_offset, env_offset + num_envs)
         self.total_envs, self.seed = total_envs, seed
-        self.device = pick_device(device)
         build_networks(self, arch, self.env.obs_dim)
         self.episode, self.t = -1, self.horizon  # the first call starts episode 0
 

@@ -83,7 +83,7 @@ import time
 from pathlib import Path
 
 from saferl.cluster.studies.runner import (csv_list, fail_if_any_failed, plot_mean_std, read_curve,
-                                           run_jobs, summarise, write_csv)
+                                           run_jobs, save_figure, study_console_and_out, summarise, write_csv)
 
 HELP = ("seed 000 Table 1: Conv. Steps and Vio. Ratio of CGPO, SHAC-Lag, BPTT-Lag, PPO-Lag on the "
         "Brax tasks")
@@ -383,18 +383,12 @@ def _plot(out: Path, curves: list[tuple], records: list[dict], args) -> None:
             axes[row][j].grid(alpha=0.3)
             if axes[row][j].get_legend_handles_labels()[0]:
                 axes[row][j].legend(fontsize=7)
-    fig.suptitle("Seed 000, Table 1 study\n(mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "curves.png", "Seed 000, Table 1 study\n(mean ± std over seeds)")
 
 
 def run(args) -> Path:
-    from rich.console import Console
-
-    console = Console(highlight=False, soft_wrap=True)
     s = _settings(args)
-    out = Path(args.out or f"runs/studies/cgpo-table1-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
+    console, out = study_console_and_out("cgpo-table1", args)
     jobs = _plan(args, s, out)  # every config validated before anything is created or started
     out.mkdir(parents=True, exist_ok=True)
     for job in jobs[:: s["seeds"]]:  # one warning per (task, algo)

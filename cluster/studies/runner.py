@@ -243,3 +243,20 @@ def plot_mean_std(ax, runs: list, color, label: str) -> None:
     mean, std = ys.mean(0), ys.std(0)
     ax.plot(grid, mean, color=color, label=f"{label} ({len(runs)} seeds)")
     ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+
+
+def study_console_and_out(name: str, args):
+    """The console a study prints to and its output folder (``--out``, or a fresh timestamped one)."""
+    from rich.console import Console
+
+    out = Path(args.out or f"runs/studies/{name}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
+    return Console(highlight=False, soft_wrap=True), out
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -49,7 +49,8 @@ import statistics
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import csv_list, fail_if_any_failed, plot_mean_std, run_jobs, write_csv
+from saferl.cluster.studies.runner import (csv_list, fail_if_any_failed, plot_mean_std, run_jobs, save_figure,
+                                           study_console_and_out, write_csv)
 
 HELP = "seed 003 Tables 2-6: safeguards (boundary projection, ray mask) with SHAC, PPO and SAC"
 
@@ -315,20 +316,14 @@ def _plot(out: Path, curves: list[tuple], s: dict) -> None:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-    fig.suptitle("Seed 003 safeguards study (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "curves.png", "Seed 003 safeguards study (mean ± std over seeds)")
 
 
 def run(args) -> Path:
     import csv
 
-    from rich.console import Console
-
-    console = Console(highlight=False, soft_wrap=True)
     s = _settings(args)
-    out = Path(args.out or f"runs/studies/safeguards-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
+    console, out = study_console_and_out("safeguards", args)
     jobs = _plan(args, s, out)  # every config validated before anything starts
     by_name = {j["name"]: j for j in jobs}
     out.mkdir(parents=True, exist_ok=True)

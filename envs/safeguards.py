@@ -21,6 +21,17 @@ for the paper's linearisation at the origin; p(s) is affine in s and differentia
 Rows are normalised to unit length (zero rows — constraints on the state only — are kept
 unnormalised; S(s) is empty if one of them is violated).
 
+Row reduction (``reduce=True``, what ``safeguard`` uses for large RCI sets; not in the paper,
+which solves with all rows). The quadrotor's RCI set has 28.7k facets, yet per state only a
+handful shape S(s): (1) rows that hold on the whole box are dropped exactly
+(``box_cutting_rows``: a test at the box corners' next-state centres, over groups of
+near-parallel rows first); (2) for m = 2 the rest are tested against a polygon O ⊇ S(s) clipped
+from a few of them (``polygon_cutting_rows``), dropping those that cut into O by less than a
+quarter of the feasibility tolerance (near-duplicate facets). Only the kept rows are built
+with gradients (float32 rollouts: 1.5 RCI rows per state on average, ≤ 14); the safe set,
+projections and gradients are the full polytope's to tolerance
+(``tests/test_safeguards.py::test_reduced_polytope_is_the_full_one``).
+
 Safeguards (all map a policy action a ∈ [−1, 1]^m into S(s)):
 
 * Boundary projection (eq 11): a_safe = argmin ‖a' − a‖² s.t. P a' ≤ p.
@@ -110,8 +121,184 @@ def next_set_at_state(env, state: torch.Tensor):
     return d, B, E @ env.noise_set.generators.to(s)
 
 
+def _rci_rows(H, h, d, B, G):
+    """(H B, h − H d − |H G| 1): ⟨d + B a, G⟩ ⊆ {Hx ≤ h} row-wise (support function, eq 4).
+    H [K, n] shared, or [..., K, n] per state (the reduced rows)."""
+    Hd = d @ H.mT if H.dim() == 2 else (H @ d.unsqueeze(-1)).squeeze(-1)
+    return H @ B, h - Hd - (H @ G).abs().sum(-1)
+
+
+def _noise_margin(H, G):
+    """|H G| 1 [K] when G is the same for every state (the tasks' additive noise), else the
+    upper bound |H| Σ_j max_s |G(s)_{:, j}| (a smaller offset: keeps more rows, still exact)."""
+    Gf = G.reshape(-1, *G.shape[-2:])
+    if bool((Gf == Gf[:1]).all()):
+        return (H @ Gf[0]).abs().sum(-1)
+    return H.abs() @ Gf.abs().amax(0).sum(-1)
+
+
+def row_groups(H: torch.Tensor, res: float = 0.05):
+    """Rows of H grouped by their direction rounded to a ``res`` grid (for ``box_cutting_rows``):
+    (order [K]: row ids sorted by group, count [G], rep [G, n]: the mean row, radius [G]:
+    max ‖H_i − rep‖, gid [K]: each row's group). res = 0.05 puts the quadrotor's 28.7k RCI rows
+    in 2.4k groups of radius ≤ 0.04: few groups, yet a bound tight enough to skip nearly all."""
+    H = H.double()
+    _, gid = torch.unique((H / res).round(), dim=0, return_inverse=True)
+    count = torch.bincount(gid)
+    rep = H.new_zeros(count.shape[0], H.shape[1]).index_add_(0, gid, H) / count.unsqueeze(-1)
+    radius = H.new_zeros(count.shape[0]).scatter_reduce(0, gid, (H - rep[gid]).norm(dim=-1), "amax")
+    return gid.argsort(stable=True), count, rep, radius, gid
+
+
+@functools.lru_cache(maxsize=None)
+def _rci_groups(task: str):
+    from saferl.envs.safegbpo_tasks import _rci_halfspaces
+    return row_groups(_rci_halfspaces(task)[0])  # once per process
+
+
+def _groups(env, H):
+    """``row_groups`` of the RCI rows (cached per task), on H's dtype/device."""
+    task = getattr(env, "task", None)
+    grp = _rci_groups(task) if task is not None else row_groups(H)
+    if grp[0].shape[0] != H.shape[0]:
+        grp = row_groups(H)
+    return tuple(t.to(H.device) if t.dtype == torch.long else t.to(H) for t in grp)
+
+
+def _expand(sel_rows, sel_groups, order, count):
+    """(row, group) pairs → (row, member) pairs over the groups' members (CSR via order)."""
+    n = count[sel_groups]
+    start = (count.cumsum(0) - count)[sel_groups]
+    local = torch.arange(int(n.sum()), device=n.device) - (n.cumsum(0) - n).repeat_interleave(n)
+    return sel_rows.repeat_interleave(n), order[start.repeat_interleave(n) + local]
+
+
+def box_cutting_rows(H, h, d, B, G, groups, tol: float = 0.0):
+    """(state, row) index pairs, grouped by state, of the RCI rows that may cut the action box
+    (d [N, n], B [N or 1, n, m]; ``groups`` from ``row_groups(H)``).
+
+    On [−1, 1]^m row i's left side minus offset is largest at a corner v: max_v H_i(d + B v)
+    − h_i + |H_i G| 1; where that is ≤ −tol the row holds on the whole box, so dropping it
+    leaves S(s) unchanged (exact). A group is skipped where the bound H̄ x + r ‖x‖ ≥ H_i x
+    (‖H_i − H̄‖ ≤ r) shows none of its rows can cut; only the rows of the others are tested
+    (the quadrotor: ~2 of 2.4k groups per state, instead of 28.7k rows)."""
+    corners = torch.tensor(list(itertools.product((1.0, -1.0), repeat=B.shape[-1])),
+                           dtype=d.dtype, device=d.device)
+    X = d.unsqueeze(-2) + corners @ B.mT  # [N, 2^m, n]: next-state centres of the box corners
+    limit = h - _noise_margin(H, G) - tol
+    order, count, rep, radius, gid = groups
+    low = torch.full_like(radius, math.inf).scatter_reduce(0, gid, limit, "amin")
+    bound = (X @ rep.mT + radius * X.norm(dim=-1, keepdim=True)).amax(-2) > low
+    rows, cols = _expand(*bound.nonzero(as_tuple=True), order, count)
+    keep = (X[rows] @ H[cols].unsqueeze(-1)).squeeze(-1).amax(-1) > limit[cols]
+    return rows[keep], cols[keep]
+
+
+def _pack(rows: torch.Tensor, cols: torch.Tensor, n: int, pad: int) -> torch.Tensor:
+    """Ragged (row, col) pairs, grouped by row, → [n, k] column indices (k = the largest
+    count), padded with ``pad``."""
+    count = torch.bincount(rows, minlength=n)
+    pos = torch.arange(rows.numel(), device=rows.device) - (count.cumsum(0) - count)[rows]
+    idx = torch.full((n, int(count.max()) if n else 0), pad, dtype=torch.long, device=rows.device)
+    idx[rows, pos] = cols
+    return idx
+
+
+_SQUARE = ((1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0), (1.0, -1.0))
+
+
+def _clip_polygon(V, u, o):
+    """Sutherland–Hodgman: convex polygon V [N, L, 2] (cyclic, repeats allowed) ∩ {u·a ≤ o},
+    as [N, L + 1, 2] (padded by repeating a vertex), and where it is empty. Where it is empty,
+    or round-off gives more than L + 1 vertices, V itself is returned (a superset)."""
+    N, L, _ = V.shape
+    f = (V @ u.unsqueeze(-1)).squeeze(-1) - o.unsqueeze(-1)
+    Vn, fn = V.roll(-1, 1), f.roll(-1, 1)
+    inside = f <= 0
+    cross = inside != (fn <= 0)  # edge V → Vn crosses the line: add the intersection point
+    t = f / torch.where(cross, f - fn, torch.ones_like(f))
+    pts = torch.stack([V, V + t.unsqueeze(-1) * (Vn - V)], 2).reshape(N, 2 * L, 2)
+    ok = torch.stack([inside, cross], 2).reshape(N, 2 * L)
+    order = (~ok).to(torch.uint8).argsort(dim=1, stable=True)[:, :L + 1]  # valid ones first
+    out = pts.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
+    out = torch.where(ok.gather(1, order).unsqueeze(-1), out, out[:, :1])
+    count = ok.sum(1)
+    empty = count == 0
+    old = torch.cat([V, V[:, :1]], 1)
+    return torch.where(((count > L + 1) | empty)[:, None, None], old, out), empty
+
+
+def _depth(u, o, V):
+    """max_{v ∈ V} u·v − o [R]: how far each row u·a ≤ o (u [R, 2]) cuts into its polygon
+    V [R, L, 2]."""
+    return (V[..., 0] * u[:, :1] + V[..., 1] * u[:, 1:]).amax(-1) - o
+
+
+def polygon_cutting_rows(P, p, seg, n: int, eps: float, passes: int = 4) -> torch.Tensor:
+    """m = 2: which rows to keep, [R] bool, of ragged rows P [R, 2], p [R] of states seg [R].
+
+    Builds per state O = box ∩ {a few rows} ⊇ S: per pass, per octant of row directions, the
+    row cutting deepest into the current O (clipped in, Sutherland–Hodgman); up to ``passes``
+    passes, until no row cuts deeper than ``eps``. Keeps those rows and every row cutting
+    more than eps (row-normalised) into the final O; the dropped ones hold on O ⊇ S' up to
+    eps, so S ⊆ S' ⊆ {P a ≤ p + eps ‖P‖}: S itself for eps ≪ the feasibility tolerance (the
+    quadrotor's RCI set has ~10³ near-duplicate facets, from its ~1e-7 generators, that only
+    an eps > 0 merges). O only shrinks, so each pass looks only at the rows still cutting
+    deeper than eps. Where O comes out empty nothing is dropped."""
+    R, dev = p.shape[0], p.device
+    norm = P.norm(dim=-1)
+    scale = torch.where(norm > 1e-12, norm, torch.ones_like(norm))
+    u, o = P / scale.unsqueeze(-1), p / scale
+    key = seg * 8 + ((u[:, 0] < 0) * 4 + (u[:, 1] < 0) * 2 + (u[:, 0].abs() < u[:, 1].abs()))
+    V = torch.tensor(_SQUARE, dtype=P.dtype, device=dev).expand(n, 4, 2)
+    keep = torch.zeros(R, dtype=torch.bool, device=dev)
+    empty = torch.zeros(n, dtype=torch.bool, device=dev)
+    live = torch.arange(R, device=dev)
+    for i in range(passes + 1):
+        depth = _depth(u[live], o[live], V[seg[live]])
+        live, depth = live[depth > eps], depth[depth > eps]
+        if i == passes or not live.numel():
+            break
+        best = depth.new_full((n * 8,), -math.inf).scatter_reduce(0, key[live], depth, "amax")
+        is_best = depth == best[key[live]]
+        pick = live.new_full((n * 8,), R).scatter_reduce(0, key[live], torch.where(is_best, live, R),
+                                                         "amin")
+        cut = pick < R
+        keep[pick[cut]] = True
+        pick, cut = pick.clamp_max(R - 1).view(n, 8), cut.view(n, 8)
+        for j in range(8):  # (no cut: o = inf leaves V as it is)
+            oj = torch.where(cut[:, j], o[pick[:, j]], o.new_full((n,), math.inf))
+            V, e = _clip_polygon(V, u[pick[:, j]], oj)
+            empty |= e
+    keep[live] = True
+    return keep | empty[seg]
+
+
+def _reduced_rci_rows(H, h, d, B, G, groups, tol):
+    """The rows of ``_rci_rows`` that may shape S(s), per state, padded with the trivial row
+    0·a ≤ 1: [..., k, m], [..., k]. Selection without gradients: ``box_cutting_rows`` (exact),
+    then for m = 2 ``polygon_cutting_rows`` (eps = tol/4) on the ragged survivors; only the k
+    kept rows are rebuilt with gradients, so every active row's gradient is the full
+    polytope's."""
+    batch = torch.broadcast_shapes(d.shape[:-1], B.shape[:-2], G.shape[:-2])
+    K, n, m = H.shape[0], H.shape[1], B.shape[-1]
+    with torch.no_grad():
+        Bf, Gf = (t.detach().expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
+                  for t in (B, G))
+        df = d.detach().expand(*batch, n).reshape(-1, n)
+        rows, cols = box_cutting_rows(H, h, df, Bf, Gf, groups, tol)
+        if m == 2 and rows.numel():
+            P1, p1 = _rci_rows(H[cols, None], h[cols, None], df[rows], Bf[rows], Gf[rows])
+            keep = polygon_cutting_rows(P1[:, 0], p1[:, 0], rows, df.shape[0], tol / 4)
+            rows, cols = rows[keep], cols[keep]
+        idx = _pack(rows, cols, df.shape[0], K).reshape(*batch, -1)
+    Hx = torch.cat([H, H.new_zeros(1, n)])  # the padding row: 0·x ≤ 1
+    hx = torch.cat([h, h.new_ones(1)])
+    return _rci_rows(Hx[idx], hx[idx], d, B, G)
+
+
 def safe_action_polytope(env, state: torch.Tensor, lin=None, normalise: bool = True,
-                         linearise: str = "origin"):
+                         linearise: str = "origin", reduce: bool = False):
     """(P [..., k, m], p [..., k]) with S(s) = {a : P a ≤ p}: box, CTRL, next-state-in-RCI rows.
 
     Exact for the linearised dynamics (paper eq 7 with eq 12-13/48): the next-state zonotope
@@ -120,6 +307,10 @@ def safe_action_polytope(env, state: torch.Tensor, lin=None, normalise: bool = T
     Differentiable w.r.t. ``state`` through p (and P if the linearisation is state-dependent).
     ``linearise``: "origin" (the paper's / spec's choice: ``env.next_set_affine(state, lin)``)
     or "state" (``next_set_at_state``: exact for these control-affine tasks; P depends on s).
+    ``reduce``: keep, per state, only the RCI rows that shape S(s) (``_reduced_rci_rows``; the
+    same set to tolerance), padded with 0·a ≤ 1 to the batch's largest count: of the
+    quadrotor's 28.7k RCI rows ≤ ~14 per state remain, which is what makes its safeguards
+    affordable (every step of them is linear in the row count).
     """
     if linearise == "state":
         d, B, G = next_set_at_state(env, state)
@@ -132,12 +323,13 @@ def safe_action_polytope(env, state: torch.Tensor, lin=None, normalise: bool = T
     m = B.shape[-1]
     eye = torch.eye(m, **kw)
     Hc, hc = (t.to(**kw) for t in _ctrl_hs(env))
-    P_rci = H @ B  # [(B's batch), K, m]
+    if reduce:
+        P_rci, p_rci = _reduced_rci_rows(H, h, d, B, G, _groups(env, H), _tol(d.dtype))
+    else:
+        P_rci, p_rci = _rci_rows(H, h, d, B, G)  # P_rci: [(B's batch), K, m]
     pre = P_rci.shape[:-2]
     P = torch.cat([eye.expand(*pre, m, m), (-eye).expand(*pre, m, m), Hc.expand(*pre, *Hc.shape),
                    P_rci], -2)
-    p_rci = h - d @ H.mT if B.dim() == 2 else h - (H @ d.unsqueeze(-1)).squeeze(-1)
-    p_rci = p_rci - (H @ G).abs().sum(-1)
     batch = torch.broadcast_shapes(p_rci.shape[:-1], pre)
     p = torch.cat([torch.ones(2 * m, **kw).expand(*batch, 2 * m), hc.expand(*batch, hc.shape[0]),
                    p_rci.expand(*batch, p_rci.shape[-1])], -1)
@@ -395,20 +587,26 @@ def zonotopic_centre(P, p, k_rows: int = 64, seed: int = 0, **solver_args):
     the 1-generator zonotope is the whole interval). m ≥ 2: centre of the inner zonotope
     ⟨c, D diag(ℓ)⟩ ⊆ S maximising geo_mean(ℓ) over 2m fixed random unit directions D; the
     containment P c + |P D| ℓ ≤ p is exact. cvxpylayers (differentiable), rows pruned to
-    ``k_rows`` (exact where ``prune_polytope`` says so; raises otherwise)."""
+    those that may cut the box (exact), rounded up to a multiple of 16 (few compiled layers),
+    at most ``k_rows`` (raises if more are needed)."""
     m = P.shape[-1]
     if m == 1:
         lo, hi = interval_bounds(P, p)
         return (0.5 * (lo + hi)).unsqueeze(-1)
-    Pk, pk, exact = prune_polytope(P, p, k_rows)
+    need = 2 * m + int(((p - P.abs().sum(-1))[..., 2 * m:] < 0).sum(-1).max())  # box-cutting rows
+    Pk, pk, exact = prune_polytope(P, p, min(k_rows, -(-need // 16) * 16))  # (cost grows with k)
     if not bool(exact.all()):
         raise ValueError(f"k_rows={k_rows} does not keep every non-redundant row; raise it")
+    pad = -Pk.shape[-2] % 16  # fewer rows than asked for: pad with 0·a ≤ 1 (one layer per k)
+    if pad > 0:
+        Pk = torch.cat([Pk, Pk.new_zeros(*Pk.shape[:-2], pad, m)], -2)
+        pk = torch.cat([pk, pk.new_ones(*pk.shape[:-1], pad)], -1)
     D = _rand_directions(m, 2 * m, seed).to(P)
     batch = pk.shape[:-1]
     layer = _zonotope_layer(Pk.shape[-2], m, 2 * m)
     Pf, pf = Pk.reshape(-1, *Pk.shape[-2:]), pk.reshape(-1, pk.shape[-1])
     c, _ = layer(Pf, (Pf @ D).abs(), pf, solver_args=solver_args or {"eps": 1e-9})
-    return c.reshape(*batch, m)
+    return c.reshape(*batch, m).to(P.dtype)  # (the layer solves in float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,7 +632,8 @@ def safeguard(env, state, action, kind: str = "boundary_projection", centre: str
         raise ValueError(f"kind must be one of {KINDS}")
     if centre not in CENTRES:
         raise ValueError(f"centre must be one of {CENTRES}")
-    P, p = safe_action_polytope(env, state, lin, linearise=linearise)
+    reduce = env.rci_H.shape[0] > 256  # (a few rows, as the pendulum's 12: not worth it)
+    P, p = safe_action_polytope(env, state, lin, linearise=linearise, reduce=reduce)
     a = action.to(p.dtype)
     if kind == "boundary_projection":
         return project_polytope(P, p, a)
@@ -456,6 +655,8 @@ class SafeguardedEnv(DiffEnv):
     Jacobian is the identity); the task steps with a_safe; reward −= c_reg · mean_j
     (safe(a) − a)_j² (the regulariser uses the true safeguard map, also under passthrough, so
     its gradient is not zeroed by the detach)."""
+
+    accepts_device = True  # forwarded to the wrapped task
 
     def __init__(self, env=None, kind: str = "boundary_projection", centre: str = "orthogonal",
                  passthrough: bool = False, c_reg: float = 0.0, task: str | None = None,

@@ -63,10 +63,14 @@ def advantages(critic: torch.nn.Module, norm, batch: dict, signal: str, gamma: f
     return gae(batch[signal], v, v_next, batch["end"], gamma, lam)
 
 
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """The per-batch z-score (x − mean) / (std + 1e-8)."""
+    return (x - x.mean()) / (x.std() + 1e-8)
+
+
 def lagrangian_advantage(adv_r: torch.Tensor, adv_c: torch.Tensor, lam: float) -> torch.Tensor:
     """Â = (z(Â_R) − λ (Â_C − mean Â_C)) / (1 + λ), z the per-batch z-score (OmniSafe's scaling)."""
-    adv_r = (adv_r - adv_r.mean()) / (adv_r.std() + 1e-8)
-    return (adv_r - lam * (adv_c - adv_c.mean())) / (1 + lam)
+    return (standardise(adv_r) - lam * (adv_c - adv_c.mean())) / (1 + lam)
 
 
 def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float):
@@ -96,10 +100,9 @@ class PPOLag(base.Learner):
         p, dev = self.p, self.device
         batch = assemble(batches, dev)
         norm = self.policy.normalised
-        adv_r, ret_r = advantages(self.v_r, norm, batch, "reward", p.gamma, p.lam)
-        adv_c, ret_c = advantages(self.v_c, norm, batch, "cost", p.cost_gamma, p.cost_lam)
         lam = self.multiplier.value
-        adv = lagrangian_advantage(adv_r, adv_c, lam).reshape(-1)
+        adv, ret_r, ret_c = self.policy_advantages(batch)
+        adv = adv.reshape(-1)
         obs = batch["obs"].reshape(-1, self.env.obs_dim)
         act, logp_old = batch["act"].reshape(-1, self.env.act_dim), batch["logp"].reshape(-1)
         ret_r, ret_c = ret_r.reshape(-1), ret_c.reshape(-1)
@@ -131,12 +134,26 @@ class PPOLag(base.Learner):
             stats["kl"].append(kl)
             if kl > p.target_kl:
                 break
+        extra = self.after_policy_epochs(obs, act, logp_old)
         if self.policy.norm is not None:  # statistics for the next rollout, after this update
             self.policy.norm.update(batch["obs"])
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out.update(epochs=epochs_run, std=self.policy.log_std.exp().mean().item(),
-                   lagrange_multiplier=lam)
+                   lagrange_multiplier=lam, **extra)
         return out
+
+    def policy_advantages(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Â for the clipped surrogate, reward value targets R̂, cost value targets Ĉ), each [T, N].
+        PPO-Lag: Â = ``lagrangian_advantage(Â_R, Â_C, λ)``; RCPO and CUP override this."""
+        p, norm = self.p, self.policy.normalised
+        adv_r, ret_r = advantages(self.v_r, norm, batch, "reward", p.gamma, p.lam)
+        adv_c, ret_c = advantages(self.v_c, norm, batch, "cost", p.cost_gamma, p.cost_lam)
+        return lagrangian_advantage(adv_r, adv_c, self.multiplier.value), ret_r, ret_c
+
+    def after_policy_epochs(self, obs: torch.Tensor, act: torch.Tensor, logp_old: torch.Tensor) -> dict:
+        """A second policy step on the same flat batch, after the clipped-surrogate epochs and before
+        the observation statistics move (CUP's projection); returns metrics. None in PPO-Lag."""
+        return {}
 
     def phase_dual(self, signals: dict) -> dict:
         """Dual step on the mean episode cost since the last dual step (skipped if none ended)."""
@@ -158,3 +175,20 @@ class PPOLag(base.Learner):
 class PPO(PPOLag):
     """Unconstrained PPO: PPO-Lag without a dual phase (λ stays at its initial value, 0), so
     Â = z(Â_R). Its cost critic is still trained and logged."""
+
+
+class CPPOPIDParams(PPOLagParams):
+    # Stooke et al. 2020's PID gains as OmniSafe's CPPOPID sets them (K_P 0.1, K_I 0.01, K_D 0.01,
+    # λ ≤ 100); the paper tunes them per task.
+    lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(
+        kind="pid", kp=0.1, ki=0.01, kd=0.01, upper=100.0))
+
+
+class CPPOPID(PPOLag):
+    """CPPO-PID (Stooke, Achiam & Abbeel 2020, "Responsive Safety in RL by PID Lagrangian Methods"):
+    PPO-Lag with the PID-Lagrangian multiplier of ``learners/lagrange.py`` (their Algorithm 2),
+    stepped on the coordinator's ``dual`` phase, and the (1 + λ)-normalised objective
+    (J_R − λ J_C)/(1 + λ) they use (``lagrangian_advantage``). Only the default of ``lagrange``
+    differs from PPO-Lag (kind pid), so a config that leaves it out still gets the PID multiplier."""
+
+    Params = CPPOPIDParams

@@ -66,6 +66,16 @@ register_algo(AlgoSpec("trpo", "sampling", "saferl.learners.trpo_lag:TRPO", (),
                        "Schulman et al. 2015 (unconstrained)"))
 register_algo(AlgoSpec("cpo", "sampling", "saferl.learners.cpo:CPO", (),
                        "Achiam, Held, Tamar & Abbeel 2017 (the constraint is handled in the step: no dual phase)"))
+register_algo(AlgoSpec("cppo_pid", "sampling", "saferl.learners.ppo_lag:CPPOPID", ("dual",),
+                       "Stooke, Achiam & Abbeel 2020 (PID Lagrangian, Algorithm 2) on PPO-Lag"))
+register_algo(AlgoSpec("rcpo", "sampling", "saferl.learners.rcpo:RCPO", ("dual",),
+                       "Tessler, Mankowitz & Mannor 2019 (penalised reward r − λc, one critic), on PPO"))
+register_algo(AlgoSpec("focops", "sampling", "saferl.learners.focops:FOCOPS", ("dual",),
+                       "Zhang, Vuong & Ross 2020 (FOCOPS, eq 7-8; ν on the dual phase)"))
+register_algo(AlgoSpec("cup", "sampling", "saferl.learners.cup:CUP", ("dual",),
+                       "Yang, Ji, Dai et al. 2022 (Constrained Update Projection; ν on the dual phase)"))
+register_algo(AlgoSpec("pcpo", "sampling", "saferl.learners.pcpo:PCPO", (),
+                       "Yang, Rosca, Narasimhan & Ramadge 2020 (the projection is in the step: no dual phase)"))
 register_algo(AlgoSpec("sac_lag", "offpolicy", "saferl.learners.sac_lag:SACLag", ("dual",),
                        "SAC: Haarnoja et al. 2018; Lagrangian as in FSRL / OmniSafe"))
 register_algo(AlgoSpec("sac", "offpolicy", "saferl.learners.sac_lag:SAC", (),

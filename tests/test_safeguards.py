@@ -86,6 +86,69 @@ def test_polytope_is_exact(env64):
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
 
 
+def _max_violation(P, p, a):
+    """max_i (P a − p)_i for actions a [N, A, m], state by state (the full P has 28.7k rows)."""
+    return torch.stack([(a[i] @ P[i].mT - p[i]).amax(-1) for i in range(a.shape[0])])
+
+
+@pytest.mark.parametrize("cls", TASKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("linearise", ["state", "origin"])
+def test_reduced_polytope_is_the_full_one(cls, dtype, linearise):
+    """``reduce=True`` (the rows that may cut the box, then for m = 2 those cutting into the
+    polygon) leaves S(s) unchanged to tolerance, on states inside, near the boundary of and
+    outside the RCI set: the same feasibility of random box actions, the same boundary
+    projections (and their state gradients), emptiness and ray-mask outputs."""
+    env, e64 = cls(dtype=dtype), cls(dtype=F64)
+    s = torch.cat([_states(e64, 32, 30), _states(e64, 32, 31, power=0.2),
+                   _states(e64, 32, 32, power=0.2) * 1.03, _states(e64, 16, 36, power=0.2) * 1.3])
+    s = s.to(dtype)  # (the last ones have S(s) = ∅ or tiny)
+    n, tol = s.shape[0], sg._tol(dtype)
+    P, p = sg.safe_action_polytope(env, s, linearise=linearise)
+    Pr, pr = sg.safe_action_polytope(env, s, linearise=linearise, reduce=True)
+    a = _actions(env, n * 256, 33).to(dtype).view(n, 256, env.act_dim)
+    full, red = _max_violation(P, p, a), _max_violation(Pr, pr, a)
+    assert (full <= 0).any() and (full > 0).any()
+    clear = full.abs() > tol  # (away from the boundary, where round-off cannot decide)
+    assert torch.equal((red <= 0)[clear], (full <= 0)[clear])
+    assert (full[red <= 0] <= tol).all() and (red[full <= 0] <= tol).all()
+    # boundary projections of points around the box
+    z = (torch.rand(n, env.act_dim, generator=_gen(34), dtype=F64) * 2.4 - 1.2).to(dtype)
+    a_full, info = sg.project_polytope(P, p, z, return_info=True)
+    a_red, info_red = sg.project_polytope(Pr, pr, z, return_info=True)
+    assert torch.equal(info["feasible"], info_red["feasible"])
+    ok = info["feasible"]
+    assert (~ok).any()
+    rows = (Pr.abs().sum(-1) > 0).sum(-1)  # (padding rows are 0·a ≤ 1)
+    assert rows.max() <= P.shape[-2] and rows[ok].max() < 100  # (quadrotor: of 28.7k)
+    atol = 1e-8 if dtype == F64 else 1e-5
+    torch.testing.assert_close(a_red[ok], a_full[ok], atol=atol, rtol=0)
+    # many boundary points of the reduced set (its projections of points up to 3 box widths
+    # out: edges and vertices) lie in the full set; with S ⊆ S' that makes every projection
+    # onto S' the one onto S
+    zz = (torch.rand(n, 64, env.act_dim, generator=_gen(37), dtype=F64) * 2 - 1) * 3
+    zz = zz * torch.rand(n, 64, 1, generator=_gen(38), dtype=F64)
+    edge = sg.project_polytope(Pr[ok].unsqueeze(1), pr[ok].unsqueeze(1), zz[ok].to(dtype))
+    assert (_max_violation(P[ok], p[ok], edge) <= tol).all()
+    # the ray mask about the orthogonal centre (box actions)
+    zb = z.clamp(-1, 1)[ok]
+    outs = []
+    for Q, q in ((P[ok], p[ok]), (Pr[ok], pr[ok])):
+        c, _, unsafe = sg.orthogonal_centre(Q, q, zb)
+        outs.append(sg.ray_map(Q, q, zb, torch.where(unsafe.unsqueeze(-1), c, zb), True))
+    torch.testing.assert_close(outs[1], outs[0], atol=10 * atol, rtol=0)
+    if dtype == F64 and linearise == "state":  # state gradients of active projections
+        idx = (ok & info["active"]).nonzero().squeeze(-1)[:8]
+        assert idx.numel() >= 4
+        w = torch.randn(idx.numel(), env.act_dim, generator=_gen(35), dtype=F64)
+        grads = []
+        for reduce in (False, True):
+            x = s[idx].clone().requires_grad_(True)
+            Q, q = sg.safe_action_polytope(env, x, linearise="state", reduce=reduce)
+            grads.append(torch.autograd.grad((w * sg.project_polytope(Q, q, z[idx])).sum(), x)[0])
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-8, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kind,centre", [("boundary_projection", "orthogonal"),
                                          ("ray_mask_linear", "orthogonal"),
                                          ("ray_mask_hyperbolic", "orthogonal"),

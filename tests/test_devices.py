@@ -1,0 +1,40 @@
+"""Device-agnostic code paths, run on every device this machine has (CPU everywhere; CUDA too when
+a GPU is present): the safeguard layer, the tasks gradient workers build, and a SHAC window."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saferl.actors.gradient_worker import GradientWorker, make_diff_env
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("task", ["SafeGBPOPendulum-BP-v0", "SafeGBPOQuadrotor-RMHyp-v0"])
+def test_safeguarded_step_stays_on_the_device_and_is_safe(task, device):
+    env = make_diff_env(task, device)
+    gen = torch.Generator().manual_seed(0)
+    state = env.initial_state(32, gen)
+    assert state.device.type == device
+    action = (torch.rand(32, env.act_dim, generator=gen) * 2 - 1).to(device).requires_grad_()
+    nxt, reward, cost = env.step(state, action)
+    assert nxt.device.type == reward.device.type == cost.device.type == device
+    assert (cost == 0).all()  # the safeguard keeps every next state in the RCI set
+    reward.sum().backward()
+    assert action.grad.device.type == device and torch.isfinite(action.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_worker_window_on_the_device(device):
+    arch = {"policy": dict(obs_dim=3, act_dim=1, hidden=[16], init_log_std=-1.0, squash=True,
+                           normalise_obs=True), "critic_hidden": [16], "gamma": 0.95}
+    worker = GradientWorker("SafeGBPOPendulum-RM-v0", 0, 4, 4, seed=0, arch=arch, device=device)
+    assert worker.env.rci_H.device.type == device
+    from saferl.learners.analytic import TimeValue
+    from saferl.learners.networks import GaussianPolicy
+
+    weights = {"policy": GaussianPolicy(**arch["policy"]).state_dict(),
+               "v_r": TimeValue(3, [16], 240).state_dict(), "v_c": TimeValue(3, [16], 240).state_dict()}
+    result, _ = worker.compute(weights, 0, 8)
+    assert result["g"].shape == result["q"].shape and float(result["traj"]["cost"].sum()) == 0.0

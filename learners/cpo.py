@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from saferl.learners import base
+from saferl.learners.ppo_lag import standardise
 from saferl.learners.trpo_lag import TrustRegionLearner, TrustRegionParams
 from saferl.learners.trust_region import backtracking_line_search, conjugate_gradient, max_step
 
@@ -169,15 +170,20 @@ class CPO(TrustRegionLearner):
             j_c = prep["batch"]["cost"].double().mean().item() * length
         return (j_c - self.cost_limit) / length, j_c, length
 
+    def linearise(self, prep: dict, batches: list[dict], tag: str):
+        """The quadratic model's ingredients at θ_k: c = (J_C − b)/L, Â_R z-scored and Â_C centred,
+        π_k, the surrogate gradients g = ∇E[ρÂ_R] and b = ∇E[ρÂ_C], the surrogates at θ_k, and the
+        constraint value as metrics."""
+        c, j_c, length = self.constraint_value(batches, prep)
+        adv_r, adv_c = standardise(prep["adv_r"]), prep["adv_c"] - prep["adv_c"].mean()
+        k = self.policy_at_k(prep)
+        loss_before, _, cost_before = k.measure(adv_r, adv_c)
+        stats = {f"{tag}/c": c, f"{tag}/j_c": j_c, f"{tag}/episode_length": length}
+        return c, adv_r, adv_c, k, k.gradient(adv_r), k.gradient(adv_c), loss_before, cost_before, stats
+
     def policy_step(self, prep: dict, batches: list[dict]) -> dict:
         p = self.p
-        c, j_c, length = self.constraint_value(batches, prep)
-        adv_r = (prep["adv_r"] - prep["adv_r"].mean()) / (prep["adv_r"].std() + 1e-8)
-        adv_c = prep["adv_c"] - prep["adv_c"].mean()
-        k = self.policy_at_k(prep)
-        g, b = k.gradient(adv_r), k.gradient(adv_c)
-        loss_before, _, cost_before = k.measure(adv_r, adv_c)
-        stats = {"cpo/c": c, "cpo/j_c": j_c, "cpo/episode_length": length}
+        c, adv_r, adv_c, k, g, b, loss_before, cost_before, stats = self.linearise(prep, batches, "cpo")
         cg_g = conjugate_gradient(k.fvp, g, p.cg_iters)
         # H⁻¹b unless b ≈ 0 while feasible (case 4); s ≤ 0 means b is numerically in H's null space
         cg_b = conjugate_gradient(k.fvp, b, p.cg_iters) if b @ b > COST_GRAD_EPS or c > 0 else None

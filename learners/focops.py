@@ -114,14 +114,8 @@ class FOCOPS(PPOLag):
                 loss_pi.backward()
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
                 self.pi_opt.step()
-                z = norm(obs[idx])
-                loss_v = ((self.v_r(z).squeeze(-1) - ret_r[idx]) ** 2).mean() + \
-                         ((self.v_c(z).squeeze(-1) - ret_c[idx]) ** 2).mean()
-                self.v_opt.zero_grad()
-                loss_v.backward()
-                self.v_opt.step()
+                stats["loss_v"].append(self.critic_step(norm(obs[idx]), ret_r[idx], ret_c[idx]))
                 stats["loss_pi"].append(loss_pi.item())
-                stats["loss_v"].append(loss_v.item())
                 stats["kept_frac"].append(keep.mean().item())
             with torch.no_grad():
                 kl = torch.distributions.kl_divergence(self.policy.dist(obs), old).sum(-1).mean().item()

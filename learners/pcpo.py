@@ -67,13 +67,7 @@ class PCPO(CPO):
 
     def policy_step(self, prep: dict, batches: list[dict]) -> dict:
         p = self.p
-        c, j_c, length = self.constraint_value(batches, prep)
-        adv_r = (prep["adv_r"] - prep["adv_r"].mean()) / (prep["adv_r"].std() + 1e-8)
-        adv_c = prep["adv_c"] - prep["adv_c"].mean()
-        k = self.policy_at_k(prep)
-        g, a = k.gradient(adv_r), k.gradient(adv_c)
-        loss_before, _, cost_before = k.measure(adv_r, adv_c)
-        stats = {"pcpo/c": c, "pcpo/j_c": j_c, "pcpo/episode_length": length}
+        c, adv_r, adv_c, k, g, a, loss_before, cost_before, stats = self.linearise(prep, batches, "pcpo")
         cg_g = conjugate_gradient(k.fvp, g, p.cg_iters)
         failed = cg_g.failed
         if a @ a <= COST_GRAD_EPS:

@@ -79,22 +79,39 @@ def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Ten
     return loss, ratio
 
 
-class PPOLag(base.Learner):
-    Params = PPOLagParams
+class ActorCritic(base.Learner):
+    """What the on-policy learners share: the Gaussian policy with running observation
+    statistics (``hidden``, ``init_log_std``, ``normalise_obs``), reward and cost critics on the
+    normalised observation, and one Adam over both critics (``critic_lr``)."""
 
-    def __init__(self, params: PPOLagParams, env: base.EnvSpec, cost_limit, device, seed):
+    def __init__(self, params, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
         p = params
         self.policy = GaussianPolicy(env.obs_dim, env.act_dim, p.hidden, p.init_log_std,
                                      normalise_obs=p.normalise_obs).to(device)
         self.v_r = mlp([env.obs_dim, *p.hidden, 1]).to(device)
         self.v_c = mlp([env.obs_dim, *p.hidden, 1]).to(device)
-        self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)
         self.v_opt = torch.optim.Adam([*self.v_r.parameters(), *self.v_c.parameters()], lr=p.critic_lr)
-        self.multiplier = make_multiplier(p.lagrange)
 
     def policy_state(self) -> dict:
         return self.policy.export_numpy()
+
+    def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> float:
+        """One Adam step on L_V = E[(V_R(z) − R̂)²] + E[(V_C(z) − Ĉ)²]; returns L_V."""
+        loss = ((self.v_r(z).squeeze(-1) - ret_r) ** 2).mean() + ((self.v_c(z).squeeze(-1) - ret_c) ** 2).mean()
+        self.v_opt.zero_grad()
+        loss.backward()
+        self.v_opt.step()
+        return loss.item()
+
+
+class PPOLag(ActorCritic):
+    Params = PPOLagParams
+
+    def __init__(self, params: PPOLagParams, env: base.EnvSpec, cost_limit, device, seed):
+        super().__init__(params, env, cost_limit, device, seed)
+        self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=params.policy_lr)
+        self.multiplier = make_multiplier(params.lagrange)
 
     def update(self, batches: list[dict]) -> dict:
         p, dev = self.p, self.device
@@ -120,14 +137,8 @@ class PPOLag(base.Learner):
                 loss_pi.backward()
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
                 self.pi_opt.step()
-                z = norm(obs[idx])
-                loss_v = ((self.v_r(z).squeeze(-1) - ret_r[idx]) ** 2).mean() + \
-                         ((self.v_c(z).squeeze(-1) - ret_c[idx]) ** 2).mean()
-                self.v_opt.zero_grad()
-                loss_v.backward()
-                self.v_opt.step()
+                stats["loss_v"].append(self.critic_step(norm(obs[idx]), ret_r[idx], ret_c[idx]))
                 stats["loss_pi"].append(loss_pi.item())
-                stats["loss_v"].append(loss_v.item())
                 stats["clip_frac"].append(((ratio - 1).abs() > p.clip).float().mean().item())
             with torch.no_grad():
                 kl = (logp_old - self.policy.log_prob(obs, act)).mean().item()

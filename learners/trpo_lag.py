@@ -24,8 +24,8 @@ from pydantic import Field
 
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, make_multiplier
-from saferl.learners.networks import GaussianPolicy, flat_grad, flat_params, mlp, set_flat_params
-from saferl.learners.ppo_lag import advantages, assemble, lagrangian_advantage
+from saferl.learners.networks import GaussianPolicy, flat_grad, flat_params, set_flat_params
+from saferl.learners.ppo_lag import ActorCritic, advantages, assemble, lagrangian_advantage
 from saferl.learners.trust_region import (SearchResult, backtracking_line_search, conjugate_gradient,
                                           detached, fisher_vector_product, max_step, mean_kl)
 
@@ -52,22 +52,6 @@ class TrustRegionParams(base.Params):
 
 class TRPOLagParams(TrustRegionParams):
     lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(lr=0.01))
-
-
-def fit_critics(v_r: torch.nn.Module, v_c: torch.nn.Module, opt: torch.optim.Optimizer, z: torch.Tensor,
-                ret_r: torch.Tensor, ret_c: torch.Tensor, epochs: int, minibatch_size: int) -> float:
-    """Minibatch Adam on L_V = E[(V_R(z) − R̂)²] + E[(V_C(z) − Ĉ)²] over ``epochs`` shuffled passes;
-    returns the mean minibatch loss."""
-    losses = []
-    for _ in range(epochs):
-        for idx in torch.randperm(z.shape[0], device=z.device).split(minibatch_size):
-            loss = ((v_r(z[idx]).squeeze(-1) - ret_r[idx]) ** 2).mean() + \
-                   ((v_c(z[idx]).squeeze(-1) - ret_c[idx]) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    return float(np.mean(losses))
 
 
 class PolicyAtK:
@@ -130,24 +114,18 @@ def natural_gradient_step(k: PolicyAtK, adv: torch.Tensor, p: TrustRegionParams)
             "step_norm": (res.fraction * step).norm().item()}
 
 
-class TrustRegionLearner(base.Learner):
-    """What TRPO, TRPO-Lag and CPO share: Gaussian policy with running observation statistics,
-    reward and cost critics fitted by Adam, batch preparation, and checkpointing. Subclasses
-    implement ``policy_step(prepared) -> metrics``."""
+class TrustRegionLearner(ActorCritic):
+    """What TRPO, TRPO-Lag and CPO share: ``ppo_lag.ActorCritic``'s networks, batch preparation,
+    critic fitting after the policy step, and checkpointing. Subclasses implement
+    ``policy_step(prepared) -> metrics``."""
 
     Params = TrustRegionParams
 
-    def __init__(self, params: TrustRegionParams, env: base.EnvSpec, cost_limit, device, seed):
-        super().__init__(params, env, cost_limit, device, seed)
-        p = params
-        self.policy = GaussianPolicy(env.obs_dim, env.act_dim, p.hidden, p.init_log_std,
-                                     normalise_obs=p.normalise_obs).to(device)
-        self.v_r = mlp([env.obs_dim, *p.hidden, 1]).to(device)
-        self.v_c = mlp([env.obs_dim, *p.hidden, 1]).to(device)
-        self.v_opt = torch.optim.Adam([*self.v_r.parameters(), *self.v_c.parameters()], lr=p.critic_lr)
-
-    def policy_state(self) -> dict:
-        return self.policy.export_numpy()
+    def fit_critics(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> float:
+        """``critic_epochs`` shuffled passes of minibatch critic steps; the mean minibatch loss."""
+        losses = [self.critic_step(z[idx], ret_r[idx], ret_c[idx]) for _ in range(self.p.critic_epochs)
+                  for idx in torch.randperm(z.shape[0], device=z.device).split(self.p.minibatch_size)]
+        return float(np.mean(losses))
 
     def prepare(self, batches: list[dict]) -> dict:
         """Assembled batch with flat obs/act, raw reward and cost GAE advantages and value targets."""
@@ -166,9 +144,7 @@ class TrustRegionLearner(base.Learner):
     def update(self, batches: list[dict]) -> dict:
         prep = self.prepare(batches)
         out = self.policy_step(prep, batches)
-        p = self.p
-        out["loss_v"] = fit_critics(self.v_r, self.v_c, self.v_opt, self.policy.normalised(prep["obs"]),
-                                    prep["ret_r"], prep["ret_c"], p.critic_epochs, p.minibatch_size)
+        out["loss_v"] = self.fit_critics(self.policy.normalised(prep["obs"]), prep["ret_r"], prep["ret_c"])
         if self.policy.norm is not None:  # statistics for the next rollout, after this update
             self.policy.norm.update(prep["batch"]["obs"])
         out["std"] = self.policy.log_std.exp().mean().item()

@@ -30,3 +30,25 @@ def run_root(tmp_path, monkeypatch):
 def needs_sg():
     return pytest.mark.skipif(not SG_PYTHON.exists() and not os.environ.get("SAFERL_SG_PYTHON"),
                               reason="Safety-Gymnasium interpreter missing: run deploy/setup.sh")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny torch problems: intra-op threads only contend (Ray's actors run with
+    one too); use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def float64():
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import math
 
-import pytest
 
 from saferl.cluster.studies import cgpo_table1 as study
 from saferl.cluster.studies.cgpo_table1 import conv_steps, format_cell, read_curve, vio_ratio

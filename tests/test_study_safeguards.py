@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 
 import numpy as np
-import pytest
 
 from saferl.cluster.studies.safeguards import bootstrap_ci, smooth, steps_to_band
 

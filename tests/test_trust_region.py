@@ -21,22 +21,7 @@ from saferl.learners.ppo_lag import advantages, assemble, lagrangian_advantage
 from saferl.learners.trpo_lag import TRPOLag
 from saferl.learners.trust_region import backtracking_line_search, conjugate_gradient, fisher_vector_product
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: intra-op threads only contend (Ray's actors run with one too)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spd(n: int, rng: np.random.Generator, cond: float = 50.0) -> np.ndarray:

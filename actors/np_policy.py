@@ -40,11 +40,17 @@ def act(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: b
     """Returns (env action, Gaussian sample u, log N(u; mean, std)). With ``squash`` the env
     action is tanh(u) and the log-prob is of u (learners that need it apply the correction).
     ``{"uniform": True}`` is the warm-up policy of off-policy learners: tanh(u) uniform in the
-    box, log-prob 0."""
+    box, log-prob 0. A deterministic actor (``action_noise`` σ: TD3, DDPG) acts with
+    clip(tanh(μ(s)) + N(0, σ²), −1, 1), or tanh(μ(s)) when deterministic; u = artanh(action)."""
     if state.get("uniform"):
         a = rng.uniform(-1.0, 1.0, (obs.shape[0], state["act_dim"])).astype(np.float32)
-        u = np.arctanh(np.clip(a, -1 + 1e-6, 1 - 1e-6))
-        return a, u.astype(np.float32), np.zeros(obs.shape[0], np.float32)
+        return a, *_pre_squash(a)
+    if "action_noise" in state:
+        a = np.tanh(mean_action(state, obs))
+        if not deterministic:
+            a = np.clip(a + state["action_noise"] * rng.standard_normal(a.shape), -1.0, 1.0)
+        a = a.astype(np.float32)
+        return a, *_pre_squash(a)
     mu, log_std = mean_and_log_std(state, obs)
     if deterministic:
         u = mu
@@ -53,3 +59,9 @@ def act(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: b
     logp = -0.5 * (((u - mu) / np.exp(log_std)) ** 2 + 2 * log_std + LOG_2PI).sum(-1)
     action = np.tanh(u) if state["squash"] else u
     return action.astype(np.float32), u.astype(np.float32), logp.astype(np.float32)
+
+
+def _pre_squash(a: np.ndarray):
+    """u with tanh(u) = a (a clipped to ±(1 − 1e-6)), and a log-prob of 0 (no density is used)."""
+    u = np.arctanh(np.clip(a, -1 + 1e-6, 1 - 1e-6))
+    return u.astype(np.float32), np.zeros(a.shape[0], np.float32)

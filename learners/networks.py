@@ -126,6 +126,30 @@ class TanhGaussianPolicy(nn.Module):
                 "obs_clip": np.inf}
 
 
+class DeterministicTanhPolicy(nn.Module):
+    """Deterministic tanh actor a = tanh(μ(s)) (TD3 / DDPG). Env hosts explore with
+    a = clip(tanh(μ(s)) + N(0, σ²), −1, 1), σ = ``exploration_noise`` (Fujimoto et al. 2018, §6.1),
+    and store u = artanh(a) so that tanh(u) is the executed action; evaluation acts with tanh(μ(s))."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], exploration_noise: float = 0.1):
+        super().__init__()
+        self.act_dim, self.exploration_noise = act_dim, exploration_noise
+        self.net = mlp([obs_dim, *hidden, act_dim], activation=nn.ReLU, out_gain=0.01)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(obs))
+
+    def export_numpy(self) -> dict:
+        f32 = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
+        lin = [m for m in self.net if isinstance(m, nn.Linear)]
+        dim = lin[0].in_features
+        return {"layers": [(f32(m.weight), f32(m.bias)) for m in lin], "activation": "relu",
+                "action_noise": float(self.exploration_noise), "act_dim": self.act_dim,
+                "log_std": np.zeros(self.act_dim, np.float32), "squash": True,
+                "obs_mean": np.zeros(dim, np.float32), "obs_var": np.ones(dim, np.float32) - 1e-8,
+                "obs_clip": np.inf}
+
+
 def tanh_log_prob(dist: torch.distributions.Normal, u: torch.Tensor) -> torch.Tensor:
     """log π(tanh u) = log N(u) − Σ log(1 − tanh² u), with the stable 2(log 2 − u − softplus(−2u))."""
     return (dist.log_prob(u) - 2 * (np.log(2.0) - u - nn.functional.softplus(-2 * u))).sum(-1)

@@ -65,21 +65,12 @@ class Critic(torch.nn.Module):
         return torch.stack([q(x).squeeze(-1) for q in self.qs])
 
 
-class SACLag(base.Learner):
-    Params = SACLagParams
+class OffPolicyLearner(base.Learner):
+    """What SAC-Lag and TD3/DDPG-Lag share: the coordinator's setup, the minibatch loop over
+    ``step``, clipped gradient steps, the dual phase on the multiplier, and checkpoints of
+    ``MODULES``. Subclasses set ``policy``, ``multiplier`` and ``MODULES`` and define ``step``."""
 
-    def __init__(self, params: SACLagParams, env: base.EnvSpec, cost_limit, device, seed):
-        super().__init__(params, env, cost_limit, device, seed)
-        p, d, a = params, env.obs_dim, env.act_dim
-        self.policy = TanhGaussianPolicy(d, a, p.hidden).to(device)
-        self.q_r, self.q_c = Critic(d, a, p.hidden, 2).to(device), Critic(d, a, p.hidden, 1).to(device)
-        self.q_r_target, self.q_c_target = copy.deepcopy(self.q_r), copy.deepcopy(self.q_c)
-        self.log_alpha = torch.tensor(float(np.log(p.init_alpha)), device=device, requires_grad=True)
-        self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)
-        self.q_opt = torch.optim.Adam([*self.q_r.parameters(), *self.q_c.parameters()], lr=p.critic_lr)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=p.alpha_lr)
-        self.multiplier = make_multiplier(p.lagrange)
-        self.target_entropy = -float(a)
+    MODULES: tuple[str, ...] = ()
 
     def offpolicy_setup(self) -> dict:
         p = self.p
@@ -100,6 +91,45 @@ class SACLag(base.Learner):
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out["lagrange_multiplier"] = self.multiplier.value
         return out
+
+    def step(self, b: dict) -> dict:
+        raise NotImplementedError
+
+    def _descend(self, opt, loss, params) -> None:
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.p.max_grad_norm)
+        opt.step()
+
+    def phase_dual(self, signals: dict) -> dict:
+        if signals.get("episode_cost") is None:
+            return {}
+        return {"lagrange_multiplier": self.multiplier.update(signals["episode_cost"], self.cost_limit)}
+
+    def state_dict(self) -> dict:
+        return {**{k: getattr(self, k).state_dict() for k in self.MODULES}, "rng": self.rng_state()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k in self.MODULES:
+            getattr(self, k).load_state_dict(sd[k])
+        self.set_rng_state(sd["rng"])
+
+
+class SACLag(OffPolicyLearner):
+    Params = SACLagParams
+
+    def __init__(self, params: SACLagParams, env: base.EnvSpec, cost_limit, device, seed):
+        super().__init__(params, env, cost_limit, device, seed)
+        p, d, a = params, env.obs_dim, env.act_dim
+        self.policy = TanhGaussianPolicy(d, a, p.hidden).to(device)
+        self.q_r, self.q_c = Critic(d, a, p.hidden, 2).to(device), Critic(d, a, p.hidden, 1).to(device)
+        self.q_r_target, self.q_c_target = copy.deepcopy(self.q_r), copy.deepcopy(self.q_c)
+        self.log_alpha = torch.tensor(float(np.log(p.init_alpha)), device=device, requires_grad=True)
+        self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)
+        self.q_opt = torch.optim.Adam([*self.q_r.parameters(), *self.q_c.parameters()], lr=p.critic_lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=p.alpha_lr)
+        self.multiplier = make_multiplier(p.lagrange)
+        self.target_entropy = -float(a)
 
     def step(self, b: dict) -> dict:
         p, alpha, lam = self.p, self.log_alpha.exp().detach(), self.multiplier.value
@@ -125,29 +155,15 @@ class SACLag(base.Learner):
         return {"loss_q": loss_q.item(), "loss_pi": loss_pi.item(), "alpha": alpha.item(),
                 "entropy": -logp.mean().item(), "q_r": q_r.mean().item(), "q_c": q_c.mean().item()}
 
-    def _descend(self, opt, loss, params) -> None:
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, self.p.max_grad_norm)
-        opt.step()
-
-    def phase_dual(self, signals: dict) -> dict:
-        if signals.get("episode_cost") is None:
-            return {}
-        return {"lagrange_multiplier": self.multiplier.update(signals["episode_cost"], self.cost_limit)}
-
     MODULES = ("policy", "q_r", "q_c", "q_r_target", "q_c_target", "pi_opt", "q_opt", "alpha_opt", "multiplier")
 
     def state_dict(self) -> dict:
-        return {**{k: getattr(self, k).state_dict() for k in self.MODULES},
-                "log_alpha": self.log_alpha.detach().clone(), "rng": self.rng_state()}
+        return {**super().state_dict(), "log_alpha": self.log_alpha.detach().clone()}
 
     def load_state_dict(self, sd: dict) -> None:
-        for k in self.MODULES:
-            getattr(self, k).load_state_dict(sd[k])
+        super().load_state_dict(sd)
         with torch.no_grad():
             self.log_alpha.copy_(sd["log_alpha"])
-        self.set_rng_state(sd["rng"])
 
 
 class SAC(SACLag):

@@ -80,6 +80,14 @@ register_algo(AlgoSpec("sac_lag", "offpolicy", "saferl.learners.sac_lag:SACLag",
                        "SAC: Haarnoja et al. 2018; Lagrangian as in FSRL / OmniSafe"))
 register_algo(AlgoSpec("sac", "offpolicy", "saferl.learners.sac_lag:SAC", (),
                        "Haarnoja et al. 2018 (unconstrained)"))
+register_algo(AlgoSpec("td3_lag", "offpolicy", "saferl.learners.td3_lag:TD3Lag", ("dual",),
+                       "TD3: Fujimoto, van Hoof & Meger 2018; Lagrangian as in FSRL / OmniSafe"))
+register_algo(AlgoSpec("td3", "offpolicy", "saferl.learners.td3_lag:TD3", (),
+                       "Fujimoto, van Hoof & Meger 2018 (unconstrained)"))
+register_algo(AlgoSpec("ddpg_lag", "offpolicy", "saferl.learners.td3_lag:DDPGLag", ("dual",),
+                       "DDPG: Lillicrap et al. 2016; Lagrangian as in FSRL / OmniSafe"))
+register_algo(AlgoSpec("ddpg", "offpolicy", "saferl.learners.td3_lag:DDPG", (),
+                       "Lillicrap et al. 2016 (unconstrained)"))
 register_algo(AlgoSpec("bptt_lag", "gradient", "saferl.learners.bptt_lag:BPTTLag", ("dual",),
                        "seed 000, Appendix F.1, eq 75-80"))
 register_algo(AlgoSpec("shac_lag", "gradient", "saferl.learners.shac_lag:SHACLag", ("dual",),

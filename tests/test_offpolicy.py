@@ -1,5 +1,6 @@
 """Off-policy machinery: n-step transitions, the replay buffer, the tanh-Gaussian policy and SAC's
-targets against independent computations; SAC / SAC-Lag end to end on a real local Ray cluster."""
+targets, TD3's clipped double-Q target, delayed updates and deterministic actor against independent
+computations; SAC / SAC-Lag / TD3-Lag end to end on a real local Ray cluster."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,9 @@ from saferl.cluster import rundir
 from saferl.cluster.session import train
 from saferl.config import load_config
 from saferl.learners.base import EnvSpec
-from saferl.learners.networks import TanhGaussianPolicy
+from saferl.learners.networks import DeterministicTanhPolicy, TanhGaussianPolicy, flat_params
 from saferl.learners.sac_lag import SACLag, SACLagParams
+from saferl.learners.td3_lag import DDPGLag, DDPGLagParams, TD3Lag, TD3LagParams
 
 
 def rollout_batch(rng, T=7, N=3, d=2, a=1):
@@ -146,4 +148,90 @@ def test_sac_lag_dual_phase_raises_the_multiplier(ray_session, run_root):
     m = pd.read_csv(train(cfg) / "metrics.csv")
     costs = m["episode/cost"].dropna()
     assert (costs > 0).any(), "the unsafe pendulum should violate under random actions"
+    assert m["lagrange_multiplier"].iloc[-1] > 0
+
+
+def td3_learner(**kw):
+    env = EnvSpec(obs_dim=3, act_dim=2, act_low=[-1, -1], act_high=[1, 1], max_episode_steps=10)
+    return TD3Lag(TD3LagParams(hidden=[16], **kw), env, 5.0, torch.device("cpu"), seed=0)
+
+
+def random_minibatch(n=8):
+    return {"obs": torch.randn(n, 3), "act": torch.randn(n, 2), "reward": torch.randn(n), "cost": torch.rand(n),
+            "discount": torch.full((n,), 0.9), "next_obs": torch.randn(n, 3)}
+
+
+def test_td3_critic_targets_are_clipped_double_q_with_smoothing():
+    """One step's critic loss equals the loss written out from TD3's target (clipped double Q on
+    the smoothed target action) with the same smoothing noise."""
+    learner = td3_learner(target_noise=0.3, noise_clip=0.4)
+    with torch.no_grad():  # targets distinct from the online nets, so a mix-up would show
+        for p in [*learner.policy_target.parameters(), *learner.q_r_target.parameters(), *learner.q_c_target.parameters()]:
+            p.add_(0.1 * torch.randn_like(p))
+    b = random_minibatch()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        mu_bar = torch.tanh(learner.policy_target.net(b["next_obs"]))
+        eps = (0.3 * torch.randn(8, 2)).clamp(-0.4, 0.4)
+        a2 = (mu_bar + eps).clamp(-1, 1)
+        x2, x = torch.cat([b["next_obs"], a2], -1), torch.cat([b["obs"], torch.tanh(b["act"])], -1)
+        q_bar = torch.minimum(learner.q_r_target.qs[0](x2), learner.q_r_target.qs[1](x2)).squeeze(-1)
+        y_r = b["reward"] + 0.9 * q_bar
+        y_c = b["cost"] + 0.9 * learner.q_c_target.qs[0](x2).squeeze(-1)
+        expected = sum(((q(x).squeeze(-1) - y_r) ** 2).mean() for q in learner.q_r.qs) + \
+            ((learner.q_c.qs[0](x).squeeze(-1) - y_c) ** 2).mean()
+    torch.manual_seed(5)
+    out = learner.step(b)
+    assert out["loss_q"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_td3_actor_and_targets_move_only_every_policy_delay_steps():
+    learner = td3_learner(policy_delay=3)
+    learner.multiplier.value = 0.5
+    snap = lambda m: flat_params(m).clone()  # noqa: E731
+    for i in range(1, 7):
+        pol, pol_t, q_t, q = snap(learner.policy), snap(learner.policy_target), snap(learner.q_r_target), snap(learner.q_r)
+        out = learner.step(random_minibatch())
+        delayed = i % 3 == 0
+        assert ("loss_pi" in out) == delayed
+        assert not torch.equal(q, flat_params(learner.q_r)), "the critics step every time"
+        for before, module in [(pol, learner.policy), (pol_t, learner.policy_target), (q_t, learner.q_r_target)]:
+            assert torch.equal(before, flat_params(module)) != delayed, (i, module)
+
+
+def test_ddpg_is_one_critic_without_smoothing_or_delay():
+    env = EnvSpec(obs_dim=3, act_dim=2, act_low=[-1, -1], act_high=[1, 1], max_episode_steps=10)
+    learner = DDPGLag(DDPGLagParams(hidden=[16]), env, 5.0, torch.device("cpu"), seed=0)
+    assert len(learner.q_r.qs) == 1
+    b = random_minibatch()
+    torch.testing.assert_close(learner.target_action(b["next_obs"]), learner.policy_target(b["next_obs"]))
+    assert "loss_pi" in learner.step(b)
+
+
+def test_deterministic_actor_numpy_export_and_exploration():
+    torch.manual_seed(0)
+    pol = DeterministicTanhPolicy(3, 2, [16, 16], exploration_noise=0.3)
+    with torch.no_grad():
+        pol.net[-1].weight.mul_(300.0)  # some actions saturate, to exercise the clipping
+    obs = torch.randn(256, 3)
+    state = pol.export_numpy()
+    mu = pol(obs).detach().numpy()
+    action, u, _ = np_policy.act(state, obs.numpy(), np.random.default_rng(0), deterministic=True)
+    np.testing.assert_allclose(action, mu, atol=1e-5)
+    action, u, _ = np_policy.act(state, obs.numpy(), np.random.default_rng(1))
+    ref = np.clip(mu + 0.3 * np.random.default_rng(1).standard_normal(mu.shape), -1, 1)
+    np.testing.assert_allclose(action, ref, atol=1e-5)
+    assert np.abs(action).max() == 1.0
+    np.testing.assert_allclose(np.tanh(u), action, atol=2e-6)  # the stored u replays the executed action
+    assert np.isfinite(u).all()
+
+
+def test_td3_lag_dual_phase_raises_the_multiplier(ray_session, run_root):
+    cfg = load_config("td3_lag/SafeGBPOPendulum-v0", ["total_env_steps=1920", "algo_params.warmup_steps=960",
+                                                      "algo_params.hidden=[32]", "algo_params.batch_size=64",
+                                                      f"run_root={run_root}"])
+    m = pd.read_csv(train(cfg) / "metrics.csv")
+    assert m["replay/size"].iloc[-1] == 1920
+    assert np.isfinite(m["loss_q"].dropna()).all() and m["loss_pi"].notna().any()
+    assert (m["episode/cost"].dropna() > 0).any(), "the unsafe pendulum should violate"
     assert m["lagrange_multiplier"].iloc[-1] > 0

@@ -170,6 +170,21 @@ class CPO(TrustRegionLearner):
             j_c = prep["batch"]["cost"].double().mean().item() * length
         return (j_c - self.cost_limit) / length, j_c, length
 
+    def search(self, k, step, adv_r, adv_c, loss_before: float, cost_before: float, c: float,
+               require_improvement: bool):
+        """Backtracking along ``step`` until the KL is within the trust region and the cost
+        surrogate rises by at most max(−c, 0) (and, if required, the reward surrogate improves)."""
+        p = self.p
+
+        def evaluate(fraction: float):
+            k.move(step, fraction)
+            return k.measure(adv_r, adv_c)
+
+        return backtracking_line_search(
+            evaluate, loss_before, p.target_kl, kl_tolerance=p.kl_tolerance, backtrack_coef=p.backtrack_coef,
+            max_tries=p.max_backtracks, require_improvement=require_improvement, cost_before=cost_before,
+            max_cost_increase=max(-c, 0.0))
+
     def linearise(self, prep: dict, batches: list[dict], tag: str):
         """The quadratic model's ingredients at θ_k: c = (J_C − b)/L, Â_R z-scored and Â_C centred,
         π_k, the surrogate gradients g = ∇E[ρÂ_R] and b = ∇E[ρÂ_C], the surrogates at θ_k, and the
@@ -198,15 +213,7 @@ class CPO(TrustRegionLearner):
             step = sol.step
             stats.update({"cpo/case": sol.case, "cpo/lambda": sol.lam, "cpo/nu": sol.nu,
                           "cpo/q": q, "cpo/r": r, "cpo/s": s})
-
-            def evaluate(fraction: float):
-                k.move(step, fraction)
-                return k.measure(adv_r, adv_c)
-
-            res = backtracking_line_search(
-                evaluate, loss_before, p.target_kl, kl_tolerance=p.kl_tolerance,
-                backtrack_coef=p.backtrack_coef, max_tries=p.max_backtracks,
-                require_improvement=sol.case >= 2, cost_before=cost_before, max_cost_increase=max(-c, 0.0))
+            res = self.search(k, step, adv_r, adv_c, loss_before, cost_before, c, require_improvement=sol.case >= 2)
         fraction = res.fraction if res is not None else 0.0
         k.move(step, fraction)
         loss, kl, cost = k.measure(adv_r, adv_c)

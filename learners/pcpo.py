@@ -31,7 +31,7 @@ import torch
 from pydantic import Field
 
 from saferl.learners.cpo import COST_GRAD_EPS, CPO, CPOParams
-from saferl.learners.trust_region import backtracking_line_search, conjugate_gradient, max_step
+from saferl.learners.trust_region import conjugate_gradient, max_step
 
 
 class PCPOParams(CPOParams):
@@ -85,14 +85,7 @@ class PCPO(CPO):
             stats.update({"pcpo/nu": nu, "pcpo/q": q, "pcpo/projected": float(nu > 0),
                           "pcpo/reward_step_norm": half.norm().item()})
             if p.line_search:
-                def evaluate(fraction: float):
-                    k.move(step, fraction)
-                    return k.measure(adv_r, adv_c)
-
-                res = backtracking_line_search(
-                    evaluate, loss_before, p.target_kl, kl_tolerance=p.kl_tolerance,
-                    backtrack_coef=p.backtrack_coef, max_tries=p.max_backtracks,
-                    require_improvement=c < 0, cost_before=cost_before, max_cost_increase=max(-c, 0.0))
+                res = self.search(k, step, adv_r, adv_c, loss_before, cost_before, c, require_improvement=c < 0)
         fraction = 0.0 if failed else res.fraction if res is not None else 1.0  # 1.0: no line search
         k.move(step, fraction)
         loss, kl, cost = k.measure(adv_r, adv_c)

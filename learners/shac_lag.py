@@ -11,7 +11,8 @@ Choices not fixed by the paper: Adam for the primal step (lr, betas, grad-norm c
 the dual step uses the current window estimate Ĵ_C = realised episode prefix + window costs +
 V_C tail; no target critics by default (seed 000's eq 68 uses the current critic). With
 ``target_critic_alpha`` = α (SHAC, Xu et al. 2022 §3.2; seed 003's per-task values), the
-window bootstraps and the TD(λ) targets use target critics V̄ ← α V̄ + (1 − α) V after each fit.
+window bootstraps and the TD(λ) targets use target critics V̄ ← α V̄ + (1 − α) V after each fit;
+with ``critic_lr_end`` the critic's Adam step size decays linearly (SHAC's schedule).
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ class WindowParams(base.Params):
                                             description="None = no critics (BPTT over whole episodes)")
     horizon: int | None = Field(10, gt=0, description="window h; None = the task's episode length T")
     critic_lr: float = Field(1e-3, gt=0)
+    critic_lr_end: float | None = Field(None, gt=0, description="None = constant; else decayed linearly "
+                                        "from critic_lr over critic_lr_decay_fits critic fits (SHAC's schedule)")
+    critic_lr_decay_fits: int = Field(1000, gt=0, description="fits (policy updates) the decay takes")
     critic_iterations: int = Field(16, gt=0)
     critic_minibatch: int = Field(64, gt=0)
     td_lambda: float = Field(0.95, ge=0, le=1)
@@ -79,6 +83,7 @@ class WindowLearner(base.Learner):
                 TimeValue(env.obs_dim, p.critic_hidden, env.max_episode_steps) for _ in range(2)).to(device)
             self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=p.critic_lr)
         self.targets = copy.deepcopy(self.critics) if use_critics and p.target_critic_alpha is not None else None
+        self.critic_fits = 0
         self.last_j_c: float | None = None
 
     # -- what gradient workers receive -------------------------------------------------------
@@ -121,6 +126,9 @@ class WindowLearner(base.Learner):
             data.append(td_lambda_targets(critic, z, signal, t0, self.env.max_episode_steps, p.td_lambda, p.gamma))
         times = torch.arange(t0, t0 + h, device=dev, dtype=z.dtype)[:, None].expand(h, n).reshape(-1)
         z, targets = z[:-1].reshape(h * n, -1), [d.reshape(-1) for d in data]
+        for group in self.critic_opt.param_groups:
+            group["lr"] = self.critic_lr()
+        self.critic_fits += 1
         losses = []
         for _ in range(p.critic_iterations):
             for idx in torch.randperm(h * n, device=dev).split(p.critic_minibatch):
@@ -131,7 +139,15 @@ class WindowLearner(base.Learner):
                 losses.append(loss.item())
         if self.targets is not None:
             polyak(self.targets, self.critics, 1.0 - p.target_critic_alpha)
-        return {"critic_loss": float(np.mean(losses))}
+        return {"critic_loss": float(np.mean(losses)), "critic_lr": self.critic_opt.param_groups[0]["lr"]}
+
+    def critic_lr(self) -> float:
+        """critic_lr, or its linear decay to critic_lr_end over critic_lr_decay_fits fits."""
+        p = self.p
+        if p.critic_lr_end is None:
+            return p.critic_lr
+        frac = min(1.0, self.critic_fits / p.critic_lr_decay_fits)
+        return p.critic_lr + frac * (p.critic_lr_end - p.critic_lr)
 
     def policy_step(self, est: dict) -> dict:
         raise NotImplementedError  # abstract
@@ -143,6 +159,7 @@ class WindowLearner(base.Learner):
             sd["critics"], sd["critic_opt"] = self.critics.state_dict(), self.critic_opt.state_dict()
         if self.targets is not None:
             sd["targets"] = self.targets.state_dict()
+        sd["critic_fits"] = self.critic_fits
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -153,6 +170,7 @@ class WindowLearner(base.Learner):
             self.critic_opt.load_state_dict(sd["critic_opt"])
         if self.targets is not None:
             self.targets.load_state_dict(sd["targets"])
+        self.critic_fits = sd.get("critic_fits", 0)
         self.set_rng_state(sd["rng"])
 
 

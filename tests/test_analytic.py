@@ -62,6 +62,34 @@ def fake_result(n_params, rng, j_r, j_c, obs_dim=1):
             "obs_mean": np.zeros(obs_dim), "obs_var": np.ones(obs_dim)}
 
 
+def test_shac_target_critics_and_critic_lr_decay():
+    """SHAC (seed 003's settings): after each fit V̄ ← α V̄ + (1 − α) V, the workers bootstrap from
+    V̄, and the critic's step size decays linearly and survives a checkpoint."""
+    import copy
+
+    from saferl.learners.base import EnvSpec
+    from saferl.learners.shac_lag import SHAC
+
+    env = EnvSpec(obs_dim=1, act_dim=1, act_low=[-1], act_high=[1], max_episode_steps=100)
+    p = SHAC.Params(hidden=[4], critic_hidden=[4], horizon=2, critic_iterations=1, target_critic_alpha=0.4,
+                    critic_lr=2e-3, critic_lr_end=1e-5, critic_lr_decay_fits=4)
+    learner = SHAC(p, env, cost_limit=0.0, device=torch.device("cpu"), seed=0)
+    rng = np.random.default_rng(0)
+    n = sum(x.numel() for x in learner.policy.parameters())
+    lrs = []
+    for _ in range(6):
+        before = copy.deepcopy(learner.targets.state_dict())
+        out = learner.update([fake_result(n, rng, 1.0, 0.0)])
+        lrs.append(out["critic_lr"])
+        for key, value in learner.targets.state_dict().items():
+            torch.testing.assert_close(value, 0.4 * before[key] + 0.6 * learner.critics.state_dict()[key])
+    np.testing.assert_allclose(lrs, [2e-3 + min(1, k / 4) * (1e-5 - 2e-3) for k in range(6)], rtol=1e-9)
+    assert learner.policy_state()["v_r"]["net.0.weight"].equal(learner.targets[0].state_dict()["net.0.weight"])
+    clone = SHAC(p, env, cost_limit=0.0, device=torch.device("cpu"), seed=1)
+    clone.load_state_dict(learner.state_dict())
+    assert clone.critic_fits == 6 and clone.critic_lr() == pytest.approx(1e-5)
+
+
 def test_cgpo_step_applies_the_subproblem_solution_and_adapts_the_radius():
     from saferl.learners.base import EnvSpec
     from saferl.learners.cgpo import CGPO

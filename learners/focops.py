@@ -100,28 +100,18 @@ class FOCOPS(PPOLag):
         with torch.no_grad():
             old = detached(self.policy.dist(obs))  # π_θk
             logp_old = old.log_prob(act).sum(-1)
-        n = obs.shape[0]
-        stats = {"loss_pi": [], "loss_v": [], "kl": [], "kept_frac": []}
-        epochs_run = 0
-        for _ in range(p.epochs):
-            epochs_run += 1
-            for idx in torch.randperm(n, device=dev).split(p.minibatch_size):
-                dist = self.policy.dist(obs[idx])
-                old_i = torch.distributions.Normal(old.loc[idx], old.scale[idx])
-                loss_pi, _, keep = focops_loss(dist, old_i, dist.log_prob(act[idx]).sum(-1), logp_old[idx],
-                                               adv[idx], p.temperature, p.eta)
-                self.pi_opt.zero_grad()
-                loss_pi.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
-                self.pi_opt.step()
-                stats["loss_v"].append(self.critic_step(norm(obs[idx]), ret_r[idx], ret_c[idx]))
-                stats["loss_pi"].append(loss_pi.item())
-                stats["kept_frac"].append(keep.mean().item())
-            with torch.no_grad():
-                kl = torch.distributions.kl_divergence(self.policy.dist(obs), old).sum(-1).mean().item()
-            stats["kl"].append(kl)
-            if kl > p.target_kl:
-                break
+
+        def minibatch_loss(idx):
+            dist = self.policy.dist(obs[idx])
+            old_i = torch.distributions.Normal(old.loc[idx], old.scale[idx])
+            loss_pi, _, keep = focops_loss(dist, old_i, dist.log_prob(act[idx]).sum(-1), logp_old[idx],
+                                           adv[idx], p.temperature, p.eta)
+            return loss_pi, {"kept_frac": keep.mean().item()}
+
+        def epoch_kl():
+            return torch.distributions.kl_divergence(self.policy.dist(obs), old).sum(-1).mean().item()
+
+        stats, epochs_run = self.policy_epochs(obs, ret_r, ret_c, minibatch_loss, epoch_kl)
         if self.policy.norm is not None:  # statistics for the next rollout, after this update
             self.policy.norm.update(batch["obs"])
         out = {k: float(np.mean(v)) for k, v in stats.items()}

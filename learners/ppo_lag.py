@@ -116,35 +116,24 @@ class PPOLag(ActorCritic):
     def update(self, batches: list[dict]) -> dict:
         p, dev = self.p, self.device
         batch = assemble(batches, dev)
-        norm = self.policy.normalised
         lam = self.multiplier.value
         adv, ret_r, ret_c = self.policy_advantages(batch)
         adv = adv.reshape(-1)
         obs = batch["obs"].reshape(-1, self.env.obs_dim)
         act, logp_old = batch["act"].reshape(-1, self.env.act_dim), batch["logp"].reshape(-1)
         ret_r, ret_c = ret_r.reshape(-1), ret_c.reshape(-1)
-        n = obs.shape[0]
-        stats = {"loss_pi": [], "loss_v": [], "kl": [], "clip_frac": []}
-        epochs_run = 0
-        for _ in range(p.epochs):
-            epochs_run += 1
-            for idx in torch.randperm(n, device=dev).split(p.minibatch_size):
-                dist = self.policy.dist(obs[idx])
-                logp = dist.log_prob(act[idx]).sum(-1)
-                loss_pi, ratio = clipped_surrogate(logp, logp_old[idx], adv[idx], p.clip)
-                loss_pi = loss_pi - p.entropy_coef * dist.entropy().sum(-1).mean()
-                self.pi_opt.zero_grad()
-                loss_pi.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
-                self.pi_opt.step()
-                stats["loss_v"].append(self.critic_step(norm(obs[idx]), ret_r[idx], ret_c[idx]))
-                stats["loss_pi"].append(loss_pi.item())
-                stats["clip_frac"].append(((ratio - 1).abs() > p.clip).float().mean().item())
-            with torch.no_grad():
-                kl = (logp_old - self.policy.log_prob(obs, act)).mean().item()
-            stats["kl"].append(kl)
-            if kl > p.target_kl:
-                break
+
+        def minibatch_loss(idx):
+            dist = self.policy.dist(obs[idx])
+            logp = dist.log_prob(act[idx]).sum(-1)
+            loss_pi, ratio = clipped_surrogate(logp, logp_old[idx], adv[idx], p.clip)
+            loss_pi = loss_pi - p.entropy_coef * dist.entropy().sum(-1).mean()
+            return loss_pi, {"clip_frac": ((ratio - 1).abs() > p.clip).float().mean().item()}
+
+        def epoch_kl():
+            return (logp_old - self.policy.log_prob(obs, act)).mean().item()
+
+        stats, epochs_run = self.policy_epochs(obs, ret_r, ret_c, minibatch_loss, epoch_kl)
         extra = self.after_policy_epochs(obs, act, logp_old)
         if self.policy.norm is not None:  # statistics for the next rollout, after this update
             self.policy.norm.update(batch["obs"])
@@ -152,6 +141,29 @@ class PPOLag(ActorCritic):
         out.update(epochs=epochs_run, std=self.policy.log_std.exp().mean().item(),
                    lagrange_multiplier=lam, **extra)
         return out
+
+    def policy_epochs(self, obs, ret_r, ret_c, minibatch_loss, epoch_kl) -> tuple[dict, int]:
+        """Up to ``epochs`` shuffled passes: per minibatch a clipped-gradient policy step on
+        ``minibatch_loss(idx) -> (loss, extra stats)`` and a critic step; after each pass the
+        ``epoch_kl()`` early stop at ``target_kl``. Returns the stats lists and the passes run."""
+        p, norm = self.p, self.policy.normalised
+        stats: dict[str, list] = {"loss_pi": [], "loss_v": [], "kl": []}
+        for epoch in range(p.epochs):
+            for idx in torch.randperm(obs.shape[0], device=self.device).split(p.minibatch_size):
+                loss_pi, extra = minibatch_loss(idx)
+                self.pi_opt.zero_grad()
+                loss_pi.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
+                self.pi_opt.step()
+                stats["loss_v"].append(self.critic_step(norm(obs[idx]), ret_r[idx], ret_c[idx]))
+                stats["loss_pi"].append(loss_pi.item())
+                for k, v in extra.items():
+                    stats.setdefault(k, []).append(v)
+            with torch.no_grad():
+                stats["kl"].append(epoch_kl())
+            if stats["kl"][-1] > p.target_kl:
+                break
+        return stats, epoch + 1
 
     def policy_advantages(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Â for the clipped surrogate, reward value targets R̂, cost value targets Ĉ), each [T, N].

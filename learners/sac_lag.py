@@ -92,6 +92,24 @@ class OffPolicyLearner(base.Learner):
         out["lagrange_multiplier"] = self.multiplier.value
         return out
 
+    def build_critics(self, n_reward: int) -> None:
+        """``n_reward`` reward Q-networks and one cost Q-network, their targets, one Adam over both."""
+        d, a, p = self.env.obs_dim, self.env.act_dim, self.p
+        self.q_r, self.q_c = Critic(d, a, p.hidden, n_reward).to(self.device), Critic(d, a, p.hidden, 1).to(self.device)
+        self.q_r_target, self.q_c_target = copy.deepcopy(self.q_r), copy.deepcopy(self.q_c)
+        self.q_opt = torch.optim.Adam([*self.q_r.parameters(), *self.q_c.parameters()], lr=p.critic_lr)
+
+    def critic_step(self, b: dict, a2: torch.Tensor, bonus: torch.Tensor | float = 0.0) -> float:
+        """One step on L_Q = Σ_j E (Q_Rj(s, a) − y_R)² + E (Q_C(s, a) − y_C)², a = tanh(u), with
+        y_R = r + discount · (min_j Q̄_Rj(s', a') + bonus) and y_C = c + discount · Q̄_C(s', a')."""
+        act = torch.tanh(b["act"])
+        with torch.no_grad():
+            y_r = b["reward"] + b["discount"] * (self.q_r_target(b["next_obs"], a2).min(0).values + bonus)
+            y_c = b["cost"] + b["discount"] * self.q_c_target(b["next_obs"], a2)[0]
+        loss_q = ((self.q_r(b["obs"], act) - y_r) ** 2).mean(1).sum() + ((self.q_c(b["obs"], act)[0] - y_c) ** 2).mean()
+        self._descend(self.q_opt, loss_q, [*self.q_r.parameters(), *self.q_c.parameters()])
+        return loss_q.item()
+
     def step(self, b: dict) -> dict:
         raise NotImplementedError
 
@@ -122,24 +140,18 @@ class SACLag(OffPolicyLearner):
         super().__init__(params, env, cost_limit, device, seed)
         p, d, a = params, env.obs_dim, env.act_dim
         self.policy = TanhGaussianPolicy(d, a, p.hidden).to(device)
-        self.q_r, self.q_c = Critic(d, a, p.hidden, 2).to(device), Critic(d, a, p.hidden, 1).to(device)
-        self.q_r_target, self.q_c_target = copy.deepcopy(self.q_r), copy.deepcopy(self.q_c)
+        self.build_critics(2)
         self.log_alpha = torch.tensor(float(np.log(p.init_alpha)), device=device, requires_grad=True)
         self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)
-        self.q_opt = torch.optim.Adam([*self.q_r.parameters(), *self.q_c.parameters()], lr=p.critic_lr)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=p.alpha_lr)
         self.multiplier = make_multiplier(p.lagrange)
         self.target_entropy = -float(a)
 
     def step(self, b: dict) -> dict:
         p, alpha, lam = self.p, self.log_alpha.exp().detach(), self.multiplier.value
-        act = torch.tanh(b["act"])
         with torch.no_grad():
             a2, logp2 = self.policy.sample(b["next_obs"])
-            y_r = b["reward"] + b["discount"] * (self.q_r_target(b["next_obs"], a2).min(0).values - alpha * logp2)
-            y_c = b["cost"] + b["discount"] * self.q_c_target(b["next_obs"], a2)[0]
-        loss_q = ((self.q_r(b["obs"], act) - y_r) ** 2).mean(1).sum() + ((self.q_c(b["obs"], act)[0] - y_c) ** 2).mean()
-        self._descend(self.q_opt, loss_q, [*self.q_r.parameters(), *self.q_c.parameters()])
+        loss_q = self.critic_step(b, a2, -alpha * logp2)
 
         a_new, logp = self.policy.sample(b["obs"])
         q_r, q_c = self.q_r(b["obs"], a_new).min(0).values, self.q_c(b["obs"], a_new)[0]
@@ -152,7 +164,7 @@ class SACLag(OffPolicyLearner):
             self.alpha_opt.step()
         polyak(self.q_r_target, self.q_r, p.tau)
         polyak(self.q_c_target, self.q_c, p.tau)
-        return {"loss_q": loss_q.item(), "loss_pi": loss_pi.item(), "alpha": alpha.item(),
+        return {"loss_q": loss_q, "loss_pi": loss_pi.item(), "alpha": alpha.item(),
                 "entropy": -logp.mean().item(), "q_r": q_r.mean().item(), "q_c": q_c.mean().item()}
 
     MODULES = ("policy", "q_r", "q_c", "q_r_target", "q_c_target", "pi_opt", "q_opt", "alpha_opt", "multiplier")

@@ -30,7 +30,7 @@ from pydantic import Field
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, make_multiplier
 from saferl.learners.networks import DeterministicTanhPolicy, polyak
-from saferl.learners.sac_lag import Critic, OffPolicyLearner, OffPolicyParams
+from saferl.learners.sac_lag import OffPolicyLearner, OffPolicyParams
 
 
 class TD3LagParams(OffPolicyParams):
@@ -59,13 +59,11 @@ class TD3Lag(OffPolicyLearner):
 
     def __init__(self, params: TD3LagParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
-        p, d, a = params, env.obs_dim, env.act_dim
-        self.policy = DeterministicTanhPolicy(d, a, p.hidden, p.exploration_noise).to(device)
-        self.q_r, self.q_c = Critic(d, a, p.hidden, p.n_critics).to(device), Critic(d, a, p.hidden, 1).to(device)
+        p = params
+        self.policy = DeterministicTanhPolicy(env.obs_dim, env.act_dim, p.hidden, p.exploration_noise).to(device)
+        self.build_critics(p.n_critics)
         self.policy_target = copy.deepcopy(self.policy)
-        self.q_r_target, self.q_c_target = copy.deepcopy(self.q_r), copy.deepcopy(self.q_c)
         self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)
-        self.q_opt = torch.optim.Adam([*self.q_r.parameters(), *self.q_c.parameters()], lr=p.critic_lr)
         self.multiplier = make_multiplier(p.lagrange)
         self.steps = 0  # gradient steps taken: the actor and targets move when it is a multiple of policy_delay
 
@@ -79,15 +77,10 @@ class TD3Lag(OffPolicyLearner):
 
     def step(self, b: dict) -> dict:
         p, lam = self.p, self.multiplier.value
-        act = torch.tanh(b["act"])
         with torch.no_grad():
             a2 = self.target_action(b["next_obs"])
-            y_r = b["reward"] + b["discount"] * self.q_r_target(b["next_obs"], a2).min(0).values
-            y_c = b["cost"] + b["discount"] * self.q_c_target(b["next_obs"], a2)[0]
-        loss_q = ((self.q_r(b["obs"], act) - y_r) ** 2).mean(1).sum() + ((self.q_c(b["obs"], act)[0] - y_c) ** 2).mean()
-        self._descend(self.q_opt, loss_q, [*self.q_r.parameters(), *self.q_c.parameters()])
+        out = {"loss_q": self.critic_step(b, a2)}
         self.steps += 1
-        out = {"loss_q": loss_q.item()}
         if self.steps % p.policy_delay:
             return out
 

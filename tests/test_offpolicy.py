@@ -96,6 +96,17 @@ def test_tanh_gaussian_log_prob_and_numpy_export():
     np.testing.assert_allclose(action, torch.tanh(dist.loc).detach().numpy(), atol=1e-5)
 
 
+def critic_loss_by_hand(learner, b, a2, bonus):
+    """Σ_j mean (Q_Rj(s, tanh u) − y_R)² + mean (Q_C(s, tanh u) − y_C)² for twin reward critics and
+    discount 0.9, written out network by network: y_R = r + 0.9 (min(Q̄_R1, Q̄_R2)(s', a') + bonus)."""
+    x2, x = torch.cat([b["next_obs"], a2], -1), torch.cat([b["obs"], torch.tanh(b["act"])], -1)
+    q_bar = torch.minimum(learner.q_r_target.qs[0](x2), learner.q_r_target.qs[1](x2)).squeeze(-1)
+    y_r = b["reward"] + 0.9 * (q_bar + bonus)
+    y_c = b["cost"] + 0.9 * learner.q_c_target.qs[0](x2).squeeze(-1)
+    return sum(((q(x).squeeze(-1) - y_r) ** 2).mean() for q in learner.q_r.qs) + \
+        ((learner.q_c.qs[0](x).squeeze(-1) - y_c) ** 2).mean()
+
+
 def test_sac_critic_targets_are_the_soft_bellman_backup():
     """One step's critic loss equals the loss written out from eq 5 with the same sampled a'."""
     env = EnvSpec(obs_dim=3, act_dim=2, act_low=[-1, -1], act_high=[1, 1], max_episode_steps=10)
@@ -106,12 +117,7 @@ def test_sac_critic_targets_are_the_soft_bellman_backup():
     torch.manual_seed(5)
     with torch.no_grad():
         a2, logp2 = learner.policy.sample(b["next_obs"])
-        x2, x = torch.cat([b["next_obs"], a2], -1), torch.cat([b["obs"], torch.tanh(b["act"])], -1)
-        q_bar = torch.minimum(learner.q_r_target.qs[0](x2), learner.q_r_target.qs[1](x2)).squeeze(-1)
-        y_r = b["reward"] + 0.9 * (q_bar - 0.3 * logp2)
-        y_c = b["cost"] + 0.9 * learner.q_c_target.qs[0](x2).squeeze(-1)
-        expected = sum(((q(x).squeeze(-1) - y_r) ** 2).mean() for q in learner.q_r.qs) + \
-            ((learner.q_c.qs[0](x).squeeze(-1) - y_c) ** 2).mean()
+        expected = critic_loss_by_hand(learner, b, a2, -0.3 * logp2)
     torch.manual_seed(5)
     out = learner.step(b)
     assert out["loss_q"] == pytest.approx(expected.item(), rel=1e-5)
@@ -174,12 +180,7 @@ def test_td3_critic_targets_are_clipped_double_q_with_smoothing():
         mu_bar = torch.tanh(learner.policy_target.net(b["next_obs"]))
         eps = (0.3 * torch.randn(8, 2)).clamp(-0.4, 0.4)
         a2 = (mu_bar + eps).clamp(-1, 1)
-        x2, x = torch.cat([b["next_obs"], a2], -1), torch.cat([b["obs"], torch.tanh(b["act"])], -1)
-        q_bar = torch.minimum(learner.q_r_target.qs[0](x2), learner.q_r_target.qs[1](x2)).squeeze(-1)
-        y_r = b["reward"] + 0.9 * q_bar
-        y_c = b["cost"] + 0.9 * learner.q_c_target.qs[0](x2).squeeze(-1)
-        expected = sum(((q(x).squeeze(-1) - y_r) ** 2).mean() for q in learner.q_r.qs) + \
-            ((learner.q_c.qs[0](x).squeeze(-1) - y_c) ** 2).mean()
+        expected = critic_loss_by_hand(learner, b, a2, 0.0)
     torch.manual_seed(5)
     out = learner.step(b)
     assert out["loss_q"] == pytest.approx(expected.item(), rel=1e-5)

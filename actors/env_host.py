@@ -119,12 +119,25 @@ class EnvHost:
         summary = {"episodes": episodes, "inference_s": t_infer, "env_s": t_env}
         return buf, summary
 
-    def evaluate(self, policy: dict, episodes: int, deterministic: bool = True) -> list[dict]:
-        """Run until ``episodes`` episodes finish (fresh resets first); returns their stats."""
+    def evaluate(self, policy: dict, episodes: int, deterministic: bool = True,
+                 attack_rate: float = 0.0) -> list[dict]:
+        """Run until ``episodes`` episodes finish (fresh resets first); returns their stats.
+
+        ``attack_rate`` α: per env and step, with probability α the policy's action is replaced
+        by one drawn uniformly from the action box (the host's seeded rng: reproducible; α = 0
+        draws nothing, so evaluation is unchanged)."""
+        if not 0.0 <= attack_rate <= 1.0:
+            raise ValueError(f"attack_rate must be in [0, 1], got {attack_rate}")
+        if attack_rate > 0 and not (np.isfinite(self.low).all() and np.isfinite(self.high).all()):
+            raise ValueError("random-action attacks need a bounded action box")
         self.obs = self.vec.reset(int(self.rng.integers(2**31)))
         done: list[dict] = []
         while len(done) < episodes:
             action, _, _ = self._act(policy, self.obs, deterministic)
+            if attack_rate > 0:
+                hit = self.rng.random(action.shape[0]) < attack_rate
+                noise = self.rng.uniform(self.low, self.high, action.shape).astype(np.float32)
+                action = np.where(hit[:, None], noise, action)
             self.obs, *_, info = self.vec.step(action)
             done += info["episodes"]
         return done[:episodes]

@@ -24,25 +24,54 @@ def numpy_policy_from_checkpoint(cfg, ckpt: dict, spec: dict) -> dict:
     return learner.numpy_policy()
 
 
-def evaluate(run_dir: Path, episodes: int, deterministic: bool = True, num_hosts: int = 1) -> dict:
+def evaluate(run_dir: Path, episodes: int, deterministic: bool = True, num_hosts: int = 1,
+             attack_rate: float = 0.0) -> dict:
+    """Return, cost and violation rate over ``episodes`` episodes; with ``attack_rate`` α each
+    action is replaced, with probability α, by a uniformly random one (``EnvHost.evaluate``)."""
+    return evaluate_attack_rates(run_dir, episodes, [attack_rate], deterministic, num_hosts)[0]
+
+
+def evaluate_attack_rates(run_dir: Path, episodes: int, attack_rates: list[float], deterministic: bool = True,
+                          num_hosts: int = 1) -> list[dict]:
+    """``evaluate`` at each attack rate, with one set of env hosts (Ray is started here only if
+    it is not up). Before every rate the hosts are re-seeded as if new, so each rate sees the same
+    initial states and a rate's numbers do not depend on the others."""
     cfg = rundir.load_run_config(run_dir)
     ckpt = rundir.load_checkpoint(run_dir, cfg)
     if ckpt is None:
         raise ConfigError(f"run error: {run_dir} has no checkpoint to evaluate")
+    for rate in attack_rates:
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"usage error: attack rate {rate:g} is not in [0, 1]")
+    seed = cfg.seed + 10_000
     started = connect(cfg)
     try:
         host_cls = ray.remote(EnvHost).options(**host_options(cfg))
         envs = min(episodes, cfg.resources.envs_per_host)
-        hosts = [host_cls.remote(cfg.task, envs, cfg.seed + 10_000, i) for i in range(num_hosts)]
-        policy = numpy_policy_from_checkpoint(cfg, ckpt, ray.get(hosts[0].spec.remote()))
-        split = [episodes // num_hosts + (i < episodes % num_hosts) for i in range(num_hosts)]
-        eps = [e for part in ray.get([h.evaluate.remote(policy, k, deterministic)
-                                      for h, k in zip(hosts, split) if k]) for e in part]
-        for h in hosts:
-            ray.kill(h)
+        hosts = [host_cls.remote(cfg.task, envs, seed, i) for i in range(num_hosts)]
+        try:
+            spec = ray.get(hosts[0].spec.remote())
+            if any(attack_rates) and not (np.isfinite(spec["act_low"]).all() and np.isfinite(spec["act_high"]).all()):
+                raise ConfigError(f"run error: {cfg.task} has an unbounded action box: no uniform random actions")
+            policy = numpy_policy_from_checkpoint(cfg, ckpt, spec)
+            split = [episodes // num_hosts + (i < episodes % num_hosts) for i in range(num_hosts)]
+            results = []
+            for n, rate in enumerate(attack_rates):
+                if n:
+                    ray.get([h.reset.remote(seed) for h in hosts])
+                eps = [e for part in ray.get([h.evaluate.remote(policy, k, deterministic, rate)
+                                              for h, k in zip(hosts, split) if k]) for e in part]
+                results.append(_summary(run_dir, cfg, ckpt, eps))
+        finally:
+            for h in hosts:
+                ray.kill(h)
     finally:
         if started:
             ray.shutdown()
+    return results
+
+
+def _summary(run_dir: Path, cfg, ckpt: dict, eps: list[dict]) -> dict:
     ret, cost = np.array([e["return"] for e in eps]), np.array([e["cost"] for e in eps])
     return {"run_dir": str(run_dir), "iteration": ckpt["schedule"]["iteration"], "episodes": len(eps),
             "return_mean": float(ret.mean()), "return_std": float(ret.std()),

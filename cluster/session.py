@@ -35,14 +35,17 @@ def train(cfg: RunConfig, run_dir: Path | None = None, console=None, stop_after:
     from saferl.cluster.coordinator import Coordinator  # imports torch; keep `saferl list` fast
 
     resume = None
+    pretrain = cfg.algo_spec.load_pretrain()
     if run_dir is None:
         run_dir = rundir.new_run_dir(cfg)
     else:
         resume = rundir.load_checkpoint(run_dir, cfg)
-        if resume is None:
+        if resume is None and pretrain is None:  # with a pretrain stage, resuming may be inside it
             raise ConfigError(f"run error: {run_dir} has no checkpoint to resume from")
     started = connect(cfg)
     try:
+        if pretrain is not None:
+            cfg = pretrain(cfg, run_dir, console)
         coord = Coordinator(cfg, run_dir, console=console, resume=resume)
         try:
             coord.run(stop_after=stop_after)

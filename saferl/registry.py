@@ -22,14 +22,22 @@ class AlgoSpec:
     phases: tuple[str, ...]  # schedule phases (e.g. "dual"; "world_model" runs on the world-model actor)
     paper: str
     world_model: bool = False  # gradients come from a learned model: the task need not be differentiable
+    pretrain: str | None = None  # "module:function(cfg, run_dir, console) -> cfg" run before training
 
     @property
     def uses_env_hosts(self) -> bool:
         return self.kind in ("sampling", "offpolicy")
 
     def load(self):
-        module, cls = self.learner.split(":")
-        return getattr(importlib.import_module(module), cls)
+        return _resolve(self.learner)
+
+    def load_pretrain(self):
+        return _resolve(self.pretrain) if self.pretrain else None
+
+
+def _resolve(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,11 @@ register_algo(AlgoSpec("cup", "sampling", "saferl.learners.cup:CUP", ("dual",),
                        "Yang, Ji, Dai et al. 2022 (Constrained Update Projection; ν on the dual phase)"))
 register_algo(AlgoSpec("pcpo", "sampling", "saferl.learners.pcpo:PCPO", (),
                        "Yang, Rosca, Narasimhan & Ramadge 2020 (the projection is in the step: no dual phase)"))
+register_algo(AlgoSpec("trpo_unsafe", "sampling", "saferl.learners.strpo:UnsafeTRPO", (),
+                       "seed 001 (sTRPO) §4.1, eq 3-4: stage 1, TRPO maximising the cost with a CVaR critic"))
+register_algo(AlgoSpec("strpo", "sampling", "saferl.learners.strpo:STRPO", ("dual",),
+                       "seed 001 (sTRPO) §4.2-4.3, eq 6-10; stage 1 (trpo_unsafe) first unless "
+                       "algo_params.unsafe_policy names one", pretrain="saferl.cluster.stages:unsafe_policy_stage"))
 register_algo(AlgoSpec("sac_lag", "offpolicy", "saferl.learners.sac_lag:SACLag", ("dual",),
                        "SAC: Haarnoja et al. 2018; Lagrangian as in FSRL / OmniSafe"))
 register_algo(AlgoSpec("sac", "offpolicy", "saferl.learners.sac_lag:SAC", (),

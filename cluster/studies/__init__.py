@@ -12,6 +12,7 @@ STUDIES = {
     "gbe": "saferl.cluster.studies.gbe",
     "cgpo-table1": "saferl.cluster.studies.cgpo_table1",
     "safeguards": "saferl.cluster.studies.safeguards",
+    "robustness": "saferl.cluster.studies.robustness",
 }
 
 

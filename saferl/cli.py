@@ -8,6 +8,8 @@
     saferl list                                     algorithms and tasks
     saferl bench rollout|gradients                  env-host / gradient-worker throughput
     saferl study NAME                               reproduce a paper's table/figure
+    saferl benchmark onpolicy                       OmniSafe-style Reward/Cost table of the on-policy
+                                                    algorithms on the Safety-Gymnasium tasks
 
 User errors print one line (``config error: …``) and exit with status 2.
 """
@@ -116,6 +118,14 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    from saferl.cluster.studies import benchmark_onpolicy
+
+    out = benchmark_onpolicy.run(args)
+    _console().print(f"[bold green]done[/bold green]: benchmark results in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="saferl", description="Distributed safe RL on Ray.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -177,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
         s = ssub.add_parser(name, help=module.HELP)
         module.add_arguments(s)
         s.set_defaults(fn=cmd_study)
+
+    from saferl.cluster.studies import benchmark_onpolicy  # the stdlib only at module level
+
+    p = sub.add_parser("benchmark", help="algorithm × task × seed benchmarks in OmniSafe's table format")
+    bsub = p.add_subparsers(dest="benchmark", required=True)
+    b = bsub.add_parser("onpolicy", help=benchmark_onpolicy.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    benchmark_onpolicy.add_arguments(b)
+    b.set_defaults(fn=cmd_benchmark)
     return ap
 
 

@@ -46,8 +46,34 @@ def summarise(values: list[float | None]) -> tuple[float | None, float | None, i
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
 
 
+def format_mean_std(values: list[float | None], fmt: str = ".2f") -> str:
+    """A table cell "mean ± std" over the defined values (sample std; one value: the mean alone),
+    "(k/n)" when only k of the n are defined, "-" when none is."""
+    mean, std, k = summarise(values)
+    if mean is None:
+        return "-"
+    cell = format(mean, fmt) + (f" ± {format(std, fmt)}" if std is not None else "")
+    return cell + (f" ({k}/{len(values)})" if k < len(values) else "")
+
+
 def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def plan_job(algo: str, task: str, seed: int, out: Path, overrides: list[str], user_set: list[str]) -> dict:
+    """One study job: ``configs/<algo>/<task>.yaml`` (validated now) as run ``<algo>-<task>-s<seed>``
+    under ``out/runs``, logging every iteration (no finished episode is dropped from the curve),
+    with the study's ``overrides`` and then the user's ``--set`` (which win)."""
+    from saferl.config import CONFIG_DIR, ConfigError, load_config
+
+    path = CONFIG_DIR / algo / f"{task}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"study error: no shipped config {path.relative_to(CONFIG_DIR.parent)} for {algo} on {task}")
+    name = f"{algo}-{task}-s{seed}"
+    mine = [f"seed={seed}", f"run_root={out / 'runs'}", f"name={name}", "schedule.log_every=1", *overrides]
+    every = mine + list(user_set)
+    return {"task": task, "algo": algo, "seed": seed, "name": name, "cfg": load_config(path, every),
+            "config": str(path.relative_to(CONFIG_DIR.parent)), "overrides": every}
 
 
 class Heartbeat:

@@ -1,0 +1,43 @@
+"""Every on-policy algorithm of the benchmark ships a config for every Safety-Gymnasium task, at
+OmniSafe's benchmark scale, with the same hyper-parameters on every task."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from saferl import registry
+from saferl.cluster.studies.benchmark_onpolicy import ONPOLICY_ALGOS, SAFETY_GYM_TASKS
+from saferl.config import CONFIG_DIR, load_config
+
+PAIRS = [(algo, task) for algo in ONPOLICY_ALGOS for task in SAFETY_GYM_TASKS]
+
+
+def test_the_benchmark_lists_registered_on_policy_algorithms_and_safety_gym_tasks():
+    assert len(set(ONPOLICY_ALGOS)) == len(ONPOLICY_ALGOS) and len(SAFETY_GYM_TASKS) == 6
+    for algo in ONPOLICY_ALGOS:
+        assert registry.get_algo(algo).kind == "sampling", algo
+    for task in SAFETY_GYM_TASKS:
+        spec = registry.get_task(task)
+        assert spec.kind == "safety_gymnasium" and spec.cost_limit == 25.0, task
+
+
+@pytest.mark.parametrize("algo,task", PAIRS, ids=[f"{a}/{t}" for a, t in PAIRS])
+def test_shipped_config_loads_and_validates(algo, task):
+    assert (CONFIG_DIR / algo / f"{task}.yaml").is_file(), f"missing configs/{algo}/{task}.yaml"
+    cfg = load_config(f"{algo}/{task}")
+    assert (cfg.algo, cfg.task) == (algo, task)
+    assert isinstance(cfg.learner_params(), registry.get_algo(algo).load().Params)
+    epoch = 15_000 if algo == "strpo" else 20_000  # sTRPO: the paper's epoch
+    assert (cfg.total_env_steps, cfg.steps_per_iteration) == (10_000_000, epoch)  # OmniSafe's budget
+    assert set(cfg.schedule.phases) == set(registry.get_algo(algo).phases)  # e.g. ppo: no dual phase
+    assert cfg.limit == 25.0
+
+
+@pytest.mark.parametrize("algo", ONPOLICY_ALGOS)
+def test_same_settings_on_every_task(algo):
+    """The configs differ only in the task (and the header comment naming it)."""
+    ref = yaml.safe_load((CONFIG_DIR / algo / f"{SAFETY_GYM_TASKS[0]}.yaml").read_text())
+    for task in SAFETY_GYM_TASKS[1:]:
+        data = yaml.safe_load((CONFIG_DIR / algo / f"{task}.yaml").read_text())
+        assert data.pop("task") == task
+        assert data == {k: v for k, v in ref.items() if k != "task"}, task

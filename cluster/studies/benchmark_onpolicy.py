@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (csv_list, fail_if_any_failed, format_mean_std, plan_job, plot_mean_std,
-                                           read_curve, run_jobs, save_figure, study_console_and_out, summarise,
+from saferl.cluster.studies.runner import (FINAL_FRACTION, csv_list, fail_if_any_failed, final_performance,
+                                           format_mean_std, parse_seeds, plan_job, plot_mean_std, read_curve, run_jobs,
+                                           save_figure, study_console_and_out, summarise, warn_if_no_episode,
                                            write_csv)
 
 HELP = "on-policy algorithms × Safety-Gymnasium tasks: OmniSafe-style Reward/Cost table (mean ± std), curves"
@@ -58,7 +57,6 @@ ALGO_LABELS = {"ppo": "PPO", "trpo": "TRPO", "ppo_lag": "PPOLag", "trpo_lag": "T
                "strpo": "sTRPO"}
 DEFAULTS = {"tasks": ("SafetyPointGoal1-v0",), "seeds": "2", "steps": 20_000, "steps_per_iteration": 2_000,
             "hosts": "1", "envs": "2"}
-FINAL_FRACTION = 0.1  # default K: the last 10% of a run's logged points
 
 
 def label(algo: str) -> str:
@@ -68,17 +66,6 @@ def label(algo: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # the numbers (pure functions; unit-tested)
 # ---------------------------------------------------------------------------------------------
-def final_performance(returns: list[float], costs: list[float],
-                      last_k: int | None = None) -> tuple[float | None, float | None, int]:
-    """(mean return, mean cost, K) over a run's last K logged points; K = last_k, or by default
-    ceil(10% of the points), at least 1 and at most the points there are."""
-    n = len(returns)
-    if n == 0:
-        return None, None, 0
-    k = min(n, last_k) if last_k else max(1, math.ceil(FINAL_FRACTION * n))
-    return statistics.fmean(returns[-k:]), statistics.fmean(costs[-k:]), k
-
-
 def summary_rows(records: list[dict], tasks: list[str], algos: list[str]) -> list[dict]:
     """Per (task, algo): mean and sample std over seeds of the runs' final return and cost."""
     rows = []
@@ -174,13 +161,7 @@ def _settings(args) -> dict:
     tasks = args.tasks or list(DEFAULTS["tasks"])
     if [t.lower() for t in tasks] == ["all"]:
         tasks = list(SAFETY_GYM_TASKS)
-    seeds_text = args.seeds or DEFAULTS["seeds"]
-    try:
-        seeds = [int(x) for x in csv_list(seeds_text)] if "," in seeds_text else list(range(int(seeds_text)))
-    except ValueError:
-        raise ConfigError(f"usage error: --seeds {seeds_text!r}: expected N or a comma list of seeds") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ConfigError(f"usage error: --seeds {seeds_text!r}: expected N > 0 or distinct seeds ≥ 0")
+    seeds = parse_seeds(args.seeds or DEFAULTS["seeds"])
     if not args.algos or not tasks:
         raise ConfigError("usage error: --algos and --tasks need at least one name")
     for flag, v in (("--steps", args.steps), ("--steps-per-iteration", args.steps_per_iteration),
@@ -281,11 +262,7 @@ def run(args) -> Path:
     jobs = _plan(s, out)  # every config validated before anything is created or started
     out.mkdir(parents=True, exist_ok=True)
     for job in jobs[:: len(s["seeds"])]:  # one warning per (task, algo)
-        cfg = job["cfg"]
-        per_env = cfg.total_env_steps // (cfg.resources.num_env_hosts * cfg.resources.envs_per_host)
-        if per_env < cfg.task_spec.max_episode_steps:
-            console.print(f"[yellow]warning[/yellow]: {job['algo']} on {job['task']}: {per_env:,} steps per env end "
-                          f"no {cfg.task_spec.max_episode_steps}-step episode; raise --steps or lower --hosts/--envs")
+        warn_if_no_episode(job, console)
     (out / "benchmark.json").write_text(json.dumps({**s, "runs": [{k: j[k] for k in (
         "task", "algo", "seed", "config", "overrides")} for j in jobs]}, indent=2))
     console.print(f"benchmark onpolicy: {len(jobs)} runs ({len(s['tasks'])} task(s) × {len(s['algos'])} algorithms × "

@@ -82,8 +82,9 @@ import json
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (csv_list, fail_if_any_failed, plot_mean_std, read_curve,
-                                           run_jobs, save_figure, study_console_and_out, summarise, write_csv)
+from saferl.cluster.studies.runner import (csv_list, fail_if_any_failed, format_mean_std, plan_job, plot_mean_std,
+                                           read_curve, run_jobs, save_figure, shipped_config, study_console_and_out,
+                                           write_csv)
 
 HELP = ("seed 000 Table 1: Conv. Steps and Vio. Ratio of CGPO, SHAC-Lag, BPTT-Lag, PPO-Lag on the "
         "Brax tasks")
@@ -147,12 +148,8 @@ def vio_ratio(costs, limit: float, *, band: float = 0.2, margin: float = 0.05) -
 
 
 def format_cell(values: list[float | None], kind: str) -> str:
-    mean, std, k = summarise(values)
-    if mean is None:
-        return "-"
-    fmt = (lambda v: f"{v:.2e}") if kind == "steps" else (lambda v: f"{v:.2f}")
-    cell = fmt(mean) + (f" ± {fmt(std)}" if std is not None else "")
-    return cell + (f" ({k}/{len(values)})" if k < len(values) else "")
+    """A Table 1 cell: Conv. Steps ("steps") in e-notation, ratios with two decimals."""
+    return format_mean_std(values, ".2e" if kind == "steps" else ".2f")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +235,7 @@ def _env_overrides(base, envs: int | None) -> list[str]:
 def _plan(args, s: dict, out: Path) -> list[dict]:
     """Validate every (task, algo, seed) config before anything runs."""
     from saferl import registry
-    from saferl.config import CONFIG_DIR, ConfigError, load_config
+    from saferl.config import ConfigError, load_config
 
     unknown = [t for t in args.tasks if t not in registry.TASKS]
     if unknown:
@@ -254,21 +251,11 @@ def _plan(args, s: dict, out: Path) -> list[dict]:
     jobs = []
     for task in args.tasks:
         for algo in args.algos:
-            path = CONFIG_DIR / algo / f"{task}.yaml"
-            if not path.is_file():
-                raise ConfigError(f"study error: no shipped config {path.relative_to(CONFIG_DIR.parent)} "
-                                  f"for {algo} on {task}")
-            base = load_config(path, list(args.set))
-            for seed in range(s["seeds"]):
-                name = f"{algo}-{task}-s{seed}"
-                mine = [f"seed={seed}", f"run_root={out / 'runs'}", f"name={name}", "schedule.log_every=1",
-                        *_env_overrides(base, s["envs"])]
-                if s["budget"] is not None:
-                    mine.append(f"total_env_steps={s['budget']}")
-                overrides = mine + list(args.set)  # the user's --set wins
-                cfg = load_config(path, overrides)
-                jobs.append({"task": task, "algo": algo, "seed": seed, "cfg": cfg, "name": name,
-                             "config": str(path.relative_to(CONFIG_DIR.parent)), "overrides": overrides})
+            base = load_config(shipped_config(algo, task)[0], list(args.set))
+            mine = _env_overrides(base, s["envs"])
+            if s["budget"] is not None:
+                mine.append(f"total_env_steps={s['budget']}")
+            jobs += [plan_job(algo, task, seed, out, mine, args.set) for seed in range(s["seeds"])]
     return jobs
 
 

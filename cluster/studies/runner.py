@@ -60,20 +60,72 @@ def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def plan_job(algo: str, task: str, seed: int, out: Path, overrides: list[str], user_set: list[str]) -> dict:
-    """One study job: ``configs/<algo>/<task>.yaml`` (validated now) as run ``<algo>-<task>-s<seed>``
-    under ``out/runs``, logging every iteration (no finished episode is dropped from the curve),
-    with the study's ``overrides`` and then the user's ``--set`` (which win)."""
-    from saferl.config import CONFIG_DIR, ConfigError, load_config
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: N for seeds 0..N-1, or a comma list of distinct seeds ≥ 0."""
+    from saferl.config import ConfigError
 
-    path = CONFIG_DIR / algo / f"{task}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"study error: no shipped config {path.relative_to(CONFIG_DIR.parent)} for {algo} on {task}")
-    name = f"{algo}-{task}-s{seed}"
+    try:
+        seeds = [int(x) for x in csv_list(text)] if "," in text else list(range(int(text)))
+    except ValueError:
+        raise ConfigError(f"usage error: --seeds {text!r}: expected N or a comma list of seeds") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"usage error: --seeds {text!r}: expected N > 0 or distinct seeds ≥ 0")
+    return seeds
+
+
+FINAL_FRACTION = 0.1  # default K of final_performance: the last 10% of a run's logged points
+
+
+def final_performance(returns: list[float], costs: list[float],
+                      last_k: int | None = None) -> tuple[float | None, float | None, int]:
+    """(mean return, mean cost, K) over a run's last K logged points; K = last_k, or by default
+    ceil(10% of the points), at least 1 and at most the points there are."""
+    n = len(returns)
+    if n == 0:
+        return None, None, 0
+    k = min(n, last_k) if last_k else max(1, math.ceil(FINAL_FRACTION * n))
+    return statistics.fmean(returns[-k:]), statistics.fmean(costs[-k:]), k
+
+
+def shipped_config(algo: str, task: str) -> tuple[str, Path]:
+    """The shipped ``configs/<algo>/<task>.yaml`` as (the source for ``load_config``, the file):
+    a wrapped task without its own file (e.g. ``SafeGBPOPendulum-RM-v0``) uses its base task's,
+    as ``load_config("algo/task")`` does; a one-line study error when there is none."""
+    from saferl.config import CONFIG_DIR, ConfigError, resolve_path
+
+    source = str(CONFIG_DIR / algo / task)  # anchored at configs/, never a path under the cwd
+    try:
+        path, _ = resolve_path(source)
+    except ConfigError:
+        path = CONFIG_DIR / algo / f"{task}.yaml"
+        raise ConfigError(f"study error: no shipped config {path.relative_to(CONFIG_DIR.parent)} "
+                          f"for {algo} on {task}") from None
+    return source, path
+
+
+def plan_job(algo: str, task: str, seed: int, out: Path, overrides: list[str], user_set: list[str],
+             suffix: str = "") -> dict:
+    """One study job: ``configs/<algo>/<task>.yaml`` (validated now) as run ``<algo>-<task>-s<seed>``
+    (``<algo>-<task>-<suffix>-s<seed>`` with a suffix, for several runs of one algorithm) under
+    ``out/runs``, logging every iteration (no finished episode is dropped from the curve), with
+    the study's ``overrides`` and then the user's ``--set`` (which win)."""
+    from saferl.config import CONFIG_DIR, load_config
+
+    source, path = shipped_config(algo, task)
+    name = f"{algo}-{task}-{suffix}-s{seed}" if suffix else f"{algo}-{task}-s{seed}"
     mine = [f"seed={seed}", f"run_root={out / 'runs'}", f"name={name}", "schedule.log_every=1", *overrides]
     every = mine + list(user_set)
-    return {"task": task, "algo": algo, "seed": seed, "name": name, "cfg": load_config(path, every),
+    return {"task": task, "algo": algo, "seed": seed, "name": name, "cfg": load_config(source, every),
             "config": str(path.relative_to(CONFIG_DIR.parent)), "overrides": every}
+
+
+def warn_if_no_episode(job: dict, console) -> None:
+    """Warn when a job's envs get too few steps to end one episode (its curve would be empty)."""
+    cfg = job["cfg"]
+    per_env = cfg.total_env_steps // (cfg.resources.num_env_hosts * cfg.resources.envs_per_host)
+    if per_env < cfg.task_spec.max_episode_steps:
+        console.print(f"[yellow]warning[/yellow]: {job['algo']} on {job['task']}: {per_env:,} steps per env end "
+                      f"no {cfg.task_spec.max_episode_steps}-step episode; raise --steps or lower --hosts/--envs")
 
 
 class Heartbeat:
@@ -94,6 +146,7 @@ def train_one(job: dict, console, tag: str) -> dict:
     from saferl.cluster.session import train
 
     cfg = job["cfg"]
+    what = job.get("label") or job["algo"]  # a study's variant label, or the algorithm
     run_dir = Path(cfg.run_root) / job["name"]
     done = run_dir / DONE_MARKER
     record = {"task": job["task"], "algo": job["algo"], "seed": job["seed"], "cost_limit": cfg.limit,
@@ -107,7 +160,7 @@ def train_one(job: dict, console, tag: str) -> dict:
             note = (f" (note: it ran {kept.get('total_env_steps'):,} env steps with {kept.get('num_envs')} envs; "
                     "use another --out to rerun)")
         record.update(kept, status="ok (kept)")
-        console.print(f"{tag} {job['algo']} on {job['task']} seed {job['seed']}: finished earlier, kept{note}")
+        console.print(f"{tag} {what} on {job['task']} seed {job['seed']}: finished earlier, kept{note}")
         return record
     resume = None
     if run_dir.exists():
@@ -115,11 +168,11 @@ def train_one(job: dict, console, tag: str) -> dict:
             resume = run_dir
         else:  # started but nothing to resume from: start over
             shutil.rmtree(run_dir)
-    console.print(f"{tag} {'resume' if resume else 'start'} {job['algo']} on {job['task']} seed {job['seed']} "
+    console.print(f"{tag} {'resume' if resume else 'start'} {what} on {job['task']} seed {job['seed']} "
                   f"({cfg.total_env_steps:,} env steps, {record['num_envs']} envs)")
     t0 = time.perf_counter()
     try:
-        out = train(cfg, run_dir=resume, console=Heartbeat(console, f"{tag} {job['algo']}/{job['task']}"))
+        out = train(cfg, run_dir=resume, console=Heartbeat(console, f"{tag} {what}/{job['task']}"))
     except Exception as err:  # noqa: BLE001 — one failed run must not lose the others
         import traceback
 
@@ -128,7 +181,7 @@ def train_one(job: dict, console, tag: str) -> dict:
                       wall_s=time.perf_counter() - t0)
         if run_dir.exists():
             (run_dir / "study_error.txt").write_text("".join(traceback.format_exception(err)))
-        console.print(f"{tag} FAILED {job['algo']} on {job['task']} seed {job['seed']}: "
+        console.print(f"{tag} FAILED {what} on {job['task']} seed {job['seed']}: "
                       f"{record['status']} (traceback in {run_dir / 'study_error.txt'})", markup=False)
         return record
     record["run_dir"] = str(out)

@@ -49,8 +49,8 @@ import statistics
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (csv_list, fail_if_any_failed, plot_mean_std, run_jobs, save_figure,
-                                           study_console_and_out, write_csv)
+from saferl.cluster.studies.runner import (csv_list, fail_if_any_failed, plan_job, plot_mean_std, run_jobs,
+                                           save_figure, study_console_and_out, write_csv)
 
 HELP = "seed 003 Tables 2-6: safeguards (boundary projection, ray mask) with SHAC, PPO and SAC"
 
@@ -185,20 +185,11 @@ def variant_task(base: str, variant: str) -> str:
 
 
 def _plan(args, s: dict, out: Path) -> list[dict]:
-    from saferl.config import load_config
-
     cells = [(t, v, a) for t in s["tasks"] for v in s["variants"] for a in s["algos"]]
     cells += [(t, v, "shac") for t in s["tasks"] for v in s["modifications"] if v not in s["variants"]]
-    jobs = []
-    for base, variant, algo in cells:
-        task = variant_task(base, variant)
-        for seed in range(s["seeds"]):
-            name = f"{algo}-{task}-s{seed}"
-            overrides = [f"seed={seed}", f"run_root={out / 'runs'}", f"name={name}", "schedule.log_every=1",
-                         f"total_env_steps={s['budget'][algo]}", *args.set]
-            jobs.append({"task": task, "base": base, "variant": variant, "algo": algo, "seed": seed, "name": name,
-                         "cfg": load_config(f"{algo}/{task}", overrides), "overrides": overrides})
-    return jobs
+    return [{**plan_job(algo, variant_task(base, variant), seed, out, [f"total_env_steps={s['budget'][algo]}"],
+                        args.set), "base": base, "variant": variant}
+            for base, variant, algo in cells for seed in range(s["seeds"])]
 
 
 # ---------------------------------------------------------------------------------------------

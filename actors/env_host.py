@@ -26,7 +26,7 @@ def make_vec_env(task_name: str, num_envs: int, render_mode: str | None = None):
         from saferl.envs.safety_gym import make_env  # only inside the Safety-Gymnasium interpreter
         from saferl.envs.vector import VecEnv
 
-        return VecEnv(lambda: make_env(spec.entry, seed=0, render_mode=render_mode), num_envs)
+        return VecEnv(lambda: make_env(spec.entry, seed=0, render_mode=render_mode, **spec.kwargs), num_envs)
     if spec.kind == "gymnasium":
         from saferl.envs.gym_tasks import GymCostEnv
         from saferl.envs.vector import VecEnv
@@ -60,7 +60,8 @@ class EnvHost:
     def spec(self) -> dict:
         v = self.vec
         return {"obs_dim": v.obs_dim, "act_dim": v.act_dim, "act_low": v.act_low,
-                "act_high": v.act_high, "max_episode_steps": v.max_episode_steps, "num_envs": v.num_envs}
+                "act_high": v.act_high, "max_episode_steps": v.max_episode_steps, "num_envs": v.num_envs,
+                "n_hazards": getattr(v, "n_hazards", 0)}
 
     def ping(self) -> int:
         return self.host_index

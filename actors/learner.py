@@ -34,10 +34,13 @@ class LearnerActor:
         """What the coordinator needs for the replay buffer and the update-to-data schedule."""
         return self.learner.offpolicy_setup()
 
-    def update(self, batches: list) -> dict:
+    def update(self, batches: list, clock: dict | None = None) -> dict:
         """``batches``: host batches or worker results, or Ray references to them (a list of
-        references is resolved here, so the data goes from the hosts straight to the learner)."""
-        return self.learner.update(ray.get(batches) if isinstance(batches[0], ray.ObjectRef) else batches)
+        references is resolved here, so the data goes from the hosts straight to the learner).
+        ``clock`` (off-policy): the first minibatch's global gradient step and the step phases'
+        intervals, from the coordinator's schedule."""
+        batches = ray.get(batches) if isinstance(batches[0], ray.ObjectRef) else batches
+        return self.learner.update(batches) if clock is None else self.learner.update(batches, clock)
 
     def phase(self, name: str, signals: dict) -> dict:
         return self.learner.phase(name, signals)

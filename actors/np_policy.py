@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 LOG_2PI = float(np.log(2.0 * np.pi))
+ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0),
+               "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0)))}
 
 
 def normalise(state: dict, obs: np.ndarray) -> np.ndarray:
@@ -19,7 +21,7 @@ def normalise(state: dict, obs: np.ndarray) -> np.ndarray:
 def mean_action(state: dict, obs: np.ndarray) -> np.ndarray:
     h = normalise(state, obs.astype(np.float32))
     layers = state["layers"]
-    act = np.tanh if state.get("activation", "tanh") == "tanh" else (lambda x: np.maximum(x, 0.0))
+    act = ACTIVATIONS[state.get("activation", "tanh")]
     for w, b in layers[:-1]:
         h = act(h @ w.T + b)
     w, b = layers[-1]
@@ -51,6 +53,8 @@ def act(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: b
             a = np.clip(a + state["action_noise"] * rng.standard_normal(a.shape), -1.0, 1.0)
         a = a.astype(np.float32)
         return a, *_pre_squash(a)
+    if state.get("cholesky_head"):
+        return _act_cholesky(state, obs, rng, deterministic)
     mu, log_std = mean_and_log_std(state, obs)
     if deterministic:
         u = mu
@@ -59,6 +63,28 @@ def act(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: b
     logp = -0.5 * (((u - mu) / np.exp(log_std)) ** 2 + 2 * log_std + LOG_2PI).sum(-1)
     action = np.tanh(u) if state["squash"] else u
     return action.astype(np.float32), u.astype(np.float32), logp.astype(np.float32)
+
+
+def mean_and_tril(state: dict, obs: np.ndarray):
+    """μ and the Cholesky factor L of a full-covariance Gaussian over u (CVPO's actor):
+    the lower triangle row-major, its diagonal softplus(·) + ``min_diag``."""
+    out = mean_action(state, obs)
+    n = state["act_dim"]
+    mu, entries = out[:, :n], out[:, n:]
+    rows, cols = np.tril_indices(n)
+    entries = np.where(rows == cols, np.logaddexp(0.0, entries) + state["min_diag"], entries)
+    tril = np.zeros((out.shape[0], n, n), np.float32)
+    tril[:, rows, cols] = entries
+    return mu, tril
+
+
+def _act_cholesky(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: bool):
+    mu, tril = mean_and_tril(state, obs)
+    eps = np.zeros_like(mu) if deterministic else rng.standard_normal(mu.shape).astype(np.float32)
+    u = mu + np.einsum("bij,bj->bi", tril, eps)
+    log_det = np.log(np.diagonal(tril, axis1=1, axis2=2)).sum(-1)
+    logp = -0.5 * (eps ** 2).sum(-1) - log_det - 0.5 * mu.shape[1] * LOG_2PI
+    return np.tanh(u).astype(np.float32), u.astype(np.float32), logp.astype(np.float32)
 
 
 def _pre_squash(a: np.ndarray):

@@ -40,6 +40,7 @@ from saferl.learners.base import EnvSpec
 class ScheduleState:
     iteration: int = 0
     env_steps: int = 0
+    gradient_steps: int = 0  # off-policy minibatch updates so far (the clock of schedule.step_phases)
     phase_runs: dict = field(default_factory=dict)  # phase -> times run
     pending_costs: dict = field(default_factory=dict)  # phase -> episode costs since its last run
 
@@ -99,6 +100,7 @@ class Coordinator:
         self.world_model = self.replay = None
         self.act_dim = spec["act_dim"]
         if self.kind == "offpolicy":
+            self.step_every = {k: cfg.schedule.step_phases.get(k, 1) for k in cfg.algo_spec.step_phases}
             self.offpolicy = ray.get(self.learner.offpolicy_setup.remote())
             o = self.offpolicy
             self.replay = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
@@ -132,9 +134,9 @@ class Coordinator:
     def _env_spec(self) -> dict:
         if self.cfg.algo_spec.world_model:  # the real task may be non-differentiable
             vec = make_vec_env(self.cfg.task, 1)
-            return {k: getattr(vec, k) for k in EnvSpec.model_fields}
+            return {k: getattr(vec, k) for k in EnvSpec.model_fields if hasattr(vec, k)}
         env = make_diff_env(self.cfg.task)
-        return {k: getattr(env, k) for k in EnvSpec.model_fields}
+        return {k: getattr(env, k) for k in EnvSpec.model_fields if hasattr(env, k)}
 
     # -- one iteration ---------------------------------------------------------------------------
     def _sample(self) -> tuple[dict, list]:
@@ -156,8 +158,11 @@ class Coordinator:
         metrics = {}
         steps = self.steps_of(st.iteration)
         if st.env_steps + steps >= o["warmup_steps"]:
-            sample = self.replay.sample.remote(max(1, round(o["utd"] * steps)), o["batch_size"])
-            metrics = ray.get(self.learner.update.remote([sample]))
+            n = max(1, round(o["utd"] * steps))
+            sample = self.replay.sample.remote(n, o["batch_size"])
+            clock = {"first_step": st.gradient_steps + 1, "every": self.step_every} if self.step_every else None
+            metrics = ray.get(self.learner.update.remote([sample], clock))
+            st.gradient_steps += n
         metrics["replay/size"] = ray.get(size)
         return self._host_summaries(metrics, refs)
 

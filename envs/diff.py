@@ -46,6 +46,7 @@ class TorchVecEnv:
         self.act_low = np.full(env.act_dim, env.act_low, np.float32)
         self.act_high = np.full(env.act_dim, env.act_high, np.float32)
         self.max_episode_steps = env.max_episode_steps
+        self.n_hazards = getattr(env, "n_hazards", 0)
         self.stats = EpisodeStats(num_envs)
 
     def reset(self, seed: int) -> np.ndarray:

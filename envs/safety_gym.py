@@ -13,6 +13,12 @@ Protocol of :class:`SafetyGymEnv` (what the numpy vectoriser relies on):
   float/float/bool/bool, actions clipped to the box, no auto-reset;
   ``render() -> rgb frame | None``; ``close()``.
 
+Geometry (``make_env(..., geometry=True)``, the ``-SIS`` tasks of safety-index learners): the
+observation gains the tail of ``saferl.envs.point_hazard`` — robot position and planar velocity,
+then position and radius of every constrained obstacle group (hazards, and pillars where they are
+constrained) — and ``info["geometry"]`` holds the same as plain arrays (``robot_pos``,
+``robot_vel``, ``obstacle_pos`` [H, 2], ``obstacle_size`` [H]); ``n_hazards`` is H.
+
 Fast resets: a navigation task (Goal/Button/Push/Circle) rebuilds its MuJoCo model from XML on
 every reset, and ~95% of that (~0.95 s of ~1 s here) is MuJoCo decoding the 24 MB of skybox PNGs
 (``star_hd.*.png``), a purely visual asset. Unless the env renders (or is a Vision task), the
@@ -124,8 +130,9 @@ class SafetyGymEnv:
     """A thin adapter over one ``safety_gymnasium.make(task_id)`` environment."""
 
     def __init__(self, env: Any, task_id: str, seed: int, render_mode: str | None = None,
-                 fast_reset: bool = False):
+                 fast_reset: bool = False, geometry: bool = False):
         self._env = env
+        self.geometry = geometry
         self.task_id = task_id
         self.render_mode = render_mode
         self.fast_reset = fast_reset
@@ -147,6 +154,34 @@ class SafetyGymEnv:
         self.max_episode_steps = _max_episode_steps(env)
         self._seed = int(seed)
         self._seeded = False
+        self.n_hazards = 0
+        if geometry:
+            self.n_hazards = sum(g.num for g in self._obstacles())
+            self.obs_dim += 4 + 3 * self.n_hazards
+
+    def _obstacles(self) -> list:
+        task = self._env.unwrapped.task
+        groups = [g for g in (getattr(task, n, None) for n in ("hazards", "pillars"))
+                  if g is not None and getattr(g, "is_constrained", False)]
+        if not groups:
+            raise ValueError(f"{self.task_id}: no constrained hazards or pillars for a geometry tail")
+        return groups
+
+    def _geometry(self) -> dict:
+        task, groups = self._env.unwrapped.task, self._obstacles()
+        pos = np.concatenate([np.asarray(g.pos, np.float64).reshape(-1, 3)[:, :2] for g in groups])
+        size = np.concatenate([np.full(g.num, float(g.size)) for g in groups])
+        return {"robot_pos": np.asarray(task.agent.pos, np.float64)[:2].copy(),
+                "robot_vel": np.asarray(task.agent.vel, np.float64)[:2].copy(),
+                "obstacle_pos": pos, "obstacle_size": size}
+
+    def _observe(self, obs) -> np.ndarray:
+        obs = np.asarray(obs, dtype=np.float32).reshape(-1)
+        if not self.geometry:
+            return obs
+        g = self._geometry()
+        tail = [g["robot_pos"], g["robot_vel"], np.column_stack([g["obstacle_pos"], g["obstacle_size"]]).reshape(-1)]
+        return np.concatenate([obs, *tail]).astype(np.float32)
 
     def reset(self, seed: int | None = None) -> np.ndarray:
         """Start an episode. The first reset without a seed uses make_env's seed; a later
@@ -160,15 +195,16 @@ class SafetyGymEnv:
             obs, _info = self._env.reset(seed=None if seed is None else int(seed))
         finally:
             _FAST_RESET.reset(token)
-        return np.asarray(obs, dtype=np.float32).reshape(self.obs_dim)
+        return self._observe(obs)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, float, bool, bool, dict]:
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(self.act_dim), self._low,
                     self._high)
         obs, reward, cost, terminated, truncated, info = self._env.step(
             a.astype(self._act_dtype, copy=False).reshape(self._act_shape))
-        return (np.asarray(obs, dtype=np.float32).reshape(self.obs_dim), float(reward),
-                float(cost), bool(terminated), bool(truncated), info)
+        if self.geometry:
+            info = {**info, "geometry": self._geometry()}
+        return (self._observe(obs), float(reward), float(cost), bool(terminated), bool(truncated), info)
 
     def render(self) -> np.ndarray | None:
         """An rgb frame (uint8 ``[H, W, 3]``) if made with ``render_mode="rgb_array"``.
@@ -199,7 +235,7 @@ def _max_episode_steps(env: Any) -> int:
 
 
 def make_env(task_id: str, seed: int, render_mode: str | None = None,
-             fast_reset: bool | None = None, **make_kwargs: Any) -> SafetyGymEnv:
+             fast_reset: bool | None = None, geometry: bool = False, **make_kwargs: Any) -> SafetyGymEnv:
     """Make one Safety-Gymnasium task, e.g. ``make_env("SafetyPointGoal1-v0", seed=0)``.
 
     ``fast_reset`` (default: on unless rendering or a Vision task) swaps the skybox for a plain
@@ -215,4 +251,4 @@ def make_env(task_id: str, seed: int, render_mode: str | None = None,
     env.action_space.seed(int(seed))
     if fast_reset is None:
         fast_reset = render_mode is None and "Vision" not in task_id
-    return SafetyGymEnv(env, task_id, seed, render_mode, fast_reset)
+    return SafetyGymEnv(env, task_id, seed, render_mode, fast_reset, geometry)

@@ -50,6 +50,7 @@ class VecEnv:
         self.obs_dim, self.act_dim = e.obs_dim, e.act_dim
         self.act_low, self.act_high = e.act_low, e.act_high
         self.max_episode_steps = e.max_episode_steps
+        self.n_hazards = getattr(e, "n_hazards", 0)
         self.stats = EpisodeStats(num_envs)
         self._next_seed = 0
 

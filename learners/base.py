@@ -28,11 +28,12 @@ class EnvSpec(BaseModel):
     act_low: list[float]
     act_high: list[float]
     max_episode_steps: int
+    n_hazards: int = 0  # > 0: the observation ends with the geometry tail (envs/point_hazard.py)
 
     @classmethod
     def of(cls, spec: dict) -> "EnvSpec":
         """From an env host's ``spec()`` (numpy bounds, extra keys) or a plain dict."""
-        fields = {k: spec[k] for k in cls.model_fields}
+        fields = {k: spec[k] for k in cls.model_fields if k in spec}
         bounds = {k: np.broadcast_to(np.asarray(fields[k], np.float64), (fields["act_dim"],)).tolist()
                   for k in ("act_low", "act_high")}
         return cls(**{**fields, **bounds})

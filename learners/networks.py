@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}  # names np_policy also knows
+
+
 def mlp(sizes: Sequence[int], activation=nn.Tanh, out_gain: float = 1.0) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -100,10 +103,10 @@ class TanhGaussianPolicy(nn.Module):
 
     LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int]):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str = "relu"):
         super().__init__()
-        self.act_dim = act_dim
-        self.net = mlp([obs_dim, *hidden, 2 * act_dim], activation=nn.ReLU, out_gain=0.01)
+        self.act_dim, self.activation = act_dim, activation
+        self.net = mlp([obs_dim, *hidden, 2 * act_dim], activation=ACTIVATIONS[activation], out_gain=0.01)
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
         mu, log_std = self.net(obs).split(self.act_dim, -1)
@@ -119,8 +122,53 @@ class TanhGaussianPolicy(nn.Module):
         f32 = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
         lin = [m for m in self.net if isinstance(m, nn.Linear)]
         dim = lin[0].in_features
-        return {"layers": [(f32(m.weight), f32(m.bias)) for m in lin], "activation": "relu",
+        return {"layers": [(f32(m.weight), f32(m.bias)) for m in lin], "activation": self.activation,
                 "std_head": True, "log_std_bounds": (self.LOG_STD_MIN, self.LOG_STD_MAX),
+                "log_std": np.zeros(self.act_dim, np.float32), "squash": True,
+                "obs_mean": np.zeros(dim, np.float32), "obs_var": np.ones(dim, np.float32) - 1e-8,
+                "obs_clip": np.inf}
+
+
+class CholeskyTanhGaussianPolicy(nn.Module):
+    """Tanh-squashed Gaussian with a full state-dependent covariance (CVPO; MPO's Cholesky
+    actor, Abdolmaleki et al. 2018): u ~ N(μ(s), L(s)L(s)ᵀ), a = tanh(u), L lower triangular
+    with diagonal softplus(·) + ``MIN_DIAG``. The net outputs μ and the n(n+1)/2 entries of L
+    (row-major lower triangle). Distributions are over u, so KLs and likelihoods are exact."""
+
+    MIN_DIAG = 1e-4
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], init_std: float = 0.5):
+        super().__init__()
+        self.act_dim = act_dim
+        self.net = mlp([obs_dim, *hidden, act_dim + act_dim * (act_dim + 1) // 2], activation=nn.ReLU,
+                       out_gain=0.01)
+        rows, cols = torch.tril_indices(act_dim, act_dim)
+        self.register_buffer("rows", rows)
+        self.register_buffer("cols", cols)
+        # the diagonal starts at init_std: softplus⁻¹(init_std − MIN_DIAG) as the bias
+        with torch.no_grad():
+            diag = (rows == cols).nonzero().squeeze(-1) + act_dim
+            self.net[-1].bias[diag] = float(np.log(np.expm1(init_std - self.MIN_DIAG)))
+
+    def mean_and_tril(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(obs)
+        mu, entries = out[..., :self.act_dim], out[..., self.act_dim:]
+        on_diag = self.rows == self.cols
+        entries = torch.where(on_diag, nn.functional.softplus(entries) + self.MIN_DIAG, entries)
+        tril = out.new_zeros(*out.shape[:-1], self.act_dim, self.act_dim)
+        tril[..., self.rows, self.cols] = entries
+        return mu, tril
+
+    def dist(self, obs: torch.Tensor) -> torch.distributions.MultivariateNormal:
+        mu, tril = self.mean_and_tril(obs)
+        return torch.distributions.MultivariateNormal(mu, scale_tril=tril)
+
+    def export_numpy(self) -> dict:
+        f32 = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
+        lin = [m for m in self.net if isinstance(m, nn.Linear)]
+        dim = lin[0].in_features
+        return {"layers": [(f32(m.weight), f32(m.bias)) for m in lin], "activation": "relu",
+                "cholesky_head": True, "act_dim": self.act_dim, "min_diag": self.MIN_DIAG,
                 "log_std": np.zeros(self.act_dim, np.float32), "squash": True,
                 "obs_mean": np.zeros(dim, np.float32), "obs_var": np.ones(dim, np.float32) - 1e-8,
                 "obs_clip": np.inf}

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, make_multiplier
-from saferl.learners.networks import TanhGaussianPolicy, mlp, polyak
+from saferl.learners.networks import ACTIVATIONS, TanhGaussianPolicy, mlp, polyak
 
 
 class OffPolicyParams(base.Params):
@@ -56,9 +56,10 @@ class SACLagParams(OffPolicyParams):
 class Critic(torch.nn.Module):
     """``n`` Q-networks Q(s, a) evaluated together: [n, B]."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], n: int):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], n: int, activation: str = "relu"):
         super().__init__()
-        self.qs = torch.nn.ModuleList(mlp([obs_dim + act_dim, *hidden, 1], activation=torch.nn.ReLU) for _ in range(n))
+        self.qs = torch.nn.ModuleList(mlp([obs_dim + act_dim, *hidden, 1], activation=ACTIVATIONS[activation])
+                                      for _ in range(n))
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, act], -1)
@@ -80,32 +81,47 @@ class OffPolicyLearner(base.Learner):
     def policy_state(self) -> dict:
         return self.policy.export_numpy()
 
-    def update(self, batches: list[dict]) -> dict:
-        """One gradient step per minibatch of each sampled block [K, B, ...]."""
+    def update(self, batches: list[dict], clock: dict | None = None) -> dict:
+        """One gradient step per minibatch of each sampled block [K, B, ...]. With a ``clock``
+        (``first_step``, ``every``: the coordinator's step phases), ``step`` also gets the set of
+        step phases due at each minibatch's global gradient step g (those with g % every == 0)."""
         stats: dict[str, list] = {}
+        g = clock["first_step"] if clock else None
         for block in batches:
             data = {k: torch.tensor(v, device=self.device) for k, v in block.items()}  # a copy: Ray's arrays are read-only
             for i in range(data["obs"].shape[0]):
-                for k, v in self.step({k: v[i] for k, v in data.items()}).items():
+                b = {k: v[i] for k, v in data.items()}
+                if clock is None:
+                    out = self.step(b)
+                else:
+                    out = self.step(b, {name for name, every in clock["every"].items() if g % every == 0})
+                    g += 1
+                for k, v in out.items():
                     stats.setdefault(k, []).append(v)
-        out = {k: float(np.mean(v)) for k, v in stats.items()}
-        out["lagrange_multiplier"] = self.multiplier.value
-        return out
+        return {**{k: float(np.mean(v)) for k, v in stats.items()}, **self.dual_metrics()}
 
-    def build_critics(self, n_reward: int) -> None:
+    def dual_metrics(self) -> dict:
+        return {"lagrange_multiplier": self.multiplier.value}
+
+    def build_critics(self, n_reward: int, activation: str = "relu", lr: float | None = None) -> None:
         """``n_reward`` reward Q-networks and one cost Q-network, their targets, one Adam over both."""
         d, a, p = self.env.obs_dim, self.env.act_dim, self.p
-        self.q_r, self.q_c = Critic(d, a, p.hidden, n_reward).to(self.device), Critic(d, a, p.hidden, 1).to(self.device)
+        self.q_r = Critic(d, a, p.hidden, n_reward, activation).to(self.device)
+        self.q_c = Critic(d, a, p.hidden, 1, activation).to(self.device)
         self.q_r_target, self.q_c_target = copy.deepcopy(self.q_r), copy.deepcopy(self.q_c)
-        self.q_opt = torch.optim.Adam([*self.q_r.parameters(), *self.q_c.parameters()], lr=p.critic_lr)
+        self.q_opt = torch.optim.Adam([*self.q_r.parameters(), *self.q_c.parameters()],
+                                      lr=p.critic_lr if lr is None else lr)
 
-    def critic_step(self, b: dict, a2: torch.Tensor, bonus: torch.Tensor | float = 0.0) -> float:
+    def critic_step(self, b: dict, a2: torch.Tensor, bonus: torch.Tensor | float = 0.0,
+                    y_c: torch.Tensor | None = None) -> float:
         """One step on L_Q = Σ_j E (Q_Rj(s, a) − y_R)² + E (Q_C(s, a) − y_C)², a = tanh(u), with
-        y_R = r + discount · (min_j Q̄_Rj(s', a') + bonus) and y_C = c + discount · Q̄_C(s', a')."""
+        y_R = r + discount · (min_j Q̄_Rj(s', a') + bonus) and y_C = c + discount · Q̄_C(s', a')
+        (or the given one-step target ``y_c``)."""
         act = torch.tanh(b["act"])
         with torch.no_grad():
             y_r = b["reward"] + b["discount"] * (self.q_r_target(b["next_obs"], a2).min(0).values + bonus)
-            y_c = b["cost"] + b["discount"] * self.q_c_target(b["next_obs"], a2)[0]
+            if y_c is None:
+                y_c = b["cost"] + b["discount"] * self.q_c_target(b["next_obs"], a2)[0]
         loss_q = ((self.q_r(b["obs"], act) - y_r) ** 2).mean(1).sum() + ((self.q_c(b["obs"], act)[0] - y_c) ** 2).mean()
         self._descend(self.q_opt, loss_q, [*self.q_r.parameters(), *self.q_c.parameters()])
         return loss_q.item()

@@ -43,11 +43,14 @@ class Schedule(Strict):
     """Intervals in iterations. Each algorithm phase (e.g. ``dual``) runs when
     ``iteration % every == 0``; the coordinator owns this, learners never count."""
     phases: dict[str, int] = Field(default_factory=dict, description="phase -> interval; unlisted phases run every iteration")
+    step_phases: dict[str, int] = Field(
+        default_factory=dict, description="off-policy learners' sub-updates -> interval in gradient steps "
+        "(e.g. FAC-SIS: policy 3, multiplier 12, safety_index 24); unlisted ones run every step")
     log_every: int = Field(1, gt=0)
     checkpoint_every: int = Field(10, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
 
-    @field_validator("phases")
+    @field_validator("phases", "step_phases")
     @classmethod
     def _positive(cls, v: dict[str, int]) -> dict[str, int]:
         for name, every in v.items():
@@ -106,6 +109,10 @@ class RunConfig(Strict):
         if unknown:
             raise ValueError(f"schedule.phases: {self.algo} has no phase {sorted(unknown)}; "
                              f"it has {list(algo.phases)}")
+        unknown = set(self.schedule.step_phases) - set(algo.step_phases)
+        if unknown:
+            raise ValueError(f"schedule.step_phases: {self.algo} has no step phase {sorted(unknown)}; "
+                             f"it has {list(algo.step_phases) or 'none'}")
         n_envs = self.resources.num_env_hosts * self.resources.envs_per_host
         if algo.uses_env_hosts and self.steps_per_iteration % n_envs:
             raise ValueError(f"steps_per_iteration: must be divisible by num_env_hosts × "

@@ -23,6 +23,7 @@ class AlgoSpec:
     paper: str
     world_model: bool = False  # gradients come from a learned model: the task need not be differentiable
     pretrain: str | None = None  # "module:function(cfg, run_dir, console) -> cfg" run before training
+    step_phases: tuple[str, ...] = ()  # off-policy updates run every k-th gradient step (schedule.step_phases)
 
     @property
     def uses_env_hosts(self) -> bool:
@@ -93,6 +94,14 @@ register_algo(AlgoSpec("sac_lag", "offpolicy", "saferl.learners.sac_lag:SACLag",
                        "SAC: Haarnoja et al. 2018; Lagrangian as in FSRL / OmniSafe"))
 register_algo(AlgoSpec("sac", "offpolicy", "saferl.learners.sac_lag:SAC", (),
                        "Haarnoja et al. 2018 (unconstrained)"))
+register_algo(AlgoSpec("cvpo", "offpolicy", "saferl.learners.cvpo:CVPO", (),
+                       "seed 002, Algorithm 2, eq 7-9 (E-step), 78-84 (M-step); the duals are solved per update"))
+register_algo(AlgoSpec("fac_sis", "offpolicy", "saferl.learners.fac_sis:FACSIS", (),
+                       "seed 004, Algorithm 1, eq 2-4, 10-13 (safety-index synthesis on three timescales)",
+                       step_phases=("policy", "multiplier", "safety_index")))
+register_algo(AlgoSpec("fac", "offpolicy", "saferl.learners.fac_sis:FAC", (),
+                       "seed 004's baseline: FAC with a fixed safety index (φ0, φ_h, φ_F of Table 2; "
+                       "algo_params.learn_index false)", step_phases=("policy", "multiplier")))
 register_algo(AlgoSpec("td3_lag", "offpolicy", "saferl.learners.td3_lag:TD3Lag", ("dual",),
                        "TD3: Fujimoto, van Hoof & Meger 2018; Lagrangian as in FSRL / OmniSafe"))
 register_algo(AlgoSpec("td3", "offpolicy", "saferl.learners.td3_lag:TD3", (),
@@ -117,11 +126,18 @@ for _id, _steps in [
     ("SafetyPointGoal1-v0", 1000),
     ("SafetyCarGoal1-v0", 1000),
     ("SafetyPointButton1-v0", 1000),
+    ("SafetyCarButton1-v0", 1000),
+    ("SafetyPointCircle1-v0", 500),
     ("SafetyCarCircle1-v0", 500),
     ("SafetyAntVelocity-v1", 1000),
     ("SafetyHopperVelocity-v1", 1000),
 ]:
     register_task(TaskSpec(_id, "safety_gymnasium", _id, 25.0, _steps))
+
+# Point-robot hazard tasks with the geometry tail safety-index learners read (seed 004's
+# Hazards Goal / Push): FAC-SIS asks for zero violations, so the limit is 0.
+for _id in ("SafetyPointGoal1", "SafetyPointPush1"):
+    register_task(TaskSpec(f"{_id}-SIS-v0", "safety_gymnasium", f"{_id}-v0", 0.0, 1000, kwargs={"geometry": True}))
 
 # CGPO's FunctionEnv (seed 000, Appendix C / F.4.1): J_C = sum_{t<100} f(x_t) <= 8.
 register_task(TaskSpec("FunctionEnv-v0", "torch", "saferl.envs.function_env:FunctionEnv", 8.0, 100,
@@ -139,6 +155,13 @@ for _id, _cls, _limit, _steps in [
 ]:
     register_task(TaskSpec(_id, "torch", f"saferl.envs.brax_tasks:{_cls}", _limit, _steps,
                            differentiable=True))
+
+# FAC-SIS's custom point/hazard task (seed 004, App. E.2): goal (0, 5), one hazard of radius 0.5,
+# 120 steps, three initial distributions (Table 1). Safety is state-wise (never enter the hazard),
+# so the limit is 0; the observation ends with the geometry tail a safety index reads.
+for _d in (1, 2, 3):
+    register_task(TaskSpec(f"PointHazard-D{_d}-v0", "torch", "saferl.envs.point_hazard:PointHazardEnv", 0.0, 120,
+                           differentiable=True, kwargs={"distribution": _d}))
 
 # Non-differentiable Swimmer (seed 000, Appendix F.4.1): for MB-CGPO and sampling baselines.
 register_task(TaskSpec("SwimmerVelocity-v0", "gymnasium", "Swimmer-v5", 150.0, 300,

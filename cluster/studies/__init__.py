@@ -13,6 +13,7 @@ STUDIES = {
     "cgpo-table1": "saferl.cluster.studies.cgpo_table1",
     "safeguards": "saferl.cluster.studies.safeguards",
     "robustness": "saferl.cluster.studies.robustness",
+    "sis-feasibility": "saferl.cluster.studies.sis_feasibility",
     "strpo-ablation": "saferl.cluster.studies.strpo_ablation",
 }
 

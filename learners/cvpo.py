@@ -1,0 +1,200 @@
+"""CVPO: Constrained Variational Policy Optimization (Liu et al. 2022, seed 002), Algorithm 2.
+
+Per minibatch of B transitions (``actors/replay.py``; u the stored pre-squash action, a = tanh u):
+
+  critics (eq 74-77)   y_R = r + disc · min_j Q̄_Rj(s', a'),  y_C = c + disc · Q̄_C(s', a'),
+                       a' = tanh u', u' ~ π_θ'(·|s') (the target policy)
+  E-step (eq 7-9)      K particles u_bk ~ π_θ'(·|s_b), x_bk = Q̄_R(s_b, a_bk) − λ Q̄_C(s_b, a_bk);
+                       (η*, λ*) = argmin_{η,λ ≥ 0} g(η, λ) = ηε2 + λε1 + η E_b log (1/K) Σ_k exp(x_bk / η)
+                       solved exactly each update (SciPy SLSQP with the analytic gradient, bounds
+                       [1e-6, 1e5], warm-started at the last solution; the first is η = λ = 0.1),
+                       q*_bk = softmax_k(x_bk / η*)                                          (eq 8)
+  M-step (eq 78-83)    M times: with π_μ = N(μ_θ(s), Σ_θ'(s)) and π_Σ = N(μ_θ'(s), Σ_θ(s)),
+                       L = E_b Σ_k q*_bk [log π_μ(u_bk|s_b) + log π_Σ(u_bk|s_b)]
+                           + β_μ (ε_μ − C_μ) + β_Σ (ε_Σ − C_Σ),
+                       C_μ = E ½ (μ − μ')ᵀ Σ'⁻¹ (μ − μ'),  C_Σ = E ½ [tr(Σ⁻¹Σ') − n + ln(|Σ|/|Σ'|)]
+                       (the KL of π_θ' to π_μ and to π_Σ: D_KL(π_θ' ‖ π_θ) splits into the two);
+                       β_μ ← clip(β_μ − α_μ (ε_μ − C_μ), 0, β_μ,max), β_Σ likewise; θ ascends L
+                       (Adam, gradient norm clipped)
+  targets (eq 84)      Q̄ ← ρ Q̄ + (1 − ρ) Q,  θ' ← ρ θ' + (1 − ρ) θ
+
+ε1 is the per-step conversion of the episode limit d (App. B.1): ε1 = d (1 − γ^T) / (T (1 − γ)).
+The policy is ``networks.CholeskyTanhGaussianPolicy`` (a full-covariance Gaussian over u, squashed
+by tanh into the action box; the reference code bounds the mean with a sigmoid instead and lets
+the env clip samples). The E-step uses the target critics and target policy, as the reference
+code does. Table 1's values are the defaults: [256, 256] ReLU, γ 0.99, ρ 0.995, B 300, critic
+lr 1e-3, K 32, M 6, α_θ 0.002, α_μ 1, α_Σ 100, ε2 0.1, ε_μ 1e-3, ε_Σ 1e-4.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from pydantic import Field
+from scipy.optimize import minimize
+
+from saferl.learners import base
+from saferl.learners.networks import CholeskyTanhGaussianPolicy, polyak
+from saferl.learners.sac_lag import OffPolicyLearner, OffPolicyParams
+
+
+class CVPOParams(OffPolicyParams):
+    hidden: list[int] = Field(default_factory=lambda: [256, 256])
+    batch_size: int = Field(300, gt=0, description="B (Table 1)")
+    critic_lr: float = Field(1e-3, gt=0)
+    policy_lr: float = Field(0.002, gt=0, description="α_θ")
+    particles: int = Field(32, gt=1, description="K action samples per state in the E-step")
+    mstep_iters: int = Field(6, gt=0, description="M")
+    kl_estep: float = Field(0.1, gt=0, description="ε2, the E-step KL bound")
+    kl_mean: float = Field(1e-3, gt=0, description="ε_μ, the M-step mean KL bound")
+    kl_cov: float = Field(1e-4, gt=0, description="ε_Σ, the M-step covariance KL bound")
+    beta_mean_lr: float = Field(1.0, gt=0, description="α_μ")
+    beta_cov_lr: float = Field(100.0, gt=0, description="α_Σ")
+    beta_mean_max: float = Field(0.1, gt=0, description="clip of β_μ (reference code)")
+    beta_cov_max: float = Field(10.0, gt=0, description="clip of β_Σ (reference code)")
+    dual_init: float = Field(0.1, gt=0, description="first η and λ (reference code)")
+    dual_bounds: tuple[float, float] = Field((1e-6, 1e5), description="SLSQP bounds on η and λ")
+    tau: float = Field(0.005, gt=0, le=1, description="1 − ρ: polyak rate of every target")
+    init_std: float = Field(0.5, gt=0, description="initial σ of each action dimension (pre-squash)")
+    max_grad_norm: float = Field(40.0, gt=0, description="critic gradient clip")
+    policy_grad_norm: float = Field(0.01, gt=0, description="policy gradient clip (reference code)")
+
+
+# -- E-step -------------------------------------------------------------------------------------
+
+
+def estep_dual(x_r: np.ndarray, x_c: np.ndarray, eps1: float, eps2: float):
+    """g(η, λ) of eq 9 and its gradient, for particle values x_r, x_c [B, K] (float64).
+
+    With x = x_r − λ x_c and w = softmax_k(x/η): ∂g/∂η = ε2 − E_b KL(w_b ‖ uniform),
+    ∂g/∂λ = ε1 − E_b E_w[x_c]; the log-mean-exp is shifted by its max for stability."""
+
+    def g(v: np.ndarray):
+        eta, lam = float(v[0]), float(v[1])
+        z = (x_r - lam * x_c) / eta
+        m = z.max(1, keepdims=True)
+        e = np.exp(z - m)
+        s = e.sum(1, keepdims=True)
+        lme = (m + np.log(s / z.shape[1]))[:, 0]  # log (1/K) Σ exp z
+        w = e / s
+        value = eta * eps2 + lam * eps1 + eta * lme.mean()
+        d_eta = eps2 + (lme - (w * z).sum(1)).mean()
+        d_lam = eps1 - (w * x_c).sum(1).mean()
+        return value, np.array([d_eta, d_lam])
+
+    return g
+
+
+def solve_estep(x_r: np.ndarray, x_c: np.ndarray, eps1: float, eps2: float, init: tuple[float, float],
+                bounds: tuple[float, float]) -> tuple[float, float, bool]:
+    """(η*, λ*, converged) by SLSQP from ``init`` (the reference code's solver and bounds)."""
+    res = minimize(estep_dual(x_r, x_c, eps1, eps2), np.asarray(init, np.float64), jac=True, method="SLSQP",
+                   bounds=[bounds, bounds], options={"maxiter": 100, "ftol": 1e-10})
+    eta, lam = (float(v) for v in np.clip(res.x, *bounds))
+    return eta, lam, bool(res.success)
+
+
+def per_step_threshold(limit: float, gamma: float, horizon: int) -> float:
+    """ε1 = d (1 − γ^T) / (T (1 − γ)): the episode limit on the discounted Q_c scale (App. B.1)."""
+    if gamma >= 1.0:  # (1 − γ^T) / (1 − γ) → T
+        return limit
+    return limit * (1 - gamma ** horizon) / (horizon * (1 - gamma))
+
+
+# -- M-step -------------------------------------------------------------------------------------
+
+
+def decoupled_kl(mu_old: torch.Tensor, tril_old: torch.Tensor, mu: torch.Tensor, tril: torch.Tensor):
+    """(C_μ, C_Σ) per state: C_μ = ½ (μ − μ')ᵀ Σ'⁻¹ (μ − μ') = KL(N(μ', Σ') ‖ N(μ, Σ')) and
+    C_Σ = ½ [tr(Σ⁻¹Σ') − n + ln(|Σ|/|Σ'|)] = KL(N(μ', Σ') ‖ N(μ', Σ)) (eq 78)."""
+    n = mu.shape[-1]
+    diff = torch.linalg.solve_triangular(tril_old, (mu - mu_old).unsqueeze(-1), upper=False).squeeze(-1)
+    c_mu = 0.5 * (diff ** 2).sum(-1)
+    m = torch.linalg.solve_triangular(tril, tril_old, upper=False)  # L⁻¹L': tr(Σ⁻¹Σ') = ‖L⁻¹L'‖²_F
+    log_det = 2 * (torch.log(torch.diagonal(tril, dim1=-2, dim2=-1)).sum(-1)
+                   - torch.log(torch.diagonal(tril_old, dim1=-2, dim2=-1)).sum(-1))
+    c_sigma = 0.5 * ((m ** 2).sum((-2, -1)) - n + log_det)
+    return c_mu, c_sigma
+
+
+class CVPO(OffPolicyLearner):
+    Params = CVPOParams
+    MODULES = ("policy", "target_policy", "q_r", "q_c", "q_r_target", "q_c_target", "pi_opt", "q_opt")
+
+    def __init__(self, params: CVPOParams, env: base.EnvSpec, cost_limit, device, seed):
+        super().__init__(params, env, cost_limit, device, seed)
+        p = params
+        self.policy = CholeskyTanhGaussianPolicy(env.obs_dim, env.act_dim, p.hidden, p.init_std).to(device)
+        self.target_policy = copy.deepcopy(self.policy).requires_grad_(False)
+        self.build_critics(2)
+        self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)
+        self.eps1 = per_step_threshold(cost_limit, p.gamma, env.max_episode_steps)
+        self.eta = self.lam = p.dual_init
+        self.beta_mean = self.beta_cov = 0.0
+
+    def dual_metrics(self) -> dict:
+        return {"lagrange_multiplier": self.lam, "cvpo/eta": self.eta, "cvpo/beta_mean": self.beta_mean,
+                "cvpo/beta_cov": self.beta_cov, "cvpo/eps1": self.eps1}
+
+    def step(self, b: dict) -> dict:
+        p = self.p
+        with torch.no_grad():
+            a2 = torch.tanh(self.target_policy.dist(b["next_obs"]).sample())
+        loss_q = self.critic_step(b, a2)
+        weights, particles, estep = self.estep(b["obs"])
+        mstep = self.mstep(b["obs"], particles, weights)
+        polyak(self.q_r_target, self.q_r, p.tau)
+        polyak(self.q_c_target, self.q_c, p.tau)
+        polyak(self.target_policy, self.policy, p.tau)
+        return {"loss_q": loss_q, **estep, **mstep}
+
+    @torch.no_grad()
+    def estep(self, obs: torch.Tensor):
+        """Particles from the target policy, their target-critic values, (η*, λ*) and q* (eq 8-9)."""
+        p, (bsz, k) = self.p, (obs.shape[0], self.p.particles)
+        u = self.target_policy.dist(obs).sample((k,)).transpose(0, 1)  # [B, K, n]
+        s = obs.unsqueeze(1).expand(bsz, k, obs.shape[-1]).reshape(bsz * k, -1)
+        a = torch.tanh(u).reshape(bsz * k, -1)
+        x_r = self.q_r_target(s, a).min(0).values.reshape(bsz, k)
+        x_c = self.q_c_target(s, a)[0].reshape(bsz, k)
+        eta, lam, ok = solve_estep(x_r.double().cpu().numpy(), x_c.double().cpu().numpy(), self.eps1, p.kl_estep,
+                                   (self.eta, self.lam), p.dual_bounds)
+        self.eta, self.lam = eta, lam
+        weights = torch.softmax((x_r - lam * x_c) / eta, dim=1)
+        kl_q = (weights * torch.log(weights * k + 1e-12)).sum(1).mean().item()
+        return weights, u, {"cvpo/estep_kl": kl_q, "cvpo/estep_qc": (weights * x_c).sum(1).mean().item(),
+                            "cvpo/estep_converged": float(ok), "q_r": x_r.mean().item(), "q_c": x_c.mean().item()}
+
+    def mstep(self, obs: torch.Tensor, u: torch.Tensor, weights: torch.Tensor) -> dict:
+        """M weighted-likelihood steps under the decoupled KL bounds (eq 78-83)."""
+        p = self.p
+        with torch.no_grad():
+            mu_old, tril_old = self.target_policy.mean_and_tril(obs)
+        u_k = u.transpose(0, 1)  # [K, B, n]: log_prob broadcasts over the batch axis
+        for _ in range(p.mstep_iters):
+            mu, tril = self.policy.mean_and_tril(obs)
+            pi_mu = torch.distributions.MultivariateNormal(mu, scale_tril=tril_old)
+            pi_sigma = torch.distributions.MultivariateNormal(mu_old, scale_tril=tril)
+            loglik = (weights.T * (pi_mu.log_prob(u_k) + pi_sigma.log_prob(u_k))).sum(0).mean()
+            c_mu, c_sigma = (c.mean() for c in decoupled_kl(mu_old, tril_old, mu, tril))
+            self.beta_mean = float(np.clip(self.beta_mean - p.beta_mean_lr * (p.kl_mean - c_mu.item()),
+                                           0.0, p.beta_mean_max))
+            self.beta_cov = float(np.clip(self.beta_cov - p.beta_cov_lr * (p.kl_cov - c_sigma.item()),
+                                          0.0, p.beta_cov_max))
+            loss = -(loglik + self.beta_mean * (p.kl_mean - c_mu) + self.beta_cov * (p.kl_cov - c_sigma))
+            self.pi_opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.policy_grad_norm)
+            self.pi_opt.step()
+        return {"loss_pi": loss.item(), "cvpo/kl_mean": c_mu.item(), "cvpo/kl_cov": c_sigma.item(),
+                "entropy": self.policy.dist(obs).entropy().mean().item()}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(),
+                "duals": {"eta": self.eta, "lam": self.lam, "beta_mean": self.beta_mean, "beta_cov": self.beta_cov}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
+        d = sd["duals"]
+        self.eta, self.lam, self.beta_mean, self.beta_cov = d["eta"], d["lam"], d["beta_mean"], d["beta_cov"]

@@ -1,0 +1,182 @@
+"""FAC-SIS: feasible actor-critic with safety-index synthesis (seed 004), and FAC with a fixed
+safety index (its baselines φ0, φ_h, φ_F).
+
+SAC (``learners/sac_lag.py``: twin reward critics, auto-α, polyak targets) under the state-wise
+constraint Δφ(s, s') = φ(s') − max(φ(s) − η_D, 0) ≤ 0 for every visited s (eq 2), with the
+safety index φ of ``learners/safety_index.py`` (eq 11). Per minibatch (1-step transitions):
+
+    Q_φ(s, a) ← Δφ_ζ(s, s')                                  (the cost critic learns the one-step quantity)
+    policy     J_π = E[α log π(ã|s) − min_j Q_Rj(s, ã) + λ_ξ(s) Q_φ(s, ã)]          (eq 3, App. B.1)
+    multiplier J_λ = E[λ_ξ(s) max(Q_φ(s, ã), f)],  ascended (eq 12; λ_ξ(s) = min(softplus(·), λ_max))
+    index      J_ζ = E[λ_ξ(s) ReLU(Δφ_ζ(s, s'))],  descended (eq 4 weighted as eq 13; then σ, k ≥ 0, n ≥ 0.1)
+
+The policy (with α), multiplier and index steps run only at the gradient steps their intervals
+divide (Algorithm 1; Table 4: 3, 12, 24). Those intervals are ``schedule.step_phases`` of the
+config (``policy``, ``multiplier``, ``safety_index``): the coordinator owns the gradient-step
+clock and tells each update which phases are due. Every gradient is clipped to norm 1 (eq 10's
+β min(1, 1/‖G‖)) and every step size anneals linearly from its start to its end value over
+``lr_anneal_steps`` gradient steps (Table 4). ``learn_index: false`` is FAC with the fixed index
+(Table 2's φ0, φ_h, φ_F through ``safety_index.preset``).
+
+Choices the paper leaves open, taken from the reference code where it has them: λ_max = 50
+(Lemma 6 needs a finite cap), Q_φ floored at f in the multiplier loss (otherwise the many states
+far from every hazard, with Δφ ≪ 0, drive λ(s) to 0 everywhere before the network tells states
+apart). The reference code floors at −0.3. On the point/hazard task, where a violating step has
+Δφ ≈ +0.07, −0.3 drove λ to 0 at every state in 3000 steps of the multiplier loss alone (f = −0.03
+and −0.003 gave λ ≈ 48-50 on violating and 10-12 on other states); in 30k-step training runs
+−0.03 still let λ collapse before violations were common, while −0.003 held λ ≈ 10-20 and brought
+the episode cost from ≈ 24 (unconstrained) to ≈ 6-8, so −0.003 is the default. λ(s) starts at 1. The index loss weights
+the ReLU of eq 4 by λ(s) as eq 13 does, and s' is the replayed next state (off-policy data
+stand in for π's own transitions). The index reads the observation's geometry tail, so the task
+must be registered with one (``EnvSpec.n_hazards`` > 0).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from saferl.learners import base
+from saferl.learners.networks import ACTIVATIONS, TanhGaussianPolicy, mlp, polyak
+from saferl.learners.sac_lag import OffPolicyLearner, OffPolicyParams
+from saferl.learners.safety_index import IndexParams, SafetyIndex
+
+STEP_PHASES = ("policy", "multiplier", "safety_index")
+
+
+class FACParams(OffPolicyParams):
+    hidden: list[int] = Field(default_factory=lambda: [256, 256])
+    activation: str = Field("elu", pattern="^(relu|elu|tanh)$", description="Table 4: ELU")
+    buffer_capacity: int = Field(500_000, gt=0)
+    policy_lr: tuple[float, float] = Field((3e-5, 1e-6), description="actor step size, start → end (Table 4)")
+    critic_lr: tuple[float, float] = Field((8e-5, 1e-6), description="critics (Table 4)")
+    multiplier_lr: tuple[float, float] = Field((5e-6, 5e-6), description="multiplier net (Table 4)")
+    alpha_lr: tuple[float, float] = Field((8e-5, 8e-6), description="α (Table 4)")
+    index_lr: tuple[float, float] = Field((8e-6, 1e-6), description="ζ = (σ, k, n) (Table 4)")
+    lr_anneal_steps: int = Field(1_000_000, gt=0, description="gradient steps of the linear annealing")
+    init_alpha: float = Field(1.0, gt=0)
+    tau: float = Field(0.005, gt=0, le=1)
+    grad_clip: float = Field(1.0, gt=0, description="eq 10: every gradient clipped to this norm")
+    max_grad_norm: float = Field(1.0, gt=0, description="critic gradient clip (eq 10)")
+    lambda_max: float = Field(50.0, gt=0, description="cap of λ(s) (Lemma 6; the reference code's 50)")
+    violation_floor: float = Field(-0.003, le=0, description="Q_φ clipped below at this in the multiplier "
+                                   "loss, so far-from-hazard states do not drive λ to 0 everywhere (module docstring)")
+    init_lambda: float = Field(1.0, gt=0, description="λ(s) at initialisation (the output bias; paper: open)")
+    learn_index: bool = Field(True, description="FAC-SIS; false: FAC with the fixed index")
+    safety_index: IndexParams = Field(default_factory=IndexParams)
+
+
+class Multiplier(torch.nn.Module):
+    """λ_ξ(s) = min(softplus(MLP(s)), λ_max) ≥ 0."""
+
+    def __init__(self, obs_dim: int, hidden: list[int], activation: str, lambda_max: float, init: float):
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden, 1], activation=ACTIVATIONS[activation], out_gain=0.01)
+        self.lambda_max = lambda_max
+        with torch.no_grad():  # softplus⁻¹(init): λ starts at ``init`` everywhere (the last layer is ~0)
+            self.net[-1].bias.fill_(float(np.log(np.expm1(init))))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.softplus(self.net(obs).squeeze(-1)).clamp(max=self.lambda_max)
+
+
+class FACSIS(OffPolicyLearner):
+    Params = FACParams
+    MODULES = ("policy", "q_r", "q_c", "q_r_target", "q_c_target", "multiplier_net", "index",
+               "pi_opt", "q_opt", "alpha_opt", "lam_opt", "index_opt")
+
+    def __init__(self, params: FACParams, env: base.EnvSpec, cost_limit, device, seed):
+        super().__init__(params, env, cost_limit, device, seed)
+        p, d, a = params, env.obs_dim, env.act_dim
+        if env.n_hazards <= 0:
+            from saferl.config import ConfigError
+            raise ConfigError("config error: task: FAC-SIS needs a task whose observation ends with the hazard "
+                              "geometry (e.g. PointHazard-D1-v0, SafetyPointGoal1-SIS-v0)")
+        self.policy = TanhGaussianPolicy(d, a, p.hidden, p.activation).to(device)
+        self.build_critics(2, p.activation, lr=p.critic_lr[0])  # q_c is Q_φ
+        self.multiplier_net = Multiplier(d, p.hidden, p.activation, p.lambda_max, p.init_lambda).to(device)
+        self.index = SafetyIndex(p.safety_index, env.n_hazards).to(device)
+        self.log_alpha = torch.tensor(float(np.log(p.init_alpha)), device=device, requires_grad=True)
+        self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr[0])
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=p.alpha_lr[0])
+        self.lam_opt = torch.optim.Adam(self.multiplier_net.parameters(), lr=p.multiplier_lr[0])
+        self.index_opt = torch.optim.Adam(self.index.parameters(), lr=p.index_lr[0])
+        self.target_entropy = -float(a)
+        self.steps = 0  # gradient steps taken (the annealing clock)
+        self.counts = dict.fromkeys(STEP_PHASES, 0)  # sub-updates run so far
+        self.last_lambda = 0.0
+
+    def _anneal(self) -> None:
+        p, frac = self.p, min(1.0, self.steps / self.p.lr_anneal_steps)
+        for opt, (lo, hi) in ((self.pi_opt, p.policy_lr), (self.q_opt, p.critic_lr), (self.lam_opt, p.multiplier_lr),
+                              (self.alpha_opt, p.alpha_lr), (self.index_opt, p.index_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lo + (hi - lo) * frac
+
+    def _clipped_step(self, opt, loss, params) -> None:
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.p.grad_clip)
+        opt.step()
+
+    def step(self, b: dict, due: set[str] = frozenset(STEP_PHASES)) -> dict:
+        p, alpha = self.p, self.log_alpha.exp().detach()
+        self._anneal()
+        self.steps += 1
+        with torch.no_grad():
+            a2, logp2 = self.policy.sample(b["next_obs"])
+            delta = self.index.delta(b["obs"], b["next_obs"])
+        out = {"loss_q": self.critic_step(b, a2, -alpha * logp2, y_c=delta),
+               "fac/violation_rate": (delta > 0).float().mean().item()}
+        a_new, logp = self.policy.sample(b["obs"])
+        q_phi = self.q_c(b["obs"], a_new)[0]
+        lam = self.multiplier_net(b["obs"])
+        out["fac/violation_rate_pi"] = (q_phi > 0).float().mean().item()
+        if "policy" in due:
+            q_r = self.q_r(b["obs"], a_new).min(0).values
+            loss_pi = (alpha * logp - q_r + lam.detach() * q_phi).mean()
+            self._clipped_step(self.pi_opt, loss_pi, list(self.policy.parameters()))
+            loss_alpha = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()  # α with π (SAC eq 18)
+            self._clipped_step(self.alpha_opt, loss_alpha, [self.log_alpha])
+            out["loss_pi"] = loss_pi.item()
+        if "multiplier" in due:
+            loss_lam = -(lam * q_phi.detach().clamp(min=p.violation_floor)).mean()
+            self._clipped_step(self.lam_opt, loss_lam, list(self.multiplier_net.parameters()))
+        if "safety_index" in due and p.learn_index:
+            loss_index = (lam.detach() * torch.relu(self.index.delta(b["obs"], b["next_obs"]))).mean()
+            self._clipped_step(self.index_opt, loss_index, list(self.index.parameters()))
+            self.index.project()
+            out["loss_index"] = loss_index.item()
+        for name in due:
+            self.counts[name] += 1
+        polyak(self.q_r_target, self.q_r, p.tau)
+        polyak(self.q_c_target, self.q_c, p.tau)
+        self.last_lambda = lam.mean().item()
+        return {**out, "alpha": alpha.item(), "fac/q_phi": q_phi.mean().item()}
+
+    def dual_metrics(self) -> dict:
+        return {"lagrange_multiplier": self.last_lambda, **{f"fac/{k}": v for k, v in self.index.values().items()},
+                **{f"updates/{k}": float(v) for k, v in self.counts.items()}}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "log_alpha": self.log_alpha.detach().clone(), "steps": self.steps,
+                "counts": dict(self.counts), "last_lambda": self.last_lambda}
+
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
+        with torch.no_grad():
+            self.log_alpha.copy_(sd["log_alpha"])
+        self.steps, self.counts, self.last_lambda = sd["steps"], dict(sd["counts"]), sd["last_lambda"]
+
+
+class FACParamsFixed(FACParams):
+    learn_index: bool = Field(False, description="FAC: the index stays as configured")
+
+    def model_post_init(self, _ctx) -> None:
+        if self.learn_index:
+            raise ValueError("learn_index: fac keeps its safety index fixed; use fac_sis to learn it")
+
+
+class FAC(FACSIS):
+    """FAC (Ma et al. 2021) with a fixed safety index: FAC-SIS without the index phase."""
+    Params = FACParamsFixed

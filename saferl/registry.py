@@ -161,7 +161,8 @@ for _id, _cls, _limit, _steps in [
 # so the limit is 0; the observation ends with the geometry tail a safety index reads.
 for _d in (1, 2, 3):
     register_task(TaskSpec(f"PointHazard-D{_d}-v0", "torch", "saferl.envs.point_hazard:PointHazardEnv", 0.0, 120,
-                           differentiable=True, kwargs={"distribution": _d}))
+                           differentiable=True, kwargs={"distribution": _d},
+                           base=None if _d == 1 else "PointHazard-D1-v0"))  # D2, D3 use D1's configs
 
 # Non-differentiable Swimmer (seed 000, Appendix F.4.1): for MB-CGPO and sampling baselines.
 register_task(TaskSpec("SwimmerVelocity-v0", "gymnasium", "Swimmer-v5", 150.0, 300,

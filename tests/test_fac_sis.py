@@ -18,6 +18,7 @@ from saferl.envs.point_hazard import DISTRIBUTIONS, GOAL, PointHazardEnv, geomet
 from saferl.learners.base import EnvSpec
 from saferl.learners.fac_sis import FAC, FACSIS
 from saferl.learners.safety_index import IndexParams, SafetyIndex
+from tests.conftest import needs_sg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -215,3 +216,18 @@ def test_feasibility_check_agrees_with_brute_force():
         assert not any(safe_actions(state))
     start = env.initial_state(1, torch.Generator().manual_seed(5))[0]  # at rest, far from the hazard
     assert any(safe_actions(start))
+
+
+@needs_sg()
+def test_fac_sis_runs_on_a_safety_gymnasium_task_with_its_geometry(ray_session, run_root):
+    """The geometry tail crosses the interpreter boundary: env hosts in the Safety-Gymnasium
+    interpreter, replay, learner; the index sees 8 hazards of radius 0.2."""
+    from saferl.cluster.session import train
+
+    cfg = load_config("fac_sis/SafetyPointGoal1-SIS-v0", [
+        f"run_root={run_root}", "total_env_steps=3000", "steps_per_iteration=1000", "resources.num_env_hosts=1",
+        "resources.envs_per_host=2", "algo_params.hidden=[32]", "algo_params.warmup_steps=1000",
+        "algo_params.utd=0.05", "algo_params.batch_size=64", "schedule.log_every=1"])
+    m = pd.read_csv(train(cfg) / "metrics.csv")
+    assert m["fac/violation_rate"].notna().sum() == 3  # every iteration updates (the first ends the warm-up)
+    assert m["updates/safety_index"].iloc[-1] == 3 * 50 // 24

@@ -149,3 +149,38 @@ def test_numpy2_pickles_load_in_sg_interpreter(tmp_path: Path) -> None:
     assert "numpy._core" in r["before"], f"expected the numpy-2 pickle to fail unaliased: {r}"
     want = [[a.dtype.str, list(a.shape), a.tolist()] for a in arrays]
     assert r["loaded"] == [want, want]
+
+
+GEOMETRY_CHECK = r"""
+import json, numpy as np
+from saferl.actors.env_host import make_vec_env
+from saferl.envs.safety_gym import make_env
+out = {}
+for task, base in [("SafetyPointGoal1-SIS-v0", "SafetyPointGoal1-v0"), ("SafetyPointPush1-SIS-v0", "SafetyPointPush1-v0")]:
+    env, plain = make_env(base, seed=3, geometry=True), make_env(base, seed=3)
+    o, p = env.reset(3), plain.reset(3)
+    rows = []
+    for t in range(30):
+        a = np.array([1.0, 0.5 if t < 15 else -0.5])
+        o, *_, info = env.step(a)
+        p, *_ = plain.step(a)
+        g = info["geometry"]
+        tail = np.concatenate([g["robot_pos"], g["robot_vel"],
+                               np.column_stack([g["obstacle_pos"], g["obstacle_size"]]).reshape(-1)])
+        rows.append([float(np.abs(o[:plain.obs_dim] - p).max()), float(np.abs(o[plain.obs_dim:] - tail).max())])
+    task_obj = env._env.unwrapped.task
+    vec = make_vec_env(task, 2)
+    out[task] = {"n": env.n_hazards, "obs_dim": env.obs_dim, "plain_dim": plain.obs_dim, "err": np.max(rows, 0).tolist(),
+                 "hazards": int(task_obj.hazards.num), "vec_n": vec.n_hazards, "vec_dim": vec.obs_dim,
+                 "moved": float(np.linalg.norm(g["robot_vel"]))}
+print(json.dumps(out))
+"""
+
+
+def test_geometry_tail_is_the_info_arrays_after_the_plain_observation() -> None:
+    res = run_sg(GEOMETRY_CHECK, timeout=240)
+    for task, r in res.items():
+        assert r["n"] == r["hazards"] == r["vec_n"] > 0, task  # constrained obstacles only (hazards here)
+        assert r["obs_dim"] == r["vec_dim"] == r["plain_dim"] + 4 + 3 * r["n"], task
+        assert r["err"][0] == 0.0 and r["err"][1] < 1e-5, (task, r["err"])  # plain part untouched; tail = info (float32)
+        assert r["moved"] > 0, task

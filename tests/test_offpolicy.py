@@ -236,3 +236,15 @@ def test_td3_lag_dual_phase_raises_the_multiplier(ray_session, run_root):
     assert np.isfinite(m["loss_q"].dropna()).all() and m["loss_pi"].notna().any()
     assert (m["episode/cost"].dropna() > 0).any(), "the unsafe pendulum should violate"
     assert m["lagrange_multiplier"].iloc[-1] > 0
+
+
+def test_sac_lag_brings_the_cost_below_the_limit(ray_session, run_root):
+    """On the point/hazard task heading for the goal costs ≈ 24 per episode; with a limit of 8
+    SAC-Lag's PID multiplier rises until the policy steers around the hazard."""
+    cfg = load_config("sac_lag/PointHazard-D1-v0", [f"run_root={run_root}", "cost_limit=8", "schedule.log_every=1"])
+    m = pd.read_csv(train(cfg) / "metrics.csv")
+    ep = m.dropna(subset=["episode/cost"])
+    third = len(ep) // 3
+    assert ep["episode/cost"].iloc[third:2 * third].mean() > cfg.limit  # it first learned the unsafe way ...
+    assert ep["episode/cost"].iloc[-third:].mean() <= cfg.limit, ep["episode/cost"].tolist()  # ... then not
+    assert m["lagrange_multiplier"].max() > 1

@@ -7,6 +7,7 @@ and no torch. Torch tasks are built only when such a task is asked for.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -32,6 +33,8 @@ def make_vec_env(task_name: str, num_envs: int, render_mode: str | None = None):
         from saferl.envs.vector import VecEnv
 
         kwargs = {**spec.kwargs, **({"render_mode": render_mode} if render_mode else {})}
+        if render_mode and not os.environ.get("DISPLAY"):  # headless MuJoCo: Mesa's (software) EGL
+            os.environ.setdefault("MUJOCO_GL", "egl")
         return VecEnv(lambda: GymCostEnv(spec.entry, max_episode_steps=spec.max_episode_steps, **kwargs), num_envs)
     import importlib
 
@@ -51,8 +54,9 @@ def next_observations(batch: dict) -> np.ndarray:
 
 
 class EnvHost:
-    def __init__(self, task_name: str, num_envs: int, seed: int, host_index: int = 0):
-        self.vec = make_vec_env(task_name, num_envs)
+    def __init__(self, task_name: str, num_envs: int, seed: int, host_index: int = 0,
+                 render_mode: str | None = None):
+        self.vec = make_vec_env(task_name, num_envs, render_mode)  # "rgb_array": episode_frames
         self.host_index = host_index
         self.low, self.high = np.asarray(self.vec.act_low, np.float32), np.asarray(self.vec.act_high, np.float32)
         self.reset(seed)
@@ -142,6 +146,25 @@ class EnvHost:
             self.obs, *_, info = self.vec.step(action)
             done += info["episodes"]
         return done[:episodes]
+
+    def episode_frames(self, policy: dict, deterministic: bool = True, max_frames: int | None = None) -> dict:
+        """One episode of env 0 with the policy (seeded from the host's rng), rendered: ``frames``
+        uint8 [T + 1, H, W, 3] (the initial state, then after each of the T steps; at most
+        ``max_frames``, the episode cut short), per-step ``reward`` and ``cost`` [T], ``length``
+        T and whether it ``ended``. Safety-Gymnasium/Gymnasium hosts need ``render_mode="rgb_array"``;
+        torch tasks are drawn with matplotlib (``saferl.envs.render``)."""
+        from saferl.envs.render import EpisodeRenderer
+
+        env = EpisodeRenderer(self.vec)
+        obs, frames, rewards, costs, done = env.reset(int(self.rng.integers(2**31))), [env.frame()], [], [], False
+        while not done and (max_frames is None or len(frames) < max_frames):
+            action, _, _ = self._act(policy, obs[None], deterministic)
+            obs, rew, cost, done = env.step(action[0])
+            frames.append(env.frame())
+            rewards.append(rew)
+            costs.append(cost)
+        return {"frames": np.stack(frames), "reward": np.asarray(rewards, np.float32),
+                "cost": np.asarray(costs, np.float32), "length": len(rewards), "ended": done}
 
     def close(self) -> None:
         self.vec.close()

@@ -35,6 +35,8 @@ from saferl.cluster.metrics import MetricsLogger
 from saferl.config import ConfigError, RunConfig
 from saferl.learners.base import EnvSpec
 
+HEALTH_TIMEOUT_S = 5.0  # an actor that does not answer a ping in this long counts as not alive
+
 
 @dataclass
 class ScheduleState:
@@ -81,6 +83,7 @@ class Coordinator:
                 ray.get(self.replay.load_state_dict.remote(resume["replay"]))
         self.logger = MetricsLogger(self.run_dir, cfg)
         self._episodes: list[dict] = []  # finished since the last logged row
+        self._learner: tuple[float, int] = (0.0, 0)  # this iteration's learner seconds, updates
         self._checkpointed = self.state.iteration if resume else None
 
     # -- actors ----------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ class Coordinator:
         policy = self.learner.numpy_policy.remote()  # one object in the store, read by every host
         refs = [h.rollout.options(num_returns=2).remote(policy, per_env) for h in self.hosts]
         update = self.learner.update.remote([b for b, _ in refs])
-        return self._host_summaries(ray.get(update), refs)
+        return self._host_summaries(self._timed_update(update, [s for _, s in refs]), refs)
 
     def _offpolicy(self) -> tuple[dict, list]:
         """Uniform actions until ``warmup_steps``; then utd × (steps this iteration) minibatches,
@@ -161,7 +164,7 @@ class Coordinator:
             n = max(1, round(o["utd"] * steps))
             sample = self.replay.sample.remote(n, o["batch_size"])
             clock = {"first_step": st.gradient_steps + 1, "every": self.step_every} if self.step_every else None
-            metrics = ray.get(self.learner.update.remote([sample], clock))
+            metrics = self._timed_update(self.learner.update.remote([sample], clock), [size], n)
             st.gradient_steps += n
         metrics["replay/size"] = ray.get(size)
         return self._host_summaries(metrics, refs)
@@ -177,8 +180,9 @@ class Coordinator:
         refs = [w.compute.options(num_returns=2).remote(weights, self.state.iteration, self.horizon,
                                                         self.stochastic) for w in self.hosts]
         update = self.learner.update.remote([r for r, _ in refs])
+        metrics = self._timed_update(update, [s for _, s in refs])
         summaries = ray.get([s for _, s in refs])
-        return ray.get(update), [ep for s in summaries for ep in s["episodes"]]
+        return metrics, [ep for s in summaries for ep in s["episodes"]]
 
     def _model_gradients(self) -> tuple[dict, list]:
         """Algorithm 3: real window -> world model data (and fit, when scheduled) -> gradients
@@ -191,8 +195,18 @@ class Coordinator:
         metrics.update(self._maybe_run_phase("world_model", it + 1, []))
         model = self.world_model.weights.remote()
         results = [w.compute.remote(weights, model, it, self.stochastic) for w in self.hosts]
-        metrics.update(ray.get(self.learner.update.remote(results)))
+        metrics.update(self._timed_update(self.learner.update.remote(results), results))
         return metrics, [ep for s in ray.get([s for _, s in refs]) for ep in s["episodes"]]
+
+    def _timed_update(self, update: ray.ObjectRef, inputs: list, n_updates: int = 1) -> dict:
+        """The learner's result, timing its share: from when ``inputs`` (the refs its update
+        waits on, or small ones finished with them) are ready to when the update returns.
+        ``n_updates``: the learner's updates in it (off-policy: minibatches)."""
+        ray.wait(inputs, num_returns=len(inputs), fetch_local=False)
+        t0 = time.perf_counter()
+        out = ray.get(update)
+        self._learner = (time.perf_counter() - t0, n_updates)
+        return out
 
     def _maybe_run_phase(self, name: str, iteration: int, episodes: list) -> dict:
         """Run phase ``name`` if its interval divides ``iteration``. The ``dual`` signal is the
@@ -211,6 +225,7 @@ class Coordinator:
     def iterate(self) -> dict:
         t0 = time.perf_counter()
         st = self.state
+        self._learner = (0.0, 0)
         if self.kind == "sampling":
             metrics, episodes = self._sample()
         elif self.kind == "offpolicy":
@@ -227,8 +242,29 @@ class Coordinator:
                 metrics.update(self._maybe_run_phase(name, st.iteration, episodes))
         self._episodes += episodes
         dt = time.perf_counter() - t0
+        learner_s, updates = self._learner
+        if updates:  # learner updates per second of learner time (off-policy: minibatches)
+            metrics.update({"time/learner_s": learner_s, "learner/updates": updates,
+                            "time/learner_updates_per_s": updates / max(learner_s, 1e-9)})
         return {"iteration": st.iteration, "env_steps": st.env_steps, **metrics,
-                "time/iteration_s": dt, "time/env_steps_per_s": steps / dt}
+                "cost_limit": self.cfg.limit, "time/iteration_s": dt, "time/env_steps_per_s": steps / dt}
+
+    def _actors(self) -> list:
+        return [a for a in [*self.hosts, self.learner, self.world_model, self.replay] if a is not None]
+
+    def _health(self) -> dict:
+        """Actors answering a ping (there is no restart logic yet, so no restart counts)."""
+        actors = self._actors()
+        pings = [a.__ray_ready__.remote() for a in actors]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=HEALTH_TIMEOUT_S)
+        alive = 0
+        for ref in ready:
+            try:
+                ray.get(ref)
+                alive += 1
+            except ray.exceptions.RayError:
+                pass
+        return {"health/actors_alive": alive, "health/actors": len(actors)}
 
     def _episode_stats(self) -> dict:
         """Summary of the episodes finished since the last logged row."""
@@ -273,6 +309,7 @@ class Coordinator:
             last = row
             if self.state.iteration % sched.log_every == 0 or self.state.iteration == total:
                 row.update(self._episode_stats())
+                row.update(self._health())
                 self.logger.log(self.state.env_steps, row)
                 self._progress(row, total)
             if self.state.iteration % sched.checkpoint_every == 0:
@@ -288,11 +325,11 @@ class Coordinator:
         for key, label in (("episode/return", "return"), ("episode/cost", "cost"),
                            ("lagrange_multiplier", "λ"), ("time/env_steps_per_s", "steps/s")):
             if key in row:
-                parts.append(f"{label} {row[key]:.3g}")
+                parts.append(f"{label} {row[key]:.3g}" + (f" (limit {row['cost_limit']:.3g})"
+                                                          if key == "episode/cost" else ""))
         self.console.print(" | ".join(parts))
 
     def close(self) -> None:
         self.logger.close()
-        for actor in [*self.hosts, self.learner, self.world_model, self.replay]:
-            if actor is not None:
-                ray.kill(actor)
+        for actor in self._actors():
+            ray.kill(actor)

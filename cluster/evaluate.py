@@ -1,6 +1,7 @@
 """Evaluate a run's latest checkpoint: return, cost and violation rate over N episodes."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +78,61 @@ def _summary(run_dir: Path, cfg, ckpt: dict, eps: list[dict]) -> dict:
             "return_mean": float(ret.mean()), "return_std": float(ret.std()),
             "cost_mean": float(cost.mean()), "cost_std": float(cost.std()), "cost_limit": cfg.limit,
             "violation_rate": float(np.mean(cost > cfg.limit)), "returns": ret.tolist(), "costs": cost.tolist()}
+
+
+def render_videos(run_dir: Path, episodes: int = 1, fmt: str = "gif", deterministic: bool = True,
+                  max_frames: int | None = None, fps: int = 20) -> list[Path]:
+    """Render ``episodes`` evaluation episodes of the latest checkpoint to
+    ``RUN_DIR/videos/eval_ep{k}.{gif|mp4}``; returns the paths. The frames come from one env host
+    made with ``render_mode="rgb_array"`` (for Safety-Gymnasium tasks: in its interpreter), are
+    captioned and encoded here (``saferl.envs.render``): T + 1 frames per episode, at most
+    ``max_frames``."""
+    from saferl.envs import render
+
+    run_dir = Path(run_dir)
+    cfg = rundir.load_run_config(run_dir)
+    if fmt not in ("gif", "mp4"):
+        raise ConfigError(f"usage error: video format {fmt!r} is not gif or mp4")
+    if fmt == "mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise ConfigError("usage error: --format mp4 needs imageio-ffmpeg (deploy/setup.sh installs it); "
+                          "--format gif needs only Pillow")
+    if episodes < 1 or (max_frames is not None and max_frames < 1):
+        raise ConfigError("usage error: --episodes and --max-frames must be at least 1")
+    ckpt = rundir.load_checkpoint(run_dir, cfg)
+    if ckpt is None:
+        raise ConfigError(f"run error: {run_dir} has no checkpoint to render")
+    started = connect(cfg)
+    try:
+        host = ray.remote(EnvHost).options(**host_options(cfg)).remote(
+            cfg.task, 1, cfg.seed + 10_000, 0, render_mode="rgb_array")
+        try:
+            policy = numpy_policy_from_checkpoint(cfg, ckpt, ray.get(host.spec.remote()))
+            out, paths = run_dir / "videos", []
+            out.mkdir(exist_ok=True)
+            for k in range(episodes):
+                ep = ray.get(host.episode_frames.remote(policy, deterministic, max_frames))
+                frames = render.caption_frames(ep["frames"], ep["reward"], ep["cost"])
+                paths.append(render.encode(out / f"eval_ep{k}.{fmt}", frames, fps))
+        finally:
+            ray.kill(host)
+    finally:
+        if started:
+            ray.shutdown()
+    return paths
+
+
+EVAL_FILE = "eval.json"  # `saferl eval RUN_DIR --save`; `saferl report` shows it
+
+
+def save_result(run_dir: Path, result: dict, deterministic: bool) -> Path:
+    """Write an ``evaluate`` result (per-episode returns and costs included) to RUN_DIR/eval.json."""
+    import json
+    import os
+    import time
+
+    path = Path(run_dir) / EVAL_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**result, "deterministic": deterministic,
+                               "written": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    os.replace(tmp, path)
+    return path

@@ -2,6 +2,7 @@
 
     submit(address, config, overrides, env_vars)   -> the submission id
     status(address, job_id)                        -> one line: the job's state (and why it failed)
+    latest_metrics(address, job_id)                -> the run's last progress line, if any
     logs(address, job_id)                          -> the job's output so far
     stop(address, job_id)                          -> one line
 
@@ -18,6 +19,7 @@ Every failure, including an unreachable cluster or an unknown job id, is a one-l
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 from contextlib import contextmanager
@@ -133,6 +135,18 @@ def status(address: str, job_id: str) -> str:
     if info.status.value in ("FAILED", "STOPPED") and info.message:
         line += f" ({info.message.strip().splitlines()[0]}; see `saferl logs {job_id} --address {address}`)"
     return line
+
+
+# The coordinator's progress line (Coordinator._progress), e.g.
+# "it 3/10 | steps 6,000 | return 21.4 | cost 19.2 (limit 8) | λ 0.27 | steps/s 480".
+PROGRESS_RE = re.compile(r"^it \d+/\d+ \| steps [\d,]+.*$", re.MULTILINE)
+
+
+def latest_metrics(address: str, job_id: str) -> str | None:
+    """The job's latest metrics: the last progress line its driver printed (the run directory
+    is on whichever node ran the job; its logs reach us through the Jobs API)."""
+    found = PROGRESS_RE.findall(logs(address, job_id))
+    return found[-1].strip() if found else None
 
 
 def logs(address: str, job_id: str) -> str:

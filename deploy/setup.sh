@@ -44,3 +44,36 @@ make_venv() {  # name, requirement set
 
 make_venv .venv main
 make_venv .venv-sg sg
+
+# Headless Chromium, for the test that renders `saferl report`'s HTML (tests/test_report.py,
+# skipped without it). Installed from the system package manager only when it is missing and
+# apt-get can run (root, or passwordless sudo); otherwise a note, never a failed setup.
+# SAFERL_NO_CHROMIUM=1 skips the step.
+install_chromium() {
+  local b sudo="" log
+  for b in chromium chromium-browser google-chrome; do
+    if command -v "$b" >/dev/null; then echo "[setup] $b is installed"; return 0; fi
+  done
+  if [ -n "${SAFERL_NO_CHROMIUM:-}" ]; then echo "[setup] chromium skipped (SAFERL_NO_CHROMIUM)"; return 0; fi
+  if ! command -v apt-get >/dev/null; then
+    echo "[setup] note: no apt-get here; install Chromium by hand to run the report's browser test (skipped until then)"
+    return 0
+  fi
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+      echo "[setup] note: installing chromium needs root (apt-get install chromium); the report's browser test is skipped until then"
+      return 0
+    fi
+  fi
+  echo "[setup] installing chromium (apt-get) ..."
+  log=$(mktemp)
+  apt_install() { DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends chromium; }
+  if apt_install >"$log" 2>&1 || { $sudo apt-get update -q >>"$log" 2>&1 && apt_install >>"$log" 2>&1; }; then
+    echo "[setup] chromium ready"
+  else
+    echo "[setup] note: apt-get could not install chromium (last lines below); the report's browser test is skipped"
+    tail -n 3 "$log"
+  fi
+  rm -f "$log"
+}
+install_chromium

@@ -3,13 +3,18 @@
     saferl train CONFIG [--set key=value ...]      run on the embedded local Ray cluster
     saferl train --resume RUN_DIR                   continue from the last checkpoint
     saferl submit CONFIG --address ADDR             run as a Ray job on a cluster
-    saferl status|logs|stop JOB_ID --address ADDR   follow a submitted job
+    saferl status|logs|stop JOB_ID --address ADDR   follow a submitted job (status: + latest metrics)
+    saferl dashboard RUN_DIR [RUN_DIR ...]          TensorBoard over the runs, live (Ctrl-C stops it)
     saferl eval RUN_DIR --episodes N                return, cost and violation rate
+    saferl eval RUN_DIR --video [--format gif|mp4]  render episodes to RUN_DIR/videos/
+    saferl report RUN_DIR... [--out report.html]    self-contained HTML report + CSVs of runs
     saferl list                                     algorithms and tasks
     saferl bench rollout|gradients                  env-host / gradient-worker throughput
     saferl study NAME                               reproduce a paper's table/figure
     saferl benchmark onpolicy                       OmniSafe-style Reward/Cost table of the on-policy
                                                     algorithms on the Safety-Gymnasium tasks
+    saferl benchmark offpolicy                      the same for the off-policy algorithms on CVPO's
+                                                    tasks, with reward vs cumulative cost (its Figure 4)
 
 User errors print one line (``config error: …``) and exit with status 2.
 """
@@ -63,10 +68,27 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from saferl.cluster.evaluate import evaluate
+    from saferl.cluster.evaluate import evaluate, render_videos
 
-    result = evaluate(Path(args.run_dir), args.episodes, deterministic=not args.stochastic)
+    if args.video:
+        for path in render_videos(Path(args.run_dir), args.episodes or 1, args.format,
+                                  deterministic=not args.stochastic, max_frames=args.max_frames):
+            print(path)
+        return 0
+    result = evaluate(Path(args.run_dir), args.episodes or 10, deterministic=not args.stochastic)
     print(json.dumps({k: v for k, v in result.items() if k not in ("returns", "costs")}, indent=2))
+    if args.save:
+        from saferl.cluster.evaluate import save_result
+
+        print(f"saved {save_result(Path(args.run_dir), result, not args.stochastic)}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from saferl.cluster.report import build_report
+
+    paths = build_report(args.run_dirs, Path(args.out))
+    print(f"wrote {paths['html']} ({paths['summary'].name}, {paths['curves'].name} next to it)")
     return 0
 
 
@@ -90,11 +112,28 @@ def cmd_job(args) -> int:
 
     if args.command == "status":
         print(jobs.status(args.address, args.job_id))
+        latest = jobs.latest_metrics(args.address, args.job_id)
+        print(f"latest metrics: {latest or 'none yet'}")
     elif args.command == "logs":
         print(jobs.logs(args.address, args.job_id), end="")
     else:
         print(jobs.stop(args.address, args.job_id))
     return 0
+
+
+def cmd_dashboard(args) -> int:
+    import time
+
+    from saferl.cluster.metrics import start_dashboard
+
+    url = start_dashboard(args.run_dirs, port=args.port)
+    print(f"TensorBoard at {url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("dashboard stopped", file=sys.stderr)
+        return 0
 
 
 def cmd_bench(args) -> int:
@@ -119,9 +158,9 @@ def cmd_study(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from saferl.cluster.studies import benchmark_onpolicy
+    from saferl.cluster.studies import benchmark
 
-    out = benchmark_onpolicy.run(args)
+    out = benchmark.load(args.benchmark).run(args)
     _console().print(f"[bold green]done[/bold green]: benchmark results in {out}")
     return 0
 
@@ -142,9 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run's latest checkpoint")
     p.add_argument("run_dir")
-    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--episodes", type=int, default=None, help="default 10 (with --video: 1)")
     p.add_argument("--stochastic", action="store_true", help="sample actions instead of the mean")
+    p.add_argument("--video", action="store_true", help="render episodes to RUN_DIR/videos/eval_ep{k}.FORMAT")
+    p.add_argument("--format", choices=["gif", "mp4"], default="gif", help="video format (default gif)")
+    p.add_argument("--max-frames", type=int, default=None, metavar="N",
+                   help="cut each rendered episode at N frames (default: the whole episode, T + 1)")
+    p.add_argument("--save", action="store_true", help="also write the result to RUN_DIR/eval.json (for saferl report)")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("report", help="self-contained HTML report (and CSVs) of one or more runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="report.html", help="the HTML file; report_summary.csv and "
+                   "report_curves.csv go next to it (default report.html)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("submit", help="submit a training job to a Ray cluster (Ray Jobs API)")
     p.add_argument("config")
@@ -160,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("job_id")
         p.add_argument("--address", required=True)
         p.set_defaults(fn=cmd_job)
+
+    p = sub.add_parser("dashboard", help="TensorBoard over runs' tb/ folders, live, on 127.0.0.1")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--port", type=int, default=6006)
+    p.set_defaults(fn=cmd_dashboard)
 
     p = sub.add_parser("bench", help="benchmarks that write result files")
     bsub = p.add_subparsers(dest="bench", required=True)
@@ -188,13 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(s)
         s.set_defaults(fn=cmd_study)
 
-    from saferl.cluster.studies import benchmark_onpolicy  # the stdlib only at module level
+    from saferl.cluster.studies import benchmark  # the stdlib only at module level
 
     p = sub.add_parser("benchmark", help="algorithm × task × seed benchmarks in OmniSafe's table format")
     bsub = p.add_subparsers(dest="benchmark", required=True)
-    b = bsub.add_parser("onpolicy", help=benchmark_onpolicy.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    benchmark_onpolicy.add_arguments(b)
-    b.set_defaults(fn=cmd_benchmark)
+    for name in benchmark.BENCHMARKS:  # onpolicy, offpolicy
+        module = benchmark.load(name)
+        b = bsub.add_parser(name, help=module.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(b)
+        b.set_defaults(fn=cmd_benchmark)
     return ap
 
 

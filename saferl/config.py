@@ -65,6 +65,8 @@ class Logging(Strict):
     wandb: bool = False
     wandb_mode: Literal["offline", "online"] = "offline"
     wandb_project: str = "saferl"
+    ray_metrics: bool = Field(True, description="publish the headline metrics as Ray Gauges (Prometheus "
+                              "export, the Ray dashboard's Grafana panels); only when running under Ray")
 
 
 class RunConfig(Strict):

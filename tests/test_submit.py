@@ -123,7 +123,10 @@ def test_submit_runs_a_tiny_training_job(ray_head, tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["status", job_id, "--address", ray_head]) == 0
-    assert "SUCCEEDED" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{job_id}: SUCCEEDED"  # then the run's latest progress line, from the job's logs
+    assert out[1].startswith("latest metrics: it 2/2 | steps 4,000 | return "), out
+    assert "(limit 8)" in out[1] and "λ" in out[1], out
     assert main(["logs", job_id, "--address", ray_head]) == 0
     assert "done" in capsys.readouterr().out
     assert main(["stop", job_id, "--address", ray_head]) == 0

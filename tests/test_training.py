@@ -2,6 +2,8 @@
 schedule, checkpoints and resume."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -148,6 +150,44 @@ def test_metrics_reach_tensorboard_and_offline_wandb(ray_session, run_root, monk
     assert [e.step for e in acc.Scalars("episode/cost")] == [2000, 4000]
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and offline[0].stat().st_size > 0
+    history = [r for r in wandb_records(offline[0]) if r.WhichOneof("record_type") == "history"]
+    rows = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in history]
+    assert [r["_step"] for r in rows] == [2000, 4000]
+    keys = {"episode/return", "episode/cost", "episode/violation_rate", "cost_limit", "lagrange_multiplier",
+            "loss_pi", "kl", "time/env_steps_per_s", "time/learner_updates_per_s", "health/actors_alive"}
+    assert keys <= set(rows[-1]), sorted(keys - set(rows[-1]))
+    assert rows[-1]["cost_limit"] == 8.0 and rows[-1]["env_steps"] == 4000
+    csv = metrics(run)  # the same numbers as the run directory's CSV
+    assert [r["episode/cost"] for r in rows] == pytest.approx(csv["episode/cost"].tolist())
+
+
+def wandb_records(path):
+    """The protobuf records of an offline ``run-*.wandb`` file: a ``:W&B`` header (7 bytes),
+    then LevelDB-log framing (32 KiB blocks; chunks of crc32, length, type = full/first/middle/last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    pos, buf, out = 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding to the end of the block
+            pos += block - pos % block
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            out.append(record)
+            buf = b""
+    return out
 
 
 def test_evaluate_a_gradient_run(ray_session, run_root):

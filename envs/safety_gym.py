@@ -85,8 +85,38 @@ def import_safety_gymnasium():
                     if not any(noise in ln for noise in _IMPORT_NOISE)]
             if kept:
                 sys.stderr.write("".join(kept))
+        _register_pillar_tasks(sys.modules["safety_gymnasium"])
     _install_fast_reset()
     return sys.modules["safety_gymnasium"]
+
+
+# Seed 004 (FAC-SIS) trains on point-robot Goal and Push tasks whose obstacles are pillars
+# (static, physical, penalised on contact). Safety-Gymnasium registers none with constrained
+# pillars, so these are its level-0 Goal / Push tasks plus PILLARS constrained pillars, on level 1's
+# arena; the numbers are ours (the paper gives none).
+PILLAR_TASKS = {"SafetyPointPillarsGoal1-v0": "goal", "SafetyPointPillarsPush1-v0": "push"}
+PILLARS = {"num": 4, "size": 0.2}
+
+
+def _register_pillar_tasks(sg) -> None:
+    from safety_gymnasium import tasks
+    from safety_gymnasium.assets.geoms import Pillars
+    from safety_gymnasium.tasks.safe_navigation.goal.goal_level0 import GoalLevel0
+    from safety_gymnasium.tasks.safe_navigation.push.push_level0 import PushLevel0
+
+    def with_pillars(base):
+        class PillarsLevel1(base):
+            def __init__(self, config) -> None:
+                super().__init__(config=config)
+                self.placements_conf.extents = [-1.5, -1.5, 1.5, 1.5]
+                self._add_geoms(Pillars(is_constrained=True, **PILLARS))
+        return PillarsLevel1
+
+    # the builder maps "SafetyPointPillarsGoal1-v0" to the task class PillarsGoalLevel1
+    tasks.PillarsGoalLevel1, tasks.PillarsPushLevel1 = with_pillars(GoalLevel0), with_pillars(PushLevel0)
+    for env_id in PILLAR_TASKS:
+        sg.register(id=env_id, entry_point="safety_gymnasium.builder:Builder", max_episode_steps=1000,
+                    kwargs={"config": {"agent_name": "Point"}, "task_id": env_id})
 
 
 # True while a SafetyGymEnv made with fast_reset=True resets (per thread: a context variable).

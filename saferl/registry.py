@@ -136,7 +136,8 @@ for _id, _steps in [
 
 # Point-robot hazard tasks with the geometry tail safety-index learners read (seed 004's
 # Hazards Goal / Push): FAC-SIS asks for zero violations, so the limit is 0.
-for _id in ("SafetyPointGoal1", "SafetyPointPush1"):
+# Pillars variants: envs/safety_gym.py builds them (Safety-Gymnasium has no constrained pillars).
+for _id in ("SafetyPointGoal1", "SafetyPointPush1", "SafetyPointPillarsGoal1", "SafetyPointPillarsPush1"):
     register_task(TaskSpec(f"{_id}-SIS-v0", "safety_gymnasium", f"{_id}-v0", 0.0, 1000, kwargs={"geometry": True}))
 
 # CGPO's FunctionEnv (seed 000, Appendix C / F.4.1): J_C = sum_{t<100} f(x_t) <= 8.

@@ -14,6 +14,7 @@ import pytest
 from saferl.cluster.studies import benchmark as shared
 from saferl.cluster.studies import benchmark_offpolicy as bench
 from saferl.cluster.studies import benchmark_onpolicy
+from tests.test_benchmark_onpolicy import _cell
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,25 +91,6 @@ def test_warmup_is_the_configs_at_most_a_tenth_of_the_budget(tmp_path):
     assert got == dict.fromkeys(bench.OFFPOLICY_ALGOS, 300)
     got, _ = warmups(["--seeds", "1", "--set", "algo_params.warmup_steps=7"])  # --set wins
     assert got == dict.fromkeys(bench.OFFPOLICY_ALGOS, 7)
-
-
-def test_usage_errors_are_one_line(tmp_path, capsys):
-    from saferl.cli import main
-
-    out = tmp_path / "b"
-    for argv, msg in ((["--tasks", "Nope-v0"], "unknown task 'Nope-v0'"),
-                      (["--algos", "ppo_lag"], "ppo_lag is not an off-policy algorithm"),
-                      (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
-                      (["--envs", "3"], "steps_per_iteration: must be divisible")):
-        assert main(["benchmark", "offpolicy", "--out", str(out), *argv]) == 2
-        err = capsys.readouterr().err.strip()
-        assert msg in err and "\n" not in err, err
-    assert not out.exists()  # validated before anything is created
-
-
-def _cell(text: str) -> tuple[float, float]:
-    mean, std = text.split(" ± ")
-    return float(mean), float(std)
 
 
 def test_tiny_benchmark_on_point_hazard(ray_session, run_root, tmp_path, capsys):

@@ -8,6 +8,8 @@ import math
 import statistics
 from pathlib import Path
 
+import pytest
+
 from saferl.cluster.studies import benchmark_onpolicy as bench
 from saferl.cluster.studies.runner import format_mean_std
 from tests.conftest import needs_sg
@@ -49,15 +51,25 @@ def test_table_layout():
     assert bench.label("ppo_x") == "PPO_X"  # a new algorithm needs no label to appear
 
 
-def test_usage_errors_are_one_line(tmp_path, capsys):
+USAGE_ERRORS = {
+    "onpolicy": ((["--tasks", "Nope-v0"], "unknown task 'Nope-v0'"),
+                 (["--algos", "sac_lag"], "sac_lag is not an on-policy"),
+                 (["--seeds", "0,x"], "--seeds"),
+                 (["--envs", "3"], "steps_per_iteration: must be divisible")),
+    "offpolicy": ((["--tasks", "Nope-v0"], "unknown task 'Nope-v0'"),
+                  (["--algos", "ppo_lag"], "ppo_lag is not an off-policy algorithm"),
+                  (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+                  (["--envs", "3"], "steps_per_iteration: must be divisible")),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(USAGE_ERRORS))
+def test_usage_errors_are_one_line(tmp_path, capsys, preset):
     from saferl.cli import main
 
     out = tmp_path / "b"
-    for argv, msg in ((["--tasks", "Nope-v0"], "unknown task 'Nope-v0'"),
-                      (["--algos", "sac_lag"], "sac_lag is not an on-policy"),
-                      (["--seeds", "0,x"], "--seeds"),
-                      (["--envs", "3"], "steps_per_iteration: must be divisible")):
-        assert main(["benchmark", "onpolicy", "--out", str(out), *argv]) == 2
+    for argv, msg in USAGE_ERRORS[preset]:
+        assert main(["benchmark", preset, "--out", str(out), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and "\n" not in err, err
     assert not out.exists()  # validated before anything is created

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from saferl.cluster.studies.runner import (FINAL_FRACTION, csv_list, fail_if_any_failed, final_performance,
-                                           format_mean_std, parse_seeds, plan_job, plot_mean_std, read_curve, run_jobs,
-                                           save_figure, study_console_and_out, summarise, warn_if_no_episode,
-                                           write_csv)
+from saferl.cluster.studies.runner import (FINAL_FRACTION, by_seed, csv_list, fail_if_any_failed,
+                                           final_performance, finish_return_and_cost, format_mean_std, parse_seeds,
+                                           plan_job, plot_return_and_cost, read_curve, run_jobs, save_figure,
+                                           study_console_and_out, summarise, warn_if_no_episode, write_csv)
 
 # ``saferl benchmark NAME`` -> the module holding its PRESET (imported when the CLI is built)
 BENCHMARKS = {"onpolicy": "saferl.cluster.studies.benchmark_onpolicy",
@@ -304,31 +304,14 @@ def _plot(preset: Preset, out: Path, curves: list[tuple], records: list[dict], s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for task in s["tasks"]:
         fig, (ax_r, ax_c) = plt.subplots(1, 2, figsize=(10, 3.8))
         for a, algo in enumerate(s["algos"]):
-            series: dict[int, list] = {}
-            for t, al, seed, x, ret, cost in curves:
-                if t == task and al == algo:
-                    series.setdefault(seed, []).append((x, ret, cost))
-            if not series:
-                continue
-            color = colors[a % len(colors)]
-            for ax, col in ((ax_r, 1), (ax_c, 2)):
-                plot_mean_std(ax, [np.array(sorted(v))[:, [0, col]] for v in series.values()], color,
-                              preset.label(algo))
-        limit = next((r["cost_limit"] for r in records if r["task"] == task), None)
-        if limit is not None:
-            ax_c.axhline(limit, color="k", linestyle="--", linewidth=1, label=f"cost limit {limit:g}")
-        for ax, name in ((ax_r, "episode return"), (ax_c, "episode cost")):
-            ax.set_xlabel("env steps")
-            ax.set_ylabel(name)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+            series = by_seed(curves, lambda t, al: (t, al) == (task, algo))
+            plot_return_and_cost(ax_r, ax_c, series, colors[a % len(colors)], preset.label(algo))
+        finish_return_and_cost(ax_r, ax_c, next((r["cost_limit"] for r in records if r["task"] == task), None))
         save_figure(fig, out / f"curves_{task}.png", f"{task}: {preset.title.lower()} benchmark "
                     "(mean ± std over seeds)")
 

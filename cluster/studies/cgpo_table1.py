@@ -82,9 +82,9 @@ import json
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (csv_list, fail_if_any_failed, format_mean_std, plan_job, plot_mean_std,
-                                           read_curve, run_jobs, save_figure, shipped_config, study_console_and_out,
-                                           write_csv)
+from saferl.cluster.studies.runner import (by_seed, csv_list, fail_if_any_failed, format_mean_std, plan_job,
+                                           plot_return_and_cost, read_curve, run_jobs, save_figure, shipped_config,
+                                           study_console_and_out, write_csv)
 
 HELP = ("seed 000 Table 1: Conv. Steps and Vio. Ratio of CGPO, SHAC-Lag, BPTT-Lag, PPO-Lag on the "
         "Brax tasks")
@@ -338,7 +338,6 @@ def _plot(out: Path, curves: list[tuple], records: list[dict], args) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     tasks, algos = args.tasks, args.algos
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.4), squeeze=False)
@@ -346,17 +345,8 @@ def _plot(out: Path, curves: list[tuple], records: list[dict], args) -> None:
     for j, task in enumerate(tasks):
         limit = next((r["cost_limit"] for r in records if r["task"] == task), None)
         for a, algo in enumerate(algos):
-            series = {}
-            for t, al, seed, x, ret, cost in curves:
-                if t == task and al == algo:
-                    series.setdefault(seed, []).append((x, ret, cost))
-            if not series:
-                continue
-            color = colors[a % len(colors)]
-            for row, col in ((0, 1), (1, 2)):
-                ax = axes[row][j]
-                runs = [np.array(sorted(v))[:, [0, col]] for v in series.values()]
-                plot_mean_std(ax, runs, color, ALGO_LABELS.get(algo, algo))
+            series = by_seed(curves, lambda t, al: (t, al) == (task, algo))
+            plot_return_and_cost(axes[0][j], axes[1][j], series, colors[a % len(colors)], ALGO_LABELS.get(algo, algo))
         if limit is not None:
             axes[1][j].axhline(limit, color="k", linestyle="--", linewidth=1, label=f"cost limit {limit:g}")
             if args.margin > 0:

@@ -324,6 +324,37 @@ def plot_mean_std(ax, runs: list, color, label: str) -> None:
     ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
 
 
+def by_seed(curves: list[tuple], match) -> dict[int, list[tuple]]:
+    """Rows ``(*keys, seed, x, return, cost)`` of a study's curves whose keys satisfy ``match``,
+    as seed -> [(x, return, cost)]."""
+    series: dict[int, list] = {}
+    for *keys, seed, x, ret, cost in curves:
+        if match(*keys):
+            series.setdefault(seed, []).append((x, ret, cost))
+    return series
+
+
+def plot_return_and_cost(ax_r, ax_c, series: dict[int, list[tuple]], color, label: str) -> None:
+    """Mean ± std over seeds of the return (on ``ax_r``) and the cost (on ``ax_c``)."""
+    import numpy as np
+
+    if series:
+        for ax, col in ((ax_r, 1), (ax_c, 2)):
+            plot_mean_std(ax, [np.array(sorted(v))[:, [0, col]] for v in series.values()], color, label)
+
+
+def finish_return_and_cost(ax_r, ax_c, limit: float | None) -> None:
+    """The cost-limit line, axis labels, grid and legends of a return / cost pair of panels."""
+    if limit is not None:
+        ax_c.axhline(limit, color="k", linestyle="--", linewidth=1, label=f"cost limit {limit:g}")
+    for ax, name in ((ax_r, "episode return"), (ax_c, "episode cost")):
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+
+
 def study_console_and_out(name: str, args):
     """The console a study prints to and its output folder (``--out``, or a fresh timestamped one)."""
     from rich.console import Console

@@ -65,10 +65,11 @@ import json
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (DONE_MARKER, FINAL_FRACTION, csv_list, fail_if_any_failed,
-                                           final_performance, format_mean_std, parse_seeds, plan_job, plot_mean_std,
-                                           read_curve, run_jobs, save_figure, start_ray, study_console_and_out,
-                                           summarise, warn_if_no_episode, write_csv)
+from saferl.cluster.studies.runner import (DONE_MARKER, FINAL_FRACTION, by_seed, csv_list, fail_if_any_failed,
+                                           final_performance, finish_return_and_cost, format_mean_std, parse_seeds,
+                                           plan_job, plot_return_and_cost, read_curve, run_jobs, save_figure,
+                                           start_ray, study_console_and_out, summarise, warn_if_no_episode,
+                                           write_csv)
 
 HELP = "sTRPO App. C: ablations (joint advantage, unsafe term, λ2, TRPO vs DTRPO π_unsafe, δ sweep) on one task"
 
@@ -319,7 +320,6 @@ def _plot(out: Path, curves: list[tuple], records: list[dict], s: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {k: colors[i % len(colors)] for i, k in enumerate(VARIANTS)}
@@ -328,22 +328,9 @@ def _plot(out: Path, curves: list[tuple], records: list[dict], s: dict) -> None:
     limit = next((r["cost_limit"] for r in records if r.get("stage") == 2), None)
     for (ax_r, ax_c), keys in zip(axes, rows):
         for key in keys:
-            series: dict[int, list] = {}
-            for variant, _, _, seed, x, ret, cost in curves:
-                if variant == key:
-                    series.setdefault(seed, []).append((x, ret, cost))
-            for ax, col in ((ax_r, 1), (ax_c, 2)):
-                if series:
-                    plot_mean_std(ax, [np.array(sorted(v))[:, [0, col]] for v in series.values()], color[key],
-                                  VARIANTS[key][0])
-        if limit is not None:
-            ax_c.axhline(limit, color="k", linestyle="--", linewidth=1, label=f"cost limit {limit:g}")
-        for ax, name in ((ax_r, "episode return"), (ax_c, "episode cost")):
-            ax.set_xlabel("env steps")
-            ax.set_ylabel(name)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+            series = by_seed(curves, lambda variant, *_: variant == key)
+            plot_return_and_cost(ax_r, ax_c, series, color[key], VARIANTS[key][0])
+        finish_return_and_cost(ax_r, ax_c, limit)
     save_figure(fig, out / "ablation.png", f"{s['task']}: sTRPO ablation (mean ± std over seeds)")
 
 

@@ -44,6 +44,18 @@ def make_vec_env(task_name: str, num_envs: int, render_mode: str | None = None):
     return TorchVecEnv(getattr(importlib.import_module(module), cls)(**spec.kwargs), num_envs)
 
 
+class EnvDataError(ValueError):
+    """An env step returned a NaN/Inf observation, reward or cost (``checks.on_invalid: abort``);
+    ``str(err)`` is one line naming the task, host, env and episode step."""
+
+
+def _what(obs: np.ndarray, rew, cost) -> str:
+    for name, v in (("reward", rew), ("cost", cost)):
+        if not np.isfinite(v):
+            return f"{name} is {float(v)}"
+    return "observation is not finite" if not np.isfinite(obs).all() else "final observation is not finite"
+
+
 def next_observations(batch: dict) -> np.ndarray:
     """[T, N, d] observation after each step of a ``rollout`` batch, with the final observation
     of ended episodes substituted (the stored next obs is already a reset)."""
@@ -55,9 +67,11 @@ def next_observations(batch: dict) -> np.ndarray:
 
 class EnvHost:
     def __init__(self, task_name: str, num_envs: int, seed: int, host_index: int = 0,
-                 render_mode: str | None = None):
+                 render_mode: str | None = None, on_invalid: str = "abort"):
+        if on_invalid not in ("abort", "skip_episode"):
+            raise ValueError(f"on_invalid must be 'abort' or 'skip_episode', got {on_invalid!r}")
         self.vec = make_vec_env(task_name, num_envs, render_mode)  # "rgb_array": episode_frames
-        self.host_index = host_index
+        self.task_name, self.host_index, self.on_invalid = task_name, host_index, on_invalid
         self.low, self.high = np.asarray(self.vec.act_low, np.float32), np.asarray(self.vec.act_high, np.float32)
         self.reset(seed)
 
@@ -70,16 +84,59 @@ class EnvHost:
     def ping(self) -> int:
         return self.host_index
 
+    def pid(self) -> int:
+        """The actor's process id (a restarted actor has a new one)."""
+        return os.getpid()
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (placement checks)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def max_rss(self) -> int:
+        """Peak resident memory of this actor's process, bytes (``saferl bench memory``)."""
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     # -- the plain protocol (tests, tools) ------------------------------------------------------
     def reset(self, seed: int) -> np.ndarray:
         self.rng = np.random.default_rng([int(seed), self.host_index])
         self.obs = self.vec.reset(int(np.random.SeedSequence([int(seed), self.host_index]).generate_state(1)[0]))
+        self.ep_t = np.zeros(self.vec.num_envs, np.int64)  # steps into each env's episode
         return self.obs
 
     def step(self, actions: np.ndarray):
         out = self.vec.step(np.asarray(actions, np.float32))
         self.obs = out[0]
         return out
+
+    # -- bad input -----------------------------------------------------------------------------
+    def _screen(self, obs, rew, cost, term, trunc, info) -> np.ndarray:
+        """Check one vector step for NaN/Inf (vectorised; the ended envs' final observations too).
+        ``abort``: raise ``EnvDataError``. ``skip_episode``: reset each bad env (``obs`` and ``info``
+        are edited in place: its fresh observation, its ended episode and final obs dropped) and
+        return their indices for the caller to mask out."""
+        ok = np.isfinite(rew) & np.isfinite(cost) & np.isfinite(obs).all(axis=1)
+        for i, fo in info["final_obs"].items():
+            ok[i] &= bool(np.isfinite(fo).all())
+        step = self.ep_t.copy()  # 0-based index of this step within each env's episode
+        self.ep_t += 1
+        self.ep_t[term | trunc] = 0
+        if ok.all():
+            return np.empty(0, np.int64)
+        bad = np.flatnonzero(~ok)
+        if self.on_invalid == "abort":
+            i = int(bad[0])
+            raise EnvDataError(f"env error: {self.task_name} host {self.host_index} env {i} step {int(step[i])}: "
+                               f"{_what(obs[i], rew[i], cost[i])}")
+        ended = np.flatnonzero(term | trunc)  # info["episodes"] is in this order
+        info["episodes"] = [ep for i, ep in zip(ended, info["episodes"]) if ok[i]]
+        for i in bad:
+            info["final_obs"].pop(int(i), None)
+            obs[i] = self.vec.reset_env(int(i))
+            self.ep_t[i] = 0
+        return bad
 
     # -- rollouts ------------------------------------------------------------------------------
     def _act(self, policy: dict, obs: np.ndarray, deterministic: bool = False):
@@ -94,25 +151,39 @@ class EnvHost:
 
         Returns arrays shaped [T, N, ...]: obs, act (the Gaussian sample u), logp, reward, cost,
         terminated, truncated; ``last_obs`` [N, d]; ``final_idx`` [K, 2] (t, env) with
-        ``final_obs`` [K, d] for episodes that ended (their next obs is a fresh reset);
+        ``final_obs`` [K, d] for episodes that ended (their next obs is a fresh reset); ``valid``
+        [T, N], False on the steps of episodes skipped for NaN/Inf data (``on_invalid="skip_episode"``:
+        those steps are zeroed and terminated, so GAE and replay never see the bad values);
         and, separately, a small summary: finished episodes' return/cost/length and timings
         (the coordinator reads only the summary; the batch goes straight to the learner)."""
         n, d, a = self.vec.num_envs, self.vec.obs_dim, self.vec.act_dim
         buf = {"obs": np.empty((num_steps, n, d), np.float32), "act": np.empty((num_steps, n, a), np.float32),
                "logp": np.empty((num_steps, n), np.float32), "reward": np.empty((num_steps, n), np.float32),
                "cost": np.empty((num_steps, n), np.float32), "terminated": np.empty((num_steps, n), bool),
-               "truncated": np.empty((num_steps, n), bool)}
+               "truncated": np.empty((num_steps, n), bool), "valid": np.ones((num_steps, n), bool)}
         final_idx, final_obs, episodes = [], [], []
         t_infer = t_env = 0.0
+        ep_start = np.zeros(n, np.int64)  # where each env's current episode began in this fragment
+        skipped = clipped = 0
         for t in range(num_steps):
             t0 = time.perf_counter()
             action, u, logp = self._act(policy, self.obs)
             t1 = time.perf_counter()
+            clipped += np.count_nonzero((action < self.low) | (action > self.high))  # the env clips them
             obs, rew, cost, term, trunc, info = self.vec.step(action)
             t_env += time.perf_counter() - t1
             t_infer += t1 - t0
+            bad = self._screen(obs, rew, cost, term, trunc, info)
             buf["obs"][t], buf["act"][t], buf["logp"][t] = self.obs, u, logp
             buf["reward"][t], buf["cost"][t], buf["terminated"][t], buf["truncated"][t] = rew, cost, term, trunc
+            for i in bad:  # skip_episode: its partial episode becomes zeroed, terminated, invalid steps
+                s = ep_start[i]
+                for key in ("obs", "act", "logp", "reward", "cost", "truncated", "valid"):
+                    buf[key][s:t + 1, i] = 0
+                buf["terminated"][s:t + 1, i] = True
+            skipped += len(bad)
+            ep_start[term | trunc] = t + 1
+            ep_start[bad] = t + 1
             for i, fo in info["final_obs"].items():
                 final_idx.append((t, i))
                 final_obs.append(fo)
@@ -121,7 +192,8 @@ class EnvHost:
         buf["last_obs"] = self.obs.copy()
         buf["final_idx"] = np.asarray(final_idx, np.int64).reshape(-1, 2)
         buf["final_obs"] = np.asarray(final_obs, np.float32).reshape(-1, d)
-        summary = {"episodes": episodes, "inference_s": t_infer, "env_s": t_env}
+        summary = {"episodes": episodes, "inference_s": t_infer, "env_s": t_env, "skipped_episodes": skipped,
+                   "clipped_action_frac": clipped / max(1, num_steps * n * a)}
         return buf, summary
 
     def evaluate(self, policy: dict, episodes: int, deterministic: bool = True,
@@ -136,6 +208,7 @@ class EnvHost:
         if attack_rate > 0 and not (np.isfinite(self.low).all() and np.isfinite(self.high).all()):
             raise ValueError("random-action attacks need a bounded action box")
         self.obs = self.vec.reset(int(self.rng.integers(2**31)))
+        self.ep_t = np.zeros(self.vec.num_envs, np.int64)
         done: list[dict] = []
         while len(done) < episodes:
             action, _, _ = self._act(policy, self.obs, deterministic)
@@ -143,7 +216,9 @@ class EnvHost:
                 hit = self.rng.random(action.shape[0]) < attack_rate
                 noise = self.rng.uniform(self.low, self.high, action.shape).astype(np.float32)
                 action = np.where(hit[:, None], noise, action)
-            self.obs, *_, info = self.vec.step(action)
+            obs, rew, cost, term, trunc, info = self.vec.step(action)
+            self._screen(obs, rew, cost, term, trunc, info)  # skip_episode: skipped episodes do not count
+            self.obs = obs
             done += info["episodes"]
         return done[:episodes]
 

@@ -10,6 +10,7 @@ episodes together, every T / h windows; the learner averages shards weighted by 
 from __future__ import annotations
 
 import importlib
+import os
 
 import numpy as np
 import torch
@@ -76,6 +77,21 @@ class GradientWorker:
     def ping(self) -> int:
         return self.shard.start
 
+    def pid(self) -> int:
+        """The actor's process id (a restarted actor has a new one)."""
+        return os.getpid()
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (placement checks)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def max_rss(self) -> int:
+        """Peak resident memory of this actor's process, bytes (``saferl bench memory``)."""
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     def get_state(self) -> dict:
         """Where this shard's episodes are (checkpointed so a resumed run continues them)."""
         return {"episode": self.episode, "t": self.t, "state": getattr(self, "state", None),
@@ -136,6 +152,15 @@ class ModelGradientWorker:
 
     def ping(self) -> int:
         return self.shard.start
+
+    def pid(self) -> int:
+        """The actor's process id (a restarted actor has a new one)."""
+        return os.getpid()
+
+    def max_rss(self) -> int:
+        """Peak resident memory of this actor's process, bytes (``saferl bench memory``)."""
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def get_state(self) -> dict:
         return {"obs": self.obs, "t": self.t, "ret": self.ret, "cost": self.cost}

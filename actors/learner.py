@@ -19,6 +19,11 @@ class LearnerActor:
     def device_name(self) -> str:
         return str(self.device)
 
+    def max_rss(self) -> int:
+        """Peak resident memory of this actor's process, bytes (``saferl bench memory``)."""
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     def policy_state(self):
         return self.learner.policy_state()
 

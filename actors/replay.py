@@ -51,6 +51,11 @@ class ReplayBuffer:
             self._put(n_step_transitions(batch, self.n_step, self.gamma))
         return self.size
 
+    def max_rss(self) -> int:
+        """Peak resident memory of this actor's process, bytes (``saferl bench memory``)."""
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     def _put(self, tr: dict) -> None:
         if not self.data:
             self.data = {k: np.empty((self.capacity, *v.shape[1:]), np.float32) for k, v in tr.items()}

@@ -3,6 +3,8 @@
 differentiable env (``learners/world_model.py``)."""
 from __future__ import annotations
 
+import os
+
 from saferl.learners.networks import pick_device
 from saferl.learners.world_model import ReplayFit, WorldModelParams
 
@@ -19,6 +21,10 @@ class WorldModelActor:
     def phase(self, name: str, signals: dict) -> dict:
         assert name == "world_model", name
         return self.store.fit()
+
+    def pid(self) -> int:
+        """The actor's process id (a restarted actor has a new one)."""
+        return os.getpid()
 
     def weights(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.store.model.state_dict().items()}

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 
 from saferl.actors.env_host import EnvHost
@@ -147,3 +148,336 @@ def bench_gradients(out_dir: Path, task: str, workers: list[int], envs_per_worke
            lambda r: [r["workers"], r["envs_per_worker"], r["horizon"], f"{r['steps_per_s']:.0f}",
                       f"{r['first_window_s']:.1f}"], say, title=task)
     return rows
+
+
+# -- end to end ---------------------------------------------------------------------------------
+_REFERENCE = """
+import pickle, sys, time
+from saferl.actors.env_host import EnvHost
+task, n, steps, iters, path, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+policy = pickle.load(open(path, "rb"))
+host = EnvHost(task, n, seed=0)
+times, batches = [], []
+for _ in range(iters):
+    t = time.perf_counter(); batch, _ = host.rollout(policy, steps); times.append(time.perf_counter() - t)
+    batches.append(batch)
+pickle.dump({"rollout_s": times, "batches": batches}, open(out, "wb"))
+"""
+
+
+def _reference(cfg, python: str, iters: int, say) -> dict:
+    """One process, no Ray: all envs of the run stepped sequentially by one in-process EnvHost (in
+    the Safety-Gymnasium interpreter, a subprocess), then the same learner updated in this process
+    on each batch (a fresh learner per batch: the first update of a run, as from one iteration)."""
+    from saferl.actors.learner import LearnerActor  # the plain class, no Ray
+
+    res = cfg.resources
+    n = res.num_env_hosts * res.envs_per_host
+    per_env = cfg.steps_per_iteration // n
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = _task_spec(cfg)
+        make = lambda: LearnerActor(cfg.algo, cfg.algo_params, spec, cfg.limit, cfg.seed, "cpu")  # noqa: E731
+        learner = make()
+        pol, out = Path(tmp) / "policy.pkl", Path(tmp) / "batches.pkl"
+        pol.write_bytes(pickle.dumps(learner.numpy_policy()))
+        t = time.perf_counter()
+        subprocess.run([python, "-c", _REFERENCE, cfg.task, str(n), str(per_env), str(iters), str(pol), str(out)],
+                       check=True, cwd=REPO_ROOT)
+        wall = time.perf_counter() - t
+        data = pickle.loads(out.read_bytes())
+    import torch
+
+    updates, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the learner actor (Ray sets OMP_NUM_THREADS=1 for a 1-CPU actor)
+    try:
+        for batch in data["batches"]:
+            learner = make()
+            t = time.perf_counter()
+            learner.update([batch])
+            updates.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    rollout_s, update_s = sum(data["rollout_s"]), sum(updates)
+    steps = iters * per_env * n
+    say(f"reference (one process): {steps} steps, rollout {rollout_s:.1f} s (subprocess wall {wall:.1f} s), "
+        f"updates {update_s:.1f} s -> {steps / (rollout_s + update_s):.0f} steps/s")
+    return {"steps": steps, "rollout_s": round(rollout_s, 2), "update_s": round(update_s, 2),
+            "steps_per_s": round(steps / (rollout_s + update_s), 1)}
+
+
+def bench_e2e(out_dir: Path, config: str = "ppo_lag/SafetyPointGoal1-v0", steps: int = 100_000,
+              overrides: list[str] | None = None, reference: bool = True, console=None) -> dict:
+    """``saferl bench e2e``: wall-clock of a training run (the shipped config's batch settings:
+    hosts × envs, steps per iteration; updates and dual steps included) per 100k env steps, the
+    return/cost reached, and the same work done in one process without Ray (``_reference``).
+    The Ray run's clock starts after actor creation; creation is reported separately."""
+    from saferl.cluster.coordinator import Coordinator
+    from saferl.config import CONFIG_DIR
+
+    say = console.print if console else print
+    path = Path(config) if Path(config).is_file() else CONFIG_DIR / f"{config}.yaml"
+    cfg = load_config(path, [f"total_env_steps={steps}", *(overrides or [])])
+    started = _connect(cfg)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            coord = Coordinator(cfg, Path(tmp) / "run")
+            startup = time.perf_counter() - t
+            try:
+                iters, rows = coord.total_iterations(), []
+                t = time.perf_counter()
+                for _ in range(iters):
+                    row = coord.iterate()
+                    row.update(coord._episode_stats())
+                    rows.append(row)
+                    say(f"it {row['iteration']}: {row['env_steps']} steps, {row['time/iteration_s']:.1f} s, "
+                        f"learner {row.get('time/learner_s', 0):.1f} s, return {row.get('episode/return', float('nan')):.2f}, "
+                        f"cost {row.get('episode/cost', float('nan')):.1f}")
+                wall = time.perf_counter() - t
+                rss = _actor_rss(coord)
+            finally:
+                coord.close()
+        python = host_options(cfg).get("runtime_env", {}).get("py_executable") or sys.executable
+        ref = _reference(cfg, python, iters, say) if reference else None
+    finally:
+        if started:
+            ray.shutdown()
+    env_steps = rows[-1]["env_steps"]
+    last = [r for r in rows if "episode/return" in r][-1:] or [{}]
+    result = {"algo": cfg.algo, "task": cfg.task, "env_hosts": cfg.resources.num_env_hosts,
+              "envs_per_host": cfg.resources.envs_per_host, "steps_per_iteration": cfg.steps_per_iteration,
+              "iterations": iters, "env_steps": env_steps, "startup_s": round(startup, 2),
+              "wall_s": round(wall, 2), "s_per_100k_steps": round(wall / env_steps * 1e5, 1),
+              "steps_per_s": round(env_steps / wall, 1),
+              "learner_s": round(sum(r.get("time/learner_s", 0.0) for r in rows), 2),
+              "host_env_s": round(sum(r["time/host_env_s"] for r in rows), 2),
+              "host_inference_s": round(sum(r["time/host_inference_s"] for r in rows), 2),
+              "final_return": last[0].get("episode/return"), "final_cost": last[0].get("episode/cost"),
+              "cost_limit": cfg.limit, "peak_rss_mb": rss, "reference": ref,
+              "ray_vs_reference": round(env_steps / wall / ref["steps_per_s"], 3) if ref else None}
+    say(f"{cfg.algo} on {cfg.task}: {result['steps_per_s']:.0f} env steps/s end to end "
+        f"({result['s_per_100k_steps']:.0f} s per 100k steps; learner {result['learner_s']:.1f} s of {wall:.1f} s)")
+    _write(out_dir, "e2e", [result], ["setup", "env steps", "wall s", "s / 100k steps", "env steps/s",
+                                      "learner s", "final return", "final cost"],
+           lambda r: [f"saferl on Ray ({r['env_hosts']} hosts × {r['envs_per_host']} envs)", r["env_steps"],
+                      f"{r['wall_s']:.1f}", f"{r['s_per_100k_steps']:.0f}", f"{r['steps_per_s']:.0f}",
+                      f"{r['learner_s']:.1f}", _fmt(r["final_return"]), _fmt(r["final_cost"])], say,
+           title=f"{cfg.algo} on {cfg.task}, {cfg.steps_per_iteration} steps per iteration")
+    if ref:
+        with open(out_dir / "e2e.md", "a") as fh:
+            fh.write(f"| one process, no Ray ({cfg.resources.num_env_hosts * cfg.resources.envs_per_host} envs, "
+                     f"sequential) | {ref['steps']} | {ref['rollout_s'] + ref['update_s']:.1f} | "
+                     f"{(ref['rollout_s'] + ref['update_s']) / ref['steps'] * 1e5:.0f} | {ref['steps_per_s']:.0f} | "
+                     f"{ref['update_s']:.1f} | – | – |\n")
+    return result
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def _actor_rss(coord) -> dict:
+    """Peak resident memory (MB) of each actor kind of a coordinator's run (max over its actors)."""
+    kinds = {"learner": [coord.learner], "replay_buffer": [coord.replay],
+             "gradient_worker" if coord.kind == "gradient" else "env_host": coord.hosts}
+    out = {}
+    for kind, actors in kinds.items():
+        actors = [a for a in actors if a is not None]
+        if actors:
+            out[kind] = round(max(ray.get([a.max_rss.remote() for a in actors])) / 2**20, 1)
+    return out
+
+
+# -- learner update throughput ------------------------------------------------------------------
+LEARNER_CONFIGS = {"ppo_lag": "ppo_lag/SafetyPointGoal1-v0", "sac_lag": "sac_lag/SafetyPointGoal1-v0",
+                   "cvpo": "cvpo/SafetyCarButton1-v0", "cgpo": "cgpo/BraxReacher-v0"}
+OFFPOLICY_MINIBATCHES = 50  # minibatches per timed off-policy update call (the rate does not depend on it)
+
+
+def _task_spec(cfg) -> dict:
+    """The task's env spec, read in the interpreter its env hosts use."""
+    from saferl.learners.base import EnvSpec
+
+    python = host_options(cfg).get("runtime_env", {}).get("py_executable") or sys.executable
+    if cfg.task_spec.kind == "safety_gymnasium" or python != sys.executable:
+        out = subprocess.run([python, "-c", "import json,sys; from saferl.actors.env_host import EnvHost;"
+                              "print(json.dumps(EnvHost(sys.argv[1], 1, 0).spec(), default=lambda x: x.tolist()))", cfg.task],
+                             capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+        spec = json.loads(out.stdout.strip().splitlines()[-1])
+    elif cfg.algo_spec.uses_env_hosts:
+        spec = EnvHost(cfg.task, 1, 0).spec()
+    else:
+        from saferl.actors.gradient_worker import make_diff_env
+        env = make_diff_env(cfg.task)
+        spec = {k: getattr(env, k) for k in EnvSpec.model_fields if hasattr(env, k)}
+    return EnvSpec.of(spec).model_dump()
+
+
+def _synthetic_rollout(rng, T: int, n: int, d: int, a: int, episode: int) -> dict:
+    """A host batch [T, N] of random numbers with the rollout's fields and episode ends."""
+    t = np.arange(T)[:, None] + np.zeros((1, n), int)
+    trunc = (t + 1) % episode == 0
+    final_idx = np.argwhere(trunc)
+    return {"obs": rng.standard_normal((T, n, d), np.float32), "act": rng.standard_normal((T, n, a), np.float32),
+            "logp": rng.standard_normal((T, n)).astype(np.float32), "reward": rng.standard_normal((T, n)).astype(np.float32),
+            "cost": (rng.random((T, n)) < 0.05).astype(np.float32), "terminated": np.zeros((T, n), bool),
+            "truncated": trunc, "last_obs": rng.standard_normal((n, d), np.float32),
+            "final_idx": final_idx.astype(np.int64), "final_obs": rng.standard_normal((len(final_idx), d), np.float32)}
+
+
+def _learner_inputs(cfg, spec: dict, rng) -> tuple[list, int, str]:
+    """(update input, samples in it, what a sample is) at the config's batch settings."""
+    res, kind = cfg.resources, cfg.algo_spec.kind
+    n, d, a = res.num_env_hosts * res.envs_per_host, spec["obs_dim"], spec["act_dim"]
+    if kind == "sampling":
+        T = cfg.steps_per_iteration // n
+        batches = [_synthetic_rollout(rng, T, res.envs_per_host, d, a, spec["max_episode_steps"])
+                   for _ in range(res.num_env_hosts)]
+        return batches, T * n, "env steps in the batch"
+    if kind == "offpolicy":
+        b, k = cfg.learner_params().batch_size, OFFPOLICY_MINIBATCHES
+        block = {"obs": rng.standard_normal((k, b, d), np.float32), "act": rng.uniform(-1, 1, (k, b, a)).astype(np.float32),
+                 "reward": rng.standard_normal((k, b)).astype(np.float32),
+                 "cost": (rng.random((k, b)) < 0.05).astype(np.float32),
+                 "discount": np.full((k, b), 0.99, np.float32), "next_obs": rng.standard_normal((k, b, d), np.float32)}
+        return [block], k * b, "transitions (minibatch rows)"
+    raise ValueError(kind)
+
+
+def bench_learner(out_dir: Path, algos: list[str], updates: int = 3, console=None) -> list[dict]:
+    """``saferl bench learner``: learner update throughput, in-process (no Ray, CPU), at each
+    algorithm's default config (network sizes, batch settings). Inputs are fixed: random host
+    batches (on-policy), random minibatch blocks (off-policy), or the shard results of in-process
+    gradient workers computed once (gradient algorithms). One warm-up update, then ``updates``
+    timed ones on the same input."""
+    import torch
+
+    say = console.print if console else print
+    rows, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a 1-CPU learner actor (Ray sets OMP_NUM_THREADS=1)
+    try:
+        rows = [_bench_one_learner(algo, updates, say) for algo in algos]
+    finally:
+        torch.set_num_threads(threads)
+    _write(out_dir, "learner", rows, ["algo", "config task", "hidden", "samples per update", "sample",
+                                      "s per update", "samples/s"],
+           lambda r: [r["algo"], r["task"], r["hidden"], r["samples_per_update"],
+                      r["sample"] + (f"; passes run: {r['epochs']}" if "epochs" in r else ""),
+                      f"{r['s_per_update']:.3f}", f"{r['samples_per_s']:,.0f}"], say)
+    return rows
+
+
+def _bench_one_learner(algo: str, updates: int, say) -> dict:
+    import torch
+
+    from saferl.actors.learner import LearnerActor
+    from saferl.config import CONFIG_DIR
+
+    cfg = load_config(CONFIG_DIR / f"{LEARNER_CONFIGS.get(algo, algo)}.yaml")
+    spec = _task_spec(cfg)
+    torch.manual_seed(0)
+    learner = LearnerActor(cfg.algo, cfg.algo_params, spec, cfg.limit, cfg.seed, "cpu")
+    if cfg.algo_spec.kind == "gradient":
+        from saferl.actors.gradient_worker import GradientWorker
+        setup, res = learner.gradient_setup(), cfg.resources
+        n = res.num_env_hosts * res.envs_per_host
+        workers = [GradientWorker(cfg.task, i * res.envs_per_host, res.envs_per_host, n, cfg.seed,
+                                  setup["arch"], "cpu") for i in range(res.num_env_hosts)]
+        weights = learner.policy_state()
+        inputs = [w.compute(weights, 0, setup["horizon"], setup["stochastic"])[0] for w in workers]
+        samples, unit = n * setup["horizon"], "env steps (one window of every env)"
+    else:
+        inputs, samples, unit = _learner_inputs(cfg, spec, np.random.default_rng(0))
+        if cfg.algo_spec.kind == "sampling":  # actions and log-probs of the learner's own policy
+            from saferl.actors import np_policy
+            rng, policy = np.random.default_rng(1), learner.numpy_policy()
+            for b in inputs:
+                T, n, d = b["obs"].shape
+                _, u, logp = np_policy.act(policy, b["obs"].reshape(T * n, d), rng)
+                b["act"], b["logp"] = u.reshape(T, n, -1).astype(np.float32), logp.reshape(T, n).astype(np.float32)
+    learner.update(inputs)  # warm-up
+    t, epochs = time.perf_counter(), []
+    for _ in range(updates):
+        epochs.append(learner.update(inputs).get("epochs"))
+    dt = (time.perf_counter() - t) / updates
+    hidden = cfg.algo_params.get("hidden")
+    row = {"algo": cfg.algo, "task": cfg.task, "hidden": hidden, "samples_per_update": samples,
+           "sample": unit, "s_per_update": round(dt, 4), "samples_per_s": round(samples / dt, 1),
+           "threads": torch.get_num_threads()}
+    if epochs[0] is not None:  # on-policy: passes over the batch run (early stop at target_kl)
+        row["epochs"] = [int(e) for e in epochs]
+    if cfg.algo_spec.kind == "offpolicy":
+        row["minibatch_size"] = samples // OFFPOLICY_MINIBATCHES
+        row["minibatches_per_s"] = round(OFFPOLICY_MINIBATCHES / dt, 1)
+    say(f"{cfg.algo:>8} ({cfg.task}, hidden {hidden}): {samples} samples per update in {dt:.3f} s "
+        f"-> {samples / dt:,.0f} samples/s")
+    return row
+
+
+# -- memory -------------------------------------------------------------------------------------
+def bench_memory(out_dir: Path, runs: list[str], iterations: int = 2, console=None) -> list[dict]:
+    """``saferl bench memory``: peak resident memory (``ru_maxrss`` of each actor's process; the
+    largest over actors of a kind) after a short run of each config at its default settings.
+    Off-policy runs go ``iterations`` past their uniform-action warm-up, so updates have run.
+    A replay buffer's ring is allocated at capacity on its first batch (``replay_capacity_mb``);
+    ``replay_size`` is how much of it the short run filled."""
+    from saferl.cluster.coordinator import Coordinator
+    from saferl.config import CONFIG_DIR
+
+    say = console.print if console else print
+    rows = []
+    for run in runs:
+        path = Path(run) if Path(run).is_file() else CONFIG_DIR / f"{run}.yaml"
+        cfg = load_config(path)
+        started = _connect(cfg)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                coord = Coordinator(cfg, Path(tmp) / "run")
+                try:
+                    iters = iterations
+                    if coord.kind == "offpolicy":
+                        warm = coord.offpolicy["warmup_steps"]
+                        while sum(coord.steps_of(i) for i in range(iters - iterations)) < warm:
+                            iters += 1
+                    t = time.perf_counter()
+                    for _ in range(iters):
+                        coord.iterate()
+                    wall = time.perf_counter() - t
+                    rss = _actor_rss(coord)
+                    extra = {}
+                    if coord.replay is not None:
+                        spec = ray.get(coord.hosts[0].spec.remote())
+                        extra["replay_capacity_mb"] = round(coord.offpolicy["capacity"] * 4 * (
+                            2 * spec["obs_dim"] + spec["act_dim"] + 3) / 2**20, 1)
+                        extra["replay_size"] = ray.get(coord.replay.add.remote())
+                    steps = coord.state.env_steps
+                finally:
+                    coord.close()
+        finally:
+            if started:
+                ray.shutdown()
+        for kind, mb in rss.items():
+            rows.append({"config": run, "algo": cfg.algo, "task": cfg.task, "actor": kind, "peak_rss_mb": mb,
+                         "env_hosts": cfg.resources.num_env_hosts, "envs_per_host": cfg.resources.envs_per_host,
+                         "iterations": iters, "env_steps": steps, "run_s": round(wall, 1),
+                         **(extra if kind == "replay_buffer" else {})})
+            say(f"{run}: {kind:>15} peak RSS {mb:8.1f} MB ({iters} iterations, {steps} env steps)")
+    _write(out_dir, "memory", rows, ["config", "actor", "peak RSS MB", "run (iterations, env steps)", "note"],
+           lambda r: [r["config"], r["actor"], f"{r['peak_rss_mb']:.0f}", f"{r['iterations']}, {r['env_steps']}",
+                      f"ring {r['replay_capacity_mb']:.0f} MB allocated, {r['replay_size']} filled"
+                      if "replay_capacity_mb" in r else ""], say)
+    return rows
+
+
+def _connect(cfg) -> bool:
+    """A fresh local Ray sized for ``cfg`` (``address="local"``: never another process's cluster
+    on this machine), unless Ray is already up or $RAY_ADDRESS names a cluster."""
+    import os
+
+    from saferl.cluster.session import connect, required_cpus
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return connect(cfg)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(required_cpus(cfg) + 0.999)),
+             logging_level="warning", include_dashboard=False)
+    return True

@@ -15,6 +15,7 @@ All schedule state lives here and in checkpoints, never inside a learner's inner
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -24,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from saferl.actors.env_host import EnvHost, make_vec_env
+from saferl.actors.env_host import EnvDataError, EnvHost, make_vec_env
 from saferl.actors.gradient_worker import GradientWorker, ModelGradientWorker, make_diff_env
 from saferl.actors.learner import LearnerActor
 from saferl.actors.replay import ReplayBuffer
@@ -36,6 +39,11 @@ from saferl.config import ConfigError, RunConfig
 from saferl.learners.base import EnvSpec
 
 HEALTH_TIMEOUT_S = 5.0  # an actor that does not answer a ping in this long counts as not alive
+# Faults: a dead env host / gradient worker / world model is restarted by Ray
+# (resources.max_actor_restarts); the coordinator restores it and retries the iteration.
+ITERATION_ATTEMPTS = 4  # attempts of one iteration before the run fails
+RESTART_TIMEOUT_S = 120.0  # how long a restarting actor may take to answer again
+ACTOR_ERRORS = (ray.exceptions.RayActorError,)  # includes ActorDiedError, ActorUnavailableError
 
 
 @dataclass
@@ -45,6 +53,7 @@ class ScheduleState:
     gradient_steps: int = 0  # off-policy minibatch updates so far (the clock of schedule.step_phases)
     phase_runs: dict = field(default_factory=dict)  # phase -> times run
     pending_costs: dict = field(default_factory=dict)  # phase -> episode costs since its last run
+    restarts: int = 0  # env hosts / gradient workers / world models restarted after dying
 
 
 def sg_python(cfg: RunConfig) -> str:
@@ -59,10 +68,37 @@ def sg_python(cfg: RunConfig) -> str:
 
 
 def host_options(cfg: RunConfig) -> dict:
-    opts = {"num_cpus": cfg.resources.num_cpus_per_host}
+    # SPREAD: env hosts are the CPU-heavy part, so they go to as many nodes as there are.
+    opts = {"num_cpus": cfg.resources.num_cpus_per_host, "scheduling_strategy": "SPREAD"}
     if cfg.task_spec.kind == "safety_gymnasium":
         opts["runtime_env"] = {"py_executable": sg_python(cfg)}
     return opts
+
+
+def colocate(options: list[dict]) -> tuple[list[dict], PlacementGroup | None]:
+    """Actor options that place the actors given by ``options`` (each ``num_cpus`` /
+    ``num_gpus``, fractions allowed) in one placement group, one bundle each: STRICT_PACK (one
+    node) when some alive node's totals hold them all, else PACK (as few nodes as possible).
+    Returns the options with a ``scheduling_strategy`` added, and the group (None for one actor)."""
+    if len(options) < 2:
+        return options, None
+    bundles = [{k: v for k, v in (("CPU", o.get("num_cpus", 1)), ("GPU", o.get("num_gpus", 0))) if v}
+               for o in options]
+    need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
+    fits = any(all(node["Resources"].get(k, 0) >= v for k, v in need.items() if v)
+               for node in ray.nodes() if node["Alive"])
+    group = placement_group(bundles, strategy="STRICT_PACK" if fits else "PACK")
+    return [{**o, "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)}
+            for i, o in enumerate(options)], group
+
+
+def env_error(err: BaseException) -> ConfigError | None:
+    """A host's NaN/Inf report (``checks.on_invalid: abort``), possibly re-raised by the actors
+    that consumed its batch, as the one-line error the CLI prints; None for other failures."""
+    cause = err
+    while isinstance(cause, ray.exceptions.RayTaskError) and cause.cause is not None:
+        cause = cause.cause
+    return ConfigError(str(cause)) if isinstance(cause, EnvDataError) else None
 
 
 class Coordinator:
@@ -74,13 +110,18 @@ class Coordinator:
         self.n_envs = res.num_env_hosts * res.envs_per_host
         self._make_actors()
         if resume:
-            ray.get(self.learner.load_state_dict.remote(resume["learner"]))
-            if self.kind == "gradient":
-                ray.get([w.set_state.remote(sd) for w, sd in zip(self.hosts, resume["workers"])])
-            if self.world_model is not None:
-                ray.get(self.world_model.load_state_dict.remote(resume["world_model"]))
-            if resume.get("replay") is not None:
-                ray.get(self.replay.load_state_dict.remote(resume["replay"]))
+            try:
+                ray.get(self.learner.load_state_dict.remote(resume["learner"]))
+                if self.kind == "gradient":
+                    ray.get([w.set_state.remote(sd) for w, sd in zip(self.hosts, resume["workers"])])
+                if self.world_model is not None:
+                    ray.get(self.world_model.load_state_dict.remote(resume["world_model"]))
+                if resume.get("replay") is not None:
+                    ray.get(self.replay.load_state_dict.remote(resume["replay"]))
+            except (ray.exceptions.RayTaskError, KeyError) as err:  # shapes or modules of another run
+                for actor in self._actors():
+                    ray.kill(actor)
+                raise rundir.state_error(resume.get("path", "the checkpoint"), err) from None
         self.logger = MetricsLogger(self.run_dir, cfg)
         self._episodes: list[dict] = []  # finished since the last logged row
         self._learner: tuple[float, int] = (0.0, 0)  # this iteration's learner seconds, updates
@@ -91,14 +132,23 @@ class Coordinator:
         cfg, res = self.cfg, self.cfg.resources
         seed = cfg.seed * 1000 + self.state.iteration  # fresh env streams after a resume
         if cfg.algo_spec.uses_env_hosts:
-            host_cls = ray.remote(EnvHost).options(**host_options(cfg))
-            self.hosts = [host_cls.remote(cfg.task, res.envs_per_host, seed, i)
+            host_cls = ray.remote(EnvHost).options(**host_options(cfg), max_restarts=res.max_actor_restarts)
+            self.hosts = [host_cls.remote(cfg.task, res.envs_per_host, seed, i, on_invalid=cfg.checks.on_invalid)
                           for i in range(res.num_env_hosts)]
             spec = ray.get(self.hosts[0].spec.remote())
         else:
             spec = self._env_spec()
         spec = EnvSpec.of(spec).model_dump()
-        learner_cls = ray.remote(LearnerActor).options(num_cpus=1, num_gpus=res.num_gpus_per_learner)
+        # The learner, its gradient workers and world model exchange weights and gradients every
+        # iteration: one placement group keeps them on one node when they fit there.
+        learner_opts = {"num_cpus": 1, "num_gpus": res.num_gpus_per_learner}
+        opts = {"num_cpus": res.num_cpus_per_host, "num_gpus": res.num_gpus_per_host,
+                "max_restarts": res.max_actor_restarts}  # gradient workers and the world model
+        group = [learner_opts]
+        if self.kind == "gradient":
+            group += [opts] * (res.num_env_hosts + bool(cfg.algo_spec.world_model))
+        placed, self.placement_group = colocate(group)
+        learner_cls = ray.remote(LearnerActor).options(**placed[0])
         self.learner = learner_cls.remote(cfg.algo, cfg.algo_params, spec, cfg.limit, cfg.seed, cfg.device)
         self.world_model = self.replay = None
         self.act_dim = spec["act_dim"]
@@ -111,18 +161,19 @@ class Coordinator:
         if self.kind == "gradient":
             setup = ray.get(self.learner.gradient_setup.remote())
             self.horizon, self.stochastic = setup["horizon"], setup["stochastic"]
-            opts = {"num_cpus": res.num_cpus_per_host, "num_gpus": res.num_gpus_per_host}
             args = [(cfg.task, i * res.envs_per_host, res.envs_per_host, self.n_envs, cfg.seed, setup["arch"])
                     for i in range(res.num_env_hosts)]
+            worker_opts = placed[1:1 + res.num_env_hosts]  # the world model takes the last bundle
             if cfg.algo_spec.world_model:
                 wm = cfg.learner_params().world_model
-                self.world_model = ray.remote(WorldModelActor).options(**opts).remote(
+                self.world_model = ray.remote(WorldModelActor).options(**placed[-1]).remote(
                     spec["obs_dim"], spec["act_dim"], wm.model_dump(), cfg.seed, cfg.device)
-                worker_cls = ray.remote(ModelGradientWorker).options(**opts)
-                self.hosts = [worker_cls.remote(*a, wm.hidden, cfg.device) for a in args]
+                worker_cls = ray.remote(ModelGradientWorker)
+                self.hosts = [worker_cls.options(**o).remote(*a, wm.hidden, cfg.device)
+                              for a, o in zip(args, worker_opts)]
             else:
-                worker_cls = ray.remote(GradientWorker).options(**opts)
-                self.hosts = [worker_cls.remote(*a, cfg.device) for a in args]
+                worker_cls = ray.remote(GradientWorker)
+                self.hosts = [worker_cls.options(**o).remote(*a, cfg.device) for a, o in zip(args, worker_opts)]
         self.episode_steps = spec["max_episode_steps"]
 
     def steps_of(self, iteration: int) -> int:
@@ -158,6 +209,7 @@ class Coordinator:
         policy = {"uniform": True, "act_dim": self.act_dim} if warm else self.learner.numpy_policy.remote()
         refs = [h.rollout.options(num_returns=2).remote(policy, per_env) for h in self.hosts]
         size = self.replay.add.remote(*[b for b, _ in refs])
+        replay_size = ray.get(size)  # a dead host fails the iteration before any update
         metrics = {}
         steps = self.steps_of(st.iteration)
         if st.env_steps + steps >= o["warmup_steps"]:
@@ -166,13 +218,15 @@ class Coordinator:
             clock = {"first_step": st.gradient_steps + 1, "every": self.step_every} if self.step_every else None
             metrics = self._timed_update(self.learner.update.remote([sample], clock), [size], n)
             st.gradient_steps += n
-        metrics["replay/size"] = ray.get(size)
+        metrics["replay/size"] = replay_size
         return self._host_summaries(metrics, refs)
 
     def _host_summaries(self, metrics: dict, refs: list) -> tuple[dict, list]:
         summaries = ray.get([s for _, s in refs])
         metrics["time/host_inference_s"] = float(np.mean([s["inference_s"] for s in summaries]))
         metrics["time/host_env_s"] = float(np.mean([s["env_s"] for s in summaries]))
+        metrics["health/skipped_episodes"] = int(sum(s.get("skipped_episodes", 0) for s in summaries))
+        metrics["health/clipped_action_frac"] = float(np.mean([s.get("clipped_action_frac", 0.0) for s in summaries]))
         return metrics, [ep for s in summaries for ep in s["episodes"]]
 
     def _gradients(self) -> tuple[dict, list]:
@@ -222,18 +276,105 @@ class Coordinator:
         st.pending_costs[name] = []
         return out
 
+    def _collect(self) -> tuple[dict, list]:
+        if self.kind == "sampling":
+            return self._sample()
+        if self.kind == "offpolicy":
+            return self._offpolicy()
+        if self.world_model is not None:
+            return self._model_gradients()
+        return self._gradients()
+
+    # -- faults: restarted actors ----------------------------------------------------------------
+    def _restorable(self) -> list:
+        """The actors Ray restarts and the coordinator restores (not the learner or replay)."""
+        return [*self.hosts, *([self.world_model] if self.world_model is not None else [])]
+
+    def _pids(self) -> list[int]:
+        """The restorable actors' process ids; waits for restarting ones to answer again."""
+        last = None
+        for _ in range(5):  # a call sent before a death was noticed fails; the next one waits
+            try:
+                return ray.get([a.pid.remote() for a in self._restorable()], timeout=RESTART_TIMEOUT_S)
+            except ACTOR_ERRORS as err:
+                last = err
+                time.sleep(0.5)
+        raise RuntimeError(f"an env host / gradient worker / world model died and did not come back "
+                           f"(resources.max_actor_restarts={self.cfg.resources.max_actor_restarts}): {last}") from last
+
+    def _snapshot_state(self) -> dict | None:
+        """Gradient workers' episode state and the world model (weights, optimiser, data), held
+        here so a restarted one (or a failed attempt's survivors) can be put back; env hosts hold
+        nothing that needs it."""
+        if self.kind != "gradient":
+            return None
+        refs = [w.get_state.remote() for w in self.hosts]
+        if self.world_model is not None:
+            refs.append(self.world_model.state_dict.remote())
+        out = ray.get(refs)
+        return {"workers": out[:len(self.hosts)], "world_model": out[len(self.hosts)] if self.world_model else None}
+
+    def _recover(self, rollback: bool) -> None:
+        """Before each attempt: find restarted actors (a new process id), count them and restore
+        them; after a failed attempt (``rollback``) also put the survivors back."""
+        pids = self._pids()
+        if getattr(self, "_actor_pids", None) is None:  # the first iteration of this coordinator
+            self._actor_pids, self._snapshot = pids, self._snapshot_state()
+            return
+        restarted = [i for i, (old, new) in enumerate(zip(self._actor_pids, pids)) if old != new]
+        self._actor_pids = pids
+        if not restarted and not rollback:
+            return
+        st = self.state
+        st.restarts += len(restarted)
+        if restarted and self.console is not None:
+            self.console.print(f"it {st.iteration}: {len(restarted)} actor(s) restarted after dying; restored, retrying")
+        if self.cfg.algo_spec.uses_env_hosts:
+            # a restarted host came back reset with its creation seed: give it a fresh stream instead
+            seed = int(np.random.SeedSequence([self.cfg.seed, st.iteration, st.restarts]).generate_state(1)[0])
+            ray.get([self.hosts[i].reset.remote(seed) for i in restarted])
+            return
+        snap = self._snapshot  # the state after the last completed iteration
+        refs = [w.set_state.remote(sd) for w, sd in zip(self.hosts, snap["workers"])]
+        if self.world_model is not None:
+            refs.append(self.world_model.load_state_dict.remote(snap["world_model"]))
+        ray.get(refs)
+
+    def _collect_surviving_faults(self) -> tuple[dict, list]:
+        """One iteration's collection and update. When an env host, gradient worker or world
+        model dies, the attempt's partial batch is discarded (the learner's update depends on every
+        shard, so it never ran), the schedule state is put back, the restarted actor restored and
+        the iteration retried, at most ITERATION_ATTEMPTS times."""
+        err = None
+        for _ in range(ITERATION_ATTEMPTS):
+            self._recover(rollback=err is not None)
+            saved = copy.deepcopy(self.state)
+            try:
+                out = self._collect()
+            except ACTOR_ERRORS as e:
+                err = e
+                saved.restarts = self.state.restarts
+                vars(self.state).update(vars(saved))  # in place: callers hold self.state
+                continue
+            try:
+                self._snapshot = self._snapshot_state()
+            except ACTOR_ERRORS:  # died just now: the next iteration restores the previous snapshot
+                pass
+            return out
+        raise RuntimeError(f"iteration {self.state.iteration + 1} failed {ITERATION_ATTEMPTS} times: "
+                           f"actors kept dying; last error: {err}") from err
+
     def iterate(self) -> dict:
         t0 = time.perf_counter()
         st = self.state
         self._learner = (0.0, 0)
-        if self.kind == "sampling":
-            metrics, episodes = self._sample()
-        elif self.kind == "offpolicy":
-            metrics, episodes = self._offpolicy()
-        elif self.world_model is not None:
-            metrics, episodes = self._model_gradients()
-        else:
-            metrics, episodes = self._gradients()
+        try:
+            metrics, episodes = self._collect_surviving_faults()
+        except ray.exceptions.RayTaskError as err:
+            one_line = env_error(err)
+            if one_line is None:
+                raise
+            raise one_line from None
         steps = self.steps_of(st.iteration)
         st.iteration += 1
         st.env_steps += steps
@@ -246,14 +387,14 @@ class Coordinator:
         if updates:  # learner updates per second of learner time (off-policy: minibatches)
             metrics.update({"time/learner_s": learner_s, "learner/updates": updates,
                             "time/learner_updates_per_s": updates / max(learner_s, 1e-9)})
-        return {"iteration": st.iteration, "env_steps": st.env_steps, **metrics,
+        return {"iteration": st.iteration, "env_steps": st.env_steps, **metrics, "health/restarts": st.restarts,
                 "cost_limit": self.cfg.limit, "time/iteration_s": dt, "time/env_steps_per_s": steps / dt}
 
     def _actors(self) -> list:
         return [a for a in [*self.hosts, self.learner, self.world_model, self.replay] if a is not None]
 
     def _health(self) -> dict:
-        """Actors answering a ping (there is no restart logic yet, so no restart counts)."""
+        """Actors answering a ping (restarts are counted by ``iterate``: health/restarts)."""
         actors = self._actors()
         pings = [a.__ray_ready__.remote() for a in actors]
         ready, _ = ray.wait(pings, num_returns=len(pings), timeout=HEALTH_TIMEOUT_S)
@@ -333,3 +474,5 @@ class Coordinator:
         self.logger.close()
         for actor in self._actors():
             ray.kill(actor)
+        if self.placement_group is not None:  # frees its reserved CPUs / GPUs for the next run
+            remove_placement_group(self.placement_group)

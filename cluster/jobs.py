@@ -28,8 +28,9 @@ from urllib.parse import urlsplit
 
 from saferl.config import REPO_ROOT, ConfigError, resolve_path
 
-# Never uploaded: environments, outputs, VCS data, caches.
-EXCLUDES = [".venv", ".venv-sg", "runs", ".git", "bench_results", "wandb", "__pycache__", "*.egg-info"]
+# Never uploaded: environments, outputs (runs, checkpoints, loggers' folders), VCS data, caches.
+EXCLUDES = [".venv*", "runs", "*.pt", "tb", "wandb", "bench_results", ".git", "__pycache__", "*.egg-info",
+            ".pytest_cache"]
 CONNECT_TIMEOUT_S = 10
 AUTH_HINT = ("token-authenticated cluster: export RAY_AUTH_MODE=token and its token as RAY_AUTH_TOKEN "
              "or in ~/.ray/auth_token")

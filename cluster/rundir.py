@@ -80,8 +80,30 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig) -> dict | None:
         ckpt = torch.load(found[-1], map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 — any unreadable file is reported the same way
         raise ConfigError(f"checkpoint error: {found[-1]} cannot be read ({err.__class__.__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"checkpoint error: {found[-1]} is not a saferl checkpoint")
     for key in ("algo", "task"):
         if ckpt.get(key) != getattr(cfg, key):
             raise ConfigError(f"checkpoint error: {found[-1]} is for {key} {ckpt.get(key)!r}, "
                               f"the config says {getattr(cfg, key)!r}")
+    ckpt["path"] = str(found[-1])  # for state_error
     return ckpt
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+
+
+def state_error(path: str | Path, err: BaseException) -> ConfigError:
+    """A checkpoint whose tensors do not fit the run's modules (``load_state_dict`` failed, e.g.
+    other network sizes or task shapes), as one line naming the file and the first mismatching
+    tensor. ``err`` may be a Ray task error wrapping the learner actor's."""
+    while getattr(err, "cause", None) is not None:  # ray.exceptions.RayTaskError
+        err = err.cause
+    text = str(err)
+    if m := _SIZE_MISMATCH.search(text):
+        detail = f"tensor {m[1]} has shape [{m[2]}] there, [{m[3]}] in this run's model"
+    else:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        detail = f"{err.__class__.__name__}: " + (lines[1] if len(lines) > 1 else lines[0] if lines else "")
+    return ConfigError(f"checkpoint error: {path} does not fit this run: {detail}")

@@ -83,5 +83,14 @@ class TorchVecEnv:
             obs = self._obs(self.state)
         return obs, rew, cost, term, trunc, {"final_obs": final_obs, "episodes": episodes}
 
+    def reset_env(self, i: int) -> np.ndarray:
+        """Start a fresh episode in env ``i`` alone, discarding its running stats (a skipped
+        episode); returns its first observation."""
+        self.stats.end(i)
+        self.state = self.state.clone()
+        self.state[torch.as_tensor([i])] = self.env.initial_state(1, self.gen)
+        self.t[i] = 0
+        return self._obs(self.state)[i]
+
     def close(self) -> None:
         pass

@@ -79,6 +79,12 @@ class VecEnv:
             obs[i] = self.envs[i].reset(self._seed())
         return obs, rew, cost, term, trunc, {"final_obs": final_obs, "episodes": episodes}
 
+    def reset_env(self, i: int) -> np.ndarray:
+        """Start a fresh episode in env ``i`` alone, discarding its running stats (a skipped
+        episode); returns its first observation."""
+        self.stats.end(i)
+        return np.asarray(self.envs[i].reset(self._seed()), np.float32)
+
     def close(self) -> None:
         for env in self.envs:
             getattr(env, "close", lambda: None)()

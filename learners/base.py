@@ -47,6 +47,27 @@ def seed_everything(seed: int) -> None:
 
 class Learner:
     Params = Params
+    skipped_updates = 0  # optimiser steps refused for a NaN/Inf loss or gradient (``descend``)
+
+    def descend(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float | None = None) -> bool:
+        """The guarded optimiser step: zero grads, backward, clip (``max_grad_norm``), step. A
+        NaN/Inf loss or gradient skips the step (parameters and optimiser state untouched, grads
+        cleared), counts it in ``skipped_updates`` (``health/skipped_updates``) and returns False."""
+        opt.zero_grad()
+        ok = bool(torch.isfinite(loss).all())
+        if ok:
+            loss.backward()
+            params = [p for p in params if p.grad is not None]
+            if max_grad_norm is not None:
+                ok = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
+            else:
+                ok = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        if not ok:
+            opt.zero_grad()
+            self.skipped_updates += 1
+            return False
+        opt.step()
+        return True
 
     def __init__(self, params, env: EnvSpec, cost_limit: float, device: torch.device, seed: int):
         self.p, self.env, self.cost_limit, self.device = params, env, cost_limit, device

@@ -99,9 +99,7 @@ class ActorCritic(base.Learner):
     def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> float:
         """One Adam step on L_V = E[(V_R(z) − R̂)²] + E[(V_C(z) − Ĉ)²]; returns L_V."""
         loss = ((self.v_r(z).squeeze(-1) - ret_r) ** 2).mean() + ((self.v_c(z).squeeze(-1) - ret_c) ** 2).mean()
-        self.v_opt.zero_grad()
-        loss.backward()
-        self.v_opt.step()
+        self.descend(self.v_opt, loss, [*self.v_r.parameters(), *self.v_c.parameters()])
         return loss.item()
 
 
@@ -133,6 +131,7 @@ class PPOLag(ActorCritic):
         def epoch_kl():
             return (logp_old - self.policy.log_prob(obs, act)).mean().item()
 
+        skipped = self.skipped_updates
         stats, epochs_run = self.policy_epochs(obs, ret_r, ret_c, minibatch_loss, epoch_kl)
         extra = self.after_policy_epochs(obs, act, logp_old)
         if self.policy.norm is not None:  # statistics for the next rollout, after this update
@@ -140,6 +139,7 @@ class PPOLag(ActorCritic):
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out.update(epochs=epochs_run, std=self.policy.log_std.exp().mean().item(),
                    lagrange_multiplier=lam, **extra)
+        out["health/skipped_updates"] = self.skipped_updates - skipped
         return out
 
     def policy_epochs(self, obs, ret_r, ret_c, minibatch_loss, epoch_kl) -> tuple[dict, int]:
@@ -151,10 +151,7 @@ class PPOLag(ActorCritic):
         for epoch in range(p.epochs):
             for idx in torch.randperm(obs.shape[0], device=self.device).split(p.minibatch_size):
                 loss_pi, extra = minibatch_loss(idx)
-                self.pi_opt.zero_grad()
-                loss_pi.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
-                self.pi_opt.step()
+                self.descend(self.pi_opt, loss_pi, self.policy.parameters(), p.max_grad_norm)
                 stats["loss_v"].append(self.critic_step(norm(obs[idx]), ret_r[idx], ret_c[idx]))
                 stats["loss_pi"].append(loss_pi.item())
                 for k, v in extra.items():

@@ -86,6 +86,7 @@ class OffPolicyLearner(base.Learner):
         (``first_step``, ``every``: the coordinator's step phases), ``step`` also gets the set of
         step phases due at each minibatch's global gradient step g (those with g % every == 0)."""
         stats: dict[str, list] = {}
+        skipped = self.skipped_updates
         g = clock["first_step"] if clock else None
         for block in batches:
             data = {k: torch.tensor(v, device=self.device) for k, v in block.items()}  # a copy: Ray's arrays are read-only
@@ -98,7 +99,8 @@ class OffPolicyLearner(base.Learner):
                     g += 1
                 for k, v in out.items():
                     stats.setdefault(k, []).append(v)
-        return {**{k: float(np.mean(v)) for k, v in stats.items()}, **self.dual_metrics()}
+        return {**{k: float(np.mean(v)) for k, v in stats.items()}, **self.dual_metrics(),
+                "health/skipped_updates": self.skipped_updates - skipped}
 
     def dual_metrics(self) -> dict:
         return {"lagrange_multiplier": self.multiplier.value}
@@ -130,10 +132,7 @@ class OffPolicyLearner(base.Learner):
         raise NotImplementedError
 
     def _descend(self, opt, loss, params) -> None:
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, self.p.max_grad_norm)
-        opt.step()
+        self.descend(opt, loss, params, self.p.max_grad_norm)
 
     def phase_dual(self, signals: dict) -> dict:
         if signals.get("episode_cost") is None:
@@ -175,9 +174,7 @@ class SACLag(OffPolicyLearner):
         self._descend(self.pi_opt, loss_pi, list(self.policy.parameters()))
         if p.auto_alpha:
             loss_alpha = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
-            self.alpha_opt.zero_grad()
-            loss_alpha.backward()
-            self.alpha_opt.step()
+            self.descend(self.alpha_opt, loss_alpha, [self.log_alpha])
         polyak(self.q_r_target, self.q_r, p.tau)
         polyak(self.q_c_target, self.q_c, p.tau)
         return {"loss_q": loss_q, "loss_pi": loss_pi.item(), "alpha": alpha.item(),

@@ -9,7 +9,7 @@
     saferl eval RUN_DIR --video [--format gif|mp4]  render episodes to RUN_DIR/videos/
     saferl report RUN_DIR... [--out report.html]    self-contained HTML report + CSVs of runs
     saferl list                                     algorithms and tasks
-    saferl bench rollout|gradients                  env-host / gradient-worker throughput
+    saferl bench rollout|gradients|e2e|learner|memory  throughput, end to end, memory
     saferl study NAME                               reproduce a paper's table/figure
     saferl benchmark onpolicy                       OmniSafe-style Reward/Cost table of the on-policy
                                                     algorithms on the Safety-Gymnasium tasks
@@ -27,6 +27,9 @@ from pathlib import Path
 
 from saferl import registry
 from saferl.config import ConfigError, load_config
+
+# `saferl bench memory`'s default runs: env hosts + learner, + replay buffer, gradient workers
+MEMORY_RUNS = ("ppo_lag/SafetyPointGoal1-v0", "sac_lag/SafetyPointGoal1-v0", "cgpo/BraxReacher-v0")
 
 
 def _console():
@@ -142,10 +145,17 @@ def cmd_bench(args) -> int:
     if args.bench == "rollout":
         bench.bench_rollout(out_dir=Path(args.out), task=args.task, steps=args.steps,
                             envs_per_host=args.envs_per_host, hosts=args.hosts, console=_console())
-    else:
+    elif args.bench == "gradients":
         bench.bench_gradients(out_dir=Path(args.out), task=args.task, workers=args.workers,
                               envs_per_worker=args.envs_per_worker, horizon=args.horizon,
                               windows=args.windows, console=_console())
+    elif args.bench == "e2e":
+        bench.bench_e2e(out_dir=Path(args.out), config=args.config, steps=args.steps, overrides=args.set,
+                        reference=not args.no_reference, console=_console())
+    elif args.bench == "learner":
+        bench.bench_learner(out_dir=Path(args.out), algos=args.algos, updates=args.updates, console=_console())
+    else:
+        bench.bench_memory(out_dir=Path(args.out), runs=args.runs, iterations=args.iterations, console=_console())
     return 0
 
 
@@ -231,6 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--envs-per-worker", type=int, nargs="+", default=[16, 64])
     b.add_argument("--horizon", type=int, default=10, help="window length h")
     b.add_argument("--windows", type=int, default=5, help="timed windows after the first")
+    b.add_argument("--out", default="bench_results")
+    b.set_defaults(fn=cmd_bench)
+    b = bsub.add_parser("e2e", help="end-to-end training wall-clock (updates included) vs one process without Ray")
+    b.add_argument("--config", default="ppo_lag/SafetyPointGoal1-v0", help="configs/<algo>/<task> or a YAML path")
+    b.add_argument("--steps", type=int, default=100_000, help="env steps to train (batch settings stay the config's)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    b.add_argument("--no-reference", action="store_true", help="skip the one-process reference")
+    b.add_argument("--out", default="bench_results")
+    b.set_defaults(fn=cmd_bench)
+    b = bsub.add_parser("learner", help="learner update throughput (samples/s) on fixed synthetic batches, no Ray")
+    b.add_argument("--algos", nargs="+", default=["ppo_lag", "sac_lag", "cvpo", "cgpo"],
+                   help="algorithms (their default configs) or configs as <algo>/<task>")
+    b.add_argument("--updates", type=int, default=3, help="timed update calls per algorithm, after one warm-up")
+    b.add_argument("--out", default="bench_results")
+    b.set_defaults(fn=cmd_bench)
+    b = bsub.add_parser("memory", help="peak resident memory per actor kind in short runs")
+    b.add_argument("--runs", nargs="+", default=list(MEMORY_RUNS), help="configs (configs/<algo>/<task>)")
+    b.add_argument("--iterations", type=int, default=2, help="iterations per run")
     b.add_argument("--out", default="bench_results")
     b.set_defaults(fn=cmd_bench)
     from saferl.cluster import studies

@@ -34,6 +34,9 @@ class Resources(Strict):
     num_cpus_per_host: float = Field(1.0, gt=0)
     num_gpus_per_learner: float = Field(0.0, ge=0, description="fractions allowed, e.g. 0.5")
     num_gpus_per_host: float = Field(0.0, ge=0, description="for gradient workers; fractions allowed")
+    max_actor_restarts: int = Field(
+        10, ge=-1, description="times Ray restarts a dead env host, gradient worker or world-model "
+        "actor (the coordinator restores it and retries the iteration); -1 = unlimited, 0 = none")
     sg_python: str | None = Field(
         None, description="Safety-Gymnasium interpreter; None = $SAFERL_SG_PYTHON or the "
         ".venv-sg beside the running interpreter's venv")
@@ -69,6 +72,14 @@ class Logging(Strict):
                               "export, the Ray dashboard's Grafana panels); only when running under Ray")
 
 
+class Checks(Strict):
+    """Bad input from environments (see README, Reliability: Bad input)."""
+    on_invalid: Literal["abort", "skip_episode"] = Field(
+        "abort", description="an env step with a NaN/Inf observation, reward or cost: abort the run with "
+        "one line naming the env and step, or skip_episode: reset that env, mask its partial episode "
+        "out of the batch and count it (health/skipped_episodes)")
+
+
 class RunConfig(Strict):
     algo: str
     task: str
@@ -84,6 +95,7 @@ class RunConfig(Strict):
     resources: Resources = Field(default_factory=Resources)
     schedule: Schedule = Field(default_factory=Schedule)
     logging: Logging = Field(default_factory=Logging)
+    checks: Checks = Field(default_factory=Checks)
     algo_params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("algo")

@@ -17,3 +17,29 @@ def test_bench_rollout_and_gradients_write_results(ray_session, tmp_path):
     rows = json.loads((out / "gradients.json").read_text())
     assert [(r["workers"], r["envs_per_worker"]) for r in rows] == [(1, 4), (2, 4)]
     assert "| workers |" in (out / "gradients.md").read_text()
+
+
+def test_bench_e2e_learner_memory_write_results(ray_session, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "e2e", "--config", "ppo_lag/FunctionEnv-v0", "--steps", "4000", "--out", str(out)]) == 0
+    [row] = json.loads((out / "e2e.json").read_text())
+    assert row["env_steps"] == 4000 and row["iterations"] == 2 and row["steps_per_s"] > 0
+    assert row["reference"]["steps"] == 4000 and row["reference"]["steps_per_s"] > 0
+    assert {"s_per_100k_steps", "final_return", "final_cost", "learner_s"} <= set(row)
+    assert set(row["peak_rss_mb"]) == {"learner", "env_host"}
+    assert "one process, no Ray" in (out / "e2e.md").read_text()
+
+    assert main(["bench", "learner", "--algos", "ppo_lag/FunctionEnv-v0", "sac_lag/PointHazard-D1-v0",
+                 "cgpo/FunctionEnv-v0", "--updates", "1", "--out", str(out)]) == 0
+    rows = json.loads((out / "learner.json").read_text())
+    assert [r["algo"] for r in rows] == ["ppo_lag", "sac_lag", "cgpo"]
+    assert all(r["samples_per_s"] > 0 and r["samples_per_update"] > 0 for r in rows)
+    assert rows[0]["samples_per_update"] == 2000 and rows[2]["samples_per_update"] == 64 * 10
+
+    assert main(["bench", "memory", "--runs", "ppo_lag/FunctionEnv-v0", "sac_lag/PointHazard-D1-v0",
+                 "cgpo/FunctionEnv-v0", "--iterations", "1", "--out", str(out)]) == 0
+    rows = json.loads((out / "memory.json").read_text())
+    assert {r["actor"] for r in rows} == {"learner", "env_host", "replay_buffer", "gradient_worker"}
+    assert all(r["peak_rss_mb"] > 0 for r in rows)
+    replay = [r for r in rows if r["actor"] == "replay_buffer"]
+    assert replay[0]["replay_size"] > 0 and replay[0]["replay_capacity_mb"] > 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -135,8 +136,8 @@ def cmd_dashboard(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("dashboard stopped", file=sys.stderr)
-        return 0
+        print("dashboard stopped", file=sys.stderr, flush=True)
+        os._exit(0)  # TensorBoard's reload threads may not be daemons: a plain return can hang on exit
 
 
 def cmd_bench(args) -> int:

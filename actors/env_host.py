@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from saferl.actors.process import ActorProcess
 from saferl import registry
 from saferl.actors import np_policy
 from saferl.envs.np_compat import pickle_arrays_as_numpy2
@@ -65,7 +66,7 @@ def next_observations(batch: dict) -> np.ndarray:
     return nxt
 
 
-class EnvHost:
+class EnvHost(ActorProcess):
     def __init__(self, task_name: str, num_envs: int, seed: int, host_index: int = 0,
                  render_mode: str | None = None, on_invalid: str = "abort"):
         if on_invalid not in ("abort", "skip_episode"):
@@ -84,20 +85,8 @@ class EnvHost:
     def ping(self) -> int:
         return self.host_index
 
-    def pid(self) -> int:
-        """The actor's process id (a restarted actor has a new one)."""
-        return os.getpid()
 
-    def node_id(self) -> str:
-        """The Ray node this actor runs on (placement checks)."""
-        import ray
 
-        return ray.get_runtime_context().get_node_id()
-
-    def max_rss(self) -> int:
-        """Peak resident memory of this actor's process, bytes (``saferl bench memory``)."""
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     # -- the plain protocol (tests, tools) ------------------------------------------------------
     def reset(self, seed: int) -> np.ndarray:

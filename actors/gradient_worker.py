@@ -10,11 +10,11 @@ episodes together, every T / h windows; the learner averages shards weighted by 
 from __future__ import annotations
 
 import importlib
-import os
 
 import numpy as np
 import torch
 
+from saferl.actors.process import ActorProcess
 from saferl import registry
 from saferl.learners.analytic import (TimeValue, episode_starts, objective_gradients, rollout_window,
                                       window_noise)
@@ -63,7 +63,7 @@ def make_diff_env(task_name: str, device: torch.device | str | None = None):
     return cls(**kwargs)
 
 
-class GradientWorker:
+class GradientWorker(ActorProcess):
     def __init__(self, task_name: str, env_offset: int, num_envs: int, total_envs: int, seed: int,
                  arch: dict, device: str = "auto"):
         self.device = pick_device(device)
@@ -76,21 +76,6 @@ class GradientWorker:
 
     def ping(self) -> int:
         return self.shard.start
-
-    def pid(self) -> int:
-        """The actor's process id (a restarted actor has a new one)."""
-        return os.getpid()
-
-    def node_id(self) -> str:
-        """The Ray node this actor runs on (placement checks)."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def max_rss(self) -> int:
-        """Peak resident memory of this actor's process, bytes (``saferl bench memory``)."""
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def get_state(self) -> dict:
         """Where this shard's episodes are (checkpointed so a resumed run continues them)."""
@@ -132,7 +117,7 @@ class GradientWorker:
         return result, {"episodes": episodes}
 
 
-class ModelGradientWorker:
+class ModelGradientWorker(ActorProcess):
     """MB-CGPO's worker (seed 000, Algorithm 3): steps its shard of the *real* (possibly
     non-differentiable) task through the numpy protocol to collect transitions, then takes the
     window's gradients through the world model from the same start observations."""
@@ -152,15 +137,6 @@ class ModelGradientWorker:
 
     def ping(self) -> int:
         return self.shard.start
-
-    def pid(self) -> int:
-        """The actor's process id (a restarted actor has a new one)."""
-        return os.getpid()
-
-    def max_rss(self) -> int:
-        """Peak resident memory of this actor's process, bytes (``saferl bench memory``)."""
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def get_state(self) -> dict:
         return {"obs": self.obs, "t": self.t, "ret": self.ret, "cost": self.cost}

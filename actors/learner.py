@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import ray
 
+from saferl.actors.process import ActorProcess
 from saferl import registry
 from saferl.learners.base import EnvSpec
 from saferl.learners.networks import pick_device
 
 
-class LearnerActor:
+class LearnerActor(ActorProcess):
     def __init__(self, algo: str, params: dict, env_spec: dict, cost_limit: float, seed: int,
                  device: str = "auto"):
         # Ray hides GPUs that were not granted (CUDA_VISIBLE_DEVICES), so "auto" means: the grant.
@@ -18,11 +19,6 @@ class LearnerActor:
 
     def device_name(self) -> str:
         return str(self.device)
-
-    def max_rss(self) -> int:
-        """Peak resident memory of this actor's process, bytes (``saferl bench memory``)."""
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def policy_state(self):
         return self.learner.policy_state()

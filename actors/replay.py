@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from saferl.actors.process import ActorProcess
 from saferl.actors.env_host import next_observations
 
 FIELDS = ("obs", "act", "reward", "cost", "discount", "next_obs")
@@ -39,7 +40,7 @@ def n_step_transitions(batch: dict, n: int, gamma: float) -> dict:
     return {k: np.asarray(v, np.float32).reshape(T * N, *np.shape(v)[2:]) for k, v in out.items()}
 
 
-class ReplayBuffer:
+class ReplayBuffer(ActorProcess):
     def __init__(self, capacity: int, n_step: int, gamma: float, seed: int):
         self.capacity, self.n_step, self.gamma = capacity, n_step, gamma
         self.rng = np.random.default_rng(seed)
@@ -50,11 +51,6 @@ class ReplayBuffer:
         for batch in batches:
             self._put(n_step_transitions(batch, self.n_step, self.gamma))
         return self.size
-
-    def max_rss(self) -> int:
-        """Peak resident memory of this actor's process, bytes (``saferl bench memory``)."""
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _put(self, tr: dict) -> None:
         if not self.data:

@@ -3,13 +3,13 @@
 differentiable env (``learners/world_model.py``)."""
 from __future__ import annotations
 
-import os
 
+from saferl.actors.process import ActorProcess
 from saferl.learners.networks import pick_device
 from saferl.learners.world_model import ReplayFit, WorldModelParams
 
 
-class WorldModelActor:
+class WorldModelActor(ActorProcess):
     def __init__(self, obs_dim: int, act_dim: int, params: dict, seed: int, device: str = "auto"):
         self.store = ReplayFit(obs_dim, act_dim, WorldModelParams(**params), pick_device(device), seed)
 
@@ -21,10 +21,6 @@ class WorldModelActor:
     def phase(self, name: str, signals: dict) -> dict:
         assert name == "world_model", name
         return self.store.fit()
-
-    def pid(self) -> int:
-        """The actor's process id (a restarted actor has a new one)."""
-        return os.getpid()
 
     def weights(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.store.model.state_dict().items()}

@@ -20,7 +20,7 @@ from saferl.learners.quantile import QuantileCritic, cvar, quantile_huber_loss, 
 from saferl.learners.strpo import STRPO, UnsafeTRPO, exclusion_step, least_lambda2
 from saferl.learners.trust_region import fisher_vector_product
 
-from tests.test_trust_region import rollouts, spd
+from tests.test_trust_region import assert_resumes_identically, rollouts, spd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -193,17 +193,8 @@ def test_unsafe_trpo_ascends_the_cvar_cost_advantage():
 
 @pytest.mark.parametrize("cls", [STRPO, UnsafeTRPO])
 def test_state_dict_resumes_identically(cls):
-    batches, _, env = rollouts(n_batches=3, steps=60)
-    dev = torch.device("cpu")
     extra = {"exclusion": False} if cls is STRPO else {}
-    p = cls.Params(hidden=[8, 8], critic_epochs=2, **extra)
-    a = cls(p, env, 8.0, dev, seed=1)
-    a.update([batches[0]])
-    sd = copy.deepcopy(a.state_dict())
-    out_a = [a.update([b]) for b in batches[1:]]
-    b = cls(p, env, 8.0, dev, seed=2)
-    b.load_state_dict(sd)
-    assert [b.update([x]) for x in batches[1:]] == out_a
+    assert_resumes_identically(cls, cls.Params(hidden=[8, 8], critic_epochs=2, **extra))
 
 
 # -- both stages end to end --------------------------------------------------------------------------

@@ -269,11 +269,10 @@ def test_trpo_lag_update_decreases_the_surrogate_within_the_trust_region():
     assert learner.phase("dual", {"episode_cost": None}) == {}
 
 
-@pytest.mark.parametrize("cls", [TRPOLag, CPO])
-def test_state_dict_resumes_identically(cls):
+def assert_resumes_identically(cls, p) -> None:
+    """A learner restored from a state dict continues exactly as the original (other init seed)."""
     batches, _, env = rollouts(n_batches=3, steps=60)
     dev = torch.device("cpu")
-    p = cls.Params(hidden=[8, 8], critic_epochs=2)
     a = cls(p, env, 8.0, dev, seed=1)
     a.update([batches[0]])
     sd = copy.deepcopy(a.state_dict())
@@ -284,6 +283,11 @@ def test_state_dict_resumes_identically(cls):
     for k, v in a.state_dict()["policy"].items():
         torch.testing.assert_close(v, b.state_dict()["policy"][k], rtol=0, atol=0)
     assert out_a == out_b
+
+
+@pytest.mark.parametrize("cls", [TRPOLag, CPO])
+def test_state_dict_resumes_identically(cls):
+    assert_resumes_identically(cls, cls.Params(hidden=[8, 8], critic_epochs=2))
 
 
 def test_cpo_update_respects_the_cost_surrogate_and_kl():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -130,6 +131,8 @@ def cmd_dashboard(args) -> int:
 
     from saferl.cluster.metrics import start_dashboard
 
+    # Ctrl-C stops it even when started as a background job, which inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     url = start_dashboard(args.run_dirs, port=args.port)
     print(f"TensorBoard at {url} (Ctrl-C to stop)", flush=True)
     try:

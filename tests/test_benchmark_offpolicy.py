@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import statistics
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from saferl.cluster.studies import benchmark as shared
 from saferl.cluster.studies import benchmark_offpolicy as bench
 from saferl.cluster.studies import benchmark_onpolicy
-from tests.test_benchmark_onpolicy import _cell
+from tests.test_benchmark_onpolicy import assert_final_cells
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,13 +146,7 @@ def test_tiny_benchmark_on_point_hazard(ray_session, run_root, tmp_path, capsys)
                 assert math.isclose(float(c["cumulative_cost"]), e, rel_tol=1e-9, abs_tol=1e-9)
             assert math.isclose(float(r["cumulative_cost"]), expect[-1], rel_tol=1e-9, abs_tol=1e-9)
             sums[seed] = dict(zip(m["env_steps"].astype(float), zip(expect, m["episode/return"])))
-        for j, key in enumerate(("reward", "cost")):
-            vals = [f[j] for f in finals]
-            mean, std = statistics.fmean(vals), statistics.stdev(vals)
-            assert math.isclose(float(summary[algo][f"{key}_mean"]), mean, rel_tol=1e-9, abs_tol=1e-9)
-            assert math.isclose(float(summary[algo][f"{key}_std"]), std, rel_tol=1e-9, abs_tol=1e-9)
-            shown = _cell(cells[name][j])
-            assert abs(shown[0] - mean) <= 0.005 + 1e-9 and abs(shown[1] - std) <= 0.005 + 1e-9, (shown, mean, std)
+        assert_final_cells(summary[algo], cells[name], finals)
         # the figure's points: the mean over both seeds at every step both logged
         mine = [p for p in means if p["algo"] == algo]
         shared_steps = sorted(set(sums[0]) & set(sums[1]))

@@ -80,6 +80,18 @@ def _cell(text: str) -> tuple[float, float]:
     return float(mean), float(std)
 
 
+def assert_final_cells(summary_row: dict, cells: list[str], finals: list[tuple[float, float]]) -> None:
+    """The summary's reward and cost mean/std and the table's "mean ± std" cells equal the mean
+    and sample std over seeds of the runs' own final (return, cost)."""
+    for j, key in enumerate(("reward", "cost")):
+        vals = [f[j] for f in finals]
+        mean, std = statistics.fmean(vals), statistics.stdev(vals)
+        assert math.isclose(float(summary_row[f"{key}_mean"]), mean, rel_tol=1e-9, abs_tol=1e-9)
+        assert math.isclose(float(summary_row[f"{key}_std"]), std, rel_tol=1e-9, abs_tol=1e-9)
+        shown = _cell(cells[j])
+        assert abs(shown[0] - mean) <= 0.005 + 1e-9 and abs(shown[1] - std) <= 0.005 + 1e-9, (shown, mean, std)
+
+
 @needs_sg()
 def test_tiny_benchmark_on_safety_gym(ray_session, run_root, tmp_path, capsys):
     """PPO-Lag and TRPO-Lag on SafetyPointGoal1-v0, 2 seeds, 2,000 env steps on 1 host × 1 env
@@ -116,14 +128,7 @@ def test_tiny_benchmark_on_safety_gym(ray_session, run_root, tmp_path, capsys):
                 m = pd.read_csv(Path(r["run_dir"]) / "metrics.csv").dropna(subset=["episode/return"])
                 assert len(m) == 2 and int(r["n_points"]) == 2 and int(r["last_k"]) == k
                 finals.append((m["episode/return"].iloc[-k:].mean(), m["episode/cost"].iloc[-k:].mean()))
-            for j, key in enumerate(("reward", "cost")):
-                vals = [f[j] for f in finals]
-                mean, std = statistics.fmean(vals), statistics.stdev(vals)
-                assert math.isclose(float(summary[algo][f"{key}_mean"]), mean, rel_tol=1e-9, abs_tol=1e-9)
-                assert math.isclose(float(summary[algo][f"{key}_std"]), std, rel_tol=1e-9, abs_tol=1e-9)
-                shown = _cell(cells[name][j])
-                assert shown == (round(mean, 2), round(std, 2)) or (
-                    abs(shown[0] - mean) <= 0.005 + 1e-9 and abs(shown[1] - std) <= 0.005 + 1e-9), (shown, mean, std)
+            assert_final_cells(summary[algo], cells[name], finals)
 
     check(k=1)  # default: 10% of 2 points, at least 1
     # the same --out with another K: the runs are kept (no training), the table recomputed

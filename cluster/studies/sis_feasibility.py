@@ -87,9 +87,10 @@ def check(index, distribution: int, trajectories: int, grid_n: int, seed: int) -
             none = ~mask.any(1)
             infeasible |= none
             infeasible_at += [state[i].clone() for i in none.nonzero().flatten().tolist()]
-            dist = torch.cdist(nominal_action(obs, env), grid)  # nearest safe action (or nominal)
+            nominal = nominal_action(obs, env)
+            dist = torch.cdist(nominal, grid)  # the nearest safe action (the nominal one when none is safe)
             choice = torch.where(mask, dist, torch.full_like(dist, math.inf)).argmin(1)
-            action = torch.where(none.unsqueeze(1), nominal_action(obs, env), grid[choice])
+            action = torch.where(none.unsqueeze(1), nominal, grid[choice])
             state, reward, _ = env.step(state, action)
             error -= reward
             violated |= torch.hypot(state[:, 4] - state[:, 0], state[:, 5] - state[:, 1]) < HAZARD_RADIUS

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from saferl.actors.process import ActorProcess
+from saferl.actors.process import ActorProcess, safeguard_failures
 from saferl import registry
 from saferl.actors import np_policy
 from saferl.envs.np_compat import pickle_arrays_as_numpy2
@@ -85,15 +85,25 @@ class EnvHost(ActorProcess):
     def ping(self) -> int:
         return self.host_index
 
-
-
-
     # -- the plain protocol (tests, tools) ------------------------------------------------------
     def reset(self, seed: int) -> np.ndarray:
         self.rng = np.random.default_rng([int(seed), self.host_index])
         self.obs = self.vec.reset(int(np.random.SeedSequence([int(seed), self.host_index]).generate_state(1)[0]))
         self.ep_t = np.zeros(self.vec.num_envs, np.int64)  # steps into each env's episode
         return self.obs
+
+    def get_state(self) -> dict | None:
+        """Where the envs and the sampling stream are, for checkpoints (a resumed run continues the
+        same episodes), or None where the envs cannot say (Safety-Gymnasium and Gymnasium MuJoCo
+        envs: a resumed run starts fresh episodes there)."""
+        if not hasattr(self.vec, "get_state"):
+            return None
+        return {"vec": self.vec.get_state(), "obs": self.obs, "ep_t": self.ep_t, "rng": self.rng.bit_generator.state}
+
+    def set_state(self, sd: dict) -> None:
+        self.vec.set_state(sd["vec"])
+        self.obs, self.ep_t = np.array(sd["obs"]), np.array(sd["ep_t"])  # Ray's arrays are read-only
+        self.rng.bit_generator.state = sd["rng"]
 
     def step(self, actions: np.ndarray):
         out = self.vec.step(np.asarray(actions, np.float32))
@@ -131,9 +141,7 @@ class EnvHost(ActorProcess):
     def _act(self, policy: dict, obs: np.ndarray, deterministic: bool = False):
         """Policy inference; squashed actions in [−1, 1] are mapped onto the task's box."""
         action, u, logp = np_policy.act(policy, obs, self.rng, deterministic)
-        if policy.get("squash") or policy.get("uniform"):
-            action = self.low + (action + 1.0) * 0.5 * (self.high - self.low)
-        return action, u, logp
+        return np_policy.to_box(policy, action, self.low, self.high), u, logp
 
     def rollout(self, policy: dict, num_steps: int) -> tuple[dict, dict]:
         """Step every env ``num_steps`` times with the given policy weights.
@@ -145,44 +153,70 @@ class EnvHost(ActorProcess):
         those steps are zeroed and terminated, so GAE and replay never see the bad values);
         and, separately, a small summary: finished episodes' return/cost/length and timings
         (the coordinator reads only the summary; the batch goes straight to the learner)."""
+        self.begin_rollout(num_steps)
+        for _ in range(num_steps):
+            t0 = time.perf_counter()
+            out = self._act(policy, self.obs)
+            self._frag["inference_s"] += time.perf_counter() - t0
+            self.advance(out)
+        return self.end_rollout()
+
+    # The same rollout driven step by step from outside (``saferl.actors.inference``: one server
+    # acts for every host): begin_rollout -> advance(actions) × T -> end_rollout.
+    def begin_rollout(self, num_steps: int) -> np.ndarray:
+        """Start a fragment of ``num_steps`` steps; returns the current observations."""
         n, d, a = self.vec.num_envs, self.vec.obs_dim, self.vec.act_dim
         buf = {"obs": np.empty((num_steps, n, d), np.float32), "act": np.empty((num_steps, n, a), np.float32),
                "logp": np.empty((num_steps, n), np.float32), "reward": np.empty((num_steps, n), np.float32),
                "cost": np.empty((num_steps, n), np.float32), "terminated": np.empty((num_steps, n), bool),
                "truncated": np.empty((num_steps, n), bool), "valid": np.ones((num_steps, n), bool)}
-        final_idx, final_obs, episodes = [], [], []
-        t_infer = t_env = 0.0
-        ep_start = np.zeros(n, np.int64)  # where each env's current episode began in this fragment
-        skipped = clipped = 0
-        for t in range(num_steps):
-            t0 = time.perf_counter()
-            action, u, logp = self._act(policy, self.obs)
-            t1 = time.perf_counter()
-            clipped += np.count_nonzero((action < self.low) | (action > self.high))  # the env clips them
-            obs, rew, cost, term, trunc, info = self.vec.step(action)
-            t_env += time.perf_counter() - t1
-            t_infer += t1 - t0
-            bad = self._screen(obs, rew, cost, term, trunc, info)
-            buf["obs"][t], buf["act"][t], buf["logp"][t] = self.obs, u, logp
-            buf["reward"][t], buf["cost"][t], buf["terminated"][t], buf["truncated"][t] = rew, cost, term, trunc
-            for i in bad:  # skip_episode: its partial episode becomes zeroed, terminated, invalid steps
-                s = ep_start[i]
-                for key in ("obs", "act", "logp", "reward", "cost", "truncated", "valid"):
-                    buf[key][s:t + 1, i] = 0
-                buf["terminated"][s:t + 1, i] = True
-            skipped += len(bad)
-            ep_start[term | trunc] = t + 1
-            ep_start[bad] = t + 1
-            for i, fo in info["final_obs"].items():
-                final_idx.append((t, i))
-                final_obs.append(fo)
-            episodes += info["episodes"]
-            self.obs = obs
+        self._frag = {"buf": buf, "t": 0, "final_idx": [], "final_obs": [], "episodes": [], "inference_s": 0.0,
+                      "env_s": 0.0, "skipped": 0, "clipped": 0,
+                      "ep_start": np.zeros(n, np.int64)}  # where each env's current episode began
+        return self.obs
+
+    def advance(self, out: tuple) -> np.ndarray:
+        """One step of the fragment with ``out`` = (env action in the task's box, u, logp);
+        returns the next observations."""
+        action, u, logp = out
+        f, buf, t = self._frag, self._frag["buf"], self._frag["t"]
+        t1 = time.perf_counter()
+        f["clipped"] += np.count_nonzero((action < self.low) | (action > self.high))  # the env clips them
+        obs, rew, cost, term, trunc, info = self.vec.step(action)
+        f["env_s"] += time.perf_counter() - t1
+        bad = self._screen(obs, rew, cost, term, trunc, info)
+        buf["obs"][t], buf["act"][t], buf["logp"][t] = self.obs, u, logp
+        buf["reward"][t], buf["cost"][t], buf["terminated"][t], buf["truncated"][t] = rew, cost, term, trunc
+        ep_start = f["ep_start"]
+        for i in bad:  # skip_episode: its partial episode becomes zeroed, terminated, invalid steps
+            s = ep_start[i]
+            for key in ("obs", "act", "logp", "reward", "cost", "truncated", "valid"):
+                buf[key][s:t + 1, i] = 0
+            buf["terminated"][s:t + 1, i] = True
+        f["skipped"] += len(bad)
+        ep_start[term | trunc] = t + 1
+        ep_start[bad] = t + 1
+        for i, fo in info["final_obs"].items():
+            f["final_idx"].append((t, i))
+            f["final_obs"].append(fo)
+        f["episodes"] += info["episodes"]
+        self.obs = obs
+        f["t"] = t + 1
+        return obs
+
+    def end_rollout(self) -> tuple[dict, dict]:
+        """The fragment's batch and summary (as ``rollout`` returns them)."""
+        f, self._frag = self._frag, None
+        buf, d = f["buf"], self.vec.obs_dim
+        if f["t"] != len(buf["obs"]):
+            raise RuntimeError(f"rollout fragment ended after {f['t']} of {len(buf['obs'])} steps")
+        n, a = self.vec.num_envs, self.vec.act_dim
         buf["last_obs"] = self.obs.copy()
-        buf["final_idx"] = np.asarray(final_idx, np.int64).reshape(-1, 2)
-        buf["final_obs"] = np.asarray(final_obs, np.float32).reshape(-1, d)
-        summary = {"episodes": episodes, "inference_s": t_infer, "env_s": t_env, "skipped_episodes": skipped,
-                   "clipped_action_frac": clipped / max(1, num_steps * n * a)}
+        buf["final_idx"] = np.asarray(f["final_idx"], np.int64).reshape(-1, 2)
+        buf["final_obs"] = np.asarray(f["final_obs"], np.float32).reshape(-1, d)
+        summary = {"episodes": f["episodes"], "inference_s": f["inference_s"], "env_s": f["env_s"],
+                   "skipped_episodes": f["skipped"], "clipped_action_frac": f["clipped"] / max(1, f["t"] * n * a),
+                   "safeguard_failures": safeguard_failures()}
         return buf, summary
 
     def evaluate(self, policy: dict, episodes: int, deterministic: bool = True,

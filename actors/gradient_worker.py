@@ -14,7 +14,7 @@ import importlib
 import numpy as np
 import torch
 
-from saferl.actors.process import ActorProcess
+from saferl.actors.process import ActorProcess, safeguard_failures
 from saferl import registry
 from saferl.learners.analytic import (TimeValue, episode_starts, objective_gradients, rollout_window,
                                       window_noise)
@@ -114,7 +114,7 @@ class GradientWorker(ActorProcess):
         # estimates of J_R(θ), J_C(θ): realised episode prefix + window + critic tail
         result = shard_result(l_r, l_c, g, q, prefix_r + win_r.mean() + boot_r.mean().item(),
                               prefix_c + win_c.mean() + boot_c.mean().item(), traj)
-        return result, {"episodes": episodes}
+        return result, {"episodes": episodes, "safeguard_failures": safeguard_failures()}
 
 
 class ModelGradientWorker(ActorProcess):

@@ -3,6 +3,9 @@
 Env hosts step their envs and act locally, so a rollout is one Ray call, not one per step, and
 the Safety-Gymnasium interpreter needs no torch. The weights come from
 ``saferl.learners.networks.GaussianPolicy.export_numpy`` (tested to agree with the torch forward).
+``forward`` (the network: numpy ``mean_action`` by default) is where the batched inference
+server (``saferl.actors.inference``) puts its torch forward on the GPU; the sampling around it
+is this module's in both cases.
 """
 from __future__ import annotations
 
@@ -28,17 +31,18 @@ def mean_action(state: dict, obs: np.ndarray) -> np.ndarray:
     return h @ w.T + b
 
 
-def mean_and_log_std(state: dict, obs: np.ndarray):
+def mean_and_log_std(state: dict, obs: np.ndarray, forward=mean_action):
     """The Gaussian's mean and log σ: a state-independent log σ, or (``std_head``, SAC) the
     network's second half, clamped."""
-    out = mean_action(state, obs)
+    out = forward(state, obs)
     if not state.get("std_head"):
         return out, state["log_std"]
     mu, log_std = np.split(out, 2, axis=-1)
     return mu, np.clip(log_std, *state["log_std_bounds"])
 
 
-def act(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: bool = False):
+def act(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: bool = False,
+        forward=mean_action):
     """Returns (env action, Gaussian sample u, log N(u; mean, std)). With ``squash`` the env
     action is tanh(u) and the log-prob is of u (learners that need it apply the correction).
     ``{"uniform": True}`` is the warm-up policy of off-policy learners: tanh(u) uniform in the
@@ -48,14 +52,14 @@ def act(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: b
         a = rng.uniform(-1.0, 1.0, (obs.shape[0], state["act_dim"])).astype(np.float32)
         return a, *_pre_squash(a)
     if "action_noise" in state:
-        a = np.tanh(mean_action(state, obs))
+        a = np.tanh(forward(state, obs))
         if not deterministic:
             a = np.clip(a + state["action_noise"] * rng.standard_normal(a.shape), -1.0, 1.0)
         a = a.astype(np.float32)
         return a, *_pre_squash(a)
     if state.get("cholesky_head"):
-        return _act_cholesky(state, obs, rng, deterministic)
-    mu, log_std = mean_and_log_std(state, obs)
+        return _act_cholesky(state, obs, rng, deterministic, forward)
+    mu, log_std = mean_and_log_std(state, obs, forward)
     if deterministic:
         u = mu
     else:
@@ -65,10 +69,10 @@ def act(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: b
     return action.astype(np.float32), u.astype(np.float32), logp.astype(np.float32)
 
 
-def mean_and_tril(state: dict, obs: np.ndarray):
+def mean_and_tril(state: dict, obs: np.ndarray, forward=mean_action):
     """μ and the Cholesky factor L of a full-covariance Gaussian over u (CVPO's actor):
     the lower triangle row-major, its diagonal softplus(·) + ``min_diag``."""
-    out = mean_action(state, obs)
+    out = forward(state, obs)
     n = state["act_dim"]
     mu, entries = out[:, :n], out[:, n:]
     rows, cols = np.tril_indices(n)
@@ -78,8 +82,8 @@ def mean_and_tril(state: dict, obs: np.ndarray):
     return mu, tril
 
 
-def _act_cholesky(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: bool):
-    mu, tril = mean_and_tril(state, obs)
+def _act_cholesky(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: bool, forward):
+    mu, tril = mean_and_tril(state, obs, forward)
     eps = np.zeros_like(mu) if deterministic else rng.standard_normal(mu.shape).astype(np.float32)
     u = mu + np.einsum("bij,bj->bi", tril, eps)
     log_det = np.log(np.diagonal(tril, axis1=1, axis2=2)).sum(-1)
@@ -91,3 +95,10 @@ def _pre_squash(a: np.ndarray):
     """u with tanh(u) = a (a clipped to ±(1 − 1e-6)), and a log-prob of 0 (no density is used)."""
     u = np.arctanh(np.clip(a, -1 + 1e-6, 1 - 1e-6))
     return u.astype(np.float32), np.zeros(a.shape[0], np.float32)
+
+
+def to_box(state: dict, action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Squashed actions in [−1, 1] mapped onto the task's box (others are the env's to clip)."""
+    if state.get("squash") or state.get("uniform"):
+        return low + (action + 1.0) * 0.5 * (high - low)
+    return action

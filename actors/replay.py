@@ -17,7 +17,8 @@ FIELDS = ("obs", "act", "reward", "cost", "discount", "next_obs")
 
 
 def n_step_transitions(batch: dict, n: int, gamma: float) -> dict:
-    """Flatten a rollout batch [T, N] into n-step transitions [T·N]."""
+    """Flatten a rollout batch [T, N] into n-step transitions [T·N], less the steps marked invalid
+    (episodes skipped for NaN/Inf data: zeroed and terminated, so no valid sum reaches them)."""
     reward, cost = batch["reward"], batch["cost"]
     end = batch["terminated"] | batch["truncated"]
     T, N = reward.shape
@@ -37,7 +38,8 @@ def n_step_transitions(batch: dict, n: int, gamma: float) -> dict:
     out = {"obs": batch["obs"], "act": batch["act"], "reward": ret_r, "cost": ret_c,
            "discount": scale * ~batch["terminated"][last, col],
            "next_obs": next_observations(batch)[last, col]}
-    return {k: np.asarray(v, np.float32).reshape(T * N, *np.shape(v)[2:]) for k, v in out.items()}
+    keep = batch["valid"].reshape(-1) if "valid" in batch else slice(None)  # no skipped episode's steps
+    return {k: np.asarray(v, np.float32).reshape(T * N, *np.shape(v)[2:])[keep] for k, v in out.items()}
 
 
 class ReplayBuffer(ActorProcess):

@@ -481,3 +481,111 @@ def _connect(cfg) -> bool:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(required_cpus(cfg) + 0.999)),
              logging_level="warning", include_dashboard=False)
     return True
+
+
+# -- soak: training while env hosts are killed --------------------------------------------------
+def _kill_hosts(coord, every: float, rng, stop, log: list, say) -> None:
+    """Every ``every`` seconds SIGKILL a random env host, mid-call or not. Its process id comes
+    from the coordinator's record (refreshed before each attempt): asking the host would queue
+    behind its rollout, so kills would only land between calls. A pid is killed only while
+    /proc says it is still a Ray EnvHost process, so a stale one never hits another process."""
+    import os
+    import signal
+
+    while not stop.wait(every):
+        pids = getattr(coord, "_actor_pids", None)
+        if not pids:
+            continue
+        i = rng.randrange(len(coord.hosts))
+        try:
+            alive = Path(f"/proc/{pids[i]}/cmdline").read_bytes().startswith(b"ray::EnvHost")
+            if alive:
+                os.kill(pids[i], signal.SIGKILL)
+        except OSError:  # exited (restarting) between the check and the kill
+            alive = False
+        log.append({"t": time.perf_counter(), "host": i, "pid": pids[i], "sent": alive})
+        if alive:
+            say(f"killed env host {i} (pid {pids[i]})")
+
+
+def bench_soak(out_dir: Path, config: str = "ppo_lag/FunctionEnv-v0", steps: int = 2_000_000,
+               kill_every: float = 10.0, seed: int = 0, hosts: int = 2, episodes: int = 10,
+               overrides: list[str] | None = None, console=None) -> dict:
+    """``saferl bench soak``: a long training run while a background thread SIGKILLs a random env
+    host every ``kill_every`` seconds. Ray restarts each host, the coordinator retries the
+    iteration; the run must reach its budget with one metrics row per iteration and a final
+    checkpoint that loads and evaluates. The hosts must run on this machine (a local Ray)."""
+    import random
+    import threading
+
+    import pandas as pd
+
+    from saferl.cluster import rundir
+    from saferl.cluster.coordinator import Coordinator
+    from saferl.cluster.evaluate import evaluate
+    from saferl.config import CONFIG_DIR, ConfigError
+
+    say = console.print if console else print
+    if kill_every <= 0:
+        raise ConfigError(f"usage error: --kill-every must be > 0 seconds (got {kill_every:g})")
+    path = Path(config) if Path(config).is_file() else CONFIG_DIR / f"{config}.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(path, [f"total_env_steps={steps}", f"seed={seed}", f"resources.num_env_hosts={hosts}",
+                                 "resources.max_actor_restarts=-1",  # a host may be killed any number of times
+                                 "schedule.log_every=1", f"run_root={tmp}", *(overrides or [])])
+        if not cfg.algo_spec.uses_env_hosts:
+            raise ConfigError(f"usage error: saferl bench soak kills env hosts; {cfg.algo} has none")
+        started = _connect(cfg)
+        try:
+            coord = Coordinator(cfg, rundir.new_run_dir(cfg), console=console)
+            kills, stop, attempts, collect = [], threading.Event(), [], coord._collect
+            coord._collect = lambda: (attempts.append(1), collect())[1]  # a kill mid-call fails an attempt
+            try:
+                here = ray.get_runtime_context().get_node_id()
+                if set(ray.get([h.node_id.remote() for h in coord.hosts])) != {here}:
+                    raise ConfigError("usage error: saferl bench soak kills env-host processes on this "
+                                      "machine: run it on a local Ray (unset RAY_ADDRESS)")
+                killer = threading.Thread(target=_kill_hosts, daemon=True,
+                                          args=(coord, kill_every, random.Random(seed), stop, kills, say))
+                t = time.perf_counter()
+                killer.start()
+                try:
+                    coord.run()
+                finally:
+                    stop.set()
+                    killer.join()
+                wall = time.perf_counter() - t
+                state, run_dir = coord.state, coord.run_dir
+            finally:
+                coord.close()
+            rows = pd.read_csv(run_dir / "metrics.csv")["iteration"].tolist()
+            ckpt = rundir.load_checkpoint(run_dir, cfg)
+            ev = evaluate(run_dir, episodes)
+        finally:
+            if started:
+                ray.shutdown()
+    sent = [k for k in kills if k["sent"]]
+    result = {"algo": cfg.algo, "task": cfg.task, "seed": seed, "env_hosts": hosts,
+              "envs_per_host": cfg.resources.envs_per_host, "kill_every_s": kill_every,
+              "env_steps": state.env_steps, "iterations": state.iteration,
+              "iterations_planned": coord.total_iterations(), "kills_sent": len(sent),
+              "kills_missed": len(kills) - len(sent), "restarts": state.restarts,
+              "attempts_retried": len(attempts) - state.iteration, "wall_s": round(wall, 1),
+              "steps_per_s": round(state.env_steps / wall, 1),
+              "metrics_rows_ok": rows == list(range(1, state.iteration + 1)),
+              "checkpoint_iteration": ckpt["schedule"]["iteration"], "checkpoint_restarts": ckpt["schedule"]["restarts"],
+              "eval_episodes": ev["episodes"], "eval_return": round(ev["return_mean"], 3),
+              "eval_cost": round(ev["cost_mean"], 3), "cost_limit": cfg.limit}
+    say(f"soak {cfg.algo} on {cfg.task}: {result['iterations']}/{result['iterations_planned']} iterations, "
+        f"{result['env_steps']} env steps in {wall:.0f} s; {len(sent)} kills sent, {state.restarts} restarts counted, "
+        f"{result['attempts_retried']} attempts retried; "
+        f"metrics rows {'ok' if result['metrics_rows_ok'] else 'WRONG'}; final checkpoint (it "
+        f"{result['checkpoint_iteration']}) evaluated: return {ev['return_mean']:.2f}, cost {ev['cost_mean']:.2f}")
+    _write(out_dir, "soak", [result], ["setup", "kill every s", "iterations", "env steps", "wall s", "kills sent",
+                                       "restarts counted", "attempts retried", "one metrics row per iteration", "eval return / cost"],
+           lambda r: [f"{r['algo']} on {r['task']} ({r['env_hosts']} hosts × {r['envs_per_host']} envs, seed {r['seed']})",
+                      f"{r['kill_every_s']:g}", f"{r['iterations']} / {r['iterations_planned']}", r["env_steps"],
+                      f"{r['wall_s']:.0f}", r["kills_sent"], r["restarts"], r["attempts_retried"], "yes" if r["metrics_rows_ok"] else "NO",
+                      f"{r['eval_return']:.2f} / {r['eval_cost']:.2f} (limit {r['cost_limit']:g})"], say,
+           title=f"saferl bench soak: a random env host SIGKILLed every {kill_every:g} s during training")
+    return result

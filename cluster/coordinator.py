@@ -29,6 +29,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from saferl.actors.env_host import EnvDataError, EnvHost, make_vec_env
+from saferl.actors import inference
 from saferl.actors.gradient_worker import GradientWorker, ModelGradientWorker, make_diff_env
 from saferl.actors.learner import LearnerActor
 from saferl.actors.replay import ReplayBuffer
@@ -40,10 +41,12 @@ from saferl.learners.base import EnvSpec
 
 HEALTH_TIMEOUT_S = 5.0  # an actor that does not answer a ping in this long counts as not alive
 # Faults: a dead env host / gradient worker / world model is restarted by Ray
-# (resources.max_actor_restarts); the coordinator restores it and retries the iteration.
-ITERATION_ATTEMPTS = 4  # attempts of one iteration before the run fails
-RESTART_TIMEOUT_S = 120.0  # how long a restarting actor may take to answer again
-ACTOR_ERRORS = (ray.exceptions.RayActorError,)  # includes ActorDiedError, ActorUnavailableError
+# (resources.max_actor_restarts); the coordinator restores it and retries the iteration, at most
+# resources.iteration_attempts times, waiting up to resources.restart_timeout_s for restarts.
+# An actor died or is unreachable (ActorDiedError, ActorUnavailableError), or a batch it made was
+# lost with its node: the task consuming it fails fetching it, before running (ObjectLostError and
+# subclasses, raised as RayTaskError(ObjectReconstructionFailedError)), so the attempt can be retried.
+ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 
 
 @dataclass
@@ -101,6 +104,13 @@ def env_error(err: BaseException) -> ConfigError | None:
     return ConfigError(str(cause)) if isinstance(cause, EnvDataError) else None
 
 
+def _with_safeguard_failures(metrics: dict, summaries: list[dict]) -> dict:
+    """``health/safeguard_failures``: safeguard solves that fell back so far, over the hosts' /
+    workers' processes (a restarted one starts again from 0)."""
+    metrics["health/safeguard_failures"] = int(sum(s.get("safeguard_failures", 0) for s in summaries))
+    return metrics
+
+
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: Path, console=None, resume: dict | None = None):
         self.cfg, self.run_dir, self.console = cfg, Path(run_dir), console
@@ -112,8 +122,8 @@ class Coordinator:
         if resume:
             try:
                 ray.get(self.learner.load_state_dict.remote(resume["learner"]))
-                if self.kind == "gradient":
-                    ray.get([w.set_state.remote(sd) for w, sd in zip(self.hosts, resume["workers"])])
+                if self.kind == "gradient" or resume.get("workers"):  # env hosts' states, where they have one
+                    ray.get([w.set_state.remote(sd) for w, sd in zip(self.hosts, resume["workers"]) if sd is not None])
                 if self.world_model is not None:
                     ray.get(self.world_model.load_state_dict.remote(resume["world_model"]))
                 if resume.get("replay") is not None:
@@ -123,19 +133,24 @@ class Coordinator:
                     ray.kill(actor)
                 raise rundir.state_error(resume.get("path", "the checkpoint"), err) from None
         self.logger = MetricsLogger(self.run_dir, cfg)
-        self._episodes: list[dict] = []  # finished since the last logged row
+        self._episodes: list[dict] = resume.get("episodes", []) if resume else []  # finished since the last logged row
         self._learner: tuple[float, int] = (0.0, 0)  # this iteration's learner seconds, updates
         self._checkpointed = self.state.iteration if resume else None
 
     # -- actors ----------------------------------------------------------------------------------
     def _make_actors(self) -> None:
         cfg, res = self.cfg, self.cfg.resources
+        self.inference = None
         seed = cfg.seed * 1000 + self.state.iteration  # fresh env streams after a resume
         if cfg.algo_spec.uses_env_hosts:
             host_cls = ray.remote(EnvHost).options(**host_options(cfg), max_restarts=res.max_actor_restarts)
             self.hosts = [host_cls.remote(cfg.task, res.envs_per_host, seed, i, on_invalid=cfg.checks.on_invalid)
                           for i in range(res.num_env_hosts)]
             spec = ray.get(self.hosts[0].spec.remote())
+            if res.inference == "server":  # one batched forward for every host, on its GPU if granted
+                self.inference = ray.remote(inference.InferenceServer).options(
+                    num_cpus=1, num_gpus=res.inference_gpus, max_restarts=res.max_actor_restarts
+                ).remote(spec["act_low"], spec["act_high"], cfg.device)
         else:
             spec = self._env_spec()
         spec = EnvSpec.of(spec).model_dump()
@@ -193,10 +208,19 @@ class Coordinator:
         return {k: getattr(env, k) for k in EnvSpec.model_fields if hasattr(env, k)}
 
     # -- one iteration ---------------------------------------------------------------------------
-    def _sample(self) -> tuple[dict, list]:
+    def _rollouts(self, policy) -> list:
+        """Each host's (batch, summary) refs for this iteration: the hosts act themselves, or the
+        inference server acts for all of them."""
         per_env = self.cfg.steps_per_iteration // self.n_envs
+        if self.inference is None:
+            return [h.rollout.options(num_returns=2).remote(policy, per_env) for h in self.hosts]
+        st = self.state
+        seed = int(np.random.SeedSequence([self.cfg.seed, st.iteration, st.restarts]).generate_state(1)[0])
+        return inference.rollout(self.hosts, self.inference, policy, per_env, seed)
+
+    def _sample(self) -> tuple[dict, list]:
         policy = self.learner.numpy_policy.remote()  # one object in the store, read by every host
-        refs = [h.rollout.options(num_returns=2).remote(policy, per_env) for h in self.hosts]
+        refs = self._rollouts(policy)
         update = self.learner.update.remote([b for b, _ in refs])
         return self._host_summaries(self._timed_update(update, [s for _, s in refs]), refs)
 
@@ -204,10 +228,9 @@ class Coordinator:
         """Uniform actions until ``warmup_steps``; then utd × (steps this iteration) minibatches,
         drawn after this iteration's transitions are in (Ray runs an actor's calls in order)."""
         st, o = self.state, self.offpolicy
-        per_env = self.cfg.steps_per_iteration // self.n_envs
         warm = st.env_steps < o["warmup_steps"]
         policy = {"uniform": True, "act_dim": self.act_dim} if warm else self.learner.numpy_policy.remote()
-        refs = [h.rollout.options(num_returns=2).remote(policy, per_env) for h in self.hosts]
+        refs = self._rollouts(policy)
         size = self.replay.add.remote(*[b for b, _ in refs])
         replay_size = ray.get(size)  # a dead host fails the iteration before any update
         metrics = {}
@@ -224,10 +247,12 @@ class Coordinator:
     def _host_summaries(self, metrics: dict, refs: list) -> tuple[dict, list]:
         summaries = ray.get([s for _, s in refs])
         metrics["time/host_inference_s"] = float(np.mean([s["inference_s"] for s in summaries]))
+        if self.inference is not None:
+            metrics["time/server_inference_s"] = ray.get(self.inference.stats.remote())["inference_s"]
         metrics["time/host_env_s"] = float(np.mean([s["env_s"] for s in summaries]))
         metrics["health/skipped_episodes"] = int(sum(s.get("skipped_episodes", 0) for s in summaries))
         metrics["health/clipped_action_frac"] = float(np.mean([s.get("clipped_action_frac", 0.0) for s in summaries]))
-        return metrics, [ep for s in summaries for ep in s["episodes"]]
+        return _with_safeguard_failures(metrics, summaries), [ep for s in summaries for ep in s["episodes"]]
 
     def _gradients(self) -> tuple[dict, list]:
         weights = self.learner.policy_state.remote()
@@ -236,7 +261,7 @@ class Coordinator:
         update = self.learner.update.remote([r for r, _ in refs])
         metrics = self._timed_update(update, [s for _, s in refs])
         summaries = ray.get([s for _, s in refs])
-        return metrics, [ep for s in summaries for ep in s["episodes"]]
+        return _with_safeguard_failures(metrics, summaries), [ep for s in summaries for ep in s["episodes"]]
 
     def _model_gradients(self) -> tuple[dict, list]:
         """Algorithm 3: real window -> world model data (and fit, when scheduled) -> gradients
@@ -287,20 +312,32 @@ class Coordinator:
 
     # -- faults: restarted actors ----------------------------------------------------------------
     def _restorable(self) -> list:
-        """The actors Ray restarts and the coordinator restores (not the learner or replay)."""
-        return [*self.hosts, *([self.world_model] if self.world_model is not None else [])]
+        """The actors Ray restarts and the coordinator restores (not the learner or replay). The
+        inference server is counted but needs nothing back: it gets the weights every iteration."""
+        return [*self.hosts, *[a for a in (self.world_model, self.inference) if a is not None]]
 
     def _pids(self) -> list[int]:
-        """The restorable actors' process ids; waits for restarting ones to answer again."""
-        last = None
-        for _ in range(5):  # a call sent before a death was noticed fails; the next one waits
+        """The restorable actors' process ids; waits for restarting ones to answer again. A call
+        sent before a death was noticed fails and the next one waits. An actor on a lost node is
+        *unavailable* (unreachable, not yet known dead) until Ray notices the node is gone, seconds
+        later: those calls are retried until ``resources.restart_timeout_s``."""
+        res = self.cfg.resources
+        deadline, died, last = time.monotonic() + res.restart_timeout_s, 0, None
+        while died < 5 and time.monotonic() < deadline:
             try:
-                return ray.get([a.pid.remote() for a in self._restorable()], timeout=RESTART_TIMEOUT_S)
+                return ray.get([a.pid.remote() for a in self._restorable()],
+                               timeout=max(deadline - time.monotonic(), 0.1))
+            except ray.exceptions.GetTimeoutError as err:
+                last = err
+                break
             except ACTOR_ERRORS as err:
                 last = err
+                died += not isinstance(err, ray.exceptions.ActorUnavailableError)
                 time.sleep(0.5)
-        raise RuntimeError(f"an env host / gradient worker / world model died and did not come back "
-                           f"(resources.max_actor_restarts={self.cfg.resources.max_actor_restarts}): {last}") from last
+        why = (f"was not restarted (its resources.max_actor_restarts={res.max_actor_restarts} used up?)" if died >= 5
+               else f"did not answer within resources.restart_timeout_s={res.restart_timeout_s:g}")
+        first_line = str(last).strip().splitlines()[0] if last else "timed out"
+        raise RuntimeError(f"an env host / gradient worker / world model died and {why}: {first_line}") from last
 
     def _snapshot_state(self) -> dict | None:
         """Gradient workers' episode state and the world model (weights, optimiser, data), held
@@ -332,7 +369,7 @@ class Coordinator:
         if self.cfg.algo_spec.uses_env_hosts:
             # a restarted host came back reset with its creation seed: give it a fresh stream instead
             seed = int(np.random.SeedSequence([self.cfg.seed, st.iteration, st.restarts]).generate_state(1)[0])
-            ray.get([self.hosts[i].reset.remote(seed) for i in restarted])
+            ray.get([self.hosts[i].reset.remote(seed) for i in restarted if i < len(self.hosts)])
             return
         snap = self._snapshot  # the state after the last completed iteration
         refs = [w.set_state.remote(sd) for w, sd in zip(self.hosts, snap["workers"])]
@@ -340,18 +377,51 @@ class Coordinator:
             refs.append(self.world_model.load_state_dict.remote(snap["world_model"]))
         ray.get(refs)
 
+    def _restorable_states(self) -> tuple[list, dict | None]:
+        """The hosts' / gradient workers' states and the world model's, for a checkpoint. One that
+        died since the last iteration is restarted and restored first (``_recover``), so a kill while
+        checkpointing counts as a restart instead of failing the run."""
+        err = None
+        for _ in range(self.cfg.resources.iteration_attempts):
+            try:
+                self._recover(rollback=False)
+                refs = [w.get_state.remote() for w in self.hosts]
+                if self.world_model is not None:
+                    refs.append(self.world_model.state_dict.remote())
+                out = ray.get(refs)
+                return out[:len(self.hosts)], (out[-1] if self.world_model is not None else None)
+            except ACTOR_ERRORS as e:
+                self._raise_if_unrestorable(e)
+                err = e
+        raise RuntimeError(f"checkpoint at iteration {self.state.iteration} failed "
+                           f"{self.cfg.resources.iteration_attempts} times (resources.iteration_attempts): "
+                           f"actors kept dying; last error: {str(err).strip().splitlines()[0]}") from err
+
+    def _raise_if_unrestorable(self, err: BaseException) -> None:
+        """The learner and replay buffer are not restarted (their state is the run's, saved only
+        in checkpoints): when one died (e.g. with its node), stop with the way to go on."""
+        dead = getattr(err, "actor_id", None)
+        if dead is None or isinstance(err, ray.exceptions.ActorUnavailableError):  # may come back
+            return
+        for name, actor in (("learner", self.learner), ("replay buffer", self.replay)):
+            if actor is not None and dead == actor._actor_id.hex():
+                raise RuntimeError(f"the {name} actor died (was its node lost?) and is not restarted: "
+                                   f"continue from the last checkpoint with `saferl train --resume {self.run_dir}`"
+                                   ) from err
+
     def _collect_surviving_faults(self) -> tuple[dict, list]:
         """One iteration's collection and update. When an env host, gradient worker or world
         model dies, the attempt's partial batch is discarded (the learner's update depends on every
         shard, so it never ran), the schedule state is put back, the restarted actor restored and
-        the iteration retried, at most ITERATION_ATTEMPTS times."""
-        err = None
-        for _ in range(ITERATION_ATTEMPTS):
-            self._recover(rollback=err is not None)
+        the iteration retried, at most ``resources.iteration_attempts`` times."""
+        err, attempts = None, self.cfg.resources.iteration_attempts
+        for _ in range(attempts):
             saved = copy.deepcopy(self.state)
-            try:
+            try:  # an actor may also die while being restored
+                self._recover(rollback=err is not None)
                 out = self._collect()
             except ACTOR_ERRORS as e:
+                self._raise_if_unrestorable(e)
                 err = e
                 saved.restarts = self.state.restarts
                 vars(self.state).update(vars(saved))  # in place: callers hold self.state
@@ -361,8 +431,9 @@ class Coordinator:
             except ACTOR_ERRORS:  # died just now: the next iteration restores the previous snapshot
                 pass
             return out
-        raise RuntimeError(f"iteration {self.state.iteration + 1} failed {ITERATION_ATTEMPTS} times: "
-                           f"actors kept dying; last error: {err}") from err
+        raise RuntimeError(f"iteration {self.state.iteration + 1} failed {attempts} times "
+                           f"(resources.iteration_attempts): "
+                           f"actors kept dying; last error: {str(err).strip().splitlines()[0]}") from err
 
     def iterate(self) -> dict:
         t0 = time.perf_counter()
@@ -391,7 +462,8 @@ class Coordinator:
                 "cost_limit": self.cfg.limit, "time/iteration_s": dt, "time/env_steps_per_s": steps / dt}
 
     def _actors(self) -> list:
-        return [a for a in [*self.hosts, self.learner, self.world_model, self.replay] if a is not None]
+        return [a for a in [*self.hosts, self.learner, self.world_model, self.replay, self.inference]
+                if a is not None]
 
     def _health(self) -> dict:
         """Actors answering a ping (restarts are counted by ``iterate``: health/restarts)."""
@@ -425,13 +497,14 @@ class Coordinator:
         return max(1, it)
 
     def checkpoint(self) -> Path:
+        workers, world_model = self._restorable_states()  # first: it may count a restart
         self._checkpointed = self.state.iteration
         payload = {"algo": self.cfg.algo, "task": self.cfg.task, "config": self.cfg.model_dump(mode="json"),
-                   "schedule": asdict(self.state), "learner": ray.get(self.learner.state_dict.remote())}
-        if self.kind == "gradient":  # where each shard's episodes are, so a resume continues them
-            payload["workers"] = ray.get([w.get_state.remote() for w in self.hosts])
-        if self.world_model is not None:
-            payload["world_model"] = ray.get(self.world_model.state_dict.remote())
+                   "schedule": asdict(self.state), "learner": ray.get(self.learner.state_dict.remote()),
+                   "episodes": self._episodes,  # not logged yet (log_every): the resumed run's next row has them
+                   "workers": workers}  # where each host's / shard's episodes are (None: cannot tell)
+        if world_model is not None:
+            payload["world_model"] = world_model
         if self.replay is not None and self.offpolicy["replay_in_checkpoint"]:
             payload["replay"] = ray.get(self.replay.state_dict.remote())
         return rundir.save_checkpoint(self.run_dir, self.state.iteration, payload,

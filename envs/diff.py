@@ -14,6 +14,8 @@ not spend samples on frozen states and see true episode lengths.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -82,6 +84,16 @@ class TorchVecEnv:
             self.t[done] = 0
             obs = self._obs(self.state)
         return obs, rew, cost, term, trunc, {"final_obs": final_obs, "episodes": episodes}
+
+    def get_state(self) -> dict:
+        """Everything the next steps depend on (checkpoints: a resumed run continues these episodes)."""
+        return {**copy.deepcopy({"state": self.state, "t": self.t, "stats": vars(self.stats)}),
+                "gen": self.gen.get_state()}
+
+    def set_state(self, sd: dict) -> None:
+        self.state, self.t = sd["state"], np.array(sd["t"])  # copies: Ray hands arrays over read-only
+        vars(self.stats).update({k: np.array(v) for k, v in sd["stats"].items()})
+        self.gen.set_state(sd["gen"])
 
     def reset_env(self, i: int) -> np.ndarray:
         """Start a fresh episode in env ``i`` alone, discarding its running stats (a skipped

@@ -65,6 +65,15 @@ Safeguards (all map a policy action a ∈ [−1, 1]^m into S(s)):
   leave the RCI set (measured: ~6 % of pendulum steps from uniform RCI resets, slack ≤ 0.2).
   ``linearise="state"`` linearises at the current state, which for these control-affine
   tasks is the exact next-state set (``next_set_at_state``).
+* Solver failures (issue #9): a cvxpylayers solve that raises or returns NaN/Inf, or an
+  active-set projection that does not converge, falls back per state and is counted in
+  ``SOLVER_FAILURES`` (per process, by call site; ``SafeguardedEnv.solver_failures``), with one
+  warning per call site: the zonotopic centre falls back to the orthogonal centre (eq 54) of the
+  box centre 0 (solver-free, in S, so the ray mask stays safe); the cvxpylayers projection to
+  the exact active-set projection, and a non-converged active set to the cvxpylayers QP (a
+  RuntimeError only if that fails too). States whose P, p or action are NaN/Inf (a diverged
+  simulator) give NaN, not an exception: there is no safe set to map into, and the learners'
+  guards skip the NaN gradient that follows.
 * Passthrough gradient: a_safe = a + (safe(a) − a).detach() (identity Jacobian).
 * Regulariser (eq 45): c_reg · MSE(a_safe, a) (``regulariser``).
 
@@ -77,7 +86,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import math
+from collections import Counter
 
 import torch
 
@@ -85,6 +96,27 @@ from saferl.envs.diff import DiffEnv
 
 KINDS = ("boundary_projection", "ray_mask_linear", "ray_mask_hyperbolic")
 CENTRES = ("orthogonal", "zonotopic")
+
+log = logging.getLogger(__name__)
+# States whose solve failed and took the fallback (module docstring), per process, by call site:
+# "zonotopic_centre", "cvxpylayers_projection", "active_set".
+SOLVER_FAILURES: Counter = Counter()
+
+
+def _solver_failed(site: str, n: int, why: str, fallback: str) -> None:
+    """Count ``n`` failed states at ``site``; the first failure at a site is logged once."""
+    first = SOLVER_FAILURES[site] == 0
+    SOLVER_FAILURES[site] += n
+    (log.warning if first else log.debug)("safeguard solver failure at %s (%d state(s): %s); fallback: %s "
+                                          "(counted in safeguards.SOLVER_FAILURES)", site, n, why, fallback)
+
+
+def _finite_rows(*tensors) -> torch.Tensor:
+    """[N] bool: row i of every tensor (leading dim N) is finite."""
+    ok = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        ok &= torch.isfinite(t.reshape(t.shape[0], -1)).all(-1)
+    return ok
 
 
 def _tol(dtype: torch.dtype) -> float:
@@ -401,7 +433,7 @@ def _active_set(P, p, z, tol, max_iter):
     a = z.clone()
     W = torch.zeros(N, m, dtype=torch.long, device=dev)
     Wm = torch.zeros(N, m, dtype=torch.bool, device=dev)
-    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    done = ~_finite_rows(P, p, z)  # NaN/Inf input: nothing to solve (``project_polytope`` returns NaN)
     infeasible = torch.zeros_like(done)
     subsets = [s for r in range(1, m + 1) for s in itertools.combinations(range(m + 1), r)]
     ar = torch.arange(N, device=dev)
@@ -466,15 +498,25 @@ def project_polytope(P: torch.Tensor, p: torch.Tensor, z: torch.Tensor, tol: flo
         active = (z[..., 0] < lo) | (z[..., 0] > hi)
     else:
         Pf, pf, zf = P.reshape(-1, *P.shape[-2:]), p.reshape(-1, p.shape[-1]), z.reshape(-1, m)
+        finite = _finite_rows(Pf.detach(), pf.detach(), zf.detach())
         with torch.no_grad():
             W, Wm, conv, infeasible = _active_set(Pf.detach(), pf.detach(), zf.detach(), tol, max_iter)
         ar = torch.arange(zf.shape[0], device=z.device).unsqueeze(-1)
         a, _ = _affine_projection(Pf[ar, W], pf[ar, W], Wm, zf)
+        failed = finite & ~conv & ~infeasible
+        if bool(failed.any()):  # numerically stuck: the cvxpylayers QP for those states
+            idx = failed.nonzero().squeeze(-1)
+            alt, ok = _cvxpylayers_projection(Pf[idx], pf[idx], zf[idx])
+            if not bool(ok.all()):
+                raise RuntimeError("active-set projection did not converge (and the cvxpylayers fallback failed)")
+            _solver_failed("active_set", idx.numel(), "no convergence", "cvxpylayers QP")
+            a = a.index_put((idx,), alt.to(a))
+        if not bool(finite.all()):  # no safe set to map into: NaN, not a crash
+            a = torch.where(finite.unsqueeze(-1), a, torch.full_like(a, math.nan))
+            infeasible = infeasible | ~finite
         a = a.reshape(*batch, m)
         feasible = (~infeasible).reshape(batch)
         active = Wm.any(-1).reshape(batch)
-        if not bool(conv[~infeasible].all()):
-            raise RuntimeError("active-set projection did not converge")
     if return_info:
         return a, {"feasible": feasible, "active": active}
     return a
@@ -490,14 +532,32 @@ def _projection_layer(k: int, m: int):
     return CvxpyLayer(prob, parameters=[z, P, p], variables=[a])
 
 
+def _cvxpylayers_projection(Pf, pf, zf, **solver_args):
+    """The layer's solve over a flat batch [N, k, m], [N, k], [N, m] (float64): (a [N, m], ok [N]);
+    ok is False for the states where the solver raised (all of them) or returned NaN/Inf."""
+    k, m = Pf.shape[-2:]
+    try:
+        (a,) = _projection_layer(k, m)(zf, Pf, pf, solver_args=solver_args or {"eps": 1e-10})
+    except Exception:  # noqa: BLE001 (the conic solver's failure: diffcp/SCS raise their own types)
+        return zf.new_full(zf.shape, math.nan), torch.zeros(zf.shape[0], dtype=torch.bool, device=zf.device)
+    return a, torch.isfinite(a).all(-1)
+
+
 def project_cvxpylayers(P: torch.Tensor, p: torch.Tensor, z: torch.Tensor, **solver_args):
     """The paper's boundary projection: the QP as a differentiable cvxpylayers layer (batched
-    over the leading dim; differentiable w.r.t. z, P, p). Slow: use with pruned rows."""
+    over the leading dim; differentiable w.r.t. z, P, p). Slow: use with pruned rows. Where the
+    solve fails (exception or NaN/Inf), the exact ``project_polytope`` of those states is used
+    and the failure counted (``SOLVER_FAILURES["cvxpylayers_projection"]``)."""
     batch, (k, m) = z.shape[:-1], P.shape[-2:]
-    layer = _projection_layer(k, m)
     Pf = P.expand(*batch, k, m).reshape(-1, k, m)
     pf = p.expand(*batch, k).reshape(-1, k)
-    (a,) = layer(z.reshape(-1, m), Pf, pf, solver_args=solver_args or {"eps": 1e-10})
+    zf = z.reshape(-1, m)
+    a, ok = _cvxpylayers_projection(Pf, pf, zf, **solver_args)
+    bad = ok.logical_not() & _finite_rows(Pf.detach(), pf.detach(), zf.detach())
+    if bool(bad.any()):
+        idx = bad.nonzero().squeeze(-1)
+        _solver_failed("cvxpylayers_projection", idx.numel(), "exception or NaN/Inf", "exact active-set projection")
+        a = a.index_put((idx,), project_polytope(Pf[idx], pf[idx], zf[idx]).to(a))
     return a.reshape(*batch, m)
 
 
@@ -595,7 +655,8 @@ def zonotopic_centre(P, p, k_rows: int = 64, seed: int = 0, **solver_args):
         return (0.5 * (lo + hi)).unsqueeze(-1)
     need = 2 * m + int(((p - P.abs().sum(-1))[..., 2 * m:] < 0).sum(-1).max())  # box-cutting rows
     Pk, pk, exact = prune_polytope(P, p, min(k_rows, -(-need // 16) * 16))  # (cost grows with k)
-    if not bool(exact.all()):
+    finite = torch.isfinite(P).all(-1).all(-1) & torch.isfinite(p).all(-1)
+    if not bool((exact | ~finite).all()):  # (NaN/Inf states: NaN centre, below)
         raise ValueError(f"k_rows={k_rows} does not keep every non-redundant row; raise it")
     pad = -Pk.shape[-2] % 16  # fewer rows than asked for: pad with 0·a ≤ 1 (one layer per k)
     if pad > 0:
@@ -605,8 +666,27 @@ def zonotopic_centre(P, p, k_rows: int = 64, seed: int = 0, **solver_args):
     batch = pk.shape[:-1]
     layer = _zonotope_layer(Pk.shape[-2], m, 2 * m)
     Pf, pf = Pk.reshape(-1, *Pk.shape[-2:]), pk.reshape(-1, pk.shape[-1])
-    c, _ = layer(Pf, (Pf @ D).abs(), pf, solver_args=solver_args or {"eps": 1e-9})
-    return c.reshape(*batch, m).to(P.dtype)  # (the layer solves in float64)
+    try:
+        c, _ = layer(Pf, (Pf @ D).abs(), pf, solver_args=solver_args or {"eps": 1e-9})
+        c = c.to(P.dtype)  # (the layer solves in float64)
+        ok = torch.isfinite(c).all(-1)
+    except Exception:  # noqa: BLE001 (the conic solver's failure: diffcp/SCS raise their own types)
+        c = Pf.new_full((Pf.shape[0], m), math.nan)
+        ok = torch.zeros(Pf.shape[0], dtype=torch.bool, device=P.device)
+    bad = ok.logical_not() & _finite_rows(Pf.detach(), pf.detach())
+    if bool(bad.any()):
+        idx = bad.nonzero().squeeze(-1)
+        _solver_failed("zonotopic_centre", idx.numel(), "exception or NaN/Inf", "orthogonal centre of the box centre")
+        c = c.index_put((idx,), fallback_centre(Pf[idx], pf[idx]).to(c))
+    return c.reshape(*batch, m)
+
+
+def fallback_centre(P, p):
+    """A safe centre without a conic solve: the orthogonal centre (eq 54) of the box centre 0,
+    or 0 itself where it is safe. In S wherever S is non-empty (differentiable: closed forms)."""
+    zero = p.new_zeros(*p.shape[:-1], P.shape[-1])
+    c, _, unsafe = orthogonal_centre(P, p, zero)
+    return torch.where(unsafe.unsqueeze(-1), c, zero)
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,6 +753,11 @@ class SafeguardedEnv(DiffEnv):
         self.obs_dim, self.act_dim = env.obs_dim, env.act_dim
         self.max_episode_steps = env.max_episode_steps
         self.act_low, self.act_high = env.act_low, env.act_high
+
+    @property
+    def solver_failures(self) -> int:
+        """States whose safeguard solve failed and fell back, in this process (``SOLVER_FAILURES``)."""
+        return sum(SOLVER_FAILURES.values())
 
     def initial_state(self, n, generator):
         return self.env.initial_state(n, generator)

@@ -45,29 +45,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def guarded_step(opt: torch.optim.Optimizer, params, max_grad_norm: float | None = None) -> bool:
+    """Clip (``max_grad_norm``) and take ``opt``'s step on the gradients already in ``.grad``,
+    unless one of them is NaN/Inf: then the grads are cleared, nothing moves, and it returns
+    False. The check ``Learner.descend`` and ``Learner.step_grads`` share (also used by the
+    world model's fit, which is no Learner)."""
+    params = [p for p in params if p.grad is not None]
+    if max_grad_norm is not None:
+        ok = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
+    else:
+        ok = all(bool(torch.isfinite(p.grad).all()) for p in params)
+    if not ok:
+        opt.zero_grad()
+        return False
+    opt.step()
+    return True
+
+
 class Learner:
     Params = Params
     skipped_updates = 0  # optimiser steps refused for a NaN/Inf loss or gradient (``descend``)
+    solver_failures = 0  # inner solves (e.g. CVPO's E-step dual) that failed and fell back
 
     def descend(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float | None = None) -> bool:
         """The guarded optimiser step: zero grads, backward, clip (``max_grad_norm``), step. A
         NaN/Inf loss or gradient skips the step (parameters and optimiser state untouched, grads
         cleared), counts it in ``skipped_updates`` (``health/skipped_updates``) and returns False."""
         opt.zero_grad()
-        ok = bool(torch.isfinite(loss).all())
-        if ok:
-            loss.backward()
-            params = [p for p in params if p.grad is not None]
-            if max_grad_norm is not None:
-                ok = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
-            else:
-                ok = all(bool(torch.isfinite(p.grad).all()) for p in params)
-        if not ok:
-            opt.zero_grad()
+        if not bool(torch.isfinite(loss).all()):
             self.skipped_updates += 1
             return False
-        opt.step()
-        return True
+        loss.backward()
+        return self.step_grads(opt, params, max_grad_norm)
+
+    def step_grads(self, opt: torch.optim.Optimizer, params, max_grad_norm: float | None = None) -> bool:
+        """``descend`` for gradients set by hand (the analytic-gradient learners write −(g − λq)
+        into ``.grad``): the same clip, NaN/Inf check, skip and count."""
+        if guarded_step(opt, params, max_grad_norm):
+            return True
+        self.skipped_updates += 1
+        return False
 
     def __init__(self, params, env: EnvSpec, cost_limit: float, device: torch.device, seed: int):
         self.p, self.env, self.cost_limit, self.device = params, env, cost_limit, device

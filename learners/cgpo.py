@@ -51,6 +51,9 @@ class CGPO(WindowLearner):
             out.update(reduction_ratio=rho, toleration_ratio=zeta)
         g, q = np.asarray(est["g"], np.float64), np.asarray(est["q"], np.float64)
         delta, info = solve_subproblem(g, q, est["j_c"] - self.cost_limit, self.radius_sq)
+        if not np.isfinite(delta).all():  # never for finite inputs (cgpo_math); kept as the last guard
+            self.skipped_updates += 1
+            return {**out, **self.skip_policy_step(est)}
         theta = flat_params(self.policy)
         set_flat_params(self.policy, theta + torch.as_tensor(delta, dtype=theta.dtype, device=theta.device))
         self.prediction = {"j_r": est["j_r"], "pred_r": est["j_r"] + float(g @ delta),
@@ -59,6 +62,12 @@ class CGPO(WindowLearner):
                    case={"a": 0, "b": 1, "c": 2}[info["case"]], dual_lambda=info["lam"] or 0.0,
                    dual_nu=info["nu"] or 0.0)
         return out
+
+    def skip_policy_step(self, est: dict) -> dict:
+        """Non-finite g, q or Ĵ (``WindowLearner.update`` counts it): no step, so θ_{k+1} = θ_k and
+        there is no prediction to test at the next iteration; δ̂ is kept."""
+        self.prediction = None
+        return {"radius_sq": self.radius_sq, "step_norm": 0.0}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "radius_sq": self.radius_sq, "prediction": self.prediction}

@@ -61,7 +61,7 @@ class CUP(PPOLag):
         p, norm = self.p, self.policy.normalised
         adv_r, ret_r = advantages(self.v_r, norm, batch, "reward", p.gamma, p.lam)
         adv_c, ret_c = advantages(self.v_c, norm, batch, "cost", p.cost_gamma, p.cost_lam)
-        self._adv_c = (adv_c - adv_c.mean()).reshape(-1)
+        self._adv_c = adv_c - adv_c.mean()
         return lagrangian_advantage(adv_r, adv_c, 0.0), ret_r, ret_c
 
     def after_policy_epochs(self, obs: torch.Tensor, act: torch.Tensor, logp_old: torch.Tensor) -> dict:
@@ -83,10 +83,7 @@ class CUP(PPOLag):
                 half_i = torch.distributions.Normal(half.loc[idx], half.scale[idx])
                 loss = cup_projection_loss(dist, half_i, dist.log_prob(act[idx]).sum(-1), logp_old[idx],
                                            adv_c[idx], weight)
-                self.pi_opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
-                self.pi_opt.step()
+                self.descend(self.pi_opt, loss, self.policy.parameters(), p.max_grad_norm)  # NaN: skipped, counted
                 losses.append(loss.item())
             with torch.no_grad():
                 kl = mean_kl(half, self.policy.dist(obs)).item()

@@ -24,6 +24,11 @@ by tanh into the action box; the reference code bounds the mean with a sigmoid i
 the env clip samples). The E-step uses the target critics and target policy, as the reference
 code does. Table 1's values are the defaults: [256, 256] ReLU, γ 0.99, ρ 0.995, B 300, critic
 lr 1e-3, K 32, M 6, α_θ 0.002, α_μ 1, α_Σ 100, ε2 0.1, ε_μ 1e-3, ε_Σ 1e-4.
+
+Numerical trouble (issue #9): critic and M-steps go through ``Learner.descend`` (a NaN/Inf loss
+or gradient is skipped and counted in ``health/skipped_updates``; a skipped M-step also keeps
+β_μ, β_Σ); an E-step whose SLSQP solve raises, or whose particle values or solution are NaN/Inf,
+keeps the previous (warm-start) η, λ and is counted in ``health/solver_failures``.
 """
 from __future__ import annotations
 
@@ -88,11 +93,33 @@ def estep_dual(x_r: np.ndarray, x_c: np.ndarray, eps1: float, eps2: float):
 
 def solve_estep(x_r: np.ndarray, x_c: np.ndarray, eps1: float, eps2: float, init: tuple[float, float],
                 bounds: tuple[float, float]) -> tuple[float, float, bool]:
-    """(η*, λ*, converged) by SLSQP from ``init`` (the reference code's solver and bounds)."""
-    res = minimize(estep_dual(x_r, x_c, eps1, eps2), np.asarray(init, np.float64), jac=True, method="SLSQP",
-                   bounds=[bounds, bounds], options={"maxiter": 100, "ftol": 1e-10})
-    eta, lam = (float(v) for v in np.clip(res.x, *bounds))
-    return eta, lam, bool(res.success)
+    """(η*, λ*, converged) by SLSQP from ``init`` (the reference code's solver and bounds).
+
+    Guarded (issue #9): non-finite particle values, an exception in the solver, or a non-finite
+    solution or dual value return ``init`` (the warm start) with ``converged`` False; use
+    ``estep_failed`` to tell that fallback from a merely unconverged (finite) SLSQP answer."""
+    eta, lam, ok, _ = _solve_estep(x_r, x_c, eps1, eps2, init, bounds)
+    return eta, lam, ok
+
+
+def _solve_estep(x_r, x_c, eps1, eps2, init, bounds) -> tuple[float, float, bool, bool]:
+    """(η, λ, converged, failed): failed = the warm start ``init`` was returned as the fallback."""
+    init = tuple(float(v) for v in init)
+    if not (np.isfinite(x_r).all() and np.isfinite(x_c).all()):
+        return (*init, False, True)
+    g = estep_dual(x_r, x_c, eps1, eps2)
+    try:
+        with np.errstate(all="ignore"):
+            res = minimize(g, np.asarray(init, np.float64), jac=True, method="SLSQP",
+                           bounds=[bounds, bounds], options={"maxiter": 100, "ftol": 1e-10})
+            x = np.clip(res.x, *bounds)
+            finite = bool(np.isfinite(x).all()) and bool(np.isfinite(g(x)[0]))
+    except (ValueError, ArithmeticError, np.linalg.LinAlgError):
+        return (*init, False, True)
+    if not finite:
+        return (*init, False, True)
+    eta, lam = (float(v) for v in x)
+    return eta, lam, bool(res.success), False
 
 
 def per_step_threshold(limit: float, gamma: float, horizon: int) -> float:
@@ -133,6 +160,10 @@ class CVPO(OffPolicyLearner):
         self.eta = self.lam = p.dual_init
         self.beta_mean = self.beta_cov = 0.0
 
+    def update(self, batches: list[dict], clock: dict | None = None) -> dict:
+        failures = self.solver_failures
+        return {**super().update(batches, clock), "health/solver_failures": self.solver_failures - failures}
+
     def dual_metrics(self) -> dict:
         return {"lagrange_multiplier": self.lam, "cvpo/eta": self.eta, "cvpo/beta_mean": self.beta_mean,
                 "cvpo/beta_cov": self.beta_cov, "cvpo/eps1": self.eps1}
@@ -158,8 +189,9 @@ class CVPO(OffPolicyLearner):
         a = torch.tanh(u).reshape(bsz * k, -1)
         x_r = self.q_r_target(s, a).min(0).values.reshape(bsz, k)
         x_c = self.q_c_target(s, a)[0].reshape(bsz, k)
-        eta, lam, ok = solve_estep(x_r.double().cpu().numpy(), x_c.double().cpu().numpy(), self.eps1, p.kl_estep,
-                                   (self.eta, self.lam), p.dual_bounds)
+        eta, lam, ok, failed = _solve_estep(x_r.double().cpu().numpy(), x_c.double().cpu().numpy(), self.eps1,
+                                            p.kl_estep, (self.eta, self.lam), p.dual_bounds)
+        self.solver_failures += failed  # the warm-start duals are kept (health/solver_failures)
         self.eta, self.lam = eta, lam
         weights = torch.softmax((x_r - lam * x_c) / eta, dim=1)
         kl_q = (weights * torch.log(weights * k + 1e-12)).sum(1).mean().item()
@@ -178,15 +210,13 @@ class CVPO(OffPolicyLearner):
             pi_sigma = torch.distributions.MultivariateNormal(mu_old, scale_tril=tril)
             loglik = (weights.T * (pi_mu.log_prob(u_k) + pi_sigma.log_prob(u_k))).sum(0).mean()
             c_mu, c_sigma = (c.mean() for c in decoupled_kl(mu_old, tril_old, mu, tril))
-            self.beta_mean = float(np.clip(self.beta_mean - p.beta_mean_lr * (p.kl_mean - c_mu.item()),
-                                           0.0, p.beta_mean_max))
-            self.beta_cov = float(np.clip(self.beta_cov - p.beta_cov_lr * (p.kl_cov - c_sigma.item()),
-                                          0.0, p.beta_cov_max))
-            loss = -(loglik + self.beta_mean * (p.kl_mean - c_mu) + self.beta_cov * (p.kl_cov - c_sigma))
-            self.pi_opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.policy_grad_norm)
-            self.pi_opt.step()
+            beta_mean = float(np.clip(self.beta_mean - p.beta_mean_lr * (p.kl_mean - c_mu.item()),
+                                      0.0, p.beta_mean_max))
+            beta_cov = float(np.clip(self.beta_cov - p.beta_cov_lr * (p.kl_cov - c_sigma.item()),
+                                     0.0, p.beta_cov_max))
+            loss = -(loglik + beta_mean * (p.kl_mean - c_mu) + beta_cov * (p.kl_cov - c_sigma))
+            if self.descend(self.pi_opt, loss, self.policy.parameters(), p.policy_grad_norm):
+                self.beta_mean, self.beta_cov = beta_mean, beta_cov  # a skipped (NaN) step keeps β_μ, β_Σ too
         return {"loss_pi": loss.item(), "cvpo/kl_mean": c_mu.item(), "cvpo/kl_cov": c_sigma.item(),
                 "entropy": self.policy.dist(obs).entropy().mean().item()}
 

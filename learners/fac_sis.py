@@ -113,11 +113,9 @@ class FACSIS(OffPolicyLearner):
             for group in opt.param_groups:
                 group["lr"] = lo + (hi - lo) * frac
 
-    def _clipped_step(self, opt, loss, params) -> None:
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, self.p.grad_clip)
-        opt.step()
+    def _clipped_step(self, opt, loss, params) -> bool:
+        """eq 10's clipped step through ``descend``: a NaN/Inf loss or gradient is skipped and counted."""
+        return self.descend(opt, loss, params, self.p.grad_clip)
 
     def step(self, b: dict, due: set[str] = frozenset(STEP_PHASES)) -> dict:
         p, alpha = self.p, self.log_alpha.exp().detach()
@@ -144,14 +142,15 @@ class FACSIS(OffPolicyLearner):
             self._clipped_step(self.lam_opt, loss_lam, list(self.multiplier_net.parameters()))
         if "safety_index" in due and p.learn_index:
             loss_index = (lam.detach() * torch.relu(self.index.delta(b["obs"], b["next_obs"]))).mean()
-            self._clipped_step(self.index_opt, loss_index, list(self.index.parameters()))
-            self.index.project()
+            if self._clipped_step(self.index_opt, loss_index, list(self.index.parameters())):
+                self.index.project()
             out["loss_index"] = loss_index.item()
         for name in due:
             self.counts[name] += 1
         polyak(self.q_r_target, self.q_r, p.tau)
         polyak(self.q_c_target, self.q_c, p.tau)
-        self.last_lambda = lam.mean().item()
+        if torch.isfinite(lam).all():  # a NaN batch leaves the logged λ as it was
+            self.last_lambda = lam.mean().item()
         return {**out, "alpha": alpha.item(), "fac/q_phi": q_phi.mean().item()}
 
     def dual_metrics(self) -> dict:

@@ -42,7 +42,7 @@ from pydantic import Field
 
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams
-from saferl.learners.ppo_lag import PPOLag, advantages, assemble, standardise
+from saferl.learners.ppo_lag import PPOLag, advantages, assemble, flat, standardise
 from saferl.learners.trust_region import detached
 
 
@@ -88,15 +88,14 @@ class FOCOPS(PPOLag):
     Params = FOCOPSParams
 
     def update(self, batches: list[dict]) -> dict:
-        p, dev, d = self.p, self.device, self.env
+        p, dev = self.p, self.device
         batch = assemble(batches, dev)
         norm = self.policy.normalised
         adv_r, ret_r = advantages(self.v_r, norm, batch, "reward", p.gamma, p.lam)
         adv_c, ret_c = advantages(self.v_c, norm, batch, "cost", p.cost_gamma, p.cost_lam)
         nu = self.multiplier.value
-        adv = focops_advantage(adv_r, adv_c, nu).reshape(-1)
-        obs, act = batch["obs"].reshape(-1, d.obs_dim), batch["act"].reshape(-1, d.act_dim)
-        ret_r, ret_c = ret_r.reshape(-1), ret_c.reshape(-1)
+        adv = focops_advantage(adv_r, adv_c, nu)
+        obs, act = flat(batch, batch["obs"]), flat(batch, batch["act"])
         with torch.no_grad():
             old = detached(self.policy.dist(obs))  # π_θk
             logp_old = old.log_prob(act).sum(-1)
@@ -111,10 +110,12 @@ class FOCOPS(PPOLag):
         def epoch_kl():
             return torch.distributions.kl_divergence(self.policy.dist(obs), old).sum(-1).mean().item()
 
+        skipped = self.skipped_updates
         stats, epochs_run = self.policy_epochs(obs, ret_r, ret_c, minibatch_loss, epoch_kl)
         if self.policy.norm is not None:  # statistics for the next rollout, after this update
-            self.policy.norm.update(batch["obs"])
+            self.policy.norm.update(obs)
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out.update(epochs=epochs_run, std=self.policy.log_std.exp().mean().item(), lagrange_multiplier=nu,
                    final_kl=stats["kl"][-1])
+        out["health/skipped_updates"] = self.skipped_updates - skipped  # NaN/Inf steps refused by ``descend``
         return out

@@ -46,21 +46,32 @@ class PPOLagParams(base.Params):
 
 def assemble(batches: list[dict], device: torch.device) -> dict:
     """Concatenate host batches along the env axis; build next_obs [T, N, d] with the final
-    observation of ended episodes substituted (the stored next obs is already a reset)."""
+    observation of ended episodes substituted (the stored next obs is already a reset).
+    ``valid`` [T, N] is False on the steps of episodes the hosts skipped for NaN/Inf data (zeroed,
+    terminated): GAE runs on the whole grid, then ``flat`` drops them from everything trained on."""
     out = {}
-    for key in ("obs", "act", "logp", "reward", "cost", "terminated", "truncated"):
-        out[key] = torch.as_tensor(np.concatenate([b[key] for b in batches], axis=1), device=device)
+    for key in ("obs", "act", "logp", "reward", "cost", "terminated", "truncated", "valid"):
+        arrays = [b[key] if key != "valid" or key in b else np.ones(b["reward"].shape, bool) for b in batches]
+        out[key] = torch.as_tensor(np.concatenate(arrays, axis=1), device=device)
     nxt = np.concatenate([next_observations(b) for b in batches], axis=1)
     out["next_obs"] = torch.as_tensor(nxt, device=device)
     out["end"] = out["terminated"] | out["truncated"]
     return out
 
 
+def flat(batch: dict, x: torch.Tensor) -> torch.Tensor:
+    """[T, N, ...] -> [M, ...]: the valid steps, in row-major order (all of them in a batch
+    without a ``valid`` mask)."""
+    return x[batch["valid"]] if "valid" in batch else x.reshape(-1, *x.shape[2:])
+
+
 @torch.no_grad()
 def advantages(critic: torch.nn.Module, norm, batch: dict, signal: str, gamma: float, lam: float):
+    """GAE advantages and value targets of ``signal``, flat over the valid steps ([M] each)."""
     v = critic(norm(batch["obs"])).squeeze(-1)
     v_next = critic(norm(batch["next_obs"])).squeeze(-1) * (~batch["terminated"])
-    return gae(batch[signal], v, v_next, batch["end"], gamma, lam)
+    adv, ret = gae(batch[signal], v, v_next, batch["end"], gamma, lam)
+    return flat(batch, adv), flat(batch, ret)
 
 
 def standardise(x: torch.Tensor) -> torch.Tensor:
@@ -116,10 +127,7 @@ class PPOLag(ActorCritic):
         batch = assemble(batches, dev)
         lam = self.multiplier.value
         adv, ret_r, ret_c = self.policy_advantages(batch)
-        adv = adv.reshape(-1)
-        obs = batch["obs"].reshape(-1, self.env.obs_dim)
-        act, logp_old = batch["act"].reshape(-1, self.env.act_dim), batch["logp"].reshape(-1)
-        ret_r, ret_c = ret_r.reshape(-1), ret_c.reshape(-1)
+        obs, act, logp_old = flat(batch, batch["obs"]), flat(batch, batch["act"]), flat(batch, batch["logp"])
 
         def minibatch_loss(idx):
             dist = self.policy.dist(obs[idx])
@@ -135,7 +143,7 @@ class PPOLag(ActorCritic):
         stats, epochs_run = self.policy_epochs(obs, ret_r, ret_c, minibatch_loss, epoch_kl)
         extra = self.after_policy_epochs(obs, act, logp_old)
         if self.policy.norm is not None:  # statistics for the next rollout, after this update
-            self.policy.norm.update(batch["obs"])
+            self.policy.norm.update(obs)
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out.update(epochs=epochs_run, std=self.policy.log_std.exp().mean().item(),
                    lagrange_multiplier=lam, **extra)
@@ -163,7 +171,7 @@ class PPOLag(ActorCritic):
         return stats, epoch + 1
 
     def policy_advantages(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Â for the clipped surrogate, reward value targets R̂, cost value targets Ĉ), each [T, N].
+        """(Â for the clipped surrogate, reward value targets R̂, cost value targets Ĉ), each flat [M].
         PPO-Lag: Â = ``lagrangian_advantage(Â_R, Â_C, λ)``; RCPO and CUP override this."""
         p, norm = self.p, self.policy.normalised
         adv_r, ret_r = advantages(self.v_r, norm, batch, "reward", p.gamma, p.lam)

@@ -37,7 +37,7 @@ class RCPOParams(PPOLagParams):
 
 def penalised_advantages(critic: torch.nn.Module, norm, batch: dict, lam: float, gamma: float,
                          gae_lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE of the penalised reward r − λc with the penalised critic V̂(λ, ·): (Â, value targets), [T, N]."""
+    """GAE of the penalised reward r − λc with the penalised critic V̂(λ, ·): (Â, value targets), flat [M]."""
     return advantages(critic, norm, {**batch, "penalised": batch["reward"] - lam * batch["cost"]},
                       "penalised", gamma, gae_lam)
 

@@ -101,16 +101,32 @@ class WindowLearner(base.Learner):
 
     # -- the update --------------------------------------------------------------------------
     def update(self, results: list[dict]) -> dict:
+        """Policy step, critic fit, observation statistics. Guarded (issue #9): a NaN/Inf combined
+        gradient or estimate skips the policy step (counted in ``health/skipped_updates``, the
+        policy untouched), non-finite shard moments leave the normaliser as it was, and a
+        non-finite Ĵ_C is not handed to the dual phase (the last finite one is kept)."""
+        skipped = self.skipped_updates
         est = combine(results)
-        metrics = self.policy_step(est)
+        finite = all(bool(np.isfinite(est[k]).all()) for k in ("g", "q", "j_r", "j_c"))
+        if finite:
+            metrics = self.policy_step(est)
+        else:
+            self.skipped_updates += 1
+            metrics = self.skip_policy_step(est)
         if self.critics is not None:
             metrics.update(self.fit_critics(results))
-        if self.policy.norm is not None:
+        moments_finite = all(np.isfinite(r["obs_mean"]).all() and np.isfinite(r["obs_var"]).all() for r in results)
+        if self.policy.norm is not None and moments_finite:
             for r in results:
                 self.policy.norm.update_moments(r["obs_count"], r["obs_mean"], r["obs_var"])
-        self.last_j_c = float(est["j_c"])
+        if np.isfinite(est["j_c"]):
+            self.last_j_c = float(est["j_c"])
         return {"l_r": float(est["l_r"]), "l_c": float(est["l_c"]), "j_r": float(est["j_r"]),
-                "j_c": float(est["j_c"]), **metrics}
+                "j_c": float(est["j_c"]), **metrics, "health/skipped_updates": self.skipped_updates - skipped}
+
+    def skip_policy_step(self, est: dict) -> dict:
+        """What a policy step refused for non-finite g, q or Ĵ reports (the policy is untouched)."""
+        return {}
 
     def fit_critics(self, results: list[dict]) -> dict:
         """Minibatch regression of V(s, t) on TD(λ) targets of the window just rolled."""
@@ -133,9 +149,7 @@ class WindowLearner(base.Learner):
         for _ in range(p.critic_iterations):
             for idx in torch.randperm(h * n, device=dev).split(p.critic_minibatch):
                 loss = sum(((c(z[idx], times[idx]) - tgt[idx]) ** 2).mean() for c, tgt in zip(self.critics, targets))
-                self.critic_opt.zero_grad()
-                loss.backward()
-                self.critic_opt.step()
+                self.descend(self.critic_opt, loss, self.critics.parameters())  # NaN: skipped, counted
                 losses.append(loss.item())
         if self.targets is not None:
             polyak(self.targets, self.critics, 1.0 - p.target_critic_alpha)
@@ -192,9 +206,12 @@ class SHACLag(WindowLearner):
         for prm in self.policy.parameters():
             prm.grad = -direction[i:i + prm.numel()].view_as(prm).clone()
             i += prm.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.p.max_grad_norm)
-        self.opt.step()
-        return {"grad_norm": float(grad_norm), "lagrange_multiplier": lam}
+        grad_norm = direction.norm().item()  # ‖g − λq‖ before clipping (what clip_grad_norm_ returned)
+        self.step_grads(self.opt, self.policy.parameters(), self.p.max_grad_norm)  # NaN/Inf (e.g. λ q overflow): skipped
+        return {"grad_norm": grad_norm, "lagrange_multiplier": lam}
+
+    def skip_policy_step(self, est: dict) -> dict:
+        return {"grad_norm": float("nan"), "lagrange_multiplier": self.multiplier.value if self.constrained else 0.0}
 
     def phase_dual(self, signals: dict) -> dict:
         if not self.constrained or self.last_j_c is None:

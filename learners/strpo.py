@@ -53,7 +53,7 @@ from pydantic import Field, field_validator
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams
 from saferl.learners.networks import GaussianPolicy, flat_grad
-from saferl.learners.ppo_lag import standardise
+from saferl.learners.ppo_lag import flat, standardise
 from saferl.learners.quantile import CVaRValue, QuantileCritic, quantile_huber_loss, return_atoms
 from saferl.learners.trpo_lag import (TRPOLag, TRPOLagParams, TrustRegionLearner, TrustRegionParams,
                                       natural_gradient_step)
@@ -86,7 +86,7 @@ class UnsafeTRPO(TrustRegionLearner):
         prep = super().prepare(batches)  # adv_c: GAE of ξ_t with V = CVaR_α (eq 4)
         if self.p.distributional:  # the quantile critic's targets replace the scalar ones
             atoms = return_atoms(self.q_c, self.policy.normalised, prep["batch"], "cost", self.p.cost_gamma)
-            prep["ret_c"] = atoms.reshape(-1, self.p.n_quantiles)
+            prep["ret_c"] = flat(prep["batch"], atoms)
         return prep
 
     def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> float:
@@ -94,9 +94,7 @@ class UnsafeTRPO(TrustRegionLearner):
             return super().critic_step(z, ret_r, ret_c)
         loss = ((self.v_r(z).squeeze(-1) - ret_r) ** 2).mean() + \
             quantile_huber_loss(self.q_c(z), ret_c, self.q_c.taus, self.p.huber_kappa)
-        self.v_opt.zero_grad()
-        loss.backward()
-        self.v_opt.step()
+        self.descend(self.v_opt, loss, [p for group in self.v_opt.param_groups for p in group["params"]])
         return loss.item()
 
     def policy_step(self, prep: dict, batches: list[dict]) -> dict:

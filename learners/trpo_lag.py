@@ -25,7 +25,7 @@ from pydantic import Field
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, make_multiplier
 from saferl.learners.networks import GaussianPolicy, flat_grad, flat_params, set_flat_params
-from saferl.learners.ppo_lag import ActorCritic, advantages, assemble, lagrangian_advantage
+from saferl.learners.ppo_lag import ActorCritic, advantages, assemble, flat, lagrangian_advantage
 from saferl.learners.trust_region import (SearchResult, backtracking_line_search, conjugate_gradient,
                                           detached, fisher_vector_product, max_step, mean_kl)
 
@@ -129,24 +129,25 @@ class TrustRegionLearner(ActorCritic):
 
     def prepare(self, batches: list[dict]) -> dict:
         """Assembled batch with flat obs/act, raw reward and cost GAE advantages and value targets."""
-        p, d = self.p, self.env
+        p = self.p
         batch = assemble(batches, self.device)
         norm = self.policy.normalised
         adv_r, ret_r = advantages(self.v_r, norm, batch, "reward", p.gamma, p.lam)
         adv_c, ret_c = advantages(self.v_c, norm, batch, "cost", p.cost_gamma, p.cost_lam)
-        return {"batch": batch, "obs": batch["obs"].reshape(-1, d.obs_dim), "act": batch["act"].reshape(-1, d.act_dim),
-                "adv_r": adv_r.reshape(-1), "adv_c": adv_c.reshape(-1),
-                "ret_r": ret_r.reshape(-1), "ret_c": ret_c.reshape(-1)}
+        return {"batch": batch, "obs": flat(batch, batch["obs"]), "act": flat(batch, batch["act"]),
+                "adv_r": adv_r, "adv_c": adv_c, "ret_r": ret_r, "ret_c": ret_c}
 
     def policy_at_k(self, prep: dict) -> PolicyAtK:
         return PolicyAtK(self.policy, prep["obs"], prep["act"], self.p.cg_damping, self.p.fvp_subsample)
 
     def update(self, batches: list[dict]) -> dict:
+        skipped = self.skipped_updates
         prep = self.prepare(batches)
         out = self.policy_step(prep, batches)
         out["loss_v"] = self.fit_critics(self.policy.normalised(prep["obs"]), prep["ret_r"], prep["ret_c"])
+        out["health/skipped_updates"] = self.skipped_updates - skipped  # critic steps refused for NaN/Inf
         if self.policy.norm is not None:  # statistics for the next rollout, after this update
-            self.policy.norm.update(prep["batch"]["obs"])
+            self.policy.norm.update(prep["obs"])
         out["std"] = self.policy.log_std.exp().mean().item()
         return out
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from saferl.envs.diff import DiffEnv
+from saferl.learners.base import guarded_step
 from saferl.learners.networks import mlp
 
 
@@ -53,12 +54,14 @@ class WorldModel(nn.Module):
 
     @torch.no_grad()
     def set_statistics(self, obs, act, next_obs, reward, cost) -> None:
+        """Freeze the standardisation at the data's moments (kept as they were if any is NaN/Inf)."""
         x = torch.cat([obs, act], -1)
         y = torch.cat([next_obs - obs, reward[:, None], cost[:, None]], -1)
-        self.in_mean.copy_(x.mean(0))
-        self.in_std.copy_(x.std(0).clamp_min(1e-6))
-        self.out_mean.copy_(y.mean(0))
-        self.out_std.copy_(y.std(0).clamp_min(1e-6))
+        stats = (x.mean(0), x.std(0).clamp_min(1e-6), y.mean(0), y.std(0).clamp_min(1e-6))
+        if not all(bool(torch.isfinite(s).all()) for s in stats):
+            return
+        for buf, s in zip((self.in_mean, self.in_std, self.out_mean, self.out_std), stats):
+            buf.copy_(s)
 
 
 class WorldModelEnv(DiffEnv):
@@ -86,22 +89,44 @@ class ReplayFit:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=p.lr)
         self.data: dict[str, np.ndarray] = {}
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.dropped = 0  # transitions refused by ``add`` for a NaN/Inf value (since the last fit)
+        self.skipped_updates = 0  # fit steps refused for a NaN/Inf loss or gradient (since the last fit)
 
     def add(self, batch: dict) -> int:
-        for k in self.KEYS:
-            arr = np.asarray(batch[k], np.float32)
+        """Append a batch of transitions; rows with a NaN/Inf value are dropped (and counted): one
+        would poison the frozen statistics and so every later fit step."""
+        arrays = {k: np.asarray(batch[k], np.float32) for k in self.KEYS}
+        n = len(arrays["obs"])
+        ok = np.ones(n, bool)
+        for arr in arrays.values():
+            ok &= np.isfinite(arr.reshape(n, -1)).all(1)
+        self.dropped += int(n - ok.sum())
+        for k, arr in arrays.items():
+            arr = arr[ok]
             self.data[k] = arr if k not in self.data else np.concatenate([self.data[k], arr])[-self.p.capacity:]
         return len(self.data["obs"])
 
     def fit(self) -> dict:
+        """The eq 85 fit; each step guarded as the learners' ``descend`` (a NaN/Inf loss or gradient
+        is skipped, the model untouched) and counted in ``world_model/skipped_updates``."""
+        dropped, self.dropped = self.dropped, 0
+        n = len(self.data.get("obs", ()))
+        if n == 0:  # nothing (finite) to fit yet
+            return {"world_model/transitions": 0, "world_model/dropped_transitions": dropped,
+                    "world_model/skipped_updates": 0}
         tensors = [torch.tensor(self.data[k], device=self.device) for k in self.KEYS]
         self.model.set_statistics(*tensors)
-        n, losses = tensors[0].shape[0], []
+        losses, skipped = [], 0
         for _ in range(self.p.fit_steps):
             idx = torch.randint(n, (min(self.p.batch_size, n),), generator=self.gen).to(self.device)
             loss = self.model.loss(*(t[idx] for t in tensors))
             self.opt.zero_grad()
-            loss.backward()
-            self.opt.step()
+            if bool(torch.isfinite(loss)):
+                loss.backward()
+                skipped += not guarded_step(self.opt, self.model.parameters())
+            else:
+                skipped += 1
             losses.append(loss.item())
-        return {"world_model/loss": float(np.mean(losses[-10:])), "world_model/transitions": n}
+        self.skipped_updates += skipped
+        return {"world_model/loss": float(np.mean(losses[-10:])), "world_model/transitions": n,
+                "world_model/dropped_transitions": dropped, "world_model/skipped_updates": skipped}

@@ -10,6 +10,7 @@
     saferl report RUN_DIR... [--out report.html]    self-contained HTML report + CSVs of runs
     saferl list                                     algorithms and tasks
     saferl bench rollout|gradients|e2e|learner|memory  throughput, end to end, memory
+    saferl bench soak                               training while env hosts are SIGKILLed
     saferl study NAME                               reproduce a paper's table/figure
     saferl benchmark onpolicy                       OmniSafe-style Reward/Cost table of the on-policy
                                                     algorithms on the Safety-Gymnasium tasks
@@ -156,6 +157,10 @@ def cmd_bench(args) -> int:
     elif args.bench == "e2e":
         bench.bench_e2e(out_dir=Path(args.out), config=args.config, steps=args.steps, overrides=args.set,
                         reference=not args.no_reference, console=_console())
+    elif args.bench == "soak":
+        bench.bench_soak(out_dir=Path(args.out), config=args.config, steps=args.steps, kill_every=args.kill_every,
+                         seed=args.seed, hosts=args.hosts, episodes=args.episodes, overrides=args.set,
+                         console=_console())
     elif args.bench == "learner":
         bench.bench_learner(out_dir=Path(args.out), algos=args.algos, updates=args.updates, console=_console())
     else:
@@ -263,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("memory", help="peak resident memory per actor kind in short runs")
     b.add_argument("--runs", nargs="+", default=list(MEMORY_RUNS), help="configs (configs/<algo>/<task>)")
     b.add_argument("--iterations", type=int, default=2, help="iterations per run")
+    b.add_argument("--out", default="bench_results")
+    b.set_defaults(fn=cmd_bench)
+    b = bsub.add_parser("soak", help="a long training run while a random env host is SIGKILLed every N seconds")
+    b.add_argument("--config", default="ppo_lag/FunctionEnv-v0", help="configs/<algo>/<task> or a YAML path")
+    b.add_argument("--steps", type=int, default=2_000_000, help="env steps to train")
+    b.add_argument("--kill-every", type=float, default=10.0, metavar="S", help="seconds between kills")
+    b.add_argument("--seed", type=int, default=0, help="the run's seed and the choice of hosts to kill")
+    b.add_argument("--hosts", type=int, default=2, help="env hosts (resources.num_env_hosts)")
+    b.add_argument("--episodes", type=int, default=10, help="evaluation episodes of the final checkpoint")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     b.add_argument("--out", default="bench_results")
     b.set_defaults(fn=cmd_bench)
     from saferl.cluster import studies

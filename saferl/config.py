@@ -37,6 +37,16 @@ class Resources(Strict):
     max_actor_restarts: int = Field(
         10, ge=-1, description="times Ray restarts a dead env host, gradient worker or world-model "
         "actor (the coordinator restores it and retries the iteration); -1 = unlimited, 0 = none")
+    iteration_attempts: int = Field(
+        4, gt=0, description="attempts of one iteration while its actors keep dying (each failed one is "
+        "discarded and retried) before the run fails")
+    restart_timeout_s: float = Field(
+        120.0, gt=0, description="seconds a restarting actor may take to answer again (a lost node's "
+        "actors are re-created on the surviving nodes) before the run fails")
+    inference: Literal["host", "server"] = Field(
+        "host", description="who runs the policy during rollouts: each env host (numpy, one Ray call per "
+        "rollout), or one batched inference server for all hosts (torch; on a GPU with inference_gpus)")
+    inference_gpus: float = Field(0.0, ge=0, description="GPUs of the inference server; fractions allowed")
     sg_python: str | None = Field(
         None, description="Safety-Gymnasium interpreter; None = $SAFERL_SG_PYTHON or the "
         ".venv-sg beside the running interpreter's venv")
@@ -127,7 +137,13 @@ class RunConfig(Strict):
         if unknown:
             raise ValueError(f"schedule.step_phases: {self.algo} has no step phase {sorted(unknown)}; "
                              f"it has {list(algo.step_phases) or 'none'}")
-        n_envs = self.resources.num_env_hosts * self.resources.envs_per_host
+        res = self.resources
+        if res.inference_gpus and res.inference != "server":
+            raise ValueError("resources.inference_gpus: GPUs for inference need resources.inference: server")
+        if res.inference == "server" and not algo.uses_env_hosts:
+            raise ValueError(f"resources.inference: {self.algo} computes gradients in its workers; "
+                             "it has no rollouts to serve")
+        n_envs = res.num_env_hosts * res.envs_per_host
         if algo.uses_env_hosts and self.steps_per_iteration % n_envs:
             raise ValueError(f"steps_per_iteration: must be divisible by num_env_hosts × "
                              f"envs_per_host = {n_envs} (got {self.steps_per_iteration})")

@@ -239,6 +239,43 @@ def test_sac_lag_skips_a_nan_critic_step():
     assert all(torch.isfinite(p).all() for p in learner.policy.parameters())
 
 
+def _skip_episode_batch(seed: int = 0) -> dict:
+    """A rollout with skipped (invalid) episodes next to valid ones: NaN reward at episode step 5."""
+    host = EnvHost("NanReward-v0", 2, seed=seed, on_invalid="skip_episode")
+    host.rollout(gaussian_policy(), 3)  # the envs' episodes now start 3 steps apart from the fragment
+    batch, _ = host.rollout(gaussian_policy(), 2 * HORIZON)
+    assert 0 < batch["valid"].sum() < batch["valid"].size
+    return batch
+
+
+def test_replay_drops_invalid_steps():
+    from saferl.actors.replay import n_step_transitions
+
+    batch = _skip_episode_batch()
+    tr = n_step_transitions(batch, 3, 0.9)
+    assert len(tr["obs"]) == batch["valid"].sum()
+    np.testing.assert_array_equal(tr["obs"], batch["obs"][batch["valid"]])
+
+
+@pytest.mark.parametrize("algo", ["ppo_lag", "trpo_lag", "focops"])
+def test_on_policy_learners_ignore_invalid_steps(algo):
+    """What the skipped steps hold (zeros from the host, or anything else) changes nothing."""
+    batch = _skip_episode_batch()
+    noisy = {k: v.copy() for k, v in batch.items()}
+    bad = ~batch["valid"]
+    rng = np.random.default_rng(0)
+    for key in ("obs", "act", "logp", "reward", "cost"):
+        noisy[key][bad] = rng.normal(0, 100, noisy[key][bad].shape)
+    params = []
+    for b in (batch, noisy):
+        torch.manual_seed(0)
+        learner = _learner(algo)
+        learner.update([b])
+        params.append([p.detach().clone() for p in learner.policy.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b)
+
+
 # -- 3. checkpoints ------------------------------------------------------------------------------
 def test_shape_mismatch_is_one_line(tmp_path):
     from saferl.cluster import rundir

@@ -43,3 +43,15 @@ def test_bench_e2e_learner_memory_write_results(ray_session, tmp_path):
     assert all(r["peak_rss_mb"] > 0 for r in rows)
     replay = [r for r in rows if r["actor"] == "replay_buffer"]
     assert replay[0]["replay_size"] > 0 and replay[0]["replay_capacity_mb"] > 0
+
+
+def test_bench_soak_survives_kills_and_evaluates(ray_session, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "soak", "--steps", "16000", "--kill-every", "1.5", "--episodes", "2", "--out", str(out)]) == 0
+    [row] = json.loads((out / "soak.json").read_text())
+    assert row["iterations"] == row["iterations_planned"] == 8 and row["env_steps"] == 16000
+    assert row["kills_sent"] >= 1 and 1 <= row["restarts"] <= row["kills_sent"]
+    assert row["metrics_rows_ok"] and row["checkpoint_iteration"] == 8
+    assert row["checkpoint_restarts"] == row["restarts"] and row["eval_episodes"] == 2
+    assert "| kill every s |" in (out / "soak.md").read_text()
+    assert main(["bench", "soak", "--kill-every", "0", "--out", str(out)]) == 2  # one-line usage error

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pandas as pd
 import pytest
@@ -12,7 +13,7 @@ import ray
 
 from saferl.cluster import rundir
 from saferl.cluster.coordinator import Coordinator
-from saferl.config import load_config
+from saferl.config import ConfigError, load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,3 +117,42 @@ def test_world_model_killed_is_restored(ray_session, run_root):
     coord._recover(rollback=False)
     assert len(ray.get(coord.world_model.state_dict.remote())["data"]["obs"]) == n  # its data is back
     run_with_kill(coord, coord.world_model)
+
+
+def test_retry_settings_are_config_fields(ray_session, run_root):
+    """resources.iteration_attempts and resources.restart_timeout_s: validated as one line, and
+    the coordinator retries and waits by them."""
+    for field in ("iteration_attempts=0", "restart_timeout_s=-1"):
+        with pytest.raises(ConfigError, match=f"^config error: resources.{field.split('=')[0]}: ") as info:
+            load_config("ppo_lag/FunctionEnv-v0", [f"resources.{field}"])
+        assert "\n" not in str(info.value)
+    coord = coordinator("ppo_lag/FunctionEnv-v0", run_root,
+                        ["total_env_steps=8000", "steps_per_iteration=2000", "resources.num_env_hosts=2",
+                         "resources.envs_per_host=10", "resources.iteration_attempts=1"])
+    try:
+        coord.run(stop_after=1)
+        coord.cfg.resources.restart_timeout_s = 0.5  # not before: it also bounds the hosts' start-up
+        kill_during(coord, coord.hosts[1], 1)
+        with pytest.raises(RuntimeError, match=r"iteration 2 failed 1 times \(resources.iteration_attempts\)"):
+            coord.run()  # one attempt: the kill is not retried
+        coord.hosts[0].rollout.remote({"uniform": True, "act_dim": coord.act_dim}, 50_000)
+        t = time.perf_counter()  # the host answers after its long rollout: not within 0.5 s
+        with pytest.raises(RuntimeError, match=r"did not answer within resources.restart_timeout_s=0.5: "):
+            coord._pids()
+        assert time.perf_counter() - t < 5
+    finally:
+        coord.close()
+
+
+def test_learner_death_stops_with_the_resume_command(ray_session, run_root):
+    """The learner is not restarted (its state is the run's): one clear error, not retries."""
+    coord = coordinator("ppo_lag/FunctionEnv-v0", run_root,
+                        ["total_env_steps=8000", "steps_per_iteration=2000", "resources.envs_per_host=10"])
+    try:
+        coord.run(stop_after=1)
+        kill(coord.learner)
+        with pytest.raises(RuntimeError, match="the learner actor died .*`saferl train --resume "):
+            coord.run()
+        assert coord.state.iteration == 1
+    finally:
+        coord.close()

@@ -1,12 +1,14 @@
 """Placement on a simulated multi-node cluster (``ray.cluster_utils.Cluster``: several raylets in
 this machine): env hosts SPREAD over nodes; a gradient algorithm's learner and workers share one
-node (its STRICT_PACK placement group) and fall back to PACK when no node holds them all.
+node (its STRICT_PACK placement group) and fall back to PACK when no node holds them all; a run
+survives losing a node (its env hosts are re-created on the surviving nodes).
 
 This module starts its own cluster, so it shuts down the session's in-process Ray first and, as
 conftest's ``ray_session`` is session-scoped (set up once), starts a fresh local one again at the
 end for the tests after it."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -80,3 +82,36 @@ def test_learner_and_gradient_workers_share_a_node(cluster, tmp_path):
     assert set(nodes) <= set(table["bundles_to_node_id"].values())
     assert len(ray.util.placement_group_table()) == 2 and all(
         g["state"] == "REMOVED" for g in ray.util.placement_group_table().values())
+
+
+def test_run_survives_losing_a_node(cluster, tmp_path):
+    """A worker node holding an env host (not the learner) is removed between iterations: Ray
+    re-creates the host on a surviving node, the coordinator counts and re-seeds it, and the run
+    finishes its budget. A fresh 2-CPU node replaces the lost one for the other tests."""
+    c, worker_nodes = cluster
+    cfg = load_config("ppo_lag/FunctionEnv-v0", [
+        "total_env_steps=6000", "steps_per_iteration=1200", "resources.num_env_hosts=3",
+        "resources.envs_per_host=4", "resources.num_cpus_per_host=0.5", "schedule.checkpoint_every=100",
+        f"run_root={tmp_path}"])
+    coord, victim = Coordinator(cfg, rundir.new_run_dir(cfg)), None
+    try:
+        total = coord.total_iterations()
+        coord.run(stop_after=2)
+        learner_node = ray.get(coord.learner.node_id.remote())
+        host_nodes = ray.get([h.node_id.remote() for h in coord.hosts])
+        victim = next(n for n in worker_nodes if n in host_nodes and n != learner_node)
+        c.remove_node(next(n for n in c.worker_nodes if n.node_id == victim))
+        coord.run()  # the surviving nodes' 3 CPUs hold the learner (1) and the three hosts (1.5)
+        moved = ray.get([h.node_id.remote() for h in coord.hosts])
+        assert coord.state.iteration == total and coord.state.restarts >= 1
+        ckpt = rundir.load_checkpoint(coord.run_dir, cfg)
+    finally:
+        coord.close()
+        if victim is not None:
+            worker_nodes[worker_nodes.index(victim)] = c.add_node(num_cpus=2).node_id
+            c.wait_for_nodes()
+    assert victim not in moved and set(moved) <= set(host_nodes) | {learner_node}
+    assert ckpt["schedule"]["iteration"] == total and ckpt["schedule"]["restarts"] == coord.state.restarts
+    m = pd.read_csv(coord.run_dir / "metrics.csv")
+    assert m["iteration"].tolist() == list(range(1, total + 1)), "one row per iteration, none repeated"
+    assert m["health/restarts"].iloc[1] == 0 and m["health/restarts"].iloc[-1] >= 1

@@ -131,7 +131,8 @@ def test_rcpo_advantage_is_one_gae_of_the_penalised_reward():
         v = learner.v_r(norm(batch["obs"])).squeeze(-1).numpy()
         v_next = learner.v_r(norm(batch["next_obs"])).squeeze(-1).numpy()
     expected = direct_penalised_gae(v, v_next, batch["reward"].numpy(), batch["cost"].numpy(),
-                                    batch["terminated"].numpy(), batch["end"].numpy(), 0.7, 0.97, 0.9)
+                                    batch["terminated"].numpy(), batch["end"].numpy(), 0.7, 0.97, 0.9).reshape(-1)
+    v = v.reshape(-1)  # advantages and targets come flat, row-major
     adv, ret = penalised_advantages(learner.v_r, norm, batch, 0.7, 0.97, 0.9)
     np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ret.numpy(), expected + v, rtol=1e-5, atol=1e-5)  # the penalised critic's target

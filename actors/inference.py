@@ -85,4 +85,3 @@ def rollout(hosts: list, server, policy, num_steps: int, seed: int) -> list:
         acts = acts if isinstance(acts, list) else [acts]
         obs = [h.advance.remote(a) for h, a in zip(hosts, acts)]
     return [h.end_rollout.options(num_returns=2).remote() for h in hosts]
-

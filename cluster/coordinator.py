@@ -104,6 +104,11 @@ def env_error(err: BaseException) -> ConfigError | None:
     return ConfigError(str(cause)) if isinstance(cause, EnvDataError) else None
 
 
+def _first_line(err: BaseException) -> str:
+    """Ray's errors span many lines (tracebacks); run-stopping messages carry the first."""
+    return str(err).strip().splitlines()[0]
+
+
 def _with_safeguard_failures(metrics: dict, summaries: list[dict]) -> dict:
     """``health/safeguard_failures``: safeguard solves that fell back so far, over the hosts' /
     workers' processes (a restarted one starts again from 0)."""
@@ -214,9 +219,7 @@ class Coordinator:
         per_env = self.cfg.steps_per_iteration // self.n_envs
         if self.inference is None:
             return [h.rollout.options(num_returns=2).remote(policy, per_env) for h in self.hosts]
-        st = self.state
-        seed = int(np.random.SeedSequence([self.cfg.seed, st.iteration, st.restarts]).generate_state(1)[0])
-        return inference.rollout(self.hosts, self.inference, policy, per_env, seed)
+        return inference.rollout(self.hosts, self.inference, policy, per_env, self._stream_seed())
 
     def _sample(self) -> tuple[dict, list]:
         policy = self.learner.numpy_policy.remote()  # one object in the store, read by every host
@@ -336,7 +339,7 @@ class Coordinator:
                 time.sleep(0.5)
         why = (f"was not restarted (its resources.max_actor_restarts={res.max_actor_restarts} used up?)" if died >= 5
                else f"did not answer within resources.restart_timeout_s={res.restart_timeout_s:g}")
-        first_line = str(last).strip().splitlines()[0] if last else "timed out"
+        first_line = _first_line(last) if last else "timed out"
         raise RuntimeError(f"an env host / gradient worker / world model died and {why}: {first_line}") from last
 
     def _snapshot_state(self) -> dict | None:
@@ -345,11 +348,22 @@ class Coordinator:
         nothing that needs it."""
         if self.kind != "gradient":
             return None
+        workers, world_model = self._actor_states()
+        return {"workers": workers, "world_model": world_model}
+
+    def _actor_states(self) -> tuple[list, dict | None]:
+        """The hosts' / gradient workers' states and the world model's (None without one)."""
         refs = [w.get_state.remote() for w in self.hosts]
         if self.world_model is not None:
             refs.append(self.world_model.state_dict.remote())
         out = ray.get(refs)
-        return {"workers": out[:len(self.hosts)], "world_model": out[len(self.hosts)] if self.world_model else None}
+        return out[:len(self.hosts)], (out[-1] if self.world_model is not None else None)
+
+    def _stream_seed(self) -> int:
+        """A seed for fresh env / sampling streams, from the run's seed, the iteration and the
+        restart count (reproducible, and new after every restart)."""
+        st = self.state
+        return int(np.random.SeedSequence([self.cfg.seed, st.iteration, st.restarts]).generate_state(1)[0])
 
     def _recover(self, rollback: bool) -> None:
         """Before each attempt: find restarted actors (a new process id), count them and restore
@@ -368,7 +382,7 @@ class Coordinator:
             self.console.print(f"it {st.iteration}: {len(restarted)} actor(s) restarted after dying; restored, retrying")
         if self.cfg.algo_spec.uses_env_hosts:
             # a restarted host came back reset with its creation seed: give it a fresh stream instead
-            seed = int(np.random.SeedSequence([self.cfg.seed, st.iteration, st.restarts]).generate_state(1)[0])
+            seed = self._stream_seed()
             ray.get([self.hosts[i].reset.remote(seed) for i in restarted if i < len(self.hosts)])
             return
         snap = self._snapshot  # the state after the last completed iteration
@@ -385,17 +399,13 @@ class Coordinator:
         for _ in range(self.cfg.resources.iteration_attempts):
             try:
                 self._recover(rollback=False)
-                refs = [w.get_state.remote() for w in self.hosts]
-                if self.world_model is not None:
-                    refs.append(self.world_model.state_dict.remote())
-                out = ray.get(refs)
-                return out[:len(self.hosts)], (out[-1] if self.world_model is not None else None)
+                return self._actor_states()
             except ACTOR_ERRORS as e:
                 self._raise_if_unrestorable(e)
                 err = e
         raise RuntimeError(f"checkpoint at iteration {self.state.iteration} failed "
                            f"{self.cfg.resources.iteration_attempts} times (resources.iteration_attempts): "
-                           f"actors kept dying; last error: {str(err).strip().splitlines()[0]}") from err
+                           f"actors kept dying; last error: {_first_line(err)}") from err
 
     def _raise_if_unrestorable(self, err: BaseException) -> None:
         """The learner and replay buffer are not restarted (their state is the run's, saved only
@@ -433,7 +443,7 @@ class Coordinator:
             return out
         raise RuntimeError(f"iteration {self.state.iteration + 1} failed {attempts} times "
                            f"(resources.iteration_attempts): "
-                           f"actors kept dying; last error: {str(err).strip().splitlines()[0]}") from err
+                           f"actors kept dying; last error: {_first_line(err)}") from err
 
     def iterate(self) -> dict:
         t0 = time.perf_counter()

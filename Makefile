@@ -2,7 +2,7 @@
 # when deploy/requirements-*.txt, deploy/setup.sh and pyproject.toml are unchanged).
 PY := .venv/bin/python
 
-.PHONY: setup run test test-slow bench
+.PHONY: setup run test test-slow bench docs
 setup:
 	@bash deploy/setup.sh
 
@@ -18,3 +18,7 @@ test-slow: setup
 
 bench: setup
 	$(PY) -m saferl.cli bench rollout
+
+# The documentation site from docs/ (strict: a broken link or missing page fails it).
+docs: setup
+	.venv/bin/mkdocs build --strict --quiet

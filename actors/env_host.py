@@ -37,6 +37,12 @@ def make_vec_env(task_name: str, num_envs: int, render_mode: str | None = None):
         if render_mode and not os.environ.get("DISPLAY"):  # headless MuJoCo: Mesa's (software) EGL
             os.environ.setdefault("MUJOCO_GL", "egl")
         return VecEnv(lambda: GymCostEnv(spec.entry, max_episode_steps=spec.max_episode_steps, **kwargs), num_envs)
+    if spec.kind == "custom":  # your own env (envs/custom.py); its package came with py_modules
+        from saferl.envs.custom import CustomEnv
+        from saferl.envs.vector import VecEnv
+
+        return VecEnv(lambda: CustomEnv(spec.entry, spec.max_episode_steps, render_mode=render_mode,
+                                        **spec.kwargs), num_envs)
     import importlib
 
     from saferl.envs.diff import TorchVecEnv

@@ -1,4 +1,4 @@
-"""Gradient worker: a differentiable env host (DESIGN.md §4).
+"""Gradient worker: a differentiable env host.
 
 It holds a shard of envs and their state across calls. Given the learner's weights (policy, and
 critics for short-horizon methods) it rolls the next window of h steps through the
@@ -6,10 +6,15 @@ differentiable simulator, back-propagates, and returns the window objectives L_R
 flattened gradients g = ∇L_R, q = ∇L_C, the trajectory (for critic training), observation
 moments (for the running normaliser), and the episodes that finished. All envs of a run start
 episodes together, every T / h windows; the learner averages shards weighted by env count.
+
+``evaluate`` (CGPO's ratio test, eq 18) re-rolls the window ``compute`` just rolled, forward
+only, with other policy weights: same start states, time steps, action noise and critics, so the
+change of L_R, L_C it reports is the policy's alone.
 """
 from __future__ import annotations
 
 import importlib
+import time
 
 import numpy as np
 import torch
@@ -51,6 +56,20 @@ def shard_result(l_r, l_c, g, q, j_r: float, j_c: float, traj: dict) -> dict:
             "obs_var": obs.var(0, unbiased=False).cpu().numpy()}
 
 
+def reroll_window(worker, env, trial: dict, state, t0: int, h: int, noise, window_seconds: float) -> dict:
+    """The forward-only re-roll of ``evaluate``: the policy of ``trial`` is loaded (the critics
+    stay); returns the window objectives, the shard's env count and the seconds it took (with
+    those of the window's ``compute``, for comparison)."""
+    t_start = time.perf_counter()
+    worker.policy.load_state_dict(trial["policy"])
+    with torch.no_grad():
+        sum_r, sum_c, boot_r, boot_c, _, _ = rollout_window(
+            env, worker.policy, state, t0, h, worker.horizon, noise, worker.critics, worker.gamma)
+        l_r, l_c = (sum_r + boot_r).mean().item(), (sum_c + boot_c).mean().item()
+    return {"l_r": l_r, "l_c": l_c, "n": int(state.shape[0]), "seconds": time.perf_counter() - t_start,
+            "window_seconds": window_seconds}
+
+
 def make_diff_env(task_name: str, device: torch.device | str | None = None):
     """The task's differentiable env; tasks that hold tensors (``accepts_device``) are built on
     ``device`` so a GPU worker steps them without host round trips."""
@@ -89,6 +108,7 @@ class GradientWorker(ActorProcess):
 
     def compute(self, weights: dict, iteration: int, h: int, stochastic: bool = True) -> tuple[dict, dict]:
         """One window; returns (result for the learner, summary of finished episodes)."""
+        t_start = time.perf_counter()
         load_weights(self, weights)
         if self.t >= self.horizon:  # start the next episode for every env
             self.episode += 1
@@ -99,6 +119,7 @@ class GradientWorker(ActorProcess):
         if stochastic:
             noise = window_noise(self.seed, iteration, self.total_envs, self.env.act_dim, h)[:, self.shard]
             noise = noise.to(self.device)
+        self.window = {"state": self.state, "t0": self.t, "h": h, "noise": noise}  # for ``evaluate``
         sum_r, sum_c, boot_r, boot_c, state, traj = rollout_window(
             self.env, self.policy, self.state, self.t, h, self.horizon, noise, self.critics, self.gamma)
         l_r, l_c = (sum_r + boot_r).mean(), (sum_c + boot_c).mean()
@@ -114,11 +135,20 @@ class GradientWorker(ActorProcess):
         # estimates of J_R(θ), J_C(θ): realised episode prefix + window + critic tail
         result = shard_result(l_r, l_c, g, q, prefix_r + win_r.mean() + boot_r.mean().item(),
                               prefix_c + win_c.mean() + boot_c.mean().item(), traj)
+        self.window["seconds"] = time.perf_counter() - t_start
         return result, {"episodes": episodes, "safeguard_failures": safeguard_failures()}
+
+    def evaluate(self, trial: dict | None) -> dict | None:
+        """L_R, L_C of the last ``compute``'s window re-rolled forward only with ``trial``'s policy
+        (its own observation statistics) and the critics that window used; None for no trial."""
+        if trial is None:
+            return None
+        w = self.window
+        return reroll_window(self, self.env, trial, w["state"], w["t0"], w["h"], w["noise"], w["seconds"])
 
 
 class ModelGradientWorker(ActorProcess):
-    """MB-CGPO's worker (seed 000, Algorithm 3): steps its shard of the *real* (possibly
+    """MB-CGPO's worker (Algorithm 3): steps its shard of the *real* (possibly
     non-differentiable) task through the numpy protocol to collect transitions, then takes the
     window's gradients through the world model from the same start observations."""
 
@@ -175,15 +205,16 @@ class ModelGradientWorker(ActorProcess):
 
     def compute(self, weights: dict, model_weights: dict, iteration: int, stochastic: bool = True) -> dict:
         """Gradients of the window just collected, through the world model (eq 19-20 with D_M)."""
+        t_start = time.perf_counter()
         load_weights(self, weights)
         self.model.load_state_dict(model_weights)
         env = WorldModelEnv(self.model, self.vec.act_dim, self.horizon)
         h, t0 = self.window_h, self.start_t
         noise = window_noise(self.seed, iteration, self.total_envs, self.vec.act_dim, h)[:, self.shard]
         state = torch.as_tensor(self.start_obs, device=self.device)
+        noise = noise.to(self.device) if stochastic else None
         sum_r, sum_c, boot_r, boot_c, _, _ = rollout_window(
-            env, self.policy, state, t0, h, self.horizon, noise.to(self.device) if stochastic else None,
-            self.critics, self.gamma)
+            env, self.policy, state, t0, h, self.horizon, noise, self.critics, self.gamma)
         l_r, l_c = (sum_r + boot_r).mean(), (sum_c + boot_c).mean()
         g, q = objective_gradients(l_r, l_c, list(self.policy.parameters()))
         # J(θ) from real data: realised prefix + real window + critic tail
@@ -193,4 +224,14 @@ class ModelGradientWorker(ActorProcess):
         self.ret, self.cost = self.ret + self.window_r, self.cost + self.window_c
         if self.t >= self.horizon:
             self.t, self.ret, self.cost = 0, np.zeros_like(self.ret), np.zeros_like(self.cost)
+        self.window = {"env": env, "state": state, "t0": t0, "h": h, "noise": noise,
+                       "seconds": time.perf_counter() - t_start}
         return shard_result(l_r, l_c, g, q, j_r, j_c, self.real_traj)
+
+    def evaluate(self, trial: dict | None) -> dict | None:
+        """L_R, L_C of the last ``compute``'s model window re-rolled forward only with ``trial``'s
+        policy, from the same real start observations through the same world model."""
+        if trial is None:
+            return None
+        w = self.window
+        return reroll_window(self, w["env"], trial, w["state"], w["t0"], w["h"], w["noise"], w["seconds"])

@@ -29,19 +29,33 @@ class LearnerActor(ActorProcess):
     def gradient_setup(self) -> dict:
         """What gradient workers need: network shapes and the window length h."""
         return {"arch": self.learner.arch, "horizon": self.learner.horizon,
-                "stochastic": self.learner.p.stochastic}
+                "stochastic": self.learner.p.stochastic, "ratio_test": hasattr(self.learner, "propose")}
 
     def offpolicy_setup(self) -> dict:
         """What the coordinator needs for the replay buffer and the update-to-data schedule."""
         return self.learner.offpolicy_setup()
 
-    def update(self, batches: list, clock: dict | None = None) -> dict:
+    def propose(self, results: list) -> dict | None:
+        """The step the next ``update`` of these worker results takes, without taking it (CGPO's
+        ratio test: the workers re-roll their windows with it first)."""
+        results = ray.get(results) if isinstance(results[0], ray.ObjectRef) else results
+        return self.learner.propose(results)
+
+    def update(self, batches: list, clock: dict | None = None, evaluations: list | None = None) -> dict:
         """``batches``: host batches or worker results, or Ray references to them (a list of
         references is resolved here, so the data goes from the hosts straight to the learner).
         ``clock`` (off-policy): the first minibatch's global gradient step and the step phases'
         intervals, from the coordinator's schedule."""
         batches = ray.get(batches) if isinstance(batches[0], ray.ObjectRef) else batches
+        if evaluations is not None:  # the workers' re-rolls of ``propose``'s step (CGPO)
+            evaluations = ray.get(evaluations) if isinstance(evaluations[0], ray.ObjectRef) else evaluations
+            return self.learner.update(batches, evaluations=evaluations)
         return self.learner.update(batches) if clock is None else self.learner.update(batches, clock)
+
+    def episode_metrics(self, *batches: dict) -> list[dict]:
+        """Per-episode metrics the learner computes from the hosts' rollout batches (off-policy
+        learners whose ``offpolicy_setup`` sets ``episode_metrics``), one dict per finished episode."""
+        return self.learner.episode_metrics(list(batches))
 
     def phase(self, name: str, signals: dict) -> dict:
         return self.learner.phase(name, signals)

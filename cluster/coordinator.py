@@ -70,11 +70,23 @@ def sg_python(cfg: RunConfig) -> str:
     return path
 
 
+def _in_placement_group() -> bool:
+    """This process runs in a placement group that captures its actors (a sweep trial)."""
+    return ray.is_initialized() and ray.util.get_current_placement_group() is not None
+
+
 def host_options(cfg: RunConfig) -> dict:
-    # SPREAD: env hosts are the CPU-heavy part, so they go to as many nodes as there are.
-    opts = {"num_cpus": cfg.resources.num_cpus_per_host, "scheduling_strategy": "SPREAD"}
+    # SPREAD: env hosts are the CPU-heavy part, so they go to as many nodes as there are; inside
+    # a placement group (a `saferl sweep` trial's) they stay in it: its bundles hold them.
+    opts = {"num_cpus": cfg.resources.num_cpus_per_host}
+    if not _in_placement_group():
+        opts["scheduling_strategy"] = "SPREAD"
     if cfg.task_spec.kind == "safety_gymnasium":
         opts["runtime_env"] = {"py_executable": sg_python(cfg)}
+    elif cfg.task_spec.kind == "custom":  # its package (py_modules) and spec travel to every host
+        from saferl.envs.custom import runtime_env
+
+        opts["runtime_env"] = runtime_env(cfg.task)
     return opts
 
 
@@ -83,8 +95,8 @@ def colocate(options: list[dict]) -> tuple[list[dict], PlacementGroup | None]:
     ``num_gpus``, fractions allowed) in one placement group, one bundle each: STRICT_PACK (one
     node) when some alive node's totals hold them all, else PACK (as few nodes as possible).
     Returns the options with a ``scheduling_strategy`` added, and the group (None for one actor)."""
-    if len(options) < 2:
-        return options, None
+    if len(options) < 2 or _in_placement_group():
+        return options, None  # (inside a sweep trial's placement group: its bundles place them)
     bundles = [{k: v for k, v in (("CPU", o.get("num_cpus", 1)), ("GPU", o.get("num_gpus", 0))) if v}
                for o in options]
     need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
@@ -181,6 +193,7 @@ class Coordinator:
         if self.kind == "gradient":
             setup = ray.get(self.learner.gradient_setup.remote())
             self.horizon, self.stochastic = setup["horizon"], setup["stochastic"]
+            self.ratio_test = setup.get("ratio_test", False)  # CGPO: re-roll the window with the step first
             args = [(cfg.task, i * res.envs_per_host, res.envs_per_host, self.n_envs, cfg.seed, setup["arch"])
                     for i in range(res.num_env_hosts)]
             worker_opts = placed[1:1 + res.num_env_hosts]  # the world model takes the last bundle
@@ -235,6 +248,9 @@ class Coordinator:
         policy = {"uniform": True, "act_dim": self.act_dim} if warm else self.learner.numpy_policy.remote()
         refs = self._rollouts(policy)
         size = self.replay.add.remote(*[b for b, _ in refs])
+        # per-episode learner metrics (FAC-SIS: safe-action violations), before this iteration's update
+        per_episode = (self.learner.episode_metrics.remote(*[b for b, _ in refs])
+                       if o.get("episode_metrics") else None)
         replay_size = ray.get(size)  # a dead host fails the iteration before any update
         metrics = {}
         steps = self.steps_of(st.iteration)
@@ -245,7 +261,13 @@ class Coordinator:
             metrics = self._timed_update(self.learner.update.remote([sample], clock), [size], n)
             st.gradient_steps += n
         metrics["replay/size"] = replay_size
-        return self._host_summaries(metrics, refs)
+        metrics, episodes = self._host_summaries(metrics, refs)
+        if per_episode is not None:
+            extra = ray.get(per_episode)
+            if len(extra) != len(episodes):
+                raise RuntimeError(f"learner counted {len(extra)} finished episodes, the hosts {len(episodes)}")
+            episodes = [{**ep, **x} for ep, x in zip(episodes, extra)]  # same episodes; only means are logged
+        return metrics, episodes
 
     def _host_summaries(self, metrics: dict, refs: list) -> tuple[dict, list]:
         summaries = ray.get([s for _, s in refs])
@@ -261,8 +283,8 @@ class Coordinator:
         weights = self.learner.policy_state.remote()
         refs = [w.compute.options(num_returns=2).remote(weights, self.state.iteration, self.horizon,
                                                         self.stochastic) for w in self.hosts]
-        update = self.learner.update.remote([r for r, _ in refs])
-        metrics = self._timed_update(update, [s for _, s in refs])
+        update, evaluations = self._update_after_ratio_test([r for r, _ in refs])
+        metrics = self._timed_update(update, [s for _, s in refs] + evaluations)
         summaries = ray.get([s for _, s in refs])
         return _with_safeguard_failures(metrics, summaries), [ep for s in summaries for ep in s["episodes"]]
 
@@ -277,8 +299,20 @@ class Coordinator:
         metrics.update(self._maybe_run_phase("world_model", it + 1, []))
         model = self.world_model.weights.remote()
         results = [w.compute.remote(weights, model, it, self.stochastic) for w in self.hosts]
-        metrics.update(self._timed_update(self.learner.update.remote(results), results))
+        update, evaluations = self._update_after_ratio_test(results)
+        metrics.update(self._timed_update(update, results + evaluations))
         return metrics, [ep for s in ray.get([s for _, s in refs]) for ep in s["episodes"]]
+
+    def _update_after_ratio_test(self, results: list) -> tuple[ray.ObjectRef, list]:
+        """The learner's update of the workers' ``results`` and the refs it waits on besides them.
+        For CGPO (eq 18) the learner first proposes its step, every worker re-rolls its window
+        forward only with it, and the update gets those evaluations: nothing is committed before
+        every worker answered, so a worker lost on the way fails the attempt as before."""
+        if not getattr(self, "ratio_test", False):
+            return self.learner.update.remote(results), []
+        trial = self.learner.propose.remote(results)
+        evaluations = [w.evaluate.remote(trial) for w in self.hosts]
+        return self.learner.update.remote(results, None, evaluations), evaluations
 
     def _timed_update(self, update: ray.ObjectRef, inputs: list, n_updates: int = 1) -> dict:
         """The learner's result, timing its share: from when ``inputs`` (the refs its update
@@ -292,14 +326,15 @@ class Coordinator:
 
     def _maybe_run_phase(self, name: str, iteration: int, episodes: list) -> dict:
         """Run phase ``name`` if its interval divides ``iteration``. The ``dual`` signal is the
-        mean cost of the episodes finished since the phase last ran."""
+        mean cost of the episodes finished since the phase last ran (``episode_costs``: their costs)."""
         st = self.state
         st.pending_costs.setdefault(name, []).extend(ep["cost"] for ep in episodes)
         if iteration % self.cfg.phase_every(name):
             return {}
         costs = st.pending_costs[name]
         actor = self.world_model if name == "world_model" else self.learner
-        out = ray.get(actor.phase.remote(name, {"episode_cost": float(np.mean(costs)) if costs else None}))
+        out = ray.get(actor.phase.remote(name, {"episode_cost": float(np.mean(costs)) if costs else None,
+                                                "episode_costs": [float(c) for c in costs]}))
         st.phase_runs[name] = st.phase_runs.get(name, 0) + 1
         st.pending_costs[name] = []
         return out
@@ -495,9 +530,11 @@ class Coordinator:
         if not eps:
             return {}
         cost = np.array([e["cost"] for e in eps])
+        extra = sorted({k for e in eps for k in e} - {"return", "cost", "length"})  # learners' per-episode metrics
         return {"episode/return": float(np.mean([e["return"] for e in eps])), "episode/cost": float(cost.mean()),
                 "episode/length": float(np.mean([e["length"] for e in eps])), "episode/count": len(eps),
-                "episode/violation_rate": float(np.mean(cost > self.cfg.limit))}
+                "episode/violation_rate": float(np.mean(cost > self.cfg.limit)),
+                **{f"episode/{k}": float(np.mean([e[k] for e in eps if k in e])) for k in extra}}
 
     # -- the run ---------------------------------------------------------------------------------
     def total_iterations(self) -> int:

@@ -30,8 +30,11 @@ def connect(cfg: RunConfig | None = None, address: str | None = None) -> bool:
     return True
 
 
-def train(cfg: RunConfig, run_dir: Path | None = None, console=None, stop_after: int | None = None) -> Path:
-    """Run (or, with ``run_dir``, resume) a training job; returns the run directory."""
+def train(cfg: RunConfig, run_dir: Path | None = None, console=None, stop_after: int | None = None,
+          on_log=None) -> Path:
+    """Run (or, with ``run_dir``, resume) a training job; returns the run directory.
+    ``on_log(row)`` sees every logged metrics row after the run's sinks (``saferl sweep``
+    reports them to Ray Tune)."""
     from saferl.cluster.coordinator import Coordinator  # imports torch; keep `saferl list` fast
 
     resume = None
@@ -47,6 +50,14 @@ def train(cfg: RunConfig, run_dir: Path | None = None, console=None, stop_after:
         if pretrain is not None:
             cfg = pretrain(cfg, run_dir, console)
         coord = Coordinator(cfg, run_dir, console=console, resume=resume)
+        if on_log is not None:
+            log = coord.logger.log
+
+            def log_and_report(step: int, row: dict) -> None:
+                log(step, row)
+                on_log(row)
+
+            coord.logger.log = log_and_report
         try:
             coord.run(stop_after=stop_after)
         finally:

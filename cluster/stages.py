@@ -11,7 +11,7 @@ DONE_MARKER = "stage_done"
 
 
 def unsafe_policy_stage(cfg: RunConfig, run_dir: Path, console=None) -> RunConfig:
-    """sTRPO's stage 1 (seed 001, §4.1): unless ``algo_params.unsafe_policy`` names a trained
+    """sTRPO's stage 1 (sTRPO paper, §4.1): unless ``algo_params.unsafe_policy`` names a trained
     π_unsafe, train ``trpo_unsafe`` on the same task (its shipped config, this run's seed,
     resources and device, ``algo_params.unsafe_steps`` steps) in RUN_DIR/unsafe_policy, and
     return the config pointing at it (also written to RUN_DIR/config.yaml, so a resume reuses it)."""

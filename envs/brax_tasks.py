@@ -1,4 +1,4 @@
-"""CGPO's differentiable Brax tasks (seed 000, Appendix E, Table 4) as torch ``DiffEnv``s.
+"""CGPO's differentiable Brax tasks (CGPO paper, Appendix E, Table 4) as torch ``DiffEnv``s.
 
 | task (registry name)            | brax env / backend             | cost c_t                  | T   | limit |
 |---------------------------------|--------------------------------|---------------------------|-----|-------|
@@ -27,7 +27,7 @@ HalfCheetah — float round-off, then chaotic contact dynamics amplify it). The 
 carries maximal coordinates (x, xd, x_i, ...) that (q, qd) do not determine — after *one*
 rebuilt step HalfCheetah's q already differs by 4e-2 and qd by 0.4 from Brax's positional
 rollout — so a (q, qd) state would silently turn it into a different simulator. Cost is not
-the issue: ENVIRONMENT.md measured only positional for HalfCheetah/Ant; measured here at 64
+the issue: earlier measurements covered only positional for HalfCheetah/Ant; measured here at 64
 envs (2-core CPU, cold compile) generalized compiles its VJP faster (HalfCheetah 33 s vs 45 s,
 Ant 24 s vs 40 s) and steps at about the same speed (fwd+bwd per batched step of 64 envs: HalfCheetah 129 vs
 108 ms, Ant 65 vs 80 ms). Within an env step the ``n_frames`` physics substeps carry Brax's

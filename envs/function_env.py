@@ -1,4 +1,4 @@
-"""CGPO's FunctionEnv (seed 000, Appendix C.1 and F.4.1).
+"""CGPO's FunctionEnv (CGPO paper, Appendix C.1 and F.4.1).
 
 s_{t+1} = s_t + 0.2 a_t, a ∈ (−1, 1); reward and cost are both f(x_t) (eq 70),
 f(x) = (x/10)² + 0.1 + 0.1 sin(8x/π); J_C = Σ_{t=0}^{99} f(x_t) ≤ 8 (eq 71).

@@ -1,7 +1,7 @@
 """Gymnasium tasks with a cost signal, behind the single-env adapter protocol of
 ``envs/vector.py`` (main interpreter: gymnasium 1.x, mujoco 4).
 
-Non-differentiable Swimmer (seed 000, Appendix F.4.1): gymnasium's Swimmer, reward
+Non-differentiable Swimmer (CGPO paper, Appendix F.4.1): gymnasium's Swimmer, reward
 r = v_x + β_ctrl‖a‖² (gymnasium's forward and control terms), cost c_t = ‖v‖, T = 300, limit 150.
 """
 from __future__ import annotations

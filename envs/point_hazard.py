@@ -1,5 +1,6 @@
-"""The custom point/hazard task of seed 004 (FAC-SIS), Appendix E.2, and the geometry tail that
-safety-index learners read from observations.
+"""The custom point/hazard task of the FAC-SIS paper ("Joint Synthesis of Safety Certificate and
+Safe Control Policy", Appendix E.2), and the geometry tail that safety-index learners read from
+observations.
 
 A point robot with two inputs, rotation and acceleration, heads for a static goal at (0, 5) past
 one hazard of radius 0.5 placed near the origin; 120 steps of dt = 0.05 s. State (x, y, θ, v,
@@ -7,6 +8,18 @@ h_x, h_y):
 
     θ' = θ + ω_max · a_0 · dt,   v' = clip(v + acc_max · a_1 · dt, −v_max, v_max),
     p' = p + v' (cos θ', sin θ') dt
+
+**Actuator constants.** The paper gives neither the acceleration bound ``acc_max`` nor the speed
+bound ``v_max`` (nor ω_max or dt), yet they decide Table 3: whether an index is feasible is a
+question of how hard the robot can brake before reaching the hazard. They are constructor
+parameters (``PointHazardEnv(distribution, acc_max=…, v_max=…, omega_max=…)``; the registered
+tasks use the defaults below), and ``saferl study sis-feasibility`` reports Table 3's rates over a
+grid of them. The defaults are chosen to match the paper's stated setting as closely as the grid
+allows: φ_F is a valid index (Zhao et al. 2021's synthesis rules), so it must be 100% feasible,
+while φ_h is not (Table 3: 70% success); of the settings that keep φ_F at 100%, the default gives
+φ_h the success rate nearest 70%. The speed bound is the authors' reference environment's (2; a
+bound of 1 could not track the reward's target speed from the start). Feasibility changes
+sharply with acc_max in this band: the study's sensitivity table shows how.
 
 Reward: the tracking errors of the heading towards the goal and of the speed, whose target is
 the goal distance over 5 s ("it requires that the agent always takes 5 seconds to reach the
@@ -42,6 +55,11 @@ DISTRIBUTIONS = {  # (agent x, agent y, hazard y) intervals; heading offset U[�
 }
 
 
+# acc_max, v_max, omega_max (module docstring). The authors' reference environment bounds speed at
+# 2, acceleration at 4 and turn rate at π, with dt 0.1 and RK4; here dt is 0.05 with the Euler step.
+DEFAULT_CONSTANTS = {"acc_max": 2.25, "v_max": 2.0, "omega_max": 2.0}
+
+
 def geometry_dim(n_hazards: int) -> int:
     return 4 + 3 * n_hazards
 
@@ -51,13 +69,21 @@ class PointHazardEnv(DiffEnv):
     act_dim = 2
     max_episode_steps = 120
     n_hazards = 1
-    dt, omega_max, acc_max, v_max = 0.05, 2.0, 2.0, 2.0
+    dt = 0.05
     reach_time = 5.0
 
-    def __init__(self, distribution: int = 1):
+    def __init__(self, distribution: int = 1, acc_max: float = DEFAULT_CONSTANTS["acc_max"],
+                 v_max: float = DEFAULT_CONSTANTS["v_max"], omega_max: float = DEFAULT_CONSTANTS["omega_max"]):
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {sorted(DISTRIBUTIONS)} (got {distribution})")
+        for name, value in (("acc_max", acc_max), ("v_max", v_max), ("omega_max", omega_max)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0 (got {value})")
         self.distribution = distribution
+        self.acc_max, self.v_max, self.omega_max = float(acc_max), float(v_max), float(omega_max)
+
+    def constants(self) -> dict:
+        return {"acc_max": self.acc_max, "v_max": self.v_max, "omega_max": self.omega_max, "dt": self.dt}
 
     def initial_state(self, n: int, generator: torch.Generator) -> torch.Tensor:
         (x0, x1), (y0, y1), (h0, h1) = DISTRIBUTIONS[self.distribution]

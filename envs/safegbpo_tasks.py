@@ -1,4 +1,5 @@
-"""SafeGBPO's balancing tasks (seed 003, Appendix 7.1, eq 65-68) as differentiable ``DiffEnv``s.
+"""SafeGBPO's balancing tasks ("Provably Safe Reinforcement Learning from
+Analytic Gradients", Appendix 7.1, eq 65-68) as differentiable ``DiffEnv``s.
 
 Both integrate their ODE with semi-implicit Euler, dt = 0.05 (velocities first, then positions
 with the new velocities), add bounded uniform noise w ~ U(⟨0, diag(0.1)⟩) to the accelerations,
@@ -20,9 +21,13 @@ clamp — lies outside the RCI zonotope or outside the feasible state box (``vio
 else 0. RCI membership is exact: the RCI set's halfspace form (``Zonotope.halfspaces``),
 with tolerance ``violation_tol``. A safeguarded policy must never incur cost (cost_limit 0).
 
-Safeguard helpers (paper eq 8, 12-13, 48): ``jacobians`` gives A = ∂f/∂s, B = ∂f/∂a,
-E = ∂f/∂w in closed form; ``lin`` is the linearisation at the origin (x̄, ū, w̄) = 0 (the
-hover / upright equilibrium); ``linearised_next_set(s, a)`` is
+Safeguard helpers (paper eq 8, 12-14, 48): ``jacobians`` gives A = ∂f/∂s, B = ∂f/∂a,
+E = ∂f/∂w in closed form. The safeguards linearise at the current state (paper eq 13, the
+default of ``envs/safeguards.py``: ``jacobians`` evaluated at s with ū = w̄ = 0, the exact
+next-state set for these control-affine tasks). ``lin`` is a linearisation at a fixed point,
+by default the origin (x̄, ū, w̄) = 0 (the hover / upright equilibrium; the point the reference
+code's wrappers are configured with, the safeguards' ``linearise="origin"``);
+``linearised_next_set(s, a)`` is
     ⟨f(x̄, ū, w̄) + A(s − x̄) + B(a − ū) + E(c_w − w̄),  E G_w⟩
 and ``next_set_affine(s)`` returns its centre as d(s) + B a for the safeguards' programs.
 ``rci``, ``ctrl`` and ``noise_set`` are the zonotopes.
@@ -131,7 +136,8 @@ class _SafeGBPOTask(DiffEnv):
         raise NotImplementedError  # abstract
 
     def linearisation(self, state=None, action=None, noise=None) -> Linearisation:
-        """Linearisation of f at (x̄, ū, w̄); defaults to the origin (the paper's choice)."""
+        """Linearisation of f at a fixed (x̄, ū, w̄); defaults to the origin (the reference code's
+        configured point; the safeguards linearise at the current state by default)."""
         kw = dict(dtype=self.dtype, device=self.device)
         x = torch.zeros(self.dyn_dim, **kw) if state is None else torch.as_tensor(state, **kw)
         u = torch.zeros(self.act_dim, **kw) if action is None else torch.as_tensor(action, **kw)
@@ -203,7 +209,7 @@ class _SafeGBPOTask(DiffEnv):
 
 
 class SafeGBPOPendulum(_SafeGBPOTask):
-    """Pendulum balancing (seed 003, Appendix 7.1, eq 65-66); see the module docstring."""
+    """Pendulum balancing (SafeGBPO paper, Appendix 7.1, eq 65-66); see the module docstring."""
     task = "pendulum"
     obs_dim, act_dim, dyn_dim, noise_dim = 3, 1, 2, 1
     state_high = (math.pi, 1000.0)
@@ -246,7 +252,7 @@ class SafeGBPOPendulum(_SafeGBPOTask):
 
 
 class SafeGBPOQuadrotor(_SafeGBPOTask):
-    """Planar quadrotor balancing (seed 003, Appendix 7.1, eq 67-68); see the module docstring."""
+    """Planar quadrotor balancing (SafeGBPO paper, Appendix 7.1, eq 67-68); see the module docstring."""
     task = "quadrotor"
     obs_dim, act_dim, dyn_dim, noise_dim = 8, 2, 6, 2
     state_high = (8.0, 8.0, math.pi / 12, 0.8, 1.0, math.pi / 2)

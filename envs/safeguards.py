@@ -1,10 +1,13 @@
-"""SafeGBPO's differentiable safeguards (seed 003, §5 "Safeguards", eq 7-13, 45-54), batched torch.
+"""SafeGBPO's differentiable safeguards ("Provably Safe Reinforcement Learning from Analytic
+Gradients", §5 "Safeguards", eq 7-14, 45-54), batched torch.
 
-Safe action set (paper eq 7 with the linearised transition of eq 12-13 / 48). For a state s,
+Safe action set (paper eq 7 with the linearised transition of eq 12-14 / 48). For a state s,
 
-    S(s) = {a ∈ [−1, 1]^m ∩ CTRL : ⟨d(s) + B a, G⟩ ⊆ RCI},
+    S(s) = {a ∈ [−1, 1]^m ∩ CTRL : ⟨d(s) + B(s) a, G⟩ ⊆ RCI},
 
-where ⟨d(s) + B a, G⟩ is the linearised next-state zonotope (``env.next_set_affine``). With the
+where ⟨d(s) + B(s) a, G⟩ is the next-state zonotope of the dynamics linearised at the current
+state s (eq 13: the Taylor expansion around the current state, exact when evaluated there;
+``next_set_at_state``) — the default everywhere (``linearise="state"``). With the
 RCI set in its exact halfspace form {x : Hx ≤ h} (``env.rci_H, env.rci_h``), a zonotope ⟨c, G⟩
 lies in it iff every row's support value is below the offset, h_{Hᵢ}(⟨c, G⟩) = Hᵢc + ‖Gᵀ Hᵢ‖₁ ≤ hᵢ
 (eq 4). Hence the containment is EXACT (necessary and sufficient, not the sufficient LP
@@ -16,8 +19,8 @@ The CTRL zonotope and the action box are polytopes too (``Zonotope.halfspaces``)
 
     S(s) = {a : P a ≤ p(s)}                           (``safe_action_polytope``)
 
-— exact for the linearised dynamics, and convex (the paper's Lemma 2). P is state-independent
-for the paper's linearisation at the origin; p(s) is affine in s and differentiable.
+— exact for the linearised dynamics, and convex (the paper's Lemma 2). P(s) and p(s) are
+differentiable in s (P is state-independent only for the fixed linearisation point "origin").
 Rows are normalised to unit length (zero rows — constraints on the state only — are kept
 unnormalised; S(s) is empty if one of them is violated).
 
@@ -49,22 +52,29 @@ Safeguards (all map a policy action a ∈ [−1, 1]^m into S(s)):
   and λ_f = max{t ≥ 0 : c + t r ∈ [−1, 1]^m}; linear a_safe = c + r λ_a λ_s/λ_f, hyperbolic
   a_safe = c + r λ_s tanh(λ_a/λ_s)/tanh(λ_f/λ_s). The paper computes λ_s with an LP (eq 47);
   for a polytope it is the exact closed form λ_s = min_{i : (P r)_i > 0} (p − P c)_i / (P r)_i
-  (``ray_boundary``), λ_f likewise for the box (``box_boundary``).
+  (``ray_boundary``), λ_f likewise for the box (``box_boundary``). With the zonotopic centre,
+  λ_s is by default measured to the inner zonotope ⟨c, D diag(ℓ)⟩ ⊆ S the centre comes from
+  (``zonotope_ray_boundary``, closed form from its facets), as the reference code does by
+  default ("reuse the safe set"); ``ray_boundary_to="polytope"`` measures it to S itself. The
+  inner zonotope's λ_s is never larger, so its mapped actions lie closer to the centre.
   Safe centre:
   - ``"orthogonal"`` (eq 54): b₁ = boundary projection of a, n = (b₁ − a)/‖b₁ − a‖, b₂ = b₁ + t n
     with t = ray_boundary(b₁, n) the second boundary point, c = (b₁ + b₂)/2. Defined for unsafe
     actions only: safe actions pass unchanged (as in the paper, §6.4).
   - ``"zonotopic"`` (eq 52-53): the centre of the inner zonotope ⟨c, D diag(ℓ)⟩ ⊆ S(s)
-    maximising the geometric mean of ℓ ≥ 0 over k = 1 (m = 1) or 2m fixed random unit
-    directions D. Containment of a zonotope in the polytope is again exact and linear:
+    maximising the geometric mean of ℓ ≥ 0 over k = 1 (m = 1) or 2m random unit directions D
+    (``SafeguardedEnv`` resamples them at every step, as the reference does: entries U[−1, 1],
+    columns normalised; ``directions="fixed"`` keeps one draw). Containment of a zonotope in
+    the polytope is again exact and linear:
     P c + |P D| ℓ ≤ p. For m = 1 the optimum is the whole interval, so c = (lo + hi)/2 in
     closed form; for m ≥ 2 a differentiable cvxpylayers conic program over the pruned rows
     (``prune_polytope``), slow (one conic solve per state).
-* Linearisation: ``linearise="origin"`` (default; the paper's / spec's choice) guarantees
-  safety of the linearised dynamics only — near the RCI boundary the true (nonlinear) step can
-  leave the RCI set (measured: ~6 % of pendulum steps from uniform RCI resets, slack ≤ 0.2).
-  ``linearise="state"`` linearises at the current state, which for these control-affine
-  tasks is the exact next-state set (``next_set_at_state``).
+* Linearisation point: the current state (``linearise="state"``, the default; paper eq 13-14):
+  for these control-affine tasks with additive noise it gives the exact next-state set
+  (``next_set_at_state``), so the guarantee holds for the real step. ``linearise="origin"``
+  linearises once at the fixed equilibrium (x̄, ū, w̄) = 0, as the reference code's wrappers are
+  configured (``env.next_set_affine``); it guarantees safety of the linearised dynamics only,
+  and near the RCI boundary the true (nonlinear) step can leave the RCI set.
 * Solver failures (issue #9): a cvxpylayers solve that raises or returns NaN/Inf, or an
   active-set projection that does not converge, falls back per state and is counted in
   ``SOLVER_FAILURES`` (per process, by call site; ``SafeguardedEnv.solver_failures``), with one
@@ -75,12 +85,13 @@ Safeguards (all map a policy action a ∈ [−1, 1]^m into S(s)):
   simulator) give NaN, not an exception: there is no safe set to map into, and the learners'
   guards skip the NaN gradient that follows.
 * Passthrough gradient: a_safe = a + (safe(a) − a).detach() (identity Jacobian).
-* Regulariser (eq 45): c_reg · MSE(a_safe, a) (``regulariser``).
+* Regulariser (eq 45): c_reg · MSE(a_safe, a) (``regulariser``), a term of the policy loss.
 
 ``SafeguardedEnv`` wraps a SafeGBPO task as a ``DiffEnv``: step(s, a) clamps a to the box,
-applies the safeguard, steps the task with a_safe, and subtracts c_reg · mean_j (a_safe − a)_j²
-per sample from the reward (the per-sample MSE, so −Σ reward carries the paper's
-L_π + c_reg·MSE regulariser gradient into SHAC's loss).
+applies the safeguard and steps the task with a_safe; rewards and costs are the task's. The
+regulariser is exposed per step as ``last_loss_term`` (c_reg · mean_j (a_safe − a)_j² per
+sample), which the analytic-gradient rollout adds to the policy loss — the reference's
+L_π + c_reg·MSE(a_safe, a) — and which never enters a reward, a critic target or a return.
 """
 from __future__ import annotations
 
@@ -96,6 +107,7 @@ from saferl.envs.diff import DiffEnv
 
 KINDS = ("boundary_projection", "ray_mask_linear", "ray_mask_hyperbolic")
 CENTRES = ("orthogonal", "zonotopic")
+RAY_BOUNDARIES = ("zonotope", "polytope")  # what the zonotopic ray mask's λ_s is measured to
 
 log = logging.getLogger(__name__)
 # States whose solve failed and took the fallback (module docstring), per process, by call site:
@@ -330,15 +342,16 @@ def _reduced_rci_rows(H, h, d, B, G, groups, tol):
 
 
 def safe_action_polytope(env, state: torch.Tensor, lin=None, normalise: bool = True,
-                         linearise: str = "origin", reduce: bool = False):
+                         linearise: str = "state", reduce: bool = False):
     """(P [..., k, m], p [..., k]) with S(s) = {a : P a ≤ p}: box, CTRL, next-state-in-RCI rows.
 
     Exact for the linearised dynamics (paper eq 7 with eq 12-13/48): the next-state zonotope
     ⟨d + B a, G⟩ ⊆ {Hx ≤ h} ⟺ H B a ≤ h − H d − |H G| 1 row-wise (support function, eq 4).
     Rows: [box (2m); CTRL; RCI]. P is an expanded (zero-copy) view when it does not depend on s.
     Differentiable w.r.t. ``state`` through p (and P if the linearisation is state-dependent).
-    ``linearise``: "origin" (the paper's / spec's choice: ``env.next_set_affine(state, lin)``)
-    or "state" (``next_set_at_state``: exact for these control-affine tasks; P depends on s).
+    ``linearise``: "state" (default, paper eq 13: at the current state, ``next_set_at_state``;
+    exact for these control-affine tasks; P depends on s) or "origin" (a fixed point, as the
+    reference code's wrappers: ``env.next_set_affine(state, lin)``).
     ``reduce``: keep, per state, only the RCI rows that shape S(s) (``_reduced_rci_rows``; the
     same set to tolerance), padded with 0·a ≤ 1 to the batch's largest count: of the
     quadrotor's 28.7k RCI rows ≤ ~14 per state remain, which is what makes its safeguards
@@ -583,8 +596,36 @@ def box_boundary(c, r, low: float = -1.0, high: float = 1.0, eps: float = 1e-12)
     return t.amin(-1).clamp_min(0)
 
 
-def ray_map(P, p, a, c, hyperbolic: bool = False):
-    """Ray mask (eq 46) of a [..., m] about the centre c [..., m] (c ∈ S, a in the box)."""
+def zonotope_ray_boundary(G: torch.Tensor, r: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """max{t ≥ 0 : c + t r ∈ ⟨c, G⟩} (G [..., m, k], r [..., m]) in closed form: the zonotope's
+    halfspace form |N x| ≤ h has a normal per (m − 1)-subset of generators (their generalised
+    cross product; m = 2: each generator turned by 90°) and h_i = Σ_j |N_i g_j| (eq 4), so
+    t = min_{|N_i r| > 0} h_i / |N_i r| — the value of the reference's LP (eq 47 with the inner
+    zonotope's point containment). Zero generators give zero normals, which are skipped.
+    Differentiable in G and r. [...]"""
+    m, k = G.shape[-2], G.shape[-1]
+    if m == 1:
+        return G.abs().sum(-1)[..., 0] / r[..., 0].abs().clamp_min(eps)
+    subsets = list(itertools.combinations(range(k), m - 1))
+    rows = torch.arange(m, device=G.device)
+    sub = torch.stack([G[..., list(ids)] for ids in subsets], -3)  # [..., S, m, m − 1]
+    # the generalised cross product: cofactor i = (−1)^i det(sub without row i)
+    N = torch.stack([(-1) ** i * torch.linalg.det(sub[..., rows != i, :]) for i in range(m)], -1)  # [..., S, m]
+    h = (N @ G).abs().sum(-1)  # [..., S]
+    Nr = (N @ r.unsqueeze(-1)).squeeze(-1).abs()
+    pos = Nr > eps * N.norm(dim=-1).clamp_min(eps)
+    t = torch.where(pos, h / torch.where(pos, Nr, torch.ones_like(Nr)), torch.full_like(Nr, math.inf))
+    return t.amin(-1)
+
+
+def ray_map(P, p, a, c, hyperbolic: bool = False, generators: torch.Tensor | None = None):
+    """Ray mask (eq 46) of a [..., m] about the centre c [..., m] (c ∈ S, a in the box).
+
+    λ_s is measured to the polytope S = {P a ≤ p}, or, with ``generators`` G [..., m, k] of an
+    inner zonotope ⟨c, G⟩ ⊆ S (the zonotopic centre's, eq 52-53), to that zonotope — the
+    reference code's default ("reuse the safe set"); min(λ_s inner, λ_s polytope) there, so
+    solver round-off in the inner zonotope cannot leave S. States whose G is not finite (a
+    centre that fell back, ``zonotopic_centre``) use the polytope."""
     diff = a - c
     lam_a = diff.norm(dim=-1)
     zero = lam_a <= 1e-12
@@ -595,6 +636,11 @@ def ray_map(P, p, a, c, hyperbolic: bool = False):
     e1[..., 0] = 1.0
     r = torch.where(zero.unsqueeze(-1), e1, diff / lam_a_safe.unsqueeze(-1))
     lam_s = ray_boundary(P, p, c, r)
+    if generators is not None:
+        finite = torch.isfinite(generators).flatten(-2).all(-1)
+        G = torch.where(finite[..., None, None], generators, torch.zeros_like(generators))
+        inner = torch.where(finite, zonotope_ray_boundary(G, r), torch.full_like(lam_s, math.inf))
+        lam_s = torch.minimum(lam_s, inner)
     lam_f = box_boundary(c, r)
     lam_f = torch.maximum(lam_f, lam_a)  # a outside the box (numerically) stays in S
     if hyperbolic:
@@ -632,6 +678,13 @@ def _rand_directions(m: int, k: int, seed: int = 0) -> torch.Tensor:
     return d / d.norm(dim=0, keepdim=True)
 
 
+def random_directions(n: int, m: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """k generator directions per state, [n, m, k] float64 CPU, sampled as the reference code does
+    for every call of its zonotopic ray mask: entries U[−1, 1], each column scaled to unit length."""
+    d = torch.rand(n, m, k, generator=generator, dtype=torch.float64) * 2 - 1
+    return d / d.norm(dim=-2, keepdim=True).clamp_min(1e-12)
+
+
 @functools.lru_cache(maxsize=None)
 def _zonotope_layer(k: int, m: int, ng: int):
     import cvxpy as cp
@@ -642,17 +695,22 @@ def _zonotope_layer(k: int, m: int, ng: int):
     return CvxpyLayer(prob, parameters=[P, PD, p], variables=[c, ell])
 
 
-def zonotopic_centre(P, p, k_rows: int = 64, seed: int = 0, **solver_args):
+def zonotopic_centre(P, p, k_rows: int = 64, seed: int = 0, directions: torch.Tensor | None = None,
+                     return_generators: bool = False, **solver_args):
     """Safe centre by zonotopic approximation (eq 52-53). m = 1: the interval midpoint (exact,
     the 1-generator zonotope is the whole interval). m ≥ 2: centre of the inner zonotope
-    ⟨c, D diag(ℓ)⟩ ⊆ S maximising geo_mean(ℓ) over 2m fixed random unit directions D; the
-    containment P c + |P D| ℓ ≤ p is exact. cvxpylayers (differentiable), rows pruned to
-    those that may cut the box (exact), rounded up to a multiple of 16 (few compiled layers),
-    at most ``k_rows`` (raises if more are needed)."""
+    ⟨c, D diag(ℓ)⟩ ⊆ S maximising geo_mean(ℓ) over 2m unit directions D — ``directions``
+    [..., m, 2m] (per state, e.g. ``random_directions`` as the reference resamples them per
+    call), else fixed ones drawn from ``seed``; the containment P c + |P D| ℓ ≤ p is exact.
+    cvxpylayers (differentiable), rows pruned to those that may cut the box (exact), rounded up
+    to a multiple of 16 (few compiled layers), at most ``k_rows`` (raises if more are needed).
+    ``return_generators``: (c, G = D diag(ℓ) [..., m, 2m]); G is NaN where the solve failed and
+    the centre fell back (no inner zonotope there; m = 1: G = the half-width)."""
     m = P.shape[-1]
     if m == 1:
         lo, hi = interval_bounds(P, p)
-        return (0.5 * (lo + hi)).unsqueeze(-1)
+        c = (0.5 * (lo + hi)).unsqueeze(-1)
+        return (c, (0.5 * (hi - lo))[..., None, None]) if return_generators else c
     need = 2 * m + int(((p - P.abs().sum(-1))[..., 2 * m:] < 0).sum(-1).max())  # box-cutting rows
     Pk, pk, exact = prune_polytope(P, p, min(k_rows, -(-need // 16) * 16))  # (cost grows with k)
     finite = torch.isfinite(P).all(-1).all(-1) & torch.isfinite(p).all(-1)
@@ -662,23 +720,30 @@ def zonotopic_centre(P, p, k_rows: int = 64, seed: int = 0, **solver_args):
     if pad > 0:
         Pk = torch.cat([Pk, Pk.new_zeros(*Pk.shape[:-2], pad, m)], -2)
         pk = torch.cat([pk, pk.new_ones(*pk.shape[:-1], pad)], -1)
-    D = _rand_directions(m, 2 * m, seed).to(P)
     batch = pk.shape[:-1]
-    layer = _zonotope_layer(Pk.shape[-2], m, 2 * m)
+    k = 2 * m
+    D = _rand_directions(m, k, seed) if directions is None else directions
+    D = D.to(P).expand(*batch, m, k).reshape(-1, m, k)
+    layer = _zonotope_layer(Pk.shape[-2], m, k)
     Pf, pf = Pk.reshape(-1, *Pk.shape[-2:]), pk.reshape(-1, pk.shape[-1])
     try:
-        c, _ = layer(Pf, (Pf @ D).abs(), pf, solver_args=solver_args or {"eps": 1e-9})
-        c = c.to(P.dtype)  # (the layer solves in float64)
-        ok = torch.isfinite(c).all(-1)
+        c, ell = layer(Pf, (Pf @ D).abs(), pf, solver_args=solver_args or {"eps": 1e-9})
+        c, ell = c.to(P.dtype), ell.to(P.dtype)  # (the layer solves in float64)
+        ok = torch.isfinite(c).all(-1) & torch.isfinite(ell).all(-1)
     except Exception:  # noqa: BLE001 (the conic solver's failure: diffcp/SCS raise their own types)
         c = Pf.new_full((Pf.shape[0], m), math.nan)
+        ell = Pf.new_full((Pf.shape[0], k), math.nan)
         ok = torch.zeros(Pf.shape[0], dtype=torch.bool, device=P.device)
     bad = ok.logical_not() & _finite_rows(Pf.detach(), pf.detach())
     if bool(bad.any()):
         idx = bad.nonzero().squeeze(-1)
         _solver_failed("zonotopic_centre", idx.numel(), "exception or NaN/Inf", "orthogonal centre of the box centre")
         c = c.index_put((idx,), fallback_centre(Pf[idx], pf[idx]).to(c))
-    return c.reshape(*batch, m)
+        ell = ell.index_put((idx,), ell.new_full((idx.numel(), k), math.nan))
+    c = c.reshape(*batch, m)
+    if return_generators:
+        return c, (D * ell.clamp_min(0).unsqueeze(-2)).reshape(*batch, m, k)
+    return c
 
 
 def fallback_centre(P, p):
@@ -706,12 +771,18 @@ def regulariser(a_safe: torch.Tensor, a: torch.Tensor, c_reg: float = 0.1,
 
 
 def safeguard(env, state, action, kind: str = "boundary_projection", centre: str = "orthogonal",
-              lin=None, linearise: str = "origin") -> torch.Tensor:
-    """Map a policy action [..., m] (in the box) into S(state); differentiable in both."""
+              lin=None, linearise: str = "state", ray_boundary_to: str = "zonotope",
+              directions: torch.Tensor | None = None) -> torch.Tensor:
+    """Map a policy action [..., m] (in the box) into S(state); differentiable in both.
+    ``ray_boundary_to`` (zonotopic ray mask): λ_s to the inner zonotope ("zonotope", the
+    reference's default) or to the polytope S ("polytope"); ``directions`` [..., m, 2m]: the
+    inner zonotope's generator directions (None: fixed ones, ``zonotopic_centre``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     if centre not in CENTRES:
         raise ValueError(f"centre must be one of {CENTRES}")
+    if ray_boundary_to not in RAY_BOUNDARIES:
+        raise ValueError(f"ray_boundary_to must be one of {RAY_BOUNDARIES}")
     reduce = env.rci_H.shape[0] > 256  # (a few rows, as the pendulum's 12: not worth it)
     P, p = safe_action_polytope(env, state, lin, linearise=linearise, reduce=reduce)
     a = action.to(p.dtype)
@@ -725,22 +796,41 @@ def safeguard(env, state, action, kind: str = "boundary_projection", centre: str
         # gradient stay finite, and `where` then passes no NaN back
         c = torch.where(unsafe, c, a)
         return torch.where(unsafe, ray_map(P, p, a, c, hyper), a)
-    return ray_map(P, p, a, zonotopic_centre(P, p), hyper)
+    if ray_boundary_to == "polytope":
+        return ray_map(P, p, a, zonotopic_centre(P, p, directions=directions), hyper)
+    c, G = zonotopic_centre(P, p, directions=directions, return_generators=True)
+    return ray_map(P, p, a, c, hyper, generators=G)
 
 
 class SafeguardedEnv(DiffEnv):
     """A SafeGBPO task whose actions pass through a safeguard (paper §5).
 
     step(s, a): a ← clamp(a, −1, 1); a_safe = safeguard(s, a) (with ``passthrough``, its
-    Jacobian is the identity); the task steps with a_safe; reward −= c_reg · mean_j
-    (safe(a) − a)_j² (the regulariser uses the true safeguard map, also under passthrough, so
-    its gradient is not zeroed by the detach)."""
+    Jacobian is the identity); the task steps with a_safe and its reward and cost are returned
+    unchanged. The safe set is built from the next-state set linearised at the current state
+    s (paper eq 13-14; ``linearise="origin"``: at the fixed origin, as the reference code's
+    wrappers are configured).
+
+    Regulariser (eq 45): with c_reg > 0, ``last_loss_term`` holds c_reg · mean_j (safe(a) − a)_j²
+    per sample after each step (the true safeguard map, also under passthrough, so its gradient
+    is not zeroed by the detach). It is a policy-loss term, not a reward: the analytic-gradient
+    rollout (``learners/analytic.rollout_window``) adds it, undiscounted and never bootstrapped,
+    to the window loss, so the per-step loss is the reference's L_π + c_reg·MSE(a_safe, a); the
+    rewards — hence critic targets, logged and evaluated returns — never contain it. PPO and SAC
+    (through env hosts) ignore it: the reference applies the regulariser in SHAC's loss only,
+    and the paper post-processes their actions without informing the learner (§6.1.1).
+
+    Zonotopic ray mask: λ_s is measured to the inner zonotope by default (``ray_boundary_to``),
+    and its 2m generator directions are resampled for every step (``directions="resample"``,
+    as the reference does; drawn from a generator reseeded from the task's noise seed at every
+    ``initial_state``, so episodes are reproducible) or fixed (``"fixed"``)."""
 
     accepts_device = True  # forwarded to the wrapped task
 
     def __init__(self, env=None, kind: str = "boundary_projection", centre: str = "orthogonal",
                  passthrough: bool = False, c_reg: float = 0.0, task: str | None = None,
-                 linearise: str = "origin", **env_kwargs):
+                 linearise: str = "state", ray_boundary_to: str = "zonotope", directions: str = "resample",
+                 **env_kwargs):
         if env is None:
             from saferl.envs import safegbpo_tasks
             cls = {"pendulum": safegbpo_tasks.SafeGBPOPendulum,
@@ -748,11 +838,34 @@ class SafeguardedEnv(DiffEnv):
             env = cls(**env_kwargs)
         if kind not in KINDS or centre not in CENTRES:
             raise ValueError(f"kind ∈ {KINDS}, centre ∈ {CENTRES}")
+        if ray_boundary_to not in RAY_BOUNDARIES:
+            raise ValueError(f"ray_boundary_to must be one of {RAY_BOUNDARIES}, got {ray_boundary_to!r}")
+        if directions not in ("resample", "fixed"):
+            raise ValueError(f"directions must be 'resample' or 'fixed', got {directions!r}")
+        if linearise not in ("state", "origin"):
+            raise ValueError(f"linearise must be 'state' or 'origin', got {linearise!r}")
+        if not c_reg >= 0:
+            raise ValueError(f"c_reg must be ≥ 0, got {c_reg!r}")
         self.env, self.kind, self.centre = env, kind, centre
         self.passthrough, self.c_reg, self.linearise = passthrough, float(c_reg), linearise
+        self.ray_boundary_to, self.directions = ray_boundary_to, directions
+        self._dir_gen = torch.Generator().manual_seed(0)
+        self.last_loss_term: torch.Tensor | None = None
         self.obs_dim, self.act_dim = env.obs_dim, env.act_dim
         self.max_episode_steps = env.max_episode_steps
         self.act_low, self.act_high = env.act_low, env.act_high
+
+    # --- pickling (torch.Generator is not picklable) -----------------------------------
+    def __getstate__(self):
+        state = {**self.__dict__, "last_loss_term": None}
+        state["_dir_gen"] = self._dir_gen.get_state()
+        return state
+
+    def __setstate__(self, state):
+        gen_state = state.pop("_dir_gen")
+        self.__dict__.update(state)
+        self._dir_gen = torch.Generator()
+        self._dir_gen.set_state(gen_state)
 
     @property
     def solver_failures(self) -> int:
@@ -760,7 +873,11 @@ class SafeguardedEnv(DiffEnv):
         return sum(SOLVER_FAILURES.values())
 
     def initial_state(self, n, generator):
-        return self.env.initial_state(n, generator)
+        out = self.env.initial_state(n, generator)
+        noise_gen = getattr(self.env, "_noise_gen", None)  # (reseeded from the caller's generator)
+        if noise_gen is not None:
+            self._dir_gen.manual_seed(int(noise_gen.initial_seed()) ^ 0x5A5A5A5A)
+        return out
 
     def observe(self, state):
         return self.env.observe(state)
@@ -769,15 +886,20 @@ class SafeguardedEnv(DiffEnv):
         """(a_used, a_safe, a): the action given to the task, the raw safeguard output, the
         clamped policy action."""
         a = action.to(state.dtype).clamp(self.act_low, self.act_high)
-        a_safe = safeguard(self.env, state, a, self.kind, self.centre,
-                           linearise=self.linearise).to(state.dtype)
+        directions = None
+        m = self.act_dim
+        if self.kind != "boundary_projection" and self.centre == "zonotopic" and m > 1 \
+                and self.directions == "resample":
+            n = a.reshape(-1, m).shape[0]
+            directions = random_directions(n, m, 2 * m, self._dir_gen).reshape(*a.shape[:-1], m, 2 * m)
+        a_safe = safeguard(self.env, state, a, self.kind, self.centre, linearise=self.linearise,
+                           ray_boundary_to=self.ray_boundary_to, directions=directions).to(state.dtype)
         return (passthrough(a, a_safe) if self.passthrough else a_safe), a_safe, a
 
     def step(self, state, action):
         a_used, a_safe, a = self.safeguard(state, action)
         nxt, reward, cost = self.env.step(state, a_used)
-        if self.c_reg:
-            reward = reward - regulariser(a_safe, a, self.c_reg, reduction="none")
+        self.last_loss_term = regulariser(a_safe, a, self.c_reg, reduction="none") if self.c_reg else None
         return nxt, reward, cost
 
     def __getattr__(self, name):  # rci, ctrl, violations, ... of the wrapped task

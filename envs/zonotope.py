@@ -1,4 +1,4 @@
-"""Zonotopes for SafeGBPO (seed 003, §3 "Preliminaries", eq 1-6), batched torch.
+"""Zonotopes for SafeGBPO (SafeGBPO paper, §3 "Preliminaries", eq 1-6), batched torch.
 
     Z = ⟨c, G⟩ = {c + Gγ : ‖γ‖∞ ≤ 1},   c [..., n],  G [..., n, p]          (eq 1)
 

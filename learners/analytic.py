@@ -1,5 +1,5 @@
 """Analytic (first-order) policy gradients through a differentiable simulator: the machinery
-shared by BPTT-Lag, SHAC, SHAC-Lag and CGPO (seed 000, §5.3 and Appendix A.4-A.5).
+shared by BPTT-Lag, SHAC, SHAC-Lag and CGPO (CGPO paper, §5.3 and Appendix A.4-A.5).
 
 Short-horizon objectives (eq 19-20 = 55-56) over N envs, window [t0, t0 + h):
 
@@ -58,7 +58,13 @@ def rollout_window(env, policy: GaussianPolicy, state: torch.Tensor, t0: int, h:
     """Roll h steps from (state, t0) keeping the graph. Returns per-env window sums of reward and
     cost (Σ γ^k r_k; γ = 1 is the paper's finite-horizon objective, SHAC's own tasks discount),
     per-env bootstrap values γ^h V(s_{t0+h}, t0+h) (zero at the horizon or without critics), the
-    final state, and the (detached, undiscounted) trajectory for critic training."""
+    final state, and the (detached, undiscounted) trajectory for critic training.
+
+    An env may add a policy-loss term per step (``env.last_loss_term``, [N] or None after each
+    step; the safeguards' regulariser c_reg·MSE(a_safe, a), SafeGBPO eq 45): it is subtracted,
+    undiscounted, from the reward sum only — so it enters L_R and g = ∇L_R with the same weight
+    per step as the reward, and never the trajectory's rewards (critic targets, logged returns)
+    or the critics' bootstraps."""
     sum_r = torch.zeros(state.shape[0], device=state.device)
     sum_c = torch.zeros_like(sum_r)
     observations, rewards, costs = [], [], []
@@ -68,6 +74,9 @@ def rollout_window(env, policy: GaussianPolicy, state: torch.Tensor, t0: int, h:
         action = policy.rsample(obs, None if noise is None else noise[k])
         state, r, c = env.step(state, action)
         sum_r, sum_c = sum_r + gamma ** k * r, sum_c + gamma ** k * c
+        loss_term = getattr(env, "last_loss_term", None)
+        if loss_term is not None:
+            sum_r = sum_r - loss_term
         rewards.append(r.detach())
         costs.append(c.detach())
     obs_end = env.observe(state)

@@ -1,4 +1,4 @@
-"""BPTT-Lag (seed 000, Appendix F.1, eq 75-80).
+"""BPTT-Lag (CGPO paper, Appendix F.1, eq 75-80).
 
 The surrogate problem (eq 75-76) at θ_k, with g = ∇J_R(θ_k), q = ∇J_C(θ_k), c = J_C(θ_k) − b:
 

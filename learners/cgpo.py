@@ -1,4 +1,5 @@
-"""CGPO: Constrained Gradient-based Policy Optimization (seed 000, Algorithm 1).
+"""CGPO: Constrained Gradient-based Policy Optimization (Safe RL using Finite-Horizon
+Gradient-based Estimation, ICML 2024: Algorithm 1).
 
 Per iteration k, from the gradient workers' short windows (eq 19-20, ``learners/analytic.py``):
 
@@ -7,14 +8,38 @@ Per iteration k, from the gradient workers' short windows (eq 19-20, ``learners/
 
 solved exactly by ``learners/cgpo_math.solve_subproblem``: recovery step (Theorem 5.1, case a),
 pure ascent (Corollary 5.2, case b), or the dual solution of Algorithm 2 (case c); θ_{k+1} =
-θ_k + δ*. The radius δ̂ adapts by eq 18 from the reduction ratio ρ (actual / predicted change of
-J_R) and the toleration ratio ζ, measured once the next iteration has estimated J(θ_{k+1}).
-Critics V_R(s, t), V_C(s, t) are trained with finite-horizon TD(λ) (eq 65-68), as in SHAC-Lag.
+θ_k + δ*. Critics V_R(s, t), V_C(s, t) are trained with finite-horizon TD(λ) (eq 65-68), as in
+SHAC-Lag.
+
+**Ratio test on the same window (eq 18).** The reduction ratio ρ_k (actual / predicted change of
+J_R) and toleration ratio ζ_k compare J(θ_{k+1}) with the prediction made from (g, q) at θ_k. Both
+are measured on the window that produced g and q: ``propose`` returns θ_k + δ* without taking the
+step, every gradient worker re-rolls its last window forward only with it (same start states,
+time steps, action noise ε, critics and observation normaliser; ``GradientWorker.evaluate``), and
+``update`` then takes the step, reads
+
+    ΔL = L(θ_{k+1}) − L(θ_k)  on that window,   J(θ_{k+1}) = J(θ_k) + ΔL,
+
+and adapts δ̂ for the next iteration by eq 18. With γ = 1 (the paper's finite horizon) J(θ_{k+1})
+is exactly the window estimate (realised episode prefix + window sum + critic tail) of θ_{k+1};
+with γ < 1 the change is that of the discounted window objective whose gradients g, q are. A
+J(θ_{k+1}) read off the *next* window instead (new start states, time steps and critics) differs
+from the prediction mostly by that window's noise, which is not what eq 18 measures. Without
+evaluations (a learner driven without workers) there is no test and δ̂ is kept.
+
+**Observation normaliser.** θ and δ* are parameters of the policy *under the normaliser of θ_k*;
+the running statistics are only updated after the step and its ratio test, and the update keeps
+what the policy and critics compute: the first layer is re-expressed for the new statistics
+(W' = W diag(s'/s), b' = b + W (μ' − μ)/s with s = √(var + 1e-8)), so the policy executed at
+k+1 is exactly θ_k + δ* under the old statistics, inside the trust region (up to float rounding,
+and exactly only where no normalised coordinate hits the normaliser's clip at ±10). Without it a
+statistics update would move the executed policy by an amount no trust region bounds.
 
 g and q are not clipped (Table 4's max grad norm is 1e9): the trust region bounds the step, and
 rescaling q would change the linearised constraint. Choices not fixed by the paper: J(θ) is
-estimated per window as realised episode prefix + window
-sum + critic tail (the windows of one iteration all start at the same t0); η1 = 0.25, η2 = 0.75.
+estimated per window as realised episode prefix + window sum + critic tail (the windows of one
+iteration all start at the same t0); η1 = 0.25, η2 = 0.75; the ratio test's forward window is
+simulator work, not new samples (it is not counted in env steps).
 """
 from __future__ import annotations
 
@@ -25,12 +50,27 @@ from pydantic import Field
 from saferl.learners.cgpo_math import (RadiusParams, adapt_radius, reduction_ratio, solve_subproblem,
                                        toleration_ratio)
 from saferl.learners.networks import flat_params, set_flat_params
-from saferl.learners.shac_lag import WindowLearner, WindowParams
+from saferl.learners.shac_lag import WindowLearner, WindowParams, combine
 from saferl.learners.world_model import WorldModelParams
+
+CASES = {"a": 0, "b": 1, "c": 2}
 
 
 class CGPOParams(WindowParams):
     radius: RadiusParams = Field(default_factory=RadiusParams, description="δ̂ bounds ‖δ‖² (eq 10, 18)")
+
+
+@torch.no_grad()
+def reexpress_first_layer(layer: torch.nn.Linear, old: tuple, new: tuple, dims: int) -> None:
+    """Change the first ``dims`` inputs of ``layer`` from normalised by ``old`` = (mean, var) to
+    normalised by ``new`` without changing its output: z_old = (μ' − μ)/s + (s'/s) z_new."""
+    (mu0, var0), (mu1, var1) = old, new
+    s0, s1 = torch.sqrt(var0 + 1e-8), torch.sqrt(var1 + 1e-8)
+    w = layer.weight.double()
+    shift = ((mu1 - mu0) / s0).to(w.device)
+    layer.bias.copy_((layer.bias.double() + w[:, :dims] @ shift).to(layer.bias.dtype))
+    w[:, :dims] *= (s1 / s0).to(w.device)
+    layer.weight.copy_(w.to(layer.weight.dtype))
 
 
 class CGPO(WindowLearner):
@@ -39,42 +79,108 @@ class CGPO(WindowLearner):
     def __init__(self, params: CGPOParams, env, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
         self.radius_sq = params.radius.init
-        self.prediction: dict | None = None  # J(θ_k), Ĵ(θ_{k+1}) from the previous step
+        self.prediction: dict | None = None  # this update's J(θ_k), L(θ_k), gᵀδ, qᵀδ until its ratio test
 
-    def policy_step(self, est: dict) -> dict:
-        out = {}
-        if self.prediction is not None:  # eq 18, now that J(θ_{k+1}) has been estimated
-            prev = self.prediction
-            rho = reduction_ratio(prev["j_r"], est["j_r"], prev["pred_r"])
-            zeta = toleration_ratio(est["j_c"], prev["pred_c"], self.cost_limit)
-            self.radius_sq = adapt_radius(self.radius_sq, rho, zeta, self.p.radius)
-            out.update(reduction_ratio=rho, toleration_ratio=zeta)
+    # -- the step --------------------------------------------------------------------------------
+    def _solve(self, est: dict):
         g, q = np.asarray(est["g"], np.float64), np.asarray(est["q"], np.float64)
         delta, info = solve_subproblem(g, q, est["j_c"] - self.cost_limit, self.radius_sq)
-        if not np.isfinite(delta).all():  # never for finite inputs (cgpo_math); kept as the last guard
-            self.skipped_updates += 1
-            return {**out, **self.skip_policy_step(est)}
+        return g, q, delta, info
+
+    @staticmethod
+    def _finite(est: dict) -> bool:
+        return all(bool(np.isfinite(est[k]).all()) for k in ("g", "q", "j_r", "j_c"))
+
+    def propose(self, results: list[dict]) -> dict | None:
+        """θ_k + δ* (under θ_k's normaliser) as workers load it, for the ratio test's re-roll;
+        nothing changes here. None when ``update`` would skip the step (non-finite g, q or Ĵ)."""
+        est = combine(results)
+        if not self._finite(est):
+            return None
+        _, _, delta, _ = self._solve(est)
+        if not np.isfinite(delta).all():
+            return None
         theta = flat_params(self.policy)
         set_flat_params(self.policy, theta + torch.as_tensor(delta, dtype=theta.dtype, device=theta.device))
-        self.prediction = {"j_r": est["j_r"], "pred_r": est["j_r"] + float(g @ delta),
-                           "pred_c": est["j_c"] + float(q @ delta)}
-        out.update(radius_sq=self.radius_sq, step_norm=float(np.linalg.norm(delta)),
-                   case={"a": 0, "b": 1, "c": 2}[info["case"]], dual_lambda=info["lam"] or 0.0,
-                   dual_nu=info["nu"] or 0.0)
-        return out
+        trial = {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()}
+        set_flat_params(self.policy, theta)
+        return {"policy": trial}
+
+    def policy_step(self, est: dict) -> dict:
+        g, q, delta, info = self._solve(est)
+        if not np.isfinite(delta).all():  # never for finite inputs (cgpo_math); kept as the last guard
+            self.skipped_updates += 1
+            return self.skip_policy_step(est)
+        theta = flat_params(self.policy)
+        set_flat_params(self.policy, theta + torch.as_tensor(delta, dtype=theta.dtype, device=theta.device))
+        gain_r, gain_c = float(g @ delta), float(q @ delta)
+        self.prediction = {"j_r": est["j_r"], "j_c": est["j_c"], "l_r": est["l_r"], "l_c": est["l_c"],
+                           "gain_r": gain_r, "gain_c": gain_c}
+        return {"cgpo/radius": self.radius_sq, "step_norm": float(np.linalg.norm(delta)),
+                "cgpo/case": CASES[info["case"]], "cgpo/dual_lambda": info["lam"] or 0.0,
+                "cgpo/dual_nu": info["nu"] or 0.0, "cgpo/predicted_change_r": gain_r,
+                "cgpo/predicted_change_c": gain_c}
 
     def skip_policy_step(self, est: dict) -> dict:
         """Non-finite g, q or Ĵ (``WindowLearner.update`` counts it): no step, so θ_{k+1} = θ_k and
-        there is no prediction to test at the next iteration; δ̂ is kept."""
+        there is no prediction to test; δ̂ is kept."""
         self.prediction = None
-        return {"radius_sq": self.radius_sq, "step_norm": 0.0}
+        return {"cgpo/radius": self.radius_sq, "step_norm": 0.0}
+
+    # -- the update: step, ratio test, critics, normaliser ---------------------------------------
+    def update(self, results: list[dict], evaluations: list[dict | None] | None = None) -> dict:
+        """``results``: the workers' windows at θ_k; ``evaluations``: their forward re-rolls of the
+        same windows at ``propose``'s θ_k + δ* (``GradientWorker.evaluate``)."""
+        norm = self.policy.norm
+        before = (norm.mean.clone(), norm.var.clone()) if norm is not None else None
+        self.prediction = None
+        out = super().update(results)  # the step (policy_step), critic fit, new normaliser moments
+        if self.prediction is not None:
+            out.update(self.ratio_test(evaluations))
+        self.prediction = None
+        if before is not None and not (torch.equal(before[0], norm.mean) and torch.equal(before[1], norm.var)):
+            self.keep_outputs(before, (norm.mean.clone(), norm.var.clone()))
+        return out
+
+    def ratio_test(self, evaluations: list[dict | None] | None) -> dict:
+        """ρ_k, ζ_k on the window of θ_k (module docstring) and δ̂_{k+1} by eq 18."""
+        if not evaluations or any(e is None for e in evaluations):
+            return {}
+        pred = self.prediction
+        w = np.array([e["n"] for e in evaluations], np.float64)
+        w /= w.sum()
+        l_r = float(sum(wi * e["l_r"] for wi, e in zip(w, evaluations)))
+        l_c = float(sum(wi * e["l_c"] for wi, e in zip(w, evaluations)))
+        d_r, d_c = l_r - pred["l_r"], l_c - pred["l_c"]
+        rho = reduction_ratio(pred["j_r"], pred["j_r"] + d_r, pred["j_r"] + pred["gain_r"])
+        zeta = toleration_ratio(pred["j_c"] + d_c, pred["j_c"] + pred["gain_c"], self.cost_limit)
+        self.radius_sq = adapt_radius(self.radius_sq, rho, zeta, self.p.radius)
+        out = {"cgpo/reduction_ratio": rho, "cgpo/toleration_ratio": zeta, "cgpo/actual_change_r": d_r,
+               "cgpo/actual_change_c": d_c, "cgpo/radius_next": self.radius_sq}
+        seconds = [e.get("seconds") for e in evaluations]
+        if all(s is not None for s in seconds):
+            out["time/ratio_test_s"] = float(max(seconds))
+            out["time/gradient_window_s"] = float(max(e.get("window_seconds", 0.0) for e in evaluations))
+        return out
+
+    def keep_outputs(self, old: tuple, new: tuple) -> None:
+        """The normaliser moved from ``old`` to ``new`` (mean, var): re-express the first layer of
+        the policy and of the critics (their observation inputs; not the time input) so that
+        each computes the same function of raw observations as before."""
+        d = self.env.obs_dim
+        layers = [self.policy.net[0]]
+        for group in (self.critics, self.targets):
+            if group is not None:
+                layers += [c.net[0] for c in group]
+        for layer in layers:
+            reexpress_first_layer(layer, old, new, d)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "radius_sq": self.radius_sq, "prediction": self.prediction}
+        return {**super().state_dict(), "radius_sq": self.radius_sq}
 
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
-        self.radius_sq, self.prediction = sd["radius_sq"], sd["prediction"]
+        self.radius_sq, self.prediction = sd["radius_sq"], None
 
 
 class MBCGPOParams(CGPOParams):
@@ -83,5 +189,8 @@ class MBCGPOParams(CGPOParams):
 
 class MBCGPO(CGPO):
     """MB-CGPO (Algorithm 3): CGPO's update on gradients taken through a world model fitted to
-    real transitions (eq 85; ``learners/world_model.py``, ``actors/world_model.py``)."""
+    real transitions (eq 85; ``learners/world_model.py``, ``actors/world_model.py``). Its ratio
+    test re-rolls the window through the same world model from the same real start
+    observations (``ModelGradientWorker.evaluate``): ρ and ζ test the linear prediction of the
+    objective whose gradients g, q are, and J(θ_{k+1}) = J(θ_k) (from real data) + that change."""
     Params = MBCGPOParams

@@ -1,4 +1,5 @@
-"""CGPO trust-region step and adaptive radius (seed 000, §5.1-5.2, Appendix A.2, Algorithm 2).
+"""CGPO trust-region step and adaptive radius (Safe RL using Finite-Horizon Gradient-based
+Estimation, ICML 2024: §5.1-5.2, Appendix A.2, Algorithm 2).
 
 With g = ∇J_R(θ_k), q = ∇J_C(θ_k), c = J_C(θ_k) − b and δ = θ − θ_k, the sub-problem (eq 10) is
 

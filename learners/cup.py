@@ -22,8 +22,11 @@ Each update is two steps on the same batch, sampled by π_θk:
    starts with step 1's moments; from fresh moments, ν = 0 would leave π_θ{k+½} unchanged (the KL
    term's gradient vanishes there).
 
-ν is ``learners/lagrange.py``'s multiplier, ν ← max(0, ν + η(J_C − b)) on the mean episode cost,
-stepped by the coordinator's ``dual`` phase. The critics are fitted during step 1 (PPO-Lag's loop);
+ν is ``learners/lagrange.py``'s multiplier, by default ν ← max(0, ν + η(J_C − b)) on the mean
+episode cost (``lagrange.kind: lagrange``), stepped by the coordinator's ``dual`` phase. OmniSafe's
+CUP (``omnisafe/configs/on-policy/CUP.yaml``) steps ν with PPO-Lag's Adam rule instead (lr 0.035,
+ν₀ 0.001, ν ≤ 2, 50-episode window): ``lagrange: {kind: adam, lr: 0.035, init: 0.001, upper: 2,
+window: 50}``; the plain step stays the default so the shipped CUP configs keep their meaning. The critics are fitted during step 1 (PPO-Lag's loop);
 the advantages of both steps are computed once, before either step, from the critics at θ_k.
 The minimiser of L₂ over all policies is π ∝ π_θ{k+½} exp(−ν c_γ Â_C)
 (``tests/test_onpolicy_baselines.py`` checks the loss against it).
@@ -33,14 +36,16 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from saferl.learners.lagrange import LagrangeParams
 from saferl.learners.ppo_lag import PPOLag, PPOLagParams, advantages, lagrangian_advantage
 from saferl.learners.trust_region import detached, mean_kl
 
 
 class CUPParams(PPOLagParams):
     """PPO-Lag's parameters for step 1 (clip 0.2, 10 epochs, target KL 0.02, Adam 3e-4: OmniSafe's
-    CUP); ``lagrange`` is ν (init 0, plain ascent at 0.01 as PPO-Lag here; OmniSafe steps it with
-    Adam at 0.035)."""
+    CUP); ``lagrange`` is ν (init 0, plain ascent at 0.01; OmniSafe steps it with Adam at 0.035,
+    ``kind: adam``)."""
+    lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(lr=0.01))
     projection_epochs: int = Field(10, gt=0, description="step 2's passes over the batch "
                                    "(OmniSafe: update_iters, as step 1)")
 

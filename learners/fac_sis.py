@@ -1,5 +1,5 @@
-"""FAC-SIS: feasible actor-critic with safety-index synthesis (seed 004), and FAC with a fixed
-safety index (its baselines φ0, φ_h, φ_F).
+"""FAC-SIS: feasible actor-critic with safety-index synthesis ("Joint Synthesis of Safety
+Certificate and Safe Control Policy"), and FAC with a fixed safety index (its baselines φ0, φ_h, φ_F).
 
 SAC (``learners/sac_lag.py``: twin reward critics, auto-α, polyak targets) under the state-wise
 constraint Δφ(s, s') = φ(s') − max(φ(s) − η_D, 0) ≤ 0 for every visited s (eq 2), with the
@@ -18,14 +18,28 @@ clock and tells each update which phases are due. Every gradient is clipped to n
 ``lr_anneal_steps`` gradient steps (Table 4). ``learn_index: false`` is FAC with the fixed index
 (Table 2's φ0, φ_h, φ_F through ``safety_index.preset``).
 
+**Index step size.** Adam moves each of σ, k, n by at most about its step size per index step, so
+over a run of G gradient steps the index can travel at most Σ_t β_ζ(t) over the G / m_φ index steps
+(``index_travel_bound``). At Table 4's 8e-6 → 1e-6 that is 0.056 over 300k gradient steps and 0.375
+over 2M, while Table 2's synthesised index lies 0.20 (σ), 0.22 (k) and 0.85 (n) from φ_h: with
+Table 4's rate the index cannot reach the paper's regime within such budgets. The shipped configs
+keep Table 4's 8:1 annealing ratio and intervals and scale β_ζ so that the bound is about 2 over
+the config's budget (index_lr in each config); the comparison of step sizes across the timescales
+is not what Assumption 1 orders (that is their decay, and λ's network has thousands of weights
+moving together while ζ has three scalars).
+
+**Logged violations.** ``episode/safe_action_violations`` is Fig. 4's quantity: per finished
+training episode, the number of steps with Δφ(s, s') > 0 under the index in force (the reference
+evaluator counts the same per episode); ``episode_metrics`` computes it from the hosts' rollout
+batches. ``fac/replay_violation_share`` is the violating share of a replayed minibatch and
+``fac/replay_violation_share_pi`` the share with Q_φ(s, π(s)) > 0.
+
 Choices the paper leaves open, taken from the reference code where it has them: λ_max = 50
 (Lemma 6 needs a finite cap), Q_φ floored at f in the multiplier loss (otherwise the many states
 far from every hazard, with Δφ ≪ 0, drive λ(s) to 0 everywhere before the network tells states
-apart). The reference code floors at −0.3. On the point/hazard task, where a violating step has
-Δφ ≈ +0.07, −0.3 drove λ to 0 at every state in 3000 steps of the multiplier loss alone (f = −0.03
-and −0.003 gave λ ≈ 48-50 on violating and 10-12 on other states); in 30k-step training runs
-−0.03 still let λ collapse before violations were common, while −0.003 held λ ≈ 10-20 and brought
-the episode cost from ≈ 24 (unconstrained) to ≈ 6-8, so −0.003 is the default. λ(s) starts at 1. The index loss weights
+apart). The reference code floors at −0.3; the default is −0.003, a floor small against the Δφ of
+a violating step on the point/hazard task (docs/results/facsis.md records why). λ(s) starts at 1.
+ζ is projected onto the reference code's box after each step (``learners/safety_index.py``). The index loss weights
 the ReLU of eq 4 by λ(s) as eq 13 does, and s' is the replayed next state (off-policy data
 stand in for π's own transitions). The index reads the observation's geometry tail, so the task
 must be registered with one (``EnvSpec.n_hazards`` > 0).
@@ -64,6 +78,25 @@ class FACParams(OffPolicyParams):
     init_lambda: float = Field(1.0, gt=0, description="λ(s) at initialisation (the output bias; paper: open)")
     learn_index: bool = Field(True, description="FAC-SIS; false: FAC with the fixed index")
     safety_index: IndexParams = Field(default_factory=IndexParams)
+
+
+def index_travel_bound(index_lr: tuple[float, float], lr_anneal_steps: int, gradient_steps: int, every: int) -> float:
+    """Σ β_ζ(g) over the index steps g = every, 2·every, … ≤ ``gradient_steps`` with the linear annealing of
+    ``FACSIS._anneal`` (β at gradient step g is the value after g − 1 steps): the most Adam can move
+    each of σ, k, n over a run (its per-step move is at most about its step size)."""
+    lo, hi = index_lr
+    g = np.arange(every, gradient_steps + 1, every, dtype=np.float64)
+    return float(np.sum(lo + (hi - lo) * np.minimum(1.0, (g - 1) / lr_anneal_steps)))
+
+
+def index_lr_for_travel(travel: float, lr_anneal_steps: int, gradient_steps: int, every: int,
+                        ratio: float = 8.0) -> tuple[float, float]:
+    """The (start, end = start / ``ratio``) index step size whose ``index_travel_bound`` over the run is
+    ``travel``: the rule behind the shipped configs' ``index_lr`` (travel ≈ 2, Table 4's 8:1 ratio)."""
+    unit = index_travel_bound((1.0, 1.0 / ratio), lr_anneal_steps, gradient_steps, every)
+    if unit <= 0:
+        raise ValueError(f"no index step in {gradient_steps} gradient steps at interval {every}")
+    return travel / unit, travel / unit / ratio
 
 
 class Multiplier(torch.nn.Module):
@@ -105,6 +138,7 @@ class FACSIS(OffPolicyLearner):
         self.steps = 0  # gradient steps taken (the annealing clock)
         self.counts = dict.fromkeys(STEP_PHASES, 0)  # sub-updates run so far
         self.last_lambda = 0.0
+        self.ep_violations: list[np.ndarray] = []  # per host, per env: Δφ > 0 steps of the running episode
 
     def _anneal(self) -> None:
         p, frac = self.p, min(1.0, self.steps / self.p.lr_anneal_steps)
@@ -117,6 +151,13 @@ class FACSIS(OffPolicyLearner):
         """eq 10's clipped step through ``descend``: a NaN/Inf loss or gradient is skipped and counted."""
         return self.descend(opt, loss, params, self.p.grad_clip)
 
+    def index_step(self, b: dict, lam: torch.Tensor) -> float:
+        """One clipped step on J_ζ = E[λ(s) ReLU(Δφ_ζ(s, s'))] (eq 4 weighted as eq 13), then the projection."""
+        loss = (lam * torch.relu(self.index.delta(b["obs"], b["next_obs"]))).mean()
+        if self._clipped_step(self.index_opt, loss, list(self.index.parameters())):
+            self.index.project()
+        return loss.item()
+
     def step(self, b: dict, due: set[str] = frozenset(STEP_PHASES)) -> dict:
         p, alpha = self.p, self.log_alpha.exp().detach()
         self._anneal()
@@ -125,11 +166,11 @@ class FACSIS(OffPolicyLearner):
             a2, logp2 = self.policy.sample(b["next_obs"])
             delta = self.index.delta(b["obs"], b["next_obs"])
         out = {"loss_q": self.critic_step(b, a2, -alpha * logp2, y_c=delta),
-               "fac/violation_rate": (delta > 0).float().mean().item()}
+               "fac/replay_violation_share": (delta > 0).float().mean().item()}
         a_new, logp = self.policy.sample(b["obs"])
         q_phi = self.q_c(b["obs"], a_new)[0]
         lam = self.multiplier_net(b["obs"])
-        out["fac/violation_rate_pi"] = (q_phi > 0).float().mean().item()
+        out["fac/replay_violation_share_pi"] = (q_phi > 0).float().mean().item()
         if "policy" in due:
             q_r = self.q_r(b["obs"], a_new).min(0).values
             loss_pi = (alpha * logp - q_r + lam.detach() * q_phi).mean()
@@ -141,10 +182,7 @@ class FACSIS(OffPolicyLearner):
             loss_lam = -(lam * q_phi.detach().clamp(min=p.violation_floor)).mean()
             self._clipped_step(self.lam_opt, loss_lam, list(self.multiplier_net.parameters()))
         if "safety_index" in due and p.learn_index:
-            loss_index = (lam.detach() * torch.relu(self.index.delta(b["obs"], b["next_obs"]))).mean()
-            if self._clipped_step(self.index_opt, loss_index, list(self.index.parameters())):
-                self.index.project()
-            out["loss_index"] = loss_index.item()
+            out["loss_index"] = self.index_step(b, lam.detach())
         for name in due:
             self.counts[name] += 1
         polyak(self.q_r_target, self.q_r, p.tau)
@@ -153,19 +191,51 @@ class FACSIS(OffPolicyLearner):
             self.last_lambda = lam.mean().item()
         return {**out, "alpha": alpha.item(), "fac/q_phi": q_phi.mean().item()}
 
+    def offpolicy_setup(self) -> dict:
+        return {**super().offpolicy_setup(), "episode_metrics": True}
+
+    @torch.no_grad()
+    def episode_metrics(self, batches: list[dict]) -> list[dict]:
+        """Fig. 4's per-episode count of safe-action violations (Δφ(s, s') > 0 under the current
+        index) for every episode that ends in the hosts' rollout ``batches`` ([T, N] arrays, as
+        ``EnvHost.rollout`` returns them, one per host in a fixed order). Episodes span fragments:
+        each host's envs keep a running count. Episodes skipped for bad data (invalid steps) are
+        dropped, as the hosts drop them from their summaries; one dict per counted episode."""
+        from saferl.actors.env_host import next_observations
+
+        out = []
+        if len(self.ep_violations) != len(batches):
+            self.ep_violations = [np.zeros(b["reward"].shape[1], np.int64) for b in batches]
+        for h, batch in enumerate(batches):
+            obs = torch.as_tensor(np.asarray(batch["obs"]), dtype=torch.float32, device=self.device)
+            nxt = torch.as_tensor(next_observations(batch), dtype=torch.float32, device=self.device)
+            viol = (self.index.delta(obs, nxt) > 0).cpu().numpy()
+            valid = np.asarray(batch["valid"]) if "valid" in batch else np.ones(viol.shape, bool)
+            end = np.asarray(batch["terminated"]) | np.asarray(batch["truncated"])
+            count = self.ep_violations[h]
+            for t in range(viol.shape[0]):
+                count += viol[t] & valid[t]
+                for i in np.flatnonzero(end[t]):
+                    if valid[t, i]:
+                        out.append({"safe_action_violations": int(count[i])})
+                    count[i] = 0
+        return out
+
     def dual_metrics(self) -> dict:
         return {"lagrange_multiplier": self.last_lambda, **{f"fac/{k}": v for k, v in self.index.values().items()},
                 **{f"updates/{k}": float(v) for k, v in self.counts.items()}}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "log_alpha": self.log_alpha.detach().clone(), "steps": self.steps,
-                "counts": dict(self.counts), "last_lambda": self.last_lambda}
+                "counts": dict(self.counts), "last_lambda": self.last_lambda,
+                "ep_violations": [c.copy() for c in self.ep_violations]}
 
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
         with torch.no_grad():
             self.log_alpha.copy_(sd["log_alpha"])
         self.steps, self.counts, self.last_lambda = sd["steps"], dict(sd["counts"]), sd["last_lambda"]
+        self.ep_violations = [np.array(c, np.int64) for c in sd.get("ep_violations", [])]
 
 
 class FACParamsFixed(FACParams):

@@ -57,11 +57,11 @@ class GaussianPolicy(nn.Module):
     actions for differentiable tasks), otherwise the env clips (the PPO/OmniSafe convention)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], init_log_std: float = -0.5,
-                 squash: bool = False, normalise_obs: bool = True):
+                 squash: bool = False, normalise_obs: bool = True, activation: str = "tanh"):
         super().__init__()
-        self.squash = squash
+        self.squash, self.activation = squash, activation
         self.norm = RunningNorm(obs_dim) if normalise_obs else None
-        self.net = mlp([obs_dim, *hidden, act_dim], out_gain=0.01)
+        self.net = mlp([obs_dim, *hidden, act_dim], activation=ACTIVATIONS[activation], out_gain=0.01)
         self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
 
     def normalised(self, obs: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ class GaussianPolicy(nn.Module):
             "obs_mean": f32(norm.mean) if norm is not None else np.zeros(dim, np.float32),
             "obs_var": f32(norm.var) if norm is not None else np.ones(dim, np.float32) - 1e-8,
             "obs_clip": float(norm.clip) if norm is not None else np.inf,
-            "squash": self.squash,
+            "squash": self.squash, "activation": self.activation,
         }
 
 

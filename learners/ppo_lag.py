@@ -7,8 +7,16 @@ Per update, with reward and cost GAE from separate critics (``learners/gae.py``)
     L_π = −E[min(ρ Â, clip(ρ, 1 ± ε) Â)] − c_H H[π],    ρ = π_θ(u|s) / π_old(u|s)
     L_V = E[(V_R(s) − R̂)²] + E[(V_C(s) − Ĉ)²]
 
-and the multiplier λ of ``learners/lagrange.py`` is stepped on the mean episode cost by the
-coordinator's ``dual`` phase (not here). Early stop of the epochs when the sampled KL
+and the multiplier λ of ``learners/lagrange.py`` is stepped by the coordinator's ``dual`` phase
+(not here). The default follows OmniSafe 0.5's PPOLag (``omnisafe/configs/on-policy/PPOLag.yaml``,
+``common/lagrange.py``): Adam on the loss −λ (J_C − b) at lr 0.035 from λ₀ = 0.001, λ clamped at
+0, J_C the mean cost of the last 50 ended episodes; ``lagrange.kind: lagrange`` (plain ascent) and
+``pid`` are the named alternatives. One difference of order: OmniSafe steps λ before the epoch's
+policy update, here the dual phase runs after it, so an update uses the λ of the previous phase.
+Optional OmniSafe features: an L2 penalty ``critic_norm_coef`` Σ‖θ_V‖² added to L_V, the critics'
+gradient clipped at ``max_grad_norm`` (``clip_critic_grad``), and the policy's Adam step size
+decayed linearly from ``policy_lr`` to 0 over ``lr_decay_updates`` updates (OmniSafe's
+``linear_lr_decay``: update k uses policy_lr (1 − k/N)). Early stop of the epochs when the sampled KL
 exceeds ``target_kl``. The parts (batch assembly, critics, the clipped surrogate) are functions
 so TRPO-Lag, CPO and sTRPO can reuse them.
 """
@@ -21,7 +29,7 @@ from pydantic import Field
 from saferl.actors.env_host import next_observations
 from saferl.learners import base
 from saferl.learners.gae import gae
-from saferl.learners.lagrange import LagrangeParams, make_multiplier
+from saferl.learners.lagrange import LagrangeParams, OmniSafeLagrangeParams, dual_phase, make_multiplier
 from saferl.learners.networks import GaussianPolicy, mlp
 
 
@@ -41,7 +49,11 @@ class PPOLagParams(base.Params):
     max_grad_norm: float = Field(40.0, gt=0)
     init_log_std: float = -0.5
     normalise_obs: bool = True
-    lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(lr=0.01))
+    critic_norm_coef: float = Field(0.0, ge=0, description="L2 penalty on the critics' parameters (OmniSafe: 0.001)")
+    clip_critic_grad: bool = Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
+    lr_decay_updates: int = Field(0, ge=0, description="decay policy_lr linearly to 0 over this many updates "
+                                  "(OmniSafe's linear_lr_decay: total_env_steps / steps_per_iteration); 0: constant")
+    lagrange: OmniSafeLagrangeParams = Field(default_factory=OmniSafeLagrangeParams)
 
 
 def assemble(batches: list[dict], device: torch.device) -> dict:
@@ -108,9 +120,16 @@ class ActorCritic(base.Learner):
         return self.policy.export_numpy()
 
     def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> float:
-        """One Adam step on L_V = E[(V_R(z) − R̂)²] + E[(V_C(z) − Ĉ)²]; returns L_V."""
+        """One Adam step on L_V = E[(V_R(z) − R̂)²] + E[(V_C(z) − Ĉ)²] (+ ``critic_norm_coef`` Σ‖θ_V‖²,
+        gradient clipped at ``max_grad_norm`` with ``clip_critic_grad``, where the params have them);
+        returns L_V."""
+        params = [*self.v_r.parameters(), *self.v_c.parameters()]
         loss = ((self.v_r(z).squeeze(-1) - ret_r) ** 2).mean() + ((self.v_c(z).squeeze(-1) - ret_c) ** 2).mean()
-        self.descend(self.v_opt, loss, [*self.v_r.parameters(), *self.v_c.parameters()])
+        coef = getattr(self.p, "critic_norm_coef", 0.0)
+        if coef:
+            loss = loss + coef * sum((w ** 2).sum() for w in params)
+        clip = self.p.max_grad_norm if getattr(self.p, "clip_critic_grad", False) else None
+        self.descend(self.v_opt, loss, params, clip)
         return loss.item()
 
 
@@ -121,9 +140,14 @@ class PPOLag(ActorCritic):
         super().__init__(params, env, cost_limit, device, seed)
         self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=params.policy_lr)
         self.multiplier = make_multiplier(params.lagrange)
+        self.updates = 0  # updates done: the clock of the linear policy-lr decay
 
     def update(self, batches: list[dict]) -> dict:
         p, dev = self.p, self.device
+        if p.lr_decay_updates:
+            for group in self.pi_opt.param_groups:
+                group["lr"] = p.policy_lr * max(0.0, 1.0 - self.updates / p.lr_decay_updates)
+        self.updates += 1
         batch = assemble(batches, dev)
         lam = self.multiplier.value
         adv, ret_r, ret_c = self.policy_advantages(batch)
@@ -132,9 +156,8 @@ class PPOLag(ActorCritic):
         def minibatch_loss(idx):
             dist = self.policy.dist(obs[idx])
             logp = dist.log_prob(act[idx]).sum(-1)
-            loss_pi, ratio = clipped_surrogate(logp, logp_old[idx], adv[idx], p.clip)
-            loss_pi = loss_pi - p.entropy_coef * dist.entropy().sum(-1).mean()
-            return loss_pi, {"clip_frac": ((ratio - 1).abs() > p.clip).float().mean().item()}
+            loss_pi, extra = self.surrogate_loss(logp, logp_old[idx], adv[idx])
+            return loss_pi - p.entropy_coef * dist.entropy().sum(-1).mean(), extra
 
         def epoch_kl():
             return (logp_old - self.policy.log_prob(obs, act)).mean().item()
@@ -146,9 +169,15 @@ class PPOLag(ActorCritic):
             self.policy.norm.update(obs)
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out.update(epochs=epochs_run, std=self.policy.log_std.exp().mean().item(),
-                   lagrange_multiplier=lam, **extra)
+                   lagrange_multiplier=lam, policy_lr=self.pi_opt.param_groups[0]["lr"], **extra)
         out["health/skipped_updates"] = self.skipped_updates - skipped
         return out
+
+    def surrogate_loss(self, logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One minibatch's policy loss before the entropy bonus, and its metrics: PPO's clipped
+        surrogate of ``adv`` (a row of ``policy_advantages``' first output). PDO and APPO override it."""
+        loss, ratio = clipped_surrogate(logp, logp_old, adv, self.p.clip)
+        return loss, {"clip_frac": ((ratio - 1).abs() > self.p.clip).float().mean().item()}
 
     def policy_epochs(self, obs, ret_r, ret_c, minibatch_loss, epoch_kl) -> tuple[dict, int]:
         """Up to ``epochs`` shuffled passes: per minibatch a clipped-gradient policy step on
@@ -184,25 +213,30 @@ class PPOLag(ActorCritic):
         return {}
 
     def phase_dual(self, signals: dict) -> dict:
-        """Dual step on the mean episode cost since the last dual step (skipped if none ended)."""
-        if signals.get("episode_cost") is None:
-            return {}
-        return {"lagrange_multiplier": self.multiplier.update(signals["episode_cost"], self.cost_limit)}
+        """The multiplier's step on the episodes ended since the last dual phase (``lagrange.dual_phase``)."""
+        return dual_phase(self.multiplier, signals, self.cost_limit)
 
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "v_r": self.v_r.state_dict(), "v_c": self.v_c.state_dict(),
                 "pi_opt": self.pi_opt.state_dict(), "v_opt": self.v_opt.state_dict(),
-                "multiplier": self.multiplier.state_dict(), "rng": self.rng_state()}
+                "multiplier": self.multiplier.state_dict(), "rng": self.rng_state(), "updates": self.updates}
 
     def load_state_dict(self, sd: dict) -> None:
         for key in ("policy", "v_r", "v_c", "pi_opt", "v_opt", "multiplier"):
             getattr(self, key).load_state_dict(sd[key])
         self.set_rng_state(sd["rng"])
+        self.updates = int(sd.get("updates", 0))
+
+
+class PPOParams(PPOLagParams):
+    lagrange: LagrangeParams = Field(default_factory=LagrangeParams)  # λ₀ = 0, never stepped
 
 
 class PPO(PPOLag):
     """Unconstrained PPO: PPO-Lag without a dual phase (λ stays at its initial value, 0), so
     Â = z(Â_R). Its cost critic is still trained and logged."""
+
+    Params = PPOParams
 
 
 class CPPOPIDParams(PPOLagParams):

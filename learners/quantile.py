@@ -1,4 +1,4 @@
-"""The distributional (quantile) critic and its CVaR value, for sTRPO's unsafe policy (seed 001,
+"""The distributional (quantile) critic and its CVaR value, for sTRPO's unsafe policy (sTRPO paper,
 §4.1, eq 4: "replacing the standard value estimate in advantage computation with a CVaR-based
 estimator", citing Yang et al. 2019's quantile-function critics).
 

@@ -25,14 +25,18 @@ value targets Ĉ) for diagnostics and so the checkpoint layout is PPO-Lag's.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
+from saferl.learners.lagrange import LagrangeParams
 from saferl.learners.ppo_lag import PPOLag, PPOLagParams, advantages, standardise
 
 
 class RCPOParams(PPOLagParams):
     """PPO-Lag's parameters; ``gamma``/``lam`` are the penalised return's discount and GAE λ (the
     paper uses one discount for the penalised reward), ``cost_gamma``/``cost_lam`` only the
-    diagnostic cost critic's. ``lagrange.lr``: λ's step (slowest time scale; default 0.01 as PPO-Lag)."""
+    diagnostic cost critic's. ``lagrange.lr``: λ's step (slowest time scale; plain projected ascent
+    at 0.01 by default, as the paper's gradient step on λ: not PPO-Lag's OmniSafe Adam rule)."""
+    lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(lr=0.01))
 
 
 def penalised_advantages(critic: torch.nn.Module, norm, batch: dict, lam: float, gamma: float,

@@ -11,9 +11,15 @@ is γⁿ, 0 after a terminal state), a = tanh(u) from the stored pre-squash samp
     L_α = −E [log α · (log π(ã|s) + H̄)],  H̄ = −dim(A)                             (eq 18)
     Q̄ ← τ Q + (1 − τ) Q̄                                                       (polyak)
 
-λ is ``learners/lagrange.py``'s multiplier (PID by default), stepped on the mean episode cost by
-the coordinator's ``dual`` phase; plain SAC has no phase and λ = 0 (its cost critic is still
-trained, so its cost value is logged). The coordinator owns the update-to-data ratio and the
+λ is ``learners/lagrange.py``'s multiplier, stepped by the coordinator's ``dual`` phase; by
+default OmniSafe 0.5's SACLag rule (``omnisafe/configs/off-policy/SACLag.yaml``,
+``algorithms/off_policy/sac_lag.py``): Adam on −λ (J_C − b) at lr 1e-5 from λ₀ = 0.001, one Adam
+step per gradient step (taken at the dual phase, on the same J_C, for the gradient steps since the
+previous one), J_C the mean cost of the last 50 ended episodes, no step during the first 100
+epochs' dual phases (``warmup``). ``lagrange.kind: pid | lagrange`` name the alternatives. Plain
+SAC has no phase and λ stays at its initial value (its cost critic is still trained, so its cost
+value is logged). ``policy_delay`` k > 1 updates the actor, α and the targets every k-th step
+(OmniSafe's SAC inherits its DDPG loop's policy_delay: 2). The coordinator owns the update-to-data ratio and the
 uniform warm-up through ``offpolicy_setup``.
 """
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 from pydantic import Field
 
 from saferl.learners import base
-from saferl.learners.lagrange import LagrangeParams, make_multiplier
+from saferl.learners.lagrange import LagrangeParams, OmniSafeOffPolicyLagrangeParams, dual_phase, make_multiplier
 from saferl.learners.networks import ACTIVATIONS, TanhGaussianPolicy, mlp, polyak
 
 
@@ -50,7 +56,8 @@ class SACLagParams(OffPolicyParams):
     auto_alpha: bool = True
     tau: float = Field(0.005, gt=0, le=1, description="polyak rate of the target critics")
     max_grad_norm: float = Field(40.0, gt=0)
-    lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(kind="pid", kp=0.1, ki=0.003, kd=0.01))
+    policy_delay: int = Field(1, ge=1, description="critic steps per actor/α/target update (OmniSafe: 2)")
+    lagrange: OmniSafeOffPolicyLagrangeParams = Field(default_factory=OmniSafeOffPolicyLagrangeParams)
 
 
 class Critic(torch.nn.Module):
@@ -88,6 +95,7 @@ class OffPolicyLearner(base.Learner):
         stats: dict[str, list] = {}
         skipped = self.skipped_updates
         g = clock["first_step"] if clock else None
+        self.dual_steps_due = getattr(self, "dual_steps_due", 0) + sum(int(b["obs"].shape[0]) for b in batches)
         for block in batches:
             data = {k: torch.tensor(v, device=self.device) for k, v in block.items()}  # a copy: Ray's arrays are read-only
             for i in range(data["obs"].shape[0]):
@@ -135,17 +143,20 @@ class OffPolicyLearner(base.Learner):
         self.descend(opt, loss, params, self.p.max_grad_norm)
 
     def phase_dual(self, signals: dict) -> dict:
-        if signals.get("episode_cost") is None:
-            return {}
-        return {"lagrange_multiplier": self.multiplier.update(signals["episode_cost"], self.cost_limit)}
+        """The multiplier's step (``lagrange.dual_phase``); with ``per_gradient_step``, one per
+        gradient step since the previous dual phase."""
+        steps, self.dual_steps_due = getattr(self, "dual_steps_due", 0), 0
+        return dual_phase(self.multiplier, signals, self.cost_limit, steps)
 
     def state_dict(self) -> dict:
-        return {**{k: getattr(self, k).state_dict() for k in self.MODULES}, "rng": self.rng_state()}
+        return {**{k: getattr(self, k).state_dict() for k in self.MODULES}, "rng": self.rng_state(),
+                "dual_steps_due": getattr(self, "dual_steps_due", 0)}
 
     def load_state_dict(self, sd: dict) -> None:
         for k in self.MODULES:
             getattr(self, k).load_state_dict(sd[k])
         self.set_rng_state(sd["rng"])
+        self.dual_steps_due = int(sd.get("dual_steps_due", 0))
 
 
 class SACLag(OffPolicyLearner):
@@ -161,12 +172,16 @@ class SACLag(OffPolicyLearner):
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=p.alpha_lr)
         self.multiplier = make_multiplier(p.lagrange)
         self.target_entropy = -float(a)
+        self.steps = 0  # gradient steps taken: the actor, α and targets move when it is a multiple of policy_delay
 
     def step(self, b: dict) -> dict:
         p, alpha, lam = self.p, self.log_alpha.exp().detach(), self.multiplier.value
         with torch.no_grad():
             a2, logp2 = self.policy.sample(b["next_obs"])
         loss_q = self.critic_step(b, a2, -alpha * logp2)
+        self.steps += 1
+        if self.steps % p.policy_delay:
+            return {"loss_q": loss_q}
 
         a_new, logp = self.policy.sample(b["obs"])
         q_r, q_c = self.q_r(b["obs"], a_new).min(0).values, self.q_c(b["obs"], a_new)[0]
@@ -183,13 +198,20 @@ class SACLag(OffPolicyLearner):
     MODULES = ("policy", "q_r", "q_c", "q_r_target", "q_c_target", "pi_opt", "q_opt", "alpha_opt", "multiplier")
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "log_alpha": self.log_alpha.detach().clone()}
+        return {**super().state_dict(), "log_alpha": self.log_alpha.detach().clone(), "steps": self.steps}
 
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
         with torch.no_grad():
             self.log_alpha.copy_(sd["log_alpha"])
+        self.steps = int(sd.get("steps", 0))
+
+
+class SACParams(SACLagParams):
+    lagrange: LagrangeParams = Field(default_factory=LagrangeParams)  # λ₀ = 0, never stepped
 
 
 class SAC(SACLag):
     """Unconstrained SAC: SAC-Lag without a dual phase (λ stays at its initial value, 0)."""
+
+    Params = SACParams

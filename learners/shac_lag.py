@@ -1,4 +1,4 @@
-"""SHAC-Lag and SHAC (seed 000, Appendix F.1; SHAC: Xu et al. 2022).
+"""SHAC-Lag and SHAC (CGPO paper, Appendix F.1; SHAC: Xu et al. 2022).
 
 g = ∇L_R and q = ∇L_C come from short windows of h steps with time-conditioned critic
 bootstraps (eq 55-56, ``learners/analytic.py``), computed by the gradient workers. The
@@ -9,14 +9,26 @@ to finite-horizon TD(λ) targets (eq 66-68). SHAC is the same learner with λ �
 
 Choices not fixed by the paper: Adam for the primal step (lr, betas, grad-norm clip in Params);
 the dual step uses the current window estimate Ĵ_C = realised episode prefix + window costs +
-V_C tail; no target critics by default (seed 000's eq 68 uses the current critic). With
-``target_critic_alpha`` = α (SHAC, Xu et al. 2022 §3.2; seed 003's per-task values), the
+V_C tail; no target critics by default (the CGPO paper's eq 68 uses the current critic). With
+``target_critic_alpha`` = α (SHAC, Xu et al. 2022 §3.2; the SafeGBPO paper's per-task values), the
 window bootstraps and the TD(λ) targets use target critics V̄ ← α V̄ + (1 − α) V after each fit;
 with ``critic_lr_end`` the critic's Adam step size decays linearly (SHAC's schedule).
+
+SHAC's own policy loss (Xu et al. 2022; the SafeGBPO reference code) is the window objective per
+step, L = −1/(N h) Σ_i [Σ_t γ^t r + γ^h V]: with ``loss_per_step`` the policy step uses g/h and
+q/h (h = the window's length, so an episode's shorter last window is normalised by its own
+length) — the quantity clipped at ``max_grad_norm`` and reported as ``grad_norm``. Without it
+(the default, the CGPO paper's L_R of eq 55) the window sum is used; Adam is nearly invariant to the
+scale, the clip is not. (The reference's denominator also counts the bootstrap entries,
+N(h + 1) for a window inside an episode: a factor h/(h + 1) from ours.) ``critic_betas``,
+``critic_max_grad_norm`` (the reference clips the critic's gradients at the policy's bound) and
+``activation`` (the policy's hidden activation; the reference's is ELU, followed by a LayerNorm
+that is not reproduced here) let the SafeGBPO configs follow the reference's settings.
 """
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import numpy as np
 import torch
@@ -41,9 +53,12 @@ class WindowParams(base.Params):
     critic_iterations: int = Field(16, gt=0)
     critic_minibatch: int = Field(64, gt=0)
     td_lambda: float = Field(0.95, ge=0, le=1)
-    gamma: float = Field(1.0, gt=0, le=1, description="1 = the finite-horizon objective of seed 000; "
-                         "SHAC's own tasks (seed 003) discount")
+    gamma: float = Field(1.0, gt=0, le=1, description="1 = the finite-horizon objective of the CGPO paper; "
+                         "SHAC's own tasks (SafeGBPO) discount")
     init_log_std: float = -1.0
+    activation: Literal["tanh", "relu", "elu"] = Field("tanh", description="the policy's hidden activation")
+    critic_betas: tuple[float, float] = Field((0.9, 0.999), description="the critics' Adam betas")
+    critic_max_grad_norm: float | None = Field(None, gt=0, description="None = critic gradients not clipped")
     stochastic: bool = Field(True, description="reparameterised exploration noise in rollouts")
     normalise_obs: bool = True
     target_critic_alpha: float | None = Field(None, ge=0, lt=1, description="None = no target critics; "
@@ -54,6 +69,8 @@ class SHACLagParams(WindowParams):
     lr: float = Field(2e-3, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     betas: tuple[float, float] = (0.7, 0.95)
+    loss_per_step: bool = Field(False, description="policy step on g/h, q/h: SHAC's loss −1/(Nh) Σ (...), "
+                                "not the window sum (module docstring)")
     lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(lr=0.05))
 
 
@@ -74,14 +91,15 @@ class WindowLearner(base.Learner):
         self.horizon = min(p.horizon or env.max_episode_steps, env.max_episode_steps)
         use_critics = p.critic_hidden is not None and self.horizon < env.max_episode_steps
         self.arch = {"policy": dict(obs_dim=env.obs_dim, act_dim=env.act_dim, hidden=p.hidden,
-                                    init_log_std=p.init_log_std, squash=True, normalise_obs=p.normalise_obs),
+                                    init_log_std=p.init_log_std, squash=True, normalise_obs=p.normalise_obs,
+                                    activation=p.activation),
                      "critic_hidden": p.critic_hidden if use_critics else None, "gamma": p.gamma}
         self.policy = GaussianPolicy(**self.arch["policy"]).to(device)
         self.critics = None
         if use_critics:
             self.critics = torch.nn.ModuleList(
                 TimeValue(env.obs_dim, p.critic_hidden, env.max_episode_steps) for _ in range(2)).to(device)
-            self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=p.critic_lr)
+            self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=p.critic_lr, betas=p.critic_betas)
         self.targets = copy.deepcopy(self.critics) if use_critics and p.target_critic_alpha is not None else None
         self.critic_fits = 0
         self.last_j_c: float | None = None
@@ -107,6 +125,7 @@ class WindowLearner(base.Learner):
         non-finite Ĵ_C is not handed to the dual phase (the last finite one is kept)."""
         skipped = self.skipped_updates
         est = combine(results)
+        est["h"] = int(results[0]["traj"]["reward"].shape[0])  # this window's length
         finite = all(bool(np.isfinite(est[k]).all()) for k in ("g", "q", "j_r", "j_c"))
         if finite:
             metrics = self.policy_step(est)
@@ -149,7 +168,8 @@ class WindowLearner(base.Learner):
         for _ in range(p.critic_iterations):
             for idx in torch.randperm(h * n, device=dev).split(p.critic_minibatch):
                 loss = sum(((c(z[idx], times[idx]) - tgt[idx]) ** 2).mean() for c, tgt in zip(self.critics, targets))
-                self.descend(self.critic_opt, loss, self.critics.parameters())  # NaN: skipped, counted
+                self.descend(self.critic_opt, loss, self.critics.parameters(),  # NaN: skipped, counted
+                             p.critic_max_grad_norm)
                 losses.append(loss.item())
         if self.targets is not None:
             polyak(self.targets, self.critics, 1.0 - p.target_critic_alpha)
@@ -198,15 +218,16 @@ class SHACLag(WindowLearner):
         self.multiplier = make_multiplier(params.lagrange)
 
     def policy_step(self, est: dict) -> dict:
-        """Adam along the ascent direction of L_R − λ L_C."""
+        """Adam along the ascent direction of L_R − λ L_C (per step: divided by h, ``loss_per_step``)."""
         lam = self.multiplier.value if self.constrained else 0.0
-        direction = torch.as_tensor(est["g"] - lam * est["q"], dtype=torch.float32, device=self.device)
+        scale = 1.0 / est["h"] if self.p.loss_per_step else 1.0
+        direction = torch.as_tensor(scale * (est["g"] - lam * est["q"]), dtype=torch.float32, device=self.device)
         self.opt.zero_grad()
         i = 0
         for prm in self.policy.parameters():
             prm.grad = -direction[i:i + prm.numel()].view_as(prm).clone()
             i += prm.numel()
-        grad_norm = direction.norm().item()  # ‖g − λq‖ before clipping (what clip_grad_norm_ returned)
+        grad_norm = direction.norm().item()  # ‖g − λq‖ (/h) before clipping (what clip_grad_norm_ returned)
         self.step_grads(self.opt, self.policy.parameters(), self.p.max_grad_norm)  # NaN/Inf (e.g. λ q overflow): skipped
         return {"grad_norm": grad_norm, "lagrange_multiplier": lam}
 

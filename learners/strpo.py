@@ -1,4 +1,4 @@
-"""sTRPO: Safe Trust Region Policy Optimization (seed 001), both stages.
+"""sTRPO ("Safe, Trust Region Policy Optimization for Constrained RL"), both stages.
 
 **Stage 1, ``UnsafeTRPO``** (§4.1). An auxiliary policy π_unsafe is trained with TRPO to
 *maximise* the cost (eq 3),
@@ -20,25 +20,47 @@ where A^c is the GAE of the TD residual with a CVaR value (eq 4),
 λ is the PID multiplier (``learners/lagrange.py``, Stooke et al. 2020) stepped on the mean
 episode cost by the coordinator's ``dual`` phase. φ estimates ∇_θ D̄_KL(π_unsafe ‖ π_θ) at θ_k
 (eq 7 by importance weights; ``exclusion_gradient: analytic`` differentiates the Gaussian KL
-exactly). The step is ``exclusion_step``: with x_g = H⁻¹g, x_φ = H⁻¹φ (conjugate gradient), the
-exclusion of the full step αG is φᵀαG = √(2δ1)(r + λ2 s)/√(q + 2λ2 r + λ2² s) (q = gᵀx_g,
-r = φᵀx_g, s = φᵀx_φ), increasing in λ2 towards its supremum √(2δ1 s). When λ2 is too small,
-"(optionally) adjust λ2" is done exactly: the least λ2 with φᵀαG = δ2 is
+exactly). With x_g = H⁻¹g, x_φ = H⁻¹φ (conjugate gradient), the full step αG(λ2) excludes
+φᵀαG = √(2δ1)(r + λ2 s)/√(q + 2λ2 r + λ2² s) (q = gᵀx_g, r = φᵀx_g, s = φᵀx_φ), increasing in λ2
+towards its supremum √(2δ1 s); when λ2 is too small, "(optionally) adjust λ2" is done exactly:
+the least λ2 with φᵀαG = δ2 is
 
     λ2* = (−r + κ √((sq − r²)/(s − κ²))) / s,   κ = δ2 / √(2δ1),
 
-and with λ2 = max(λ2_config, λ2*) the step is eq 8's KKT solution when λ2_config = 0. A
-backtracking line search then accepts the first fraction with sampled D̄_KL ≤ δ1(1 + tol),
-an improved surrogate and φᵀ(fαG) ≥ δ2. If no λ2 makes eq 8 feasible (δ2 ≥ √(2δ1 s)) or no
-fraction passes, the reverse step θ_k − αG (eq 10) is line-searched on the KL alone; if that
-fails too, θ stays at θ_k. So an accepted step either satisfies both constraints of eq 8 or is
-the fallback — never neither.
+and with λ2 = max(λ2_config, λ2*) the step is eq 8's KKT solution when λ2_config = 0
+(``exclusion_step``; the code finds λ2* by bisection on the same quantity with the Fisher-vector
+products of x_g and x_φ, so it is exact for the CG solutions).
+
+**The line search** ("backtracking line search on α and (optionally) adjust λ2 until the
+exclusion constraint also holds"). φᵀ(f·αG) ≥ δ2 is linear in the step fraction f, so plain
+backtracking on the full step at λ2* can never restore it: the candidate at fraction f is
+f·αG(λ2_f), λ2_f the least λ2 ≥ λ2_config whose full step excludes δ2/f. It is accepted at the
+first f with sampled D̄_KL ≤ δ1(1 + tol), the surrogate G ascends, E[ρÃ] + λ2_f φᵀ(θ − θ_k),
+improved, and φᵀ(θ − θ_k) ≥ δ2 (``forward_search``). With ``adapt_lambda2: false`` λ2 stays at
+its configured value (the paper's literal G) and only fractions still meeting δ2 are tried.
+
+**The fallback** (eq 10, "when Eq. 8 is infeasible due to estimation noise, we apply a
+conservative fallback (reverse step) followed by line search ... preserves the TRPO KL bound
+while maintaining separation from unsafe regions"). Read as a safeguard, the reverse step
+θ_k − f·αG is accepted only where it is conservative in all three respects the text names or
+implies: sampled D̄_KL(π_k ‖ π_θ) ≤ δ1(1 + tol), the surrogate E[ρÃ] improved (it must not move
+against the objective) and the sampled D̄_KL(π_unsafe ‖ π_θ) not below its value at θ_k
+(``reverse_search``); otherwise θ stays at θ_k. To first order −αG cannot do both (with
+r² ≤ qs, −gᵀG ≥ 0 and −φᵀG ≥ 0 force g ∥ φ), so the reverse step is taken only where the sampled
+surrogate and separation disagree with the linear model, and the usual fallback is θ_k. Every
+update therefore is one of: the forward step (both constraints of eq 8, the penalised surrogate
+improved), the reverse step (KL bound, surrogate improved, separation kept) or θ_k — logged as
+``strpo/case`` (0, 1, 2), the one-hot ``strpo/forward``, ``strpo/reverse``, ``strpo/kept`` and
+their cumulative shares ``strpo/<case>_share`` (checkpointed). The fallback belongs to the
+exclusion: without φ (``exclusion: false``, or a non-finite φ) the update is TRPO's, θ_k when
+the search fails.
 
 Choices the paper leaves open, each a config value: the PID gains (OmniSafe's CPPO-PID defaults
 Kp 0.1, Ki 0.01, Kd 0.01), CVaR α = 0.25 of 32 quantiles, the quantile Huber κ = 1, the
 stage-1 budget ``unsafe_steps``, and TRPO's line-search constants (OmniSafe's). Ablations:
 ``joint_advantage: false`` uses z(Â_r) alone; ``exclusion: false`` drops φ (λ2 = 0, no
-exclusion constraint: TRPO on the joint advantage).
+exclusion constraint, no fallback: TRPO on the joint advantage); ``adapt_lambda2: false`` keeps
+λ2 at its configured value (the paper's λ2 sweep); ``fallback: none`` drops eq 10.
 """
 from __future__ import annotations
 
@@ -116,38 +138,98 @@ def least_lambda2(q: float, r: float, s: float, delta1: float, delta2: float) ->
 
 
 @dataclass
+class Directions:
+    """x_g = H⁻¹g and x_φ = H⁻¹φ (conjugate gradient) with the scalars that give the full step
+    of eq 9 for any λ2 without another Fisher-vector product: G(λ2) = x_g + λ2 x_φ,
+    GᵀHG = a + 2λ2 b + λ2² c (a = x_gᵀHx_g, b = x_gᵀHx_φ, c = x_φᵀHx_φ) and φᵀG = r + λ2 s
+    (r = φᵀx_g, s = φᵀx_φ); q = gᵀx_g."""
+    x_g: torch.Tensor
+    x_phi: torch.Tensor
+    q: float
+    r: float
+    s: float
+    a: float
+    b: float
+    c: float
+    delta1: float
+
+    def ghg(self, lambda2: float) -> float:
+        return self.a + 2 * lambda2 * self.b + lambda2 ** 2 * self.c
+
+    def exclusion(self, lambda2: float) -> float:
+        """φᵀαG(λ2) of the full step (α = √(2δ1 / GᵀHG))."""
+        ghg = self.ghg(lambda2)
+        return math.sqrt(2 * self.delta1) * (self.r + lambda2 * self.s) / math.sqrt(ghg) if ghg > 0 else -math.inf
+
+    def supremum(self) -> float:
+        """lim_{λ2→∞} φᵀαG(λ2) = √(2δ1) s / √c: no step in the trust region along G excludes more."""
+        return math.sqrt(2 * self.delta1) * self.s / math.sqrt(self.c) if self.c > 0 else -math.inf
+
+    def full_step(self, lambda2: float) -> tuple[torch.Tensor, float]:
+        """(αG(λ2), φᵀαG(λ2))."""
+        alpha = math.sqrt(2 * self.delta1 / self.ghg(lambda2))
+        return alpha * (self.x_g + lambda2 * self.x_phi), alpha * (self.r + lambda2 * self.s)
+
+    def least_lambda2(self, target: float, floor: float) -> float | None:
+        """The least λ2 ≥ ``floor`` whose full step excludes at least ``target`` (bisection on
+        the increasing φᵀαG(λ2)); None when even λ2 → ∞ falls short."""
+        if self.exclusion(floor) >= target:
+            return floor
+        if not self.supremum() > target * (1 + 1e-9):
+            return None
+        lo, hi = floor, max(floor, 1e-8)
+        while self.exclusion(hi) < target:
+            lo, hi = hi, 2 * hi
+            if hi > 1e30:
+                return None
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if self.exclusion(mid) >= target:
+                hi = mid
+            else:
+                lo = mid
+            if hi - lo <= 1e-12 * hi:
+                break
+        return hi
+
+
+@dataclass
 class ExclusionStep:
     step: torch.Tensor          # the full step αG (before the line search's fraction)
     lambda2: float
     feasible: bool              # eq 8 has a solution along G: φᵀαG ≥ δ2
     phi_step: float             # φᵀαG
+    directions: Directions | None = None   # None for the plain TRPO step (no φ)
 
 
 def exclusion_step(fvp, g: torch.Tensor, phi: torch.Tensor | None, lambda2: float, delta1: float,
                    delta2: float, cg_iters: int, adapt_lambda2: bool = True) -> ExclusionStep | None:
-    """G = H⁻¹(g + λ2 φ) and α = √(2δ1/GᵀHG) (eq 9), λ2 raised to λ2* when needed and allowed;
-    ``phi`` None: the plain TRPO step (no exclusion). None when conjugate gradient failed."""
+    """G = H⁻¹(g + λ2 φ) and α = √(2δ1/GᵀHG) (eq 9), λ2 raised to the least value meeting
+    φᵀαG ≥ δ2 when needed and allowed; ``phi`` None: the plain TRPO step (no exclusion). None
+    when conjugate gradient failed or a curvature is not positive."""
     cg_g = conjugate_gradient(fvp, g, cg_iters)
     if cg_g.failed:
         return None
-    x_g, x_phi = cg_g.x, None
-    if phi is not None:
-        cg_phi = conjugate_gradient(fvp, phi, cg_iters)
-        if cg_phi.failed:
-            return None
-        x_phi = cg_phi.x
-        q, r, s = (g @ x_g).item(), (phi @ x_g).item(), (phi @ x_phi).item()
-        if adapt_lambda2:
-            least = least_lambda2(q, r, s, delta1, delta2)
-            if least is not None and least > lambda2:
-                lambda2 = least * (1 + 1e-6)  # a hair inside, against rounding
-    direction = x_g if x_phi is None else x_g + lambda2 * x_phi
-    ghg = (direction @ fvp(direction)).item()
-    if not math.isfinite(ghg) or ghg <= 0:
+    x_g = cg_g.x
+    hx_g = fvp(x_g)
+    a = (x_g @ hx_g).item()
+    if not math.isfinite(a) or a <= 0:
         return None
-    step = math.sqrt(2 * delta1 / ghg) * direction
-    phi_step = (phi @ step).item() if phi is not None else math.inf
-    return ExclusionStep(step, lambda2, phi_step >= delta2, phi_step)
+    if phi is None:
+        return ExclusionStep(math.sqrt(2 * delta1 / a) * x_g, 0.0, True, math.inf)
+    cg_phi = conjugate_gradient(fvp, phi, cg_iters)
+    if cg_phi.failed:
+        return None
+    x_phi = cg_phi.x
+    c = (x_phi @ fvp(x_phi)).item()
+    if not math.isfinite(c) or c <= 0:
+        return None
+    d = Directions(x_g, x_phi, (g @ x_g).item(), (phi @ x_g).item(), (phi @ x_phi).item(), a,
+                   (hx_g @ x_phi).item(), c, delta1)
+    if adapt_lambda2:
+        lambda2 = d.least_lambda2(delta2 * (1 + 1e-9), lambda2) or lambda2  # a hair inside, against rounding
+    step, phi_step = d.full_step(lambda2)
+    return ExclusionStep(step, lambda2, phi_step >= delta2, phi_step, d)
 
 
 # -- stage 2: the learner ---------------------------------------------------------------------------
@@ -158,12 +240,15 @@ class STRPOParams(TRPOLagParams):
     delta2: float = Field(1e-4, ge=0, description="δ2, the least exclusion φᵀ(θ − θ_k) (paper default 1e-4)")
     lambda2: float = Field(0.01, ge=0, description="λ2, the weight of φ in G (paper: 0.01 or 1; at 1 the "
                            "exclusion dominated the z-scored reward gradient on FunctionEnv)")
-    adapt_lambda2: bool = Field(True, description="raise λ2 to the least value meeting φᵀαG ≥ δ2")
+    adapt_lambda2: bool = Field(True, description="raise λ2 to the least value meeting φᵀ(fαG) ≥ δ2 at each "
+                                "line-search fraction f; false: λ2 fixed (the paper's λ2 sweep)")
     joint_advantage: bool = Field(True, description="eq 6; false: z(Â_r) alone (ablation)")
     exclusion: bool = Field(True, description="the unsafe-policy term; false: TRPO on Ã (ablation)")
     exclusion_gradient: Literal["importance", "analytic"] = Field(
         "importance", description="φ by eq 7's importance weights, or the exact ∇ of the Gaussian KL")
-    fallback: Literal["reverse", "none"] = Field("reverse", description="eq 10's reverse step, or stay at θ_k")
+    fallback: Literal["reverse", "none"] = Field(
+        "reverse", description="when the forward step fails: eq 10's reverse step where it improves the surrogate "
+        "and keeps the separation from π_unsafe (else θ_k), or always θ_k")
     unsafe_policy: str | None = Field(
         None, description="stage-1 run directory (or checkpoint file) of a trpo_unsafe run; None: "
         "`saferl train` runs stage 1 first in RUN_DIR/unsafe_policy")
@@ -201,6 +286,9 @@ def load_unsafe_policy(path: str, env: base.EnvSpec, device) -> GaussianPolicy:
     return policy.to(device).requires_grad_(False)
 
 
+CASES = {"forward": 0, "reverse": 1, "kept": 2}  # ``strpo/case``: eq 9's step, eq 10's, θ_k kept
+
+
 class STRPO(TRPOLag):
     """Stage 2 (module docstring); TRPO-Lag's PID/Lagrange ``dual`` phase and checkpointing."""
 
@@ -208,6 +296,7 @@ class STRPO(TRPOLag):
 
     def __init__(self, params: STRPOParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
+        self.case_counts = dict.fromkeys(CASES, 0)  # updates per case so far (the cumulative shares)
         self.unsafe = None
         if params.exclusion:
             if params.unsafe_policy is None:
@@ -215,6 +304,13 @@ class STRPO(TRPOLag):
                 raise ConfigError("config error: algo_params.unsafe_policy: sTRPO needs a stage-1 policy "
                                   "(saferl train runs stage 1 itself when it is unset)")
             self.unsafe = load_unsafe_policy(params.unsafe_policy, env, device)
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "case_counts": dict(self.case_counts)}
+
+    def load_extra_state(self, sd: dict) -> None:
+        super().load_extra_state(sd)
+        self.case_counts = {**dict.fromkeys(CASES, 0), **sd.get("case_counts", {})}
 
     def joint_advantage(self, adv_r: torch.Tensor, adv_c: torch.Tensor) -> torch.Tensor:
         """Eq 6: z(Â_r) − λ z(Â_c), or z(Â_r) in the ablation."""
@@ -243,49 +339,95 @@ class STRPO(TRPOLag):
         g = k.gradient(adv)
         phi = self.exclusion_gradient(k) if self.unsafe is not None else None
         stats = {"lagrange_multiplier": self.multiplier.value}
+        unsafe_before = None
         if phi is not None:
-            stats.update(phi_norm=phi.norm().item(), unsafe_kl_before=self.unsafe_kl(k))
+            unsafe_before = self.unsafe_kl(k)
+            stats.update(phi_norm=phi.norm().item(), unsafe_kl_before=unsafe_before)
             if not torch.isfinite(phi).all():  # importance weights overflowed: no exclusion this step
                 phi = None
                 stats["phi_nonfinite"] = 1.0
         loss_before = k.measure(adv)[0]
         ex = exclusion_step(k.fvp, g, phi, p.lambda2, p.target_kl, p.delta2, p.cg_iters, p.adapt_lambda2)
-        case, res, step = "none", SearchResult(False, 0.0, 0, loss_before, 0.0, None), torch.zeros_like(g)
+        case, res, step, lambda2 = "kept", SearchResult(False, 0.0, 0, loss_before, 0.0, None), torch.zeros_like(g), 0.0
         if ex is not None:
-            step = ex.step
-            if ex.feasible:
-                res = self.search(k, ex.step, adv, loss_before, phi, ex.lambda2 if phi is not None else 0.0,
-                                  require_improvement=True)
-                case = "step" if res.accepted else case
-            if not res.accepted and p.fallback == "reverse":  # eq 10
-                step = -ex.step
-                res = self.search(k, step, adv, loss_before, None, 0.0, require_improvement=False)
-                case = "reverse" if res.accepted else "none"
-            stats.update(lambda2=ex.lambda2 if phi is not None else 0.0, phi_step=ex.phi_step if phi is not None else 0.0,
-                         exclusion_feasible=float(ex.feasible))
+            if phi is None:  # TRPO on Ã: no exclusion, no fallback
+                step, res = ex.step, self.search(k, lambda f: (ex.step, 0.0, 0.0), adv, loss_before)[1]
+            else:
+                step, lambda2, res = self.forward_search(k, ex, adv, loss_before)
+            case = "forward" if res.accepted else case
+            if not res.accepted and phi is not None and p.fallback == "reverse":  # eq 10
+                step, lambda2 = -ex.step, ex.lambda2
+                res = self.reverse_search(k, step, adv, loss_before, unsafe_before)
+                case = "reverse" if res.accepted else case
+            stats.update(lambda2=lambda2 if res.accepted else ex.lambda2, exclusion_feasible=float(ex.feasible),
+                         phi_step_full=ex.phi_step if phi is not None else 0.0)
         k.move(step, res.fraction)
+        if phi is not None:  # φᵀ(θ_{k+1} − θ_k) of the step taken
+            stats["phi_step"] = (phi @ (res.fraction * step)).item()
         loss, kl, _ = k.measure(adv)
-        stats.update({"strpo/case": {"step": 0, "reverse": 1, "none": 2}[case], "loss_pi": loss,
-                      "loss_pi_before": loss_before, "kl": kl, "step_fraction": res.fraction,
+        self.case_counts[case] += 1
+        total = sum(self.case_counts.values())
+        stats.update({"strpo/case": CASES[case], **{f"strpo/{c}": float(c == case) for c in CASES},
+                      **{f"strpo/{c}_share": n / total for c, n in self.case_counts.items()},
+                      "loss_pi": loss, "loss_pi_before": loss_before, "kl": kl, "step_fraction": res.fraction,
                       "search_tries": res.tries, "step_norm": (res.fraction * step).norm().item()})
         if self.unsafe is not None:
             stats["unsafe_kl"] = self.unsafe_kl(k)
         return stats
 
-    def search(self, k, step, adv, loss_before: float, phi: torch.Tensor | None, lambda2: float,
-               require_improvement: bool):
-        """Backtracking on ``step``: sampled KL ≤ δ1(1 + tol), the penalised surrogate
-        E[ρÃ] + λ2 φᵀ(θ − θ_k) that G ascends improved (if required) and, with ``phi``, the
-        exclusion φᵀ(f·step) ≥ δ2 (as a 'cost' −φᵀ(f·step) ≤ −δ2)."""
-        p = self.p
-        phi_step = (phi @ step).item() if phi is not None else 0.0
+    def search(self, k, candidate, adv, loss_before: float, unsafe_before: float | None = None,
+               penalised: bool = True, min_exclusion: float | None = None):
+        """Backtracking over fractions f = 1, β, β², … of a full step: ``candidate(f)`` -> (full
+        step, λ2, its φᵀstep), or None when no fraction from f down can qualify (the rest are
+        skipped). Accepted at θ_k + f·step: the sampled KL ≤ δ1(1 + tol), the surrogate improved
+        (with ``penalised`` the one G ascends, E[ρÃ] + λ2 φᵀ(θ − θ_k)), with ``min_exclusion``
+        φᵀ(θ − θ_k) ≥ it, and with ``unsafe_before`` D̄_KL(π_unsafe ‖ π_θ) not below it.
+        Returns (the accepted candidate or None, the search result)."""
+        p, tried, stop = self.p, {}, [False]
 
         def evaluate(fraction: float):
-            k.move(step, fraction)
+            cand = None if stop[0] else candidate(fraction)
+            if cand is None:
+                stop[0] = True
+                return math.nan, math.nan, None
+            st, lam, phi_full = tried[fraction] = cand
+            k.move(st, fraction)
             loss, kl, _ = k.measure(adv)
-            return loss - lambda2 * fraction * phi_step, kl, -fraction * phi_step
+            if penalised:
+                loss -= lam * fraction * phi_full
+            if unsafe_before is not None:
+                return loss, kl, unsafe_before - self.unsafe_kl(k)  # ≤ 0: separation kept
+            return loss, kl, (-fraction * phi_full if min_exclusion is not None else None)
 
-        return backtracking_line_search(
-            evaluate, loss_before, p.target_kl, kl_tolerance=p.kl_tolerance,
-            backtrack_coef=p.backtrack_coef, max_tries=p.max_backtracks, require_improvement=require_improvement,
-            cost_before=0.0, max_cost_increase=-p.delta2 if phi is not None else None)
+        limit = -min_exclusion if min_exclusion is not None else (0.0 if unsafe_before is not None else None)
+        res = backtracking_line_search(
+            evaluate, loss_before, p.target_kl, kl_tolerance=p.kl_tolerance, backtrack_coef=p.backtrack_coef,
+            max_tries=p.max_backtracks, cost_before=0.0, max_cost_increase=limit)
+        return (tried[res.fraction] if res.accepted else None), res
+
+    def forward_search(self, k, ex: ExclusionStep, adv, loss_before: float):
+        """Eq 8-9 with the paper's "backtracking line search on α and (optionally) adjust λ2 until
+        the exclusion constraint also holds": the candidate at fraction f is f·αG(λ2_f), λ2_f the
+        least λ2 ≥ the configured one whose full step excludes δ2 / f (so that f·αG(λ2_f) still
+        excludes δ2); with ``adapt_lambda2`` off λ2 stays fixed and only fractions with
+        f·φᵀαG ≥ δ2 are tried. Returns (the accepted full step, its λ2, the search result)."""
+        p, d = self.p, ex.directions
+
+        def candidate(f: float):
+            lam = ex.lambda2
+            if f < 1 and p.adapt_lambda2:
+                lam = d.least_lambda2(p.delta2 / f * (1 + 1e-9), p.lambda2)
+                if lam is None:  # δ2 / f beyond the supremum, and more so for smaller f
+                    return None
+            st, phi_full = (ex.step, ex.phi_step) if lam == ex.lambda2 else d.full_step(lam)
+            return None if f * phi_full < p.delta2 else (st, lam, phi_full)
+
+        cand, res = self.search(k, candidate, adv, loss_before, min_exclusion=p.delta2)
+        return (cand[0], cand[1], res) if cand is not None else (ex.step, ex.lambda2, res)
+
+    def reverse_search(self, k, step, adv, loss_before: float, unsafe_before: float):
+        """Eq 10's fallback θ_k − f·αG, taken only where it is the "conservative" step the paper
+        asks for: the sampled KL ≤ δ1(1 + tol), the surrogate E[ρÃ] improved and the sampled
+        D̄_KL(π_unsafe ‖ π_θ) not below its value at θ_k (separation from π_unsafe kept)."""
+        return self.search(k, lambda f: (step, 0.0, 0.0), adv, loss_before, unsafe_before=unsafe_before,
+                           penalised=False)[1]

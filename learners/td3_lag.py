@@ -16,9 +16,12 @@ r and c are n-step sums, ``discount`` is γⁿ, 0 after a terminal state), a = t
         θ̄ ← τ θ + (1 − τ) θ̄  for μ̄, Q̄_Rj, Q̄_C                            (polyak, Algorithm 1)
 
 DDPG-Lag is the same learner with one reward critic, σ̃ = 0 (ã' = μ̄(s')) and ``policy_delay`` 1.
-λ is ``learners/lagrange.py``'s multiplier (PID by default), stepped on the mean episode cost by
-the coordinator's ``dual`` phase; TD3 and DDPG have no phase and λ = 0 (the cost critic is still
-trained, so its value is logged).
+λ is ``learners/lagrange.py``'s multiplier, stepped by the coordinator's ``dual`` phase, by
+default with OmniSafe 0.5's TD3Lag / DDPGLag rule (``omnisafe/configs/off-policy/TD3Lag.yaml``,
+``DDPGLag.yaml``; the same as SAC-Lag's, ``sac_lag``): Adam on −λ (J_C − b) at lr 1e-5 from
+λ₀ = 0.001, one Adam step per gradient step, J_C the mean cost of the last 50 ended episodes, none
+in the first 100 epochs. ``lagrange.kind: pid | lagrange`` name the alternatives. TD3 and DDPG have
+no phase and λ stays at its initial value (the cost critic is still trained, so its value is logged).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch
 from pydantic import Field
 
 from saferl.learners import base
-from saferl.learners.lagrange import LagrangeParams, make_multiplier
+from saferl.learners.lagrange import LagrangeParams, OmniSafeOffPolicyLagrangeParams, make_multiplier
 from saferl.learners.networks import DeterministicTanhPolicy, polyak
 from saferl.learners.sac_lag import OffPolicyLearner, OffPolicyParams
 
@@ -44,7 +47,7 @@ class TD3LagParams(OffPolicyParams):
     noise_clip: float = Field(0.5, ge=0, description="c: the smoothing noise is clipped to [−c, c]")
     policy_delay: int = Field(2, ge=1, description="critic steps per actor and target update")
     max_grad_norm: float = Field(40.0, gt=0)
-    lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(kind="pid", kp=0.1, ki=0.003, kd=0.01))
+    lagrange: OmniSafeOffPolicyLagrangeParams = Field(default_factory=OmniSafeOffPolicyLagrangeParams)
 
 
 class DDPGLagParams(TD3LagParams):
@@ -101,8 +104,18 @@ class TD3Lag(OffPolicyLearner):
         self.steps = int(sd["steps"])
 
 
+class TD3Params(TD3LagParams):
+    lagrange: LagrangeParams = Field(default_factory=LagrangeParams)  # λ₀ = 0, never stepped
+
+
+class DDPGParams(DDPGLagParams):
+    lagrange: LagrangeParams = Field(default_factory=LagrangeParams)  # λ₀ = 0, never stepped
+
+
 class TD3(TD3Lag):
     """Unconstrained TD3: TD3-Lag without a dual phase (λ stays at its initial value, 0)."""
+
+    Params = TD3Params
 
 
 class DDPGLag(TD3Lag):
@@ -112,3 +125,5 @@ class DDPGLag(TD3Lag):
 
 class DDPG(DDPGLag):
     """Unconstrained DDPG: DDPG-Lag without a dual phase."""
+
+    Params = DDPGParams

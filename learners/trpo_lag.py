@@ -9,9 +9,13 @@ Per update, with reward and cost GAE from separate critics (``ppo_lag.advantages
     θ = θ_k + β^j √(2δ / xᵀHx) x,  the first j with D̄_KL ≤ δ(1 + tol) and E[ρ Â] improved
 
 (``learners/trust_region.py``), then the critics are fitted to the GAE value targets by
-minibatch Adam, L_V = E[(V_R − R̂)²] + E[(V_C − Ĉ)²] (as PPO-Lag). λ (``learners/lagrange.py``)
-is stepped on the mean episode cost by the coordinator's ``dual`` phase, as in PPO-Lag. TRPO is
-the same learner with no dual phase (λ stays at its initial value, 0).
+minibatch Adam, L_V = E[(V_R − R̂)²] + E[(V_C − Ĉ)²] (+ OmniSafe's ``critic_norm_coef`` Σ‖θ_V‖²,
+gradient clipped at ``max_grad_norm`` with ``clip_critic_grad``, as PPO-Lag). λ
+(``learners/lagrange.py``) is stepped by the coordinator's ``dual`` phase, as in PPO-Lag, by
+default with OmniSafe 0.5's TRPOLag rule (``omnisafe/configs/on-policy/TRPOLag.yaml``): Adam on
+−λ (J_C − b) at lr 0.035 from λ₀ = 0.001 on the mean cost of the last 50 ended episodes
+(``lagrange.kind: lagrange | pid`` name the alternatives). TRPO is the same learner with no dual
+phase (λ stays at its initial value).
 
 π_k's log-probabilities are recomputed by the learner (not the hosts' float32 ``logp``), so
 ρ = 1 exactly at θ_k and the line search compares like with like.
@@ -23,7 +27,7 @@ import torch
 from pydantic import Field
 
 from saferl.learners import base
-from saferl.learners.lagrange import LagrangeParams, make_multiplier
+from saferl.learners.lagrange import LagrangeParams, OmniSafeLagrangeParams, dual_phase, make_multiplier
 from saferl.learners.networks import GaussianPolicy, flat_grad, flat_params, set_flat_params
 from saferl.learners.ppo_lag import ActorCritic, advantages, assemble, flat, lagrangian_advantage
 from saferl.learners.trust_region import (SearchResult, backtracking_line_search, conjugate_gradient,
@@ -51,7 +55,10 @@ class TrustRegionParams(base.Params):
 
 
 class TRPOLagParams(TrustRegionParams):
-    lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(lr=0.01))
+    critic_norm_coef: float = Field(0.0, ge=0, description="L2 penalty on the critics' parameters (OmniSafe: 0.001)")
+    clip_critic_grad: bool = Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
+    max_grad_norm: float = Field(40.0, gt=0, description="with clip_critic_grad (OmniSafe: 40)")
+    lagrange: OmniSafeLagrangeParams = Field(default_factory=OmniSafeLagrangeParams)
 
 
 class PolicyAtK:
@@ -184,10 +191,8 @@ class TRPOLag(TrustRegionLearner):
         return {**natural_gradient_step(self.policy_at_k(prep), adv, self.p), "lagrange_multiplier": lam}
 
     def phase_dual(self, signals: dict) -> dict:
-        """Dual step on the mean episode cost since the last dual step (skipped if none ended)."""
-        if signals.get("episode_cost") is None:
-            return {}
-        return {"lagrange_multiplier": self.multiplier.update(signals["episode_cost"], self.cost_limit)}
+        """The multiplier's step on the episodes ended since the last dual phase (``lagrange.dual_phase``)."""
+        return dual_phase(self.multiplier, signals, self.cost_limit)
 
     def extra_state(self) -> dict:
         return {"multiplier": self.multiplier.state_dict()}
@@ -196,6 +201,12 @@ class TRPOLag(TrustRegionLearner):
         self.multiplier.load_state_dict(sd["multiplier"])
 
 
+class TRPOParams(TRPOLagParams):
+    lagrange: LagrangeParams = Field(default_factory=LagrangeParams)  # λ₀ = 0, never stepped
+
+
 class TRPO(TRPOLag):
     """Unconstrained TRPO: TRPO-Lag without a dual phase (λ stays at its initial value, 0), so
     Â = z(Â_R). Its cost critic is still trained and logged."""
+
+    Params = TRPOParams

@@ -1,4 +1,4 @@
-"""World model for MB-CGPO (seed 000, Appendix F.4.2, eq 85).
+"""World model for MB-CGPO (CGPO paper, Appendix F.4.2, eq 85).
 
 F_φ(s_t, a_t) -> (s_{t+1}, r_t, c_t), an MLP trained on real transitions with
 

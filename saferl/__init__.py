@@ -13,3 +13,22 @@ __version__ = "0.1.0"
 _root = _Path(__file__).resolve().parent.parent
 if (_root / "pyproject.toml").is_file() and (_root / "cluster" / "__init__.py").is_file():
     __path__.append(str(_root))  # noqa: F821  (package __path__)
+
+# The Python API (saferl/api.py), imported on first use: `import saferl` alone loads nothing heavy.
+_API = ("train", "load", "evaluate_run", "make_config", "Run", "Policy")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from saferl import api
+
+        return getattr(api, name)
+    if name == "sweep":  # `saferl sweep` from Python (saferl/cluster/sweep.py)
+        from saferl.cluster.sweep import run_sweep
+
+        return run_sweep
+    raise AttributeError(f"module 'saferl' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_API, "sweep"])

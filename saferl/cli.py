@@ -8,6 +8,7 @@
     saferl eval RUN_DIR --episodes N                return, cost and violation rate
     saferl eval RUN_DIR --video [--format gif|mp4]  render episodes to RUN_DIR/videos/
     saferl report RUN_DIR... [--out report.html]    self-contained HTML report + CSVs of runs
+    saferl sweep CONFIG --grid k=a,b --seeds N      Ray Tune sweep: table, plot, best combination
     saferl list                                     algorithms and tasks
     saferl bench rollout|gradients|e2e|learner|memory  throughput, end to end, memory
     saferl bench soak                               training while env hosts are SIGKILLed
@@ -16,6 +17,8 @@
                                                     algorithms on the Safety-Gymnasium tasks
     saferl benchmark offpolicy                      the same for the off-policy algorithms on CVPO's
                                                     tasks, with reward vs cumulative cost (its Figure 4)
+    saferl benchmark reference                      a baseline next to OmniSafe 0.5 (same task, seed, budget):
+                                                    one plot, one table
 
 User errors print one line (``config error: …``) and exit with status 2.
 """
@@ -54,8 +57,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from saferl.api import train_config
     from saferl.cluster import rundir
-    from saferl.cluster.session import train
 
     con = _console()
     if args.resume:
@@ -67,26 +70,41 @@ def cmd_train(args) -> int:
             raise ConfigError("usage error: saferl train needs CONFIG or --resume RUN_DIR")
         cfg = load_config(args.config, args.set)
         run_dir = None
-    out = train(cfg, run_dir=run_dir, console=con, stop_after=args.stop_after)
+    out = train_config(cfg, run_dir=run_dir, console=con, stop_after=args.stop_after).run_dir
     con.print(f"[bold green]done[/bold green]: results in {out}  "
               f"(metrics.csv, tb/, checkpoints/; `saferl eval {out} --episodes 10`)")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from saferl.cluster.evaluate import evaluate, render_videos
+    from saferl.cluster.evaluate import render_videos
 
     if args.video:
         for path in render_videos(Path(args.run_dir), args.episodes or 1, args.format,
                                   deterministic=not args.stochastic, max_frames=args.max_frames):
             print(path)
         return 0
-    result = evaluate(Path(args.run_dir), args.episodes or 10, deterministic=not args.stochastic)
+    from saferl.api import evaluate_run
+
+    result = evaluate_run(Path(args.run_dir), args.episodes or 10, deterministic=not args.stochastic)
     print(json.dumps({k: v for k, v in result.items() if k not in ("returns", "costs")}, indent=2))
     if args.save:
         from saferl.cluster.evaluate import save_result
 
         print(f"saved {save_result(Path(args.run_dir), result, not args.stochastic)}", file=sys.stderr)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from saferl.cluster import sweep
+
+    result = sweep.run_cli(args, _console())
+    if result["interrupted"]:
+        print(f"interrupted; the table holds the finished trials only: continue with "
+              f"`saferl sweep --resume {result['out']}`", file=sys.stderr)
+        return 130
+    _console().print(f"[bold green]done[/bold green]: sweep results in {result['out']} (summary.md, trials.csv, "
+                     "return_vs_cost.png, best.json)")
     return 0
 
 
@@ -106,7 +124,7 @@ def cmd_submit(args) -> int:
     if not (cfg.run_root.startswith("~") or Path(cfg.run_root).is_absolute()):
         # a relative run_root would land in the job's temporary copy of the repository
         overrides.append(f"run_root=~/saferl-runs/{cfg.run_root}")
-    job_id = jobs.submit(args.address, args.config, overrides, env_vars=args.env)
+    job_id = jobs.submit(args.address, args.config, overrides, env_vars=args.env, python=args.python)
     where = dict(o.split("=", 1) for o in overrides if o.startswith("run_root="))
     print(f"submitted {job_id} to {args.address}; results under {where.get('run_root', cfg.run_root)} "
           f"on the node running the job; follow with: saferl status {job_id} --address {args.address}")
@@ -209,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", action="store_true", help="also write the result to RUN_DIR/eval.json (for saferl report)")
     p.set_defaults(fn=cmd_eval)
 
+    p = sub.add_parser("sweep", help="grid / random search × seeds as Ray Tune trials; table, plot, best combination")
+    from saferl.cluster.sweep import add_arguments as sweep_arguments  # numpy and yaml at module level
+
+    sweep_arguments(p)
+    p.set_defaults(fn=cmd_sweep)
+
     p = sub.add_parser("report", help="self-contained HTML report (and CSVs) of one or more runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default="report.html", help="the HTML file; report_summary.csv and "
@@ -221,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--env", action="append", default=[], metavar="NAME",
                    help="environment variable to forward to the job (none are sent otherwise)")
+    p.add_argument("--python", metavar="PATH", default=None,
+                   help="the job's interpreter on the head node (default: the one Ray runs its workers with there)")
     p.set_defaults(fn=cmd_submit)
 
     for name, help_ in (("status", "status of a submitted job"), ("logs", "logs of a submitted job"),
@@ -294,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="algorithm × task × seed benchmarks in OmniSafe's table format")
     bsub = p.add_subparsers(dest="benchmark", required=True)
-    for name in benchmark.BENCHMARKS:  # onpolicy, offpolicy
+    for name in benchmark.BENCHMARKS:  # onpolicy, offpolicy, reference
         module = benchmark.load(name)
         b = bsub.add_parser(name, help=module.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(b)

@@ -58,7 +58,7 @@ class Schedule(Strict):
     phases: dict[str, int] = Field(default_factory=dict, description="phase -> interval; unlisted phases run every iteration")
     step_phases: dict[str, int] = Field(
         default_factory=dict, description="off-policy learners' sub-updates -> interval in gradient steps "
-        "(e.g. FAC-SIS: policy 3, multiplier 12, safety_index 24); unlisted ones run every step")
+        "(e.g. FAC-SIS: policy 3, multiplier 12, safety_index 24); an algorithm with step phases needs all listed")
     log_every: int = Field(1, gt=0)
     checkpoint_every: int = Field(10, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
@@ -90,6 +90,14 @@ class Checks(Strict):
         "out of the batch and count it (health/skipped_episodes)")
 
 
+class CustomEnv(Strict):
+    """A task outside the registry (``task: module:Class`` or a Gymnasium id; docs/custom_envs.md)."""
+    cost_limit: float = Field(description="the constraint's threshold on the episode cost")
+    max_episode_steps: int = Field(gt=0, description="episode length T (episodes are truncated there)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the class / factory / gymnasium.make")
+    cost_key: str = Field("cost", description="Gymnasium-style step: the info key holding the per-step cost")
+
+
 class RunConfig(Strict):
     algo: str
     task: str
@@ -106,6 +114,7 @@ class RunConfig(Strict):
     schedule: Schedule = Field(default_factory=Schedule)
     logging: Logging = Field(default_factory=Logging)
     checks: Checks = Field(default_factory=Checks)
+    env: CustomEnv | None = Field(None, description="a custom task's cost limit, episode length, kwargs")
     algo_params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("algo")
@@ -114,14 +123,9 @@ class RunConfig(Strict):
         registry.get_algo(v)  # the error lists the known names
         return v
 
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, v: str) -> str:
-        registry.get_task(v)
-        return v
-
     @model_validator(mode="after")
     def _compatible(self) -> "RunConfig":
+        self._custom_task()
         algo, task = registry.get_algo(self.algo), registry.get_task(self.task)
         if algo.kind == "gradient" and not task.differentiable and not algo.world_model:
             raise ValueError(f"task: {self.task} is not differentiable; {self.algo} needs analytic "
@@ -137,6 +141,11 @@ class RunConfig(Strict):
         if unknown:
             raise ValueError(f"schedule.step_phases: {self.algo} has no step phase {sorted(unknown)}; "
                              f"it has {list(algo.step_phases) or 'none'}")
+        missing = [k for k in algo.step_phases if k not in self.schedule.step_phases]
+        if missing:  # unlisted, they would all run every gradient step: the timescales would collapse
+            raise ValueError(f"schedule.step_phases: {self.algo} needs an interval in gradient steps for each of "
+                             f"{list(algo.step_phases)}; missing {missing} (FAC-SIS Table 4: policy 3, "
+                             f"multiplier 12, safety_index 24)")
         res = self.resources
         if res.inference_gpus and res.inference != "server":
             raise ValueError("resources.inference_gpus: GPUs for inference need resources.inference: server")
@@ -148,6 +157,26 @@ class RunConfig(Strict):
             raise ValueError(f"steps_per_iteration: must be divisible by num_env_hosts × "
                              f"envs_per_host = {n_envs} (got {self.steps_per_iteration})")
         return self
+
+    def _custom_task(self) -> None:
+        """A registered task, or (with an ``env:`` section) a custom one, checked and registered
+        here by building and stepping one env (envs/custom.py)."""
+        known = registry.TASKS.get(self.task)
+        if self.env is None:
+            if known is None:
+                raise ValueError(f"task: unknown task {self.task!r}; known: {', '.join(sorted(registry.TASKS))} "
+                                 "(or your own: 'module:Class' or a Gymnasium id with an env: section)")
+            if known.kind == "custom":
+                raise ValueError(f"env: {self.task} is a custom task: give env.cost_limit and env.max_episode_steps")
+            return
+        if known is not None and known.kind != "custom":
+            raise ValueError(f"env: {self.task} is a registered task (cost limit {known.cost_limit:g}, "
+                             f"T {known.max_episode_steps}); the env section is for tasks outside the registry")
+        from saferl.envs.custom import register_custom
+
+        e = self.env
+        register_custom(self.task, e.cost_limit, e.max_episode_steps, e.kwargs, e.cost_key,
+                        registry.get_algo(self.algo).kind)
 
     # -- derived values --------------------------------------------------------------------
     @property

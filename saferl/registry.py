@@ -9,7 +9,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Literal
 
-EnvKind = Literal["safety_gymnasium", "gymnasium", "torch"]
+EnvKind = Literal["safety_gymnasium", "gymnasium", "torch", "custom"]  # custom: envs/custom.py
 AlgoKind = Literal["sampling", "gradient", "offpolicy"]
 
 
@@ -55,6 +55,10 @@ class TaskSpec:
 
 ALGORITHMS: dict[str, AlgoSpec] = {}
 TASKS: dict[str, TaskSpec] = {}
+# Custom tasks (a config's ``env:`` section, envs/custom.py): the Ray runtime_env their env hosts
+# get (py_modules, and this variable holding their specs, read below when an actor imports us).
+TASK_RUNTIME_ENVS: dict[str, dict] = {}
+CUSTOM_TASKS_ENV = "SAFERL_CUSTOM_TASKS"
 
 
 def register_algo(spec: AlgoSpec) -> None:
@@ -83,24 +87,30 @@ register_algo(AlgoSpec("focops", "sampling", "saferl.learners.focops:FOCOPS", ("
                        "Zhang, Vuong & Ross 2020 (FOCOPS, eq 7-8; ν on the dual phase)"))
 register_algo(AlgoSpec("cup", "sampling", "saferl.learners.cup:CUP", ("dual",),
                        "Yang, Ji, Dai et al. 2022 (Constrained Update Projection; ν on the dual phase)"))
+register_algo(AlgoSpec("pdo", "sampling", "saferl.learners.pdo:PDO", ("dual",),
+                       "Chow, Ghavamzadeh, Janson & Pavone 2018 (primal-dual policy gradient on J_R − λ(J_C − b); "
+                       "λ on the dual phase)"))
+register_algo(AlgoSpec("appo", "sampling", "saferl.learners.appo:APPO", ("dual",),
+                       "Dai, Ji, Yang, Zheng & Pan 2023 (augmented-Lagrangian PPO; λ ← max(0, λ + σ(J_C − b)) "
+                       "on the dual phase)"))
 register_algo(AlgoSpec("pcpo", "sampling", "saferl.learners.pcpo:PCPO", (),
                        "Yang, Rosca, Narasimhan & Ramadge 2020 (the projection is in the step: no dual phase)"))
 register_algo(AlgoSpec("trpo_unsafe", "sampling", "saferl.learners.strpo:UnsafeTRPO", (),
-                       "seed 001 (sTRPO) §4.1, eq 3-4: stage 1, TRPO maximising the cost with a CVaR critic"))
+                       "sTRPO paper §4.1, eq 3-4: stage 1, TRPO maximising the cost with a CVaR critic"))
 register_algo(AlgoSpec("strpo", "sampling", "saferl.learners.strpo:STRPO", ("dual",),
-                       "seed 001 (sTRPO) §4.2-4.3, eq 6-10; stage 1 (trpo_unsafe) first unless "
+                       "sTRPO paper §4.2-4.3, eq 6-10; stage 1 (trpo_unsafe) first unless "
                        "algo_params.unsafe_policy names one", pretrain="saferl.cluster.stages:unsafe_policy_stage"))
 register_algo(AlgoSpec("sac_lag", "offpolicy", "saferl.learners.sac_lag:SACLag", ("dual",),
                        "SAC: Haarnoja et al. 2018; Lagrangian as in FSRL / OmniSafe"))
 register_algo(AlgoSpec("sac", "offpolicy", "saferl.learners.sac_lag:SAC", (),
                        "Haarnoja et al. 2018 (unconstrained)"))
 register_algo(AlgoSpec("cvpo", "offpolicy", "saferl.learners.cvpo:CVPO", (),
-                       "seed 002, Algorithm 2, eq 7-9 (E-step), 78-84 (M-step); the duals are solved per update"))
+                       "CVPO paper, Algorithm 2, eq 7-9 (E-step), 78-84 (M-step); the duals are solved per update"))
 register_algo(AlgoSpec("fac_sis", "offpolicy", "saferl.learners.fac_sis:FACSIS", (),
-                       "seed 004, Algorithm 1, eq 2-4, 10-13 (safety-index synthesis on three timescales)",
+                       "FAC-SIS paper, Algorithm 1, eq 2-4, 10-13 (safety-index synthesis on three timescales)",
                        step_phases=("policy", "multiplier", "safety_index")))
 register_algo(AlgoSpec("fac", "offpolicy", "saferl.learners.fac_sis:FAC", (),
-                       "seed 004's baseline: FAC with a fixed safety index (φ0, φ_h, φ_F of Table 2; "
+                       "the FAC-SIS paper's baseline: FAC with a fixed safety index (φ0, φ_h, φ_F of Table 2; "
                        "algo_params.learn_index false)", step_phases=("policy", "multiplier")))
 register_algo(AlgoSpec("td3_lag", "offpolicy", "saferl.learners.td3_lag:TD3Lag", ("dual",),
                        "TD3: Fujimoto, van Hoof & Meger 2018; Lagrangian as in FSRL / OmniSafe"))
@@ -111,13 +121,13 @@ register_algo(AlgoSpec("ddpg_lag", "offpolicy", "saferl.learners.td3_lag:DDPGLag
 register_algo(AlgoSpec("ddpg", "offpolicy", "saferl.learners.td3_lag:DDPG", (),
                        "Lillicrap et al. 2016 (unconstrained)"))
 register_algo(AlgoSpec("bptt_lag", "gradient", "saferl.learners.bptt_lag:BPTTLag", ("dual",),
-                       "seed 000, Appendix F.1, eq 75-80"))
+                       "CGPO paper, Appendix F.1, eq 75-80"))
 register_algo(AlgoSpec("shac_lag", "gradient", "saferl.learners.shac_lag:SHACLag", ("dual",),
-                       "seed 000, Appendix F.1; SHAC: Xu et al. 2022"))
+                       "CGPO paper, Appendix F.1; SHAC: Xu et al. 2022"))
 register_algo(AlgoSpec("cgpo", "gradient", "saferl.learners.cgpo:CGPO", (),
-                       "seed 000, Algorithm 1-2, eq 6-20"))
+                       "CGPO paper, Algorithm 1-2, eq 6-20"))
 register_algo(AlgoSpec("mb_cgpo", "gradient", "saferl.learners.cgpo:MBCGPO", ("world_model",),
-                       "seed 000, Algorithm 3, eq 85", world_model=True))
+                       "CGPO paper, Algorithm 3, eq 85", world_model=True))
 register_algo(AlgoSpec("shac", "gradient", "saferl.learners.shac_lag:SHAC", (),
                        "Xu et al. 2022 (unconstrained)"))
 
@@ -134,19 +144,19 @@ for _id, _steps in [
 ]:
     register_task(TaskSpec(_id, "safety_gymnasium", _id, 25.0, _steps))
 
-# Point-robot hazard tasks with the geometry tail safety-index learners read (seed 004's
+# Point-robot hazard tasks with the geometry tail safety-index learners read (the FAC-SIS paper's
 # Hazards Goal / Push): FAC-SIS asks for zero violations, so the limit is 0.
 # Pillars variants: envs/safety_gym.py builds them (Safety-Gymnasium has no constrained pillars).
 for _id in ("SafetyPointGoal1", "SafetyPointPush1", "SafetyPointPillarsGoal1", "SafetyPointPillarsPush1"):
     register_task(TaskSpec(f"{_id}-SIS-v0", "safety_gymnasium", f"{_id}-v0", 0.0, 1000, kwargs={"geometry": True}))
 
-# CGPO's FunctionEnv (seed 000, Appendix C / F.4.1): J_C = sum_{t<100} f(x_t) <= 8.
+# CGPO's FunctionEnv (CGPO paper, Appendix C / F.4.1): J_C = sum_{t<100} f(x_t) <= 8.
 register_task(TaskSpec("FunctionEnv-v0", "torch", "saferl.envs.function_env:FunctionEnv", 8.0, 100,
                        differentiable=True))
 register_task(TaskSpec("FunctionEnvFloor-v0", "torch", "saferl.envs.function_env:FunctionEnv", 8.0,
                        100, differentiable=False, kwargs={"floor": True}))
 
-# CGPO's differentiable Brax tasks (seed 000, Appendix E, Table 4: limits and episode lengths).
+# CGPO's differentiable Brax tasks (CGPO paper, Appendix E, Table 4: limits and episode lengths).
 # CartPole's cost is −x² with J_C <= −50 (the cart must stay away from the origin).
 for _id, _cls, _limit, _steps in [
     ("BraxCartPole-v0", "BraxCartPole", -50.0, 300),
@@ -157,7 +167,7 @@ for _id, _cls, _limit, _steps in [
     register_task(TaskSpec(_id, "torch", f"saferl.envs.brax_tasks:{_cls}", _limit, _steps,
                            differentiable=True))
 
-# FAC-SIS's custom point/hazard task (seed 004, App. E.2): goal (0, 5), one hazard of radius 0.5,
+# FAC-SIS's custom point/hazard task (FAC-SIS paper, App. E.2): goal (0, 5), one hazard of radius 0.5,
 # 120 steps, three initial distributions (Table 1). Safety is state-wise (never enter the hazard),
 # so the limit is 0; the observation ends with the geometry tail a safety index reads.
 for _d in (1, 2, 3):
@@ -165,11 +175,11 @@ for _d in (1, 2, 3):
                            differentiable=True, kwargs={"distribution": _d},
                            base=None if _d == 1 else "PointHazard-D1-v0"))  # D2, D3 use D1's configs
 
-# Non-differentiable Swimmer (seed 000, Appendix F.4.1): for MB-CGPO and sampling baselines.
+# Non-differentiable Swimmer (CGPO paper, Appendix F.4.1): for MB-CGPO and sampling baselines.
 register_task(TaskSpec("SwimmerVelocity-v0", "gymnasium", "Swimmer-v5", 150.0, 300,
                        kwargs={"cost": "speed"}))
 
-# SafeGBPO's balancing tasks (seed 003, Appendix 7.1): T 240. The cost is the safety monitor,
+# SafeGBPO's balancing tasks (SafeGBPO paper, Appendix 7.1): T 240. The cost is the safety monitor,
 # 1 per step on which the state leaves the RCI set or the feasible state box; the paper's
 # safeguards guarantee no violation ever, so the limit is 0 (any cost is a failure, not a budget).
 for _id, _cls in [("SafeGBPOPendulum-v0", "SafeGBPOPendulum"),
@@ -177,10 +187,10 @@ for _id, _cls in [("SafeGBPOPendulum-v0", "SafeGBPOPendulum"),
     register_task(TaskSpec(_id, "torch", f"saferl.envs.safegbpo_tasks:{_cls}", 0.0, 240,
                            differentiable=True))
 
-# SafeGBPO safeguarded tasks (seed 003, §5-6): the policy's action passes through a safeguard onto
+# SafeGBPO safeguarded tasks (SafeGBPO paper, §5-6): the policy's action passes through a safeguard onto
 # the safe action set. The next-state set is the Taylor expansion at the current state (paper
 # eq 12-14: exact, as both tasks are affine in action and noise), so the guarantee holds for the
-# real step; a linearisation at the origin (spec/ALGORITHMS.md's reading) left ~6% of Pendulum
+# real step; a linearisation at the origin (the fixed point the reference code's wrappers use) left ~6% of Pendulum
 # steps outside the RCI set here. The variants are the paper's Tables 3-5: base boundary
 # projection (BP) and ray mask (RM: linear map, zonotopic safe centre), and the modifications.
 SAFEGUARD_VARIANTS: dict[str, dict] = {
@@ -198,6 +208,17 @@ for _base, _sys in [("SafeGBPOPendulum", "pendulum"), ("SafeGBPOQuadrotor", "qua
         register_task(TaskSpec(f"{_base}-{_tag}-v0", "torch", "saferl.envs.safeguards:SafeguardedEnv", 0.0, 240,
                                differentiable=True, kwargs={"task": _sys, "linearise": "state", **_kw},
                                base=f"{_base}-v0"))
+
+
+def _register_custom_from_environment() -> None:
+    import json
+    import os
+
+    for spec in json.loads(os.environ.get(CUSTOM_TASKS_ENV) or "[]"):
+        register_task(TaskSpec(**spec))
+
+
+_register_custom_from_environment()
 
 
 def get_algo(name: str) -> AlgoSpec:

@@ -162,7 +162,7 @@ def test_cartpole_through_torch_vec_env(cartpole):
 
 
 def test_brax_tasks_registered_with_paper_limits():
-    expected = {  # name: (cost limit, horizon, obs_dim, act_dim) — seed 000, Table 4
+    expected = {  # name: (cost limit, horizon, obs_dim, act_dim) — CGPO paper, Table 4
         "BraxCartPole-v0": (-50.0, 300, 4, 1),
         "BraxReacher-v0": (400.0, 300, 11, 2),
         "BraxHalfCheetahVel-v0": (400.0, 200, 17, 6),

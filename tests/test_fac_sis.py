@@ -1,7 +1,10 @@
-"""FAC-SIS (seed 004) against independent computations: the safety index by hand and its
-gradient by finite differences, the custom point/hazard task's dynamics and distributions,
-the three timescales firing exactly at their gradient-step intervals (the coordinator's clock
-across updates), FAC's fixed index, exact resume, and a short run on the local Ray cluster."""
+"""FAC-SIS ("Joint Synthesis of Safety Certificate and Safe Control Policy") against independent
+computations: the safety index by hand and its gradient by finite differences, the custom
+point/hazard task's dynamics, distributions and actuator constants, the three timescales firing
+exactly at their gradient-step intervals (the coordinator's clock across updates) and refused when
+unlisted, the index's step size against its travel bound over many updates, Fig. 4's per-episode
+violations counted by hand, FAC's fixed index, exact resume, the feasibility study's sensitivity
+table, and runs on the local Ray cluster."""
 from __future__ import annotations
 
 import copy
@@ -16,8 +19,8 @@ import torch
 from saferl.config import ConfigError, load_config
 from saferl.envs.point_hazard import DISTRIBUTIONS, GOAL, PointHazardEnv, geometry_dim
 from saferl.learners.base import EnvSpec
-from saferl.learners.fac_sis import FAC, FACSIS
-from saferl.learners.safety_index import IndexParams, SafetyIndex
+from saferl.learners.fac_sis import FAC, FACSIS, index_lr_for_travel, index_travel_bound
+from saferl.learners.safety_index import PRESETS, IndexParams, SafetyIndex
 from tests.conftest import needs_sg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,8 +112,8 @@ def minibatches(k: int, seed: int = 0, b: int = 32) -> list[dict]:
 
 
 def fac_params(**kw):
-    return FACSIS.Params(hidden=[16, 16], policy_lr=(1e-3, 1e-3), critic_lr=(1e-3, 1e-3),
-                         multiplier_lr=(1e-3, 1e-3), index_lr=(1e-2, 1e-2), **kw)
+    return FACSIS.Params(**{"hidden": [16, 16], "policy_lr": (1e-3, 1e-3), "critic_lr": (1e-3, 1e-3),
+                            "multiplier_lr": (1e-3, 1e-3), "index_lr": (1e-2, 1e-2), **kw})
 
 
 def test_step_phases_fire_exactly_at_their_intervals_across_updates():
@@ -157,6 +160,24 @@ def test_state_dict_resumes_identically():
     assert b.update(minibatches(30, seed=1), {"first_step": 31, "every": every}) == out_a
 
 
+def test_fac_on_ray_logs_violations_per_episode(ray_session, run_root):
+    """Fast companion of the run below: the coordinator hands the hosts' rollouts to the learner,
+    which counts Fig. 4's safe-action violations per finished episode; they are logged beside the
+    episode cost as episode/safe_action_violations (one count per 120-step episode)."""
+    from saferl.cluster.session import train
+
+    cfg = load_config("fac/PointHazard-D1-v0", [
+        f"run_root={run_root}", "total_env_steps=1440", "algo_params.hidden=[16]", "algo_params.utd=0.05",
+        "algo_params.warmup_steps=480", "algo_params.batch_size=32", "schedule.log_every=1",
+        "logging.tensorboard=false"])
+    m = pd.read_csv(train(cfg) / "metrics.csv")
+    assert m["episode/count"].tolist() == [4, 4, 4]  # 4 envs × one 120-step episode per 480-step iteration
+    v = m["episode/safe_action_violations"]
+    assert v.notna().all() and ((v >= 0) & (v <= 120)).all() and (v * 4 == (v * 4).round()).all()
+    assert "fac/replay_violation_share" in m and "fac/violation_rate" not in m
+
+
+@pytest.mark.slow
 def test_fac_sis_on_ray_lowers_its_violation_rate(ray_session, run_root):
     from saferl.cluster.session import train
 
@@ -174,16 +195,17 @@ def test_fac_sis_on_ray_lowers_its_violation_rate(ray_session, run_root):
     assert (last["updates/policy"], last["updates/multiplier"], last["updates/safety_index"]) == (g // 3, g // 12, g // 24)
     # the violations rise while the policy learns to head for the goal, then fall as λ(s) and the
     # index catch up (measured on replayed transitions: a lagging, low-noise signal)
-    rate = learning["fac/violation_rate"]
+    rate = learning["fac/replay_violation_share"]
     peak = rate[learning["env_steps"] <= 12000].max()
     assert rate.iloc[-3:].mean() < 0.85 * peak, rate.tolist()
     assert last["fac/k"] < 1.0 and last["fac/sigma"] < 0.3  # the index moved (σ, k fall: App. E.3)
+    assert m["episode/safe_action_violations"].notna().sum() >= len(m) - 1  # Fig. 4's count, every logged row
     # the feasibility study reads the run's initial and learned index
     from saferl.cli import main
 
     out = Path(run_root) / "sis"
     assert main(["study", "sis-feasibility", "--run", str(run), "--trajectories", "6", "--grid", "5",
-                 "--out", str(out)]) == 0
+                 "--sens-acc-max", "", "--out", str(out)]) == 0
     rows = pd.read_csv(out / "sis_feasibility.csv").set_index("index")
     assert list(rows.index) == ["φ0", "φ_h", "φ_F", "φ_i", "φ_SIS"]
     assert rows.loc["φ_SIS", ["sigma", "k", "n"]].tolist() == pytest.approx(
@@ -195,14 +217,14 @@ def test_fac_sis_on_ray_lowers_its_violation_rate(ray_session, run_root):
 def test_feasibility_check_agrees_with_brute_force():
     from saferl.cluster.studies.sis_feasibility import check
 
-    grid_n = 7
+    grid_n, weak = 7, {"acc_max": 2.0}  # a weaker brake than the default: φ_h infeasible in most episodes
     index = SafetyIndex(IndexParams(preset="handcrafted"), n_hazards=1)
-    res = check(index, distribution=1, trajectories=8, grid_n=grid_n, seed=0)
+    res = check(index, distribution=1, trajectories=8, grid_n=grid_n, seed=0, constants=weak)
     assert res["infeasible_at"], "φ_h has infeasible states on this task (cf. Table 3's 30%)"
     fail = 1 - res["success_rate"]  # a failure is a violation or an infeasible state, or both
     assert max(res["phi0_violation_rate"], res["infeasible_rate"]) <= fail + 1e-9
     assert fail <= res["phi0_violation_rate"] + res["infeasible_rate"] + 1e-9
-    env, axis = PointHazardEnv(1), np.linspace(-1, 1, grid_n)
+    env, axis = PointHazardEnv(1, **weak), np.linspace(-1, 1, grid_n)
 
     def safe_actions(state):  # one state, every grid action, one at a time
         out = []
@@ -229,5 +251,185 @@ def test_fac_sis_runs_on_a_safety_gymnasium_task_with_its_geometry(ray_session, 
         "resources.envs_per_host=2", "algo_params.hidden=[32]", "algo_params.warmup_steps=1000",
         "algo_params.utd=0.05", "algo_params.batch_size=64", "schedule.log_every=1"])
     m = pd.read_csv(train(cfg) / "metrics.csv")
-    assert m["fac/violation_rate"].notna().sum() == 3  # every iteration updates (the first ends the warm-up)
+    assert m["fac/replay_violation_share"].notna().sum() == 3  # every iteration updates (the first ends the warm-up)
     assert m["updates/safety_index"].iloc[-1] == 3 * 50 // 24
+
+
+# -- actuator constants (Table 3's sensitivity) ------------------------------------------------------
+
+def test_point_hazard_constants_are_parameters_and_validated():
+    state = torch.tensor([[0.0, -1.0, math.pi / 2, 0.5, 0.0, 0.6]])
+    for acc, vmax in ((2.25, 2.0), (5.0, 2.0), (5.0, 0.6)):
+        env = PointHazardEnv(1, acc_max=acc, v_max=vmax)
+        nxt, _, _ = env.step(state, torch.tensor([[0.0, 1.0]]))
+        assert nxt[0, 3].item() == pytest.approx(min(0.5 + acc * env.dt, vmax))
+    assert PointHazardEnv(1).constants()["acc_max"] == 2.25  # the default the study argues for
+    with pytest.raises(ValueError, match="acc_max must be > 0"):
+        PointHazardEnv(1, acc_max=0.0)
+
+
+def test_feasibility_study_reports_the_sensitivity(tmp_path, capsys):
+    """The sensitivity table repeats φ0 / φ_h / φ_F per (acc_max, v_max); a stronger brake cannot
+    make an index less feasible on the same start states, and the defaults are stated."""
+    from saferl.cli import main
+
+    out = tmp_path / "sis"
+    assert main(["study", "sis-feasibility", "--trajectories", "8", "--grid", "5", "--sens-acc-max", "2,5",
+                 "--sens-v-max", "2", "--out", str(out)]) == 0
+    sens = pd.read_csv(out / "sensitivity.csv")
+    assert len(sens) == 2 * 3 and set(sens["index"]) == {"φ0", "φ_h", "φ_F"}
+    rate = sens.set_index(["acc_max", "index"])["success_rate"]
+    assert rate[(2.0, "φ0")] == rate[(5.0, "φ0")] == 0.0  # d_min − d: never dissipates at the boundary
+    for label in ("φ_h", "φ_F"):
+        assert rate[(5.0, label)] >= rate[(2.0, label)]
+    assert rate[(2.0, "φ_h")] < 1.0 and rate[(5.0, "φ_h")] == 1.0  # the table is decided by acc_max
+    text = (out / "sis_feasibility.md").read_text()
+    assert "Sensitivity to the actuator constants" in text and "acc_max 2.25" in text
+    assert "These are the task's defaults" in text and "| paper |" in text
+    capsys.readouterr()
+    assert main(["study", "sis-feasibility", "--sens-v-max", "fast", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("usage error: --sens-v-max") and "\n" not in err and not (tmp_path / "bad").exists()
+
+
+# -- the three timescales must be configured ---------------------------------------------------------
+
+def test_step_phases_must_be_listed_for_every_phase():
+    import yaml
+
+    from saferl.config import CONFIG_DIR
+
+    data = yaml.safe_load((CONFIG_DIR / "fac_sis" / "PointHazard-D1-v0.yaml").read_text())
+    del data["schedule"]["step_phases"]
+    with pytest.raises(ConfigError) as err:
+        load_config(data)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("config error: schedule.step_phases: fac_sis")
+    assert "missing ['policy', 'multiplier', 'safety_index']" in msg
+    data["schedule"]["step_phases"] = {"policy": 3, "multiplier": 12}
+    with pytest.raises(ConfigError, match=r"missing \['safety_index'\]"):
+        load_config(data)
+    data["schedule"]["step_phases"]["safety_index"] = 24
+    assert load_config(data).schedule.step_phases == {"policy": 3, "multiplier": 12, "safety_index": 24}
+    fac = yaml.safe_load((CONFIG_DIR / "fac" / "PointHazard-D1-v0.yaml").read_text())
+    del fac["schedule"]["step_phases"]["multiplier"]
+    with pytest.raises(ConfigError, match=r"schedule.step_phases: fac .*missing \['multiplier'\]"):
+        load_config(fac)
+
+
+# -- the index's step size ---------------------------------------------------------------------------
+
+def test_index_travel_bound_of_the_shipped_configs():
+    """Table 4's index step size can move σ, k, n at most 0.056 (300k steps) / 0.375 (2M) — less
+    than Table 2's 0.85 from φ_h to φ_SIS in n; every shipped fac_sis config allows about 2."""
+    from saferl.config import CONFIG_DIR
+
+    table2_distance = max(abs(a - b) for a, b in zip((0.0958, 0.7821, 1.149), (0.3, 1.0, 2.0)))
+    assert table2_distance == pytest.approx(0.851)
+    for path in sorted((CONFIG_DIR / "fac_sis").glob("*.yaml")):
+        cfg = load_config(str(path))
+        p, every = cfg.learner_params(), cfg.schedule.step_phases["safety_index"]
+        g = round(p.utd * (cfg.total_env_steps - p.warmup_steps + cfg.steps_per_iteration))
+        paper = index_travel_bound((8e-6, 1e-6), p.lr_anneal_steps, g, every)
+        shipped = index_travel_bound(p.index_lr, p.lr_anneal_steps, g, every)
+        assert paper < 0.4 < table2_distance < 2.0 < shipped < 2.2, (path.name, paper, shipped)
+        assert p.index_lr[0] / p.index_lr[1] == pytest.approx(8.0)  # Table 4's annealing ratio
+        assert p.index_lr[0] == pytest.approx(index_lr_for_travel(shipped, p.lr_anneal_steps, g, every)[0])
+    ph = load_config("fac_sis/PointHazard-D1-v0")
+    assert index_travel_bound((8e-6, 1e-6), 300_000, 298_080, 24) == pytest.approx(0.056, abs=5e-4)
+    assert ph.learner_params().index_lr == (3e-4, 3.75e-5)
+
+
+def test_index_moves_materially_within_a_short_budget():
+    """60 index steps, at gradient steps 24, 48, … of a 1440-step budget with the learner's linear
+    annealing (the index phase alone: λ(s) from the untrained multiplier net, replayed transitions
+    near the hazard). With the step size the shipped rule gives for this budget (travel 2) ζ moves as
+    far as Table 2's σ and k did; with Table 4's it cannot move by more than 60 × 8e-6. σ never
+    rises (∂J/∂σ ≥ 0, eq 40) and k, n stay in the projection box."""
+    steps = 1440
+    data = minibatches(60, seed=3)[0]
+    trajectories = {}
+    for name, index_lr in (("paper", (8e-6, 1e-6)), ("rule", index_lr_for_travel(2.0, steps, steps, 24))):
+        learner = FACSIS(fac_params(index_lr=index_lr, lr_anneal_steps=steps), spec(), 0.0, torch.device("cpu"), seed=0)
+        traj = [learner.index.values()]
+        for j in range(steps // 24):
+            learner.steps = 24 * (j + 1) - 1  # the annealing clock at gradient step 24 (j + 1)
+            learner._anneal()
+            b = {k: torch.as_tensor(data[k][j]) for k in ("obs", "next_obs")}
+            with torch.no_grad():
+                lam = learner.multiplier_net(b["obs"])
+            learner.index_step(b, lam)
+            traj.append(learner.index.values())
+        trajectories[name] = traj
+    start = dict(zip(("sigma", "k", "n"), PRESETS["handcrafted"]))
+    moved = {n: max(abs(t[-1][key] - start[key]) for key in start) for n, t in trajectories.items()}
+    assert 0 < moved["paper"] <= 60 * 8e-6 * 1.01
+    assert moved["rule"] >= 0.2, trajectories["rule"][-1]
+    sigmas = [t["sigma"] for t in trajectories["rule"]]
+    assert all(b <= a + 1e-7 for a, b in zip(sigmas, sigmas[1:])) and sigmas[-1] < 0.3 - 0.1
+    box = IndexParams()
+    for t in trajectories["rule"]:
+        assert box.k_range[0] <= t["k"] <= box.k_range[1] and box.n_range[0] <= t["n"] <= box.n_range[1]
+
+
+# -- Fig. 4's quantity: safe-action violations per episode -------------------------------------------
+
+def _phi_by_hand(x, y, vx, vy, hx, hy, r=0.5, sigma=0.3, k=1.0, n=2.0):
+    d = math.hypot(hx - x, hy - y)
+    d_dot = -(vx * (hx - x) + vy * (hy - y)) / d
+    return sigma + r ** n - d ** n - k * d_dot
+
+
+def _scripted_episode(ys, vs, hazard_y=0.0):
+    """States of a robot on the y axis below a hazard at (0, hazard_y), moving up at speeds ``vs``."""
+    return [np.array([0.0, y, 0.0, v, 0.0, hazard_y, 0.5], np.float32) for y, v in zip(ys, vs)]
+
+
+def test_violations_per_episode_counted_by_hand_across_fragments():
+    """A scripted env (one robot, geometry only) whose episodes straddle rollout fragments; the
+    learner's per-episode count of Δφ > 0 steps equals a count by hand, and an episode skipped for
+    bad data is dropped as the hosts drop it."""
+    episodes = [  # (states s_0..s_L, skipped?)
+        (_scripted_episode([-1.2, -1.1, -1.0, -0.9, -0.8], [1.0] * 5), False),        # approaching: φ rises
+        (_scripted_episode([-1.2, -1.15, -1.15, -1.15, -1.15], [1.0, 0.5, 0.0, 0.0, 0.0]), False),  # braking
+        (_scripted_episode([-2.0, -1.9, -1.3, -1.25, -1.2], [0.0, 0.0, 1.0, 1.0, 1.0]), False),  # mixed
+        (_scripted_episode([-1.2, -1.1, -1.0, -0.9, -0.8], [1.0] * 5), True),         # bad data: skipped
+    ]
+    by_hand = []
+    for states, skipped in episodes:
+        phis = [_phi_by_hand(*s[:6]) for s in states]
+        count = sum(phis[t + 1] - max(phis[t], 0.0) > 0 for t in range(len(states) - 1))
+        if not skipped:
+            by_hand.append(count)
+    assert by_hand[0] == 4 and by_hand[1] == 0 and 0 < by_hand[2] < 4
+    # the transitions of the stream, cut into fragments of 3, 6 and 7 steps (one env)
+    prefix = np.zeros(PointHazardEnv.obs_dim - 7, np.float32)
+    stream = [(states[t], states[t + 1], t == len(states) - 2, skipped)
+              for states, skipped in episodes for t in range(len(states) - 1)]
+    batches, i = [], 0
+    for size in (3, 6, 7):
+        part = stream[i:i + size]
+        i += size
+        obs = np.stack([np.concatenate([prefix, s]) for s, _, _, _ in part])[:, None]
+        end = np.array([[e] for _, _, e, _ in part])
+        valid = np.array([[not bad] for _, _, _, bad in part])
+        final_idx = np.array([(t, 0) for t, (_, _, e, _) in enumerate(part) if e], np.int64).reshape(-1, 2)
+        final_obs = np.stack([np.concatenate([prefix, s2]) for _, s2, e, _ in part if e] or
+                             [np.zeros(PointHazardEnv.obs_dim, np.float32)])[:len(final_idx)]
+        nxt = part[-1][1] if not part[-1][2] else stream[i][0] if i < len(stream) else part[-1][1]
+        batches.append({"obs": obs, "terminated": np.zeros_like(end), "truncated": end, "valid": valid,
+                        "reward": np.zeros(end.shape, np.float32), "cost": np.zeros(end.shape, np.float32),
+                        "last_obs": np.concatenate([prefix, nxt])[None], "final_idx": final_idx,
+                        "final_obs": final_obs})
+    assert i == len(stream) == 16
+    learner = FACSIS(fac_params(), spec(), 0.0, torch.device("cpu"), seed=0)
+    counted = []
+    for batch in batches:
+        counted += learner.episode_metrics([batch])
+    assert [c["safe_action_violations"] for c in counted] == by_hand
+    # resume: the running count of an episode in flight survives a checkpoint
+    other = FACSIS(fac_params(), spec(), 0.0, torch.device("cpu"), seed=1)
+    learner2 = FACSIS(fac_params(), spec(), 0.0, torch.device("cpu"), seed=0)
+    learner2.episode_metrics([batches[0]])
+    other.load_state_dict(copy.deepcopy(learner2.state_dict()))
+    assert [c["safe_action_violations"] for c in other.episode_metrics([batches[1]])] == by_hand[:2]

@@ -248,3 +248,42 @@ def test_sac_lag_brings_the_cost_below_the_limit(ray_session, run_root):
     assert ep["episode/cost"].iloc[third:2 * third].mean() > cfg.limit  # it first learned the unsafe way ...
     assert ep["episode/cost"].iloc[-third:].mean() <= cfg.limit, ep["episode/cost"].tolist()  # ... then not
     assert m["lagrange_multiplier"].max() > 1
+
+
+def test_sac_actor_alpha_and_targets_move_only_every_policy_delay_steps():
+    """OmniSafe's SAC runs its DDPG loop: with policy_delay 2 the actor, α and the targets move on
+    every 2nd gradient step, the critics on every one."""
+    env = EnvSpec(obs_dim=3, act_dim=2, act_low=[-1, -1], act_high=[1, 1], max_episode_steps=10)
+    learner = SACLag(SACLagParams(hidden=[16], policy_delay=2), env, 5.0, torch.device("cpu"), seed=0)
+    snap = lambda m: flat_params(m).clone()  # noqa: E731
+    for i in range(1, 7):
+        pol, q_t, q, alpha = snap(learner.policy), snap(learner.q_r_target), snap(learner.q_r), learner.log_alpha.item()
+        out = learner.step(random_minibatch())
+        delayed = i % 2 == 0
+        assert ("loss_pi" in out) == delayed and not torch.equal(q, flat_params(learner.q_r))
+        assert torch.equal(pol, flat_params(learner.policy)) != delayed
+        assert torch.equal(q_t, flat_params(learner.q_r_target)) != delayed
+        assert (alpha == learner.log_alpha.item()) != delayed
+
+
+@pytest.mark.parametrize("cls,params", [(SACLag, SACLagParams), (TD3Lag, TD3LagParams), (DDPGLag, DDPGLagParams)])
+def test_off_policy_multiplier_takes_one_adam_step_per_gradient_step(cls, params):
+    """OmniSafe's off-policy rule by default: no λ step in the warm-up phases, then at each dual
+    phase one Adam step (lr 1e-5) per gradient step since the last phase, on the 50-episode J_C;
+    the count of pending steps is checkpointed."""
+    from tests.test_lagrange_multipliers import adam_by_hand
+
+    env = EnvSpec(obs_dim=3, act_dim=2, act_low=[-1, -1], act_high=[1, 1], max_episode_steps=10)
+    learner = cls(params(hidden=[8], lagrange={"warmup": 2}), env, 25.0, torch.device("cpu"), seed=0)
+    assert learner.multiplier.p.per_gradient_step and learner.multiplier.p.window == 50
+    block = {k: v.unsqueeze(0).repeat(7, *([1] * v.dim())).numpy() for k, v in random_minibatch().items()}
+    for _ in range(2):  # warm-up: λ reported, unchanged
+        learner.update([block])
+        assert learner.phase("dual", {"episode_costs": [125.0]}) == {"lagrange_multiplier": pytest.approx(0.001)}
+    learner.update([block, block])  # 14 gradient steps
+    sd = learner.state_dict()
+    assert sd["dual_steps_due"] == 14
+    lam = learner.phase("dual", {"episode_costs": [125.0]})["lagrange_multiplier"]
+    assert lam == pytest.approx(adam_by_hand([125.0] * 14, 25.0, lr=1e-5, init=0.001)[-1], rel=1e-5)
+    assert lam == pytest.approx(0.001 + 14e-5, rel=1e-3)
+    assert learner.phase("dual", {"episode_costs": []}) == {"lagrange_multiplier": pytest.approx(lam)}  # 0 steps due

@@ -1,6 +1,6 @@
 """Every off-policy algorithm of the benchmark ships a config for each of CVPO's Safety-Gymnasium
-tasks, at the off-policy benchmark's scale, with the same hyper-parameters on every task: CVPO's
-are Table 1's, the baselines' their learners' defaults."""
+tasks, at the off-policy benchmark's scale: CVPO's are Table 1's on every task, SAC's its learner's
+defaults, the Lagrangian baselines' OmniSafe 0.5's (its defaults and per-task sections)."""
 from __future__ import annotations
 
 import pytest
@@ -45,13 +45,56 @@ def test_shipped_config_loads_and_validates(algo, task):
         assert (params.batch_size, params.particles, params.mstep_iters, params.kl_estep, params.kl_mean,
                 params.kl_cov, params.policy_lr, params.critic_lr, params.tau) == (
                     300, 32, 6, 0.1, 1e-3, 1e-4, 0.002, 1e-3, 0.005)
+    elif algo in OMNISAFE:  # OmniSafe 0.5's <Algo>.yaml, its defaults and the task's section
+        assert params == cls(**omnisafe_settings(algo, task))
     else:  # the learner's defaults, written out
         assert params == cls()
 
 
+# OmniSafe 0.5's off-policy configs (omnisafe/configs/off-policy/{SACLag,TD3Lag,DDPGLag}.yaml) in
+# saferl's names: the defaults, then the sections of Goal1 and Circle1 (Button1 has none).
+OMNISAFE_COMMON = {"batch_size": 256, "utd": 1.0, "buffer_capacity": 1_000_000, "tau": 0.005, "gamma": 0.99,
+                   "max_grad_norm": 40.0, "hidden": [256, 256]}
+OMNISAFE = {"sac_lag": {"warmup_steps": 10_000, "policy_delay": 2, "auto_alpha": False, "init_alpha": 0.2},
+            "td3_lag": {"warmup_steps": 25_000, "policy_delay": 2, "exploration_noise": 0.1, "target_noise": 0.2,
+                        "noise_clip": 0.5},
+            "ddpg_lag": {"warmup_steps": 25_000, "policy_delay": 1, "exploration_noise": 0.1}}
+OMNISAFE_LAGRANGE = {"kind": "adam", "init": 0.001, "lr": 1e-5, "window": 50, "warmup": 101, "per_gradient_step": True}
+OMNISAFE_TASK_SECTIONS = {"policy_lr": 5e-6, "critic_lr": 1e-3, "lagrange": {"init": 0.0, "lr": 5e-7}}
+
+
+def omnisafe_settings(algo: str, task: str) -> dict:
+    out = {**OMNISAFE_COMMON, **OMNISAFE[algo], "policy_lr": 3e-4, "critic_lr": 3e-4, "lagrange": dict(OMNISAFE_LAGRANGE)}
+    if "Goal1" in task or "Circle1" in task:
+        out.update(policy_lr=5e-6, critic_lr=1e-3)
+        out["lagrange"].update(OMNISAFE_TASK_SECTIONS["lagrange"])
+        if algo == "sac_lag":
+            out["init_alpha"] = 1e-5
+    return out
+
+
+def test_omnisafe_settings_reach_the_learners():
+    """A few values against OmniSafe's yaml by name, so a slip in the table above cannot hide."""
+    goal = load_config("sac_lag/SafetyPointGoal1-v0").learner_params()
+    assert (goal.policy_lr, goal.critic_lr, goal.init_alpha, goal.lagrange.lr, goal.lagrange.init) == (
+        0.000005, 0.001, 0.00001, 0.0000005, 0.0)
+    button = load_config("ddpg_lag/SafetyCarButton1-v0").learner_params()
+    assert (button.n_critics, button.policy_delay, button.warmup_steps, button.lagrange.lr) == (1, 1, 25000, 1e-5)
+
+
 @pytest.mark.parametrize("algo", OFFPOLICY_ALGOS)
 def test_same_settings_on_every_task(algo):
-    """The configs differ only in the task (and the header comment naming it)."""
+    """The configs differ only in the task (and the header comment naming it); the OmniSafe
+    baselines within the tasks OmniSafe configures alike (Goal1 and Circle1; Button1)."""
+    if algo in OMNISAFE:
+        groups = [[t for t in OFFPOLICY_TASKS if "Button" in t], [t for t in OFFPOLICY_TASKS if "Button" not in t]]
+        for group in groups:
+            ref = yaml.safe_load((CONFIG_DIR / algo / f"{group[0]}.yaml").read_text())
+            for task in group[1:]:
+                data = yaml.safe_load((CONFIG_DIR / algo / f"{task}.yaml").read_text())
+                assert data.pop("task") == task
+                assert data == {k: v for k, v in ref.items() if k != "task"}, task
+        return
     ref = yaml.safe_load((CONFIG_DIR / algo / f"{OFFPOLICY_TASKS[0]}.yaml").read_text())
     for task in OFFPOLICY_TASKS[1:]:
         data = yaml.safe_load((CONFIG_DIR / algo / f"{task}.yaml").read_text())

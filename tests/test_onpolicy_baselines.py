@@ -25,7 +25,7 @@ from saferl.learners.networks import GaussianPolicy, flat_params, set_flat_param
 from saferl.learners.pcpo import PCPO, pcpo_step, project_to_halfspace
 from saferl.learners.ppo_lag import CPPOPID, PPOLag, advantages, assemble, lagrangian_advantage
 from saferl.learners.rcpo import RCPO, penalised_advantages
-from saferl.learners.trpo_lag import TRPOLag
+from saferl.learners.trpo_lag import TRPO, TRPOLag
 from saferl.registry import get_algo
 
 CPU = torch.device("cpu")
@@ -382,7 +382,7 @@ def test_pcpo_step_matches_the_closed_form_and_cvxpy(float64, metric, seed):
 def test_pcpo_with_a_limit_that_cannot_bind_is_trpo():
     host, env = env_spec()
     batches = [host.rollout(GaussianPolicy(1, 1, [16], init_log_std=0.0).export_numpy(), 60)[0] for _ in range(2)]
-    trpo = TRPOLag(TRPOLag.Params(hidden=[16, 16]), env, cost_limit=1e6, device=CPU, seed=0)
+    trpo = TRPO(TRPO.Params(hidden=[16, 16]), env, cost_limit=1e6, device=CPU, seed=0)  # λ = 0
     ref = [trpo.update([b]) for b in batches]  # (each learner seeds the global RNG: one at a time)
     for metric in ("kl", "l2"):
         pcpo = PCPO(PCPO.Params(hidden=[16, 16], metric=metric), env, cost_limit=1e6, device=CPU, seed=0)
@@ -410,11 +410,12 @@ def test_pcpo_infeasible_update_decreases_the_cost_surrogate():
 
 # -- resume ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls", [CPPOPID, RCPO, FOCOPS, CUP, PCPO])
+@pytest.mark.parametrize("cls", [CPPOPID, RCPO, FOCOPS, CUP, PCPO, PPOLag, TRPOLag])
 def test_state_dict_resumes_identically(cls):
+    """Also PPO-Lag's and TRPO-Lag's Adam multiplier: its moments and cost window resume."""
     host, env = env_spec()
     batches = [host.rollout(GaussianPolicy(1, 1, [16], init_log_std=-0.5).export_numpy(), 40)[0] for _ in range(3)]
-    kw = {"critic_epochs": 2} if cls is PCPO else {"epochs": 2, "minibatch_size": 64}
+    kw = {"critic_epochs": 2} if cls in (PCPO, TRPOLag) else {"epochs": 2, "minibatch_size": 64}
     if cls is CUP:
         kw["projection_epochs"] = 2
     p = cls.Params(hidden=[8, 8], **kw)
@@ -431,7 +432,8 @@ def test_state_dict_resumes_identically(cls):
         torch.testing.assert_close(v, b.state_dict()["policy"][k], rtol=0, atol=0)
     assert out_a == out_b
     if cls is not PCPO:
-        assert a.phase("dual", {"episode_cost": 3.0}) == b.phase("dual", {"episode_cost": 3.0})
+        for cost in (3.0, 50.0, 0.0):
+            assert a.phase("dual", {"episode_cost": cost}) == b.phase("dual", {"episode_cost": cost})
 
 
 # -- end to end on Ray ----------------------------------------------------------------------------
@@ -449,3 +451,31 @@ def test_focops_improves_return(ray_session, run_root):
     assert (m["final_kl"] <= 0.1).all()
     assert m["episode/return"].iloc[-2:].mean() > m["episode/return"].iloc[:2].mean() + 2.0, \
         m["episode/return"].tolist()
+
+
+# -- OmniSafe's PPO-Lag options: linear lr decay, critic L2 norm ----------------------------------
+
+def test_policy_lr_decays_linearly_and_resumes():
+    """``lr_decay_updates`` N: update k (from 0) steps with policy_lr (1 − k/N), OmniSafe's LinearLR
+    from 1 to 0 over its epochs; the clock is checkpointed."""
+    host, env = env_spec()
+    batches = [host.rollout(GaussianPolicy(1, 1, [16], init_log_std=0.0).export_numpy(), 40)[0] for _ in range(5)]
+    p = PPOLag.Params(hidden=[8], epochs=1, minibatch_size=160, lr_decay_updates=4, policy_lr=4e-4)
+    a = PPOLag(p, env, 8.0, CPU, seed=0)
+    lrs = [a.update([b])["policy_lr"] for b in batches[:2]]
+    b = PPOLag(p, env, 8.0, CPU, seed=0)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    lrs += [b.update([x])["policy_lr"] for x in batches[2:]]
+    assert lrs == pytest.approx([4e-4, 3e-4, 2e-4, 1e-4, 0.0])
+    assert PPOLag(PPOLag.Params(hidden=[8], epochs=1), env, 8.0, CPU, seed=0).update([batches[0]])["policy_lr"] == 3e-4
+
+
+def test_critic_norm_penalty_is_omnisafes_l2_term():
+    """L_V + c Σ‖θ‖² over both critics' parameters (OmniSafe's use_critic_norm, c = 0.001)."""
+    host, env = env_spec()
+    learner = PPOLag(PPOLag.Params(hidden=[8], critic_norm_coef=0.001), env, 8.0, CPU, seed=0)
+    z, ret_r, ret_c = torch.randn(32, 1), torch.randn(32), torch.randn(32)
+    with torch.no_grad():
+        mse = ((learner.v_r(z).squeeze(-1) - ret_r) ** 2).mean() + ((learner.v_c(z).squeeze(-1) - ret_c) ** 2).mean()
+        l2 = sum((w ** 2).sum() for w in [*learner.v_r.parameters(), *learner.v_c.parameters()])
+    assert learner.critic_step(z, ret_r, ret_c) == pytest.approx((mse + 0.001 * l2).item(), rel=1e-6)

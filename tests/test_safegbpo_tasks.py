@@ -1,4 +1,4 @@
-"""SafeGBPO's Pendulum and Quadrotor (seed 003, Appendix 7.1): protocol, Jacobians, rewards,
+"""SafeGBPO's Pendulum and Quadrotor (SafeGBPO paper, Appendix 7.1): protocol, Jacobians, rewards,
 resets, the violation monitor, and the data/dynamics consistency of the RCI sets."""
 from __future__ import annotations
 

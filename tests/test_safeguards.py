@@ -1,8 +1,10 @@
-"""SafeGBPO safeguards (seed 003, §5): the safe action polytope, the exact fast boundary
-projection vs the cvxpylayers oracle, the ray mask, passthrough, and the SafeguardedEnv wrapper.
+"""SafeGBPO safeguards (SafeGBPO paper, §5): the safe action polytope, the exact fast boundary
+projection vs the cvxpylayers oracle, the ray mask (λ_s to the inner zonotope and to the full
+polytope), passthrough, the regulariser as a policy-loss term, and the SafeguardedEnv wrapper.
 The key property: every safeguard's output is safe by construction — in the action box and the
-CTRL zonotope, with the linearised next-state zonotope inside the RCI set (checked with the
-halfspace form and, independently, with the LP containment certificate of eq 6)."""
+CTRL zonotope, with the next-state zonotope linearised at the current state (eq 13) inside the
+RCI set (checked with the halfspace form and, independently, with the LP containment
+certificate of eq 6)."""
 from __future__ import annotations
 
 import pytest
@@ -12,6 +14,7 @@ from torch.autograd.functional import jacobian
 from saferl.envs import safeguards as sg
 from saferl.envs.diff import TorchVecEnv
 from saferl.envs.safegbpo_tasks import SafeGBPOPendulum, SafeGBPOQuadrotor
+from saferl.envs.zonotope import Zonotope
 
 TASKS = [SafeGBPOPendulum, SafeGBPOQuadrotor]
 F64 = torch.float64
@@ -54,11 +57,17 @@ def _binding(env, n, seed):
     return s[idx], a[idx]
 
 
+def _next_set(env, s, a):
+    """The next-state zonotope linearised at the current state (eq 13), batched."""
+    d, B, G = sg.next_set_at_state(env, s)
+    return Zonotope(d + (B @ a.unsqueeze(-1)).squeeze(-1), G)
+
+
 def _assert_safe(env, s, a_safe, lp_checks=6):
     tol = 1e-7
     assert (a_safe.abs() <= 1 + tol).all()
     assert env.ctrl.contains_point(a_safe, tol=1e-6).all()  # CTRL: gauge (LP) ≤ 1
-    nxt = env.linearised_next_set(s, a_safe)
+    nxt = _next_set(env, s, a_safe)
     # exact halfspace check: support of the next set in every RCI facet normal
     sup = torch.stack([nxt.support(hrow.expand_as(nxt.center)) for hrow in env.rci_H], -1) \
         if env.rci_H.shape[0] < 100 else (nxt.center @ env.rci_H.T + (env.rci_H @ nxt.generators).abs().sum(-1))
@@ -74,7 +83,7 @@ def test_polytope_is_exact(env64):
     P, p = sg.safe_action_polytope(env64, s)
     assert P.shape[:-1] == p.shape and P.shape[-1] == env64.act_dim
     inside = sg.is_feasible(P, p, a, tol=0)
-    nxt = env64.linearised_next_set(s, a)
+    nxt = _next_set(env64, s, a)
     sup = nxt.center @ env64.rci_H.T + (env64.rci_H @ nxt.generators).abs().sum(-1)
     Hc, hc = env64.ctrl.halfspaces()
     direct = ((a.abs() <= 1).all(-1) & (a @ Hc.T <= hc).all(-1) & (sup <= env64.rci_h).all(-1))
@@ -276,10 +285,17 @@ def test_wrapper_step(cls):
     a_safe = sg.safeguard(base, s, a.detach())
     nxt0, r0, c0 = base.step(s, a_safe)
     torch.testing.assert_close(nxt, nxt0)
-    torch.testing.assert_close(r, r0 - 0.5 * (a_safe - a.detach()).pow(2).mean(-1))
-    torch.testing.assert_close(c, c0)  # (near the RCI boundary the nonlinear step may leave it)
-    r.sum().backward()
+    torch.testing.assert_close(r, r0)  # the regulariser is not a reward ...
+    reg = wrapped.last_loss_term  # ... but a per-sample policy-loss term (eq 45)
+    torch.testing.assert_close(reg, 0.5 * (a_safe - a.detach()).pow(2).mean(-1))
+    assert (reg > 0).sum() >= 4
+    torch.testing.assert_close(c, c0)
+    assert (c == 0).all()  # linearised at the current state: the real step stays in the RCI set
+    (r.sum() - reg.sum()).backward()
     assert torch.isfinite(a.grad).all()
+    unreg = sg.SafeguardedEnv(cls(dtype=F64))
+    unreg.step(s, a.detach())
+    assert unreg.last_loss_term is None
     # linearised at the current state (exact for these control-affine tasks): the true step is
     # safe even from near-boundary states; float32 rollout behind the numpy protocol likewise
     w2 = sg.SafeguardedEnv(cls(dtype=F64), kind="ray_mask_linear", linearise="state")
@@ -297,7 +313,10 @@ def test_wrapper_step(cls):
             assert (cost == 0).all()
 
 
+@pytest.mark.slow
 def test_shac_through_the_ray_mask_improves_with_zero_violations(ray_session, run_root):
+    """Through Ray, 12 episodes (slow; the fast in-process companion is
+    tests/test_study_safeguards.py::test_safeguarded_shac_on_the_pendulum_improves_without_violations)."""
     import pandas as pd
 
     from saferl.cluster.session import train
@@ -309,3 +328,132 @@ def test_shac_through_the_ray_mask_improves_with_zero_violations(ray_session, ru
     ret = m["episode/return"].to_numpy()
     assert ret[-2:].mean() > ret[0] + 200, ret.tolist()
     assert (m["episode/cost"] == 0).all() and m["episode/count"].sum() >= 40
+
+
+def test_zonotope_ray_boundary_is_the_gauge_boundary():
+    """λ = max{t : t r ∈ ⟨0, G⟩} in closed form: t r lies on the zonotope's boundary (gauge of
+    eq 5 = 1, an LP), for m = 1, 2, 3 and zero generators."""
+    g = _gen(40)
+    for m, k in ((1, 1), (2, 4), (2, 3), (3, 6)):
+        G = torch.randn(16, m, k, generator=g, dtype=F64)
+        if k > m:
+            G[:4, :, 0] = 0.0  # a zero generator (ℓ = 0): its normal is skipped
+        r = torch.randn(16, m, generator=g, dtype=F64)
+        r = r / r.norm(dim=-1, keepdim=True)
+        t = sg.zonotope_ray_boundary(G, r)
+        gauge = Zonotope(torch.zeros(16, m, dtype=F64), G).gauge(t.unsqueeze(-1) * r)
+        torch.testing.assert_close(gauge, torch.ones_like(gauge), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("hyper", [False, True], ids=["linear", "hyperbolic"])
+def test_ray_mask_inner_zonotope_vs_full_polytope(hyper):
+    """The zonotopic ray mask's λ_s measured to the inner zonotope (the reference's default) and to
+    the full safe polytope: λ_s inner ≤ λ_s full state by state, mapped actions safe in both, and
+    the two differ (quadrotor; per-state resampled directions as ``SafeguardedEnv`` draws them)."""
+    env = SafeGBPOQuadrotor(dtype=F64)
+    s, a = _binding(env, 8, 41)
+    P, p = sg.safe_action_polytope(env, s)
+    D = sg.random_directions(s.shape[0], 2, 4, _gen(42))
+    c, G = sg.zonotopic_centre(P, p, directions=D, return_generators=True)
+    assert torch.isfinite(G).all() and sg.is_feasible(P, p, c).all()
+    r = (a - c) / (a - c).norm(dim=-1, keepdim=True)
+    lam_inner, lam_full = sg.zonotope_ray_boundary(G, r), sg.ray_boundary(P, p, c, r)
+    assert (lam_inner <= lam_full + 1e-7).all() and (lam_inner < 0.99 * lam_full).any()
+    kind = "ray_mask_hyperbolic" if hyper else "ray_mask_linear"
+    out = {to: sg.safeguard(env, s, a, kind, "zonotopic", ray_boundary_to=to, directions=D)
+           for to in sg.RAY_BOUNDARIES}
+    for to in sg.RAY_BOUNDARIES:
+        _assert_safe(env, s, out[to], lp_checks=2)
+    # same centre and ray: the inner mapping lies no farther from the centre
+    d_in, d_full = (out["zonotope"] - c).norm(dim=-1), (out["polytope"] - c).norm(dim=-1)
+    assert (d_in <= d_full + 1e-7).all() and (d_full - d_in).max() > 1e-3
+    with pytest.raises(ValueError, match="ray_boundary_to"):
+        sg.safeguard(env, s, a, kind, "zonotopic", ray_boundary_to="box")
+    # m = 1: the inner zonotope is the whole interval, so the two coincide
+    pen = SafeGBPOPendulum(dtype=F64)
+    s1, a1 = _binding(pen, 16, 43)
+    outs = [sg.safeguard(pen, s1, a1, kind, "zonotopic", ray_boundary_to=to) for to in sg.RAY_BOUNDARIES]
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_wrapper_resamples_zonotope_directions_reproducibly():
+    """``directions="resample"`` draws new directions every step (as the reference), from a
+    stream reseeded at ``initial_state``: the same episode start gives the same draws."""
+    env = sg.SafeguardedEnv(task="quadrotor", kind="ray_mask_linear", centre="zonotopic")
+    draws = []
+    for _ in range(2):
+        env.initial_state(4, _gen(44))
+        draws.append([sg.random_directions(4, 2, 4, env._dir_gen) for _ in range(2)])
+    torch.testing.assert_close(draws[0][0], draws[1][0])
+    torch.testing.assert_close(draws[0][1], draws[1][1])
+    assert not torch.allclose(draws[0][0], draws[0][1])
+    torch.testing.assert_close(draws[0][0].norm(dim=-2), torch.ones(4, 4, dtype=F64))
+    with pytest.raises(ValueError, match="directions"):
+        sg.SafeguardedEnv(task="pendulum", directions="sometimes")
+    import pickle
+    clone = pickle.loads(pickle.dumps(env))  # (the generator's state travels)
+    torch.testing.assert_close(sg.random_directions(4, 2, 4, clone._dir_gen),
+                               sg.random_directions(4, 2, 4, env._dir_gen))
+
+
+@pytest.mark.parametrize("cls", TASKS, ids=lambda c: c.__name__)
+def test_regulariser_is_in_the_policy_loss_not_in_the_rewards(cls):
+    """Eq 45 on a fixed batch: the gradient a window hands the learner (SHAC per step, g/h) equals
+    the hand-computed −∇[L_π + c_reg·MSE(a_safe, a)] with L_π = −1/(N h) Σ γ^k r — the reference's
+    loss — while the trajectory's rewards (critic targets, logged returns) are the task's."""
+    from saferl.learners.analytic import rollout_window
+    from saferl.learners.networks import GaussianPolicy, flat_grad
+
+    torch.manual_seed(0)
+    policy = GaussianPolicy(cls.obs_dim, cls.act_dim, [16], init_log_std=0.0, squash=True,
+                            normalise_obs=False).double()
+    with torch.no_grad():
+        policy.net[-1].weight.mul_(300.0)  # actions spread over the box: many are unsafe
+    s0 = _states(cls(dtype=F64), 16, 45, power=0.2)
+    h, gamma, c_reg = 5, 0.9, 0.1
+    noise = torch.randn(h, 16, cls.act_dim, generator=_gen(46), dtype=F64)
+    params = list(policy.parameters())
+
+    def window(c):
+        env = sg.SafeguardedEnv(cls(dtype=F64, noise_seed=7), kind="boundary_projection", c_reg=c)
+        sum_r, _, boot, _, _, traj = rollout_window(env, policy, s0, 0, h, 240, noise, None, gamma)
+        return flat_grad((sum_r + boot).mean(), params) / h, traj
+
+    g, traj = window(c_reg)
+    # by hand: the task stepped with the safeguarded actions, the MSE over every (t, i, j)
+    task = cls(dtype=F64, noise_seed=7)
+    s, rewards, acts, safe = s0, [], [], []
+    for k in range(h):
+        a = policy.rsample(task.observe(s), noise[k]).clamp(-1, 1)
+        a_safe = sg.safeguard(task, s, a)
+        s, r, _ = task.step(s, a_safe)
+        rewards.append(r)
+        acts.append(a)
+        safe.append(a_safe)
+    disc = gamma ** torch.arange(h, dtype=F64)
+    loss_pi = -(disc[:, None] * torch.stack(rewards)).sum() / (16 * h)
+    mse = torch.nn.functional.mse_loss(torch.stack(safe), torch.stack(acts))
+    assert float(mse.detach()) > 1e-3  # the safeguard intervenes on this batch
+    expected = -flat_grad(loss_pi + c_reg * mse, params, retain_graph=True)
+    torch.testing.assert_close(g, expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(traj["reward"], torch.stack(rewards).detach())  # no penalty in rewards
+    g0, traj0 = window(0.0)
+    torch.testing.assert_close(g0, -flat_grad(loss_pi, params), rtol=1e-6, atol=1e-9)
+    assert (g - g0).norm() > 1e-3 * g0.norm()  # the term changes the gradient
+    torch.testing.assert_close(traj0["reward"], traj["reward"])
+
+
+def test_ray_map_without_an_inner_zonotope_uses_the_polytope():
+    """States whose zonotopic solve failed (NaN generators: the centre fell back) take λ_s from
+    the polytope, so the inner-zonotope ray mask stays safe and finite there."""
+    env = SafeGBPOQuadrotor(dtype=F64)
+    s, a = _binding(env, 8, 47)
+    P, p = sg.safe_action_polytope(env, s)
+    c = sg.fallback_centre(P, p)
+    G = torch.full((s.shape[0], 2, 4), float("nan"), dtype=F64)
+    G[:4] = 1e-3 * torch.eye(2, 4, dtype=F64)  # a tiny inner box around c for half of them
+    out = sg.ray_map(P, p, a, c, generators=G)
+    full = sg.ray_map(P, p, a, c)
+    torch.testing.assert_close(out[4:], full[4:])
+    assert sg.is_feasible(P, p, out).all() and torch.isfinite(out).all()
+    assert ((out[:4] - c[:4]).norm(dim=-1) <= 1e-3 * 2 ** 0.5 + 1e-12).all()

@@ -1,8 +1,14 @@
-"""sTRPO (seed 001) against independent computations: the exclusion step against cvxpy on eq 8's
-QCQP, eq 7's importance-weighted φ against the exact gradient of the Gaussian KL, the quantile
-critic's minimiser and CVaR against closed forms, its target atoms by hand, the "both
-constraints or the fallback, never neither" property of real updates, and both stages end to
-end on the local Ray cluster (stage 1 raises the cost, stage 2 brings it down; reuse by path)."""
+"""sTRPO ("Safe, Trust Region Policy Optimization for Constrained RL") against independent
+computations: the exclusion step against cvxpy on eq 8's QCQP, eq 7's importance-weighted φ
+against the exact gradient of the Gaussian KL, the quantile critic's minimiser and CVaR against
+closed forms, its target atoms by hand, the "both constraints or the fallback, never neither"
+property of real updates, each case's guarantee over many updates on a toy bandit (forward:
+eq 8's constraints and the penalised surrogate improved; reverse: KL bound, surrogate improved,
+separation from π_unsafe kept; else θ_k) with the logged shares, and both stages end to end on
+the local Ray cluster (stage 1 raises the cost, stage 2 brings it down; reuse by path).
+
+``python -m tests.test_strpo [--module FILE]`` prints the toy bandit's forward / reverse / kept
+shares per configuration (FILE: another copy of learners/strpo.py, e.g. an older commit's)."""
 from __future__ import annotations
 
 import copy
@@ -17,6 +23,7 @@ import torch
 from saferl.config import ConfigError, load_config
 from saferl.learners.networks import GaussianPolicy, flat_params
 from saferl.learners.quantile import QuantileCritic, cvar, quantile_huber_loss, return_atoms
+from saferl.learners.base import EnvSpec
 from saferl.learners.strpo import STRPO, UnsafeTRPO, exclusion_step, least_lambda2
 from saferl.learners.trust_region import fisher_vector_product
 
@@ -179,6 +186,102 @@ def test_accepted_steps_satisfy_both_constraints_or_are_the_fallback(seed, beyon
         assert out["strpo/case"] != 0 and out["exclusion_feasible"] == 0.0
 
 
+# -- many updates on a toy bandit ---------------------------------------------------------------
+
+def bandit_learner(module=None, seed=0, **params):
+    """sTRPO on a contextual bandit: s ~ N(0, I₂), reward −(a − s₀/2 − 1/2)², cost sigmoid(−4a),
+    π_unsafe = N(−1.5, 0.4²) (where the cost is), λ (the PID multiplier) held at 0.5."""
+    mod = module or __import__("saferl.learners.strpo", fromlist=["STRPO"])
+    env = EnvSpec(obs_dim=2, act_dim=1, act_low=[-3.0], act_high=[3.0], max_episode_steps=1)
+    params = {"cg_iters": 10, **params}
+    learner = mod.STRPO(mod.STRPO.Params(hidden=[16], exclusion=False, **params), env, 1.0, torch.device("cpu"), seed)
+    unsafe = GaussianPolicy(2, 1, [16], init_log_std=math.log(0.4), normalise_obs=False)
+    with torch.no_grad():
+        for prm in unsafe.net.parameters():
+            prm.zero_()
+        unsafe.net[-1].bias.fill_(-1.5)
+    learner.unsafe = unsafe.requires_grad_(False)
+    learner.multiplier.value = 0.5
+    return learner
+
+
+def bandit_batch(learner, gen, n=256):
+    obs = torch.randn(n, 2, generator=gen)
+    with torch.no_grad():
+        act = learner.policy.dist(obs).sample()
+    r = -(act[:, 0] - 0.5 * obs[:, 0] - 0.5) ** 2
+    c = torch.sigmoid(-4 * act[:, 0])
+    return {"obs": obs, "act": act, "adv_r": r - r.mean(), "adv_c": c - c.mean()}
+
+
+def bandit_run(iters=60, seed=0, module=None, **params):
+    learner = bandit_learner(module, seed, **params)
+    gen = torch.Generator().manual_seed(seed + 1)
+    return learner, [learner.policy_step(bandit_batch(learner, gen), []) for _ in range(iters)]
+
+
+BANDIT_CONFIGS = {"λ2 = max(0.01, λ2*) (default)": {}, "λ2 = max(1, λ2*)": {"lambda2": 1.0},
+                  "λ2 = 0.01 fixed": {"adapt_lambda2": False}, "λ2 = 1 fixed": {"lambda2": 1.0, "adapt_lambda2": False},
+                  "default, KL tolerance 0": {"kl_tolerance": 0.0}}
+
+
+@pytest.mark.parametrize("name", list(BANDIT_CONFIGS))
+def test_every_bandit_update_keeps_its_case_guarantee(name):
+    """60 updates: a forward step meets both constraints of eq 8 and raises the penalised
+    surrogate; a reverse step stays in the KL bound, raises the surrogate E[ρÃ] and does not
+    lower D̄_KL(π_unsafe ‖ π_θ); otherwise θ_k is kept. The one-hot cases and cumulative shares
+    are logged each update."""
+    params = BANDIT_CONFIGS[name]
+    learner, rows = bandit_run(60, **params)
+    p = learner.p
+    counts = dict.fromkeys(("forward", "reverse", "kept"), 0)
+    for i, out in enumerate(rows):
+        case = {0: "forward", 1: "reverse", 2: "kept"}[out["strpo/case"]]
+        counts[case] += 1
+        assert [out[f"strpo/{c}"] for c in counts] == [float(c == case) for c in counts]
+        assert [out[f"strpo/{c}_share"] for c in counts] == pytest.approx([n / (i + 1) for n in counts.values()])
+        if case == "forward":
+            assert out["kl"] <= p.target_kl * (1 + p.kl_tolerance)
+            assert out["phi_step"] >= p.delta2 * (1 - 1e-5)
+            assert out["loss_pi"] - out["lambda2"] * out["phi_step"] < out["loss_pi_before"]
+            if not p.adapt_lambda2:
+                assert out["lambda2"] == p.lambda2
+        elif case == "reverse":
+            assert out["kl"] <= p.target_kl * (1 + p.kl_tolerance)
+            assert out["loss_pi"] < out["loss_pi_before"]
+            assert out["unsafe_kl"] >= out["unsafe_kl_before"]
+        else:
+            assert out["kl"] == 0.0 and out["loss_pi"] == out["loss_pi_before"] and out["step_norm"] == 0.0
+    assert counts["forward"] >= 0.4 * len(rows), counts
+    if params.get("kl_tolerance") == 0.0:  # backtracking with λ2 raised per fraction does find steps
+        assert any(o["strpo/case"] == 0 and o["step_fraction"] < 1 for o in rows)
+
+
+def test_reverse_step_taken_only_when_it_raises_the_surrogate_and_keeps_the_separation():
+    """Eq 10's search on a hand-made step: reversing a descent step of E[ρÃ] that also heads
+    away from π_unsafe is accepted; reversing the ascent step (against the surrogate) is not."""
+    learner = bandit_learner()
+    batch = bandit_batch(learner, torch.Generator().manual_seed(3))
+    adv = learner.joint_advantage(batch["adv_r"], batch["adv_c"])
+    k = learner.policy_at_k(batch)
+    ex = exclusion_step(k.fvp, k.gradient(adv), None, 0.0, learner.p.target_kl, 0.0, 15)  # TRPO's ascent step
+    loss_before, before = k.measure(adv)[0], learner.unsafe_kl(k)
+    # the fallback candidate θ_k − αG for G = −ex.step (a descent direction): the ascent step
+    res = learner.reverse_search(k, ex.step, adv, loss_before, before)
+    k.move(ex.step, res.fraction)
+    assert res.accepted and k.measure(adv)[0] < loss_before and learner.unsafe_kl(k) >= before
+    # ... and for G = ex.step (the ascent): θ_k − αG descends, at every fraction: refused
+    assert not learner.reverse_search(k, -ex.step, adv, loss_before, before).accepted
+
+
+def test_without_the_unsafe_term_the_update_is_trpo_without_fallback():
+    plain = bandit_learner()
+    plain.unsafe = None  # exclusion off: no φ, no eq-10 fallback
+    gen = torch.Generator().manual_seed(1)
+    cases = [plain.policy_step(bandit_batch(plain, gen), [])["strpo/case"] for _ in range(20)]
+    assert set(cases) <= {0, 2} and 0 in cases and plain.case_counts["reverse"] == 0
+
+
 def test_unsafe_trpo_ascends_the_cvar_cost_advantage():
     batches, _, env = rollouts(n_batches=2, steps=60)
     learner = UnsafeTRPO(UnsafeTRPO.Params(hidden=[16, 16], critic_epochs=2), env, 8.0, torch.device("cpu"), 0)
@@ -224,3 +327,44 @@ def test_bad_unsafe_policy_paths_are_refused(tmp_path, run_root):
         load_config("strpo/FunctionEnv-v0", ["algo_params.unsafe_policy=/nonexistent/run"]).learner_params()
     with pytest.raises(ConfigError, match="algo_params.unsafe_policy: .* has no checkpoint"):
         STRPO(STRPO.Params(unsafe_policy=str(tmp_path)), rollouts(steps=2)[2], 8.0, torch.device("cpu"), 0)
+
+
+def _main(argv=None) -> None:
+    """The toy-bandit shares of docs/results/strpo.md (module docstring)."""
+    import argparse
+    import importlib.util
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m tests.test_strpo")
+    ap.add_argument("--module", help="another copy of learners/strpo.py to measure instead of this one")
+    ap.add_argument("--updates", type=int, default=100)
+    ap.add_argument("--seeds", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    mod = None
+    if args.module:
+        spec = importlib.util.spec_from_file_location("strpo_other", args.module)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    print(f"{args.module or 'learners/strpo.py'}: {args.updates} updates x {args.seeds} seeds per configuration")
+    print("| configuration | forward | reverse | kept | reverse steps that lowered E[ρÃ] | "
+          "reverse steps that lowered KL(π_unsafe‖π) | final KL(π_unsafe‖π) (median) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, params in BANDIT_CONFIGS.items():
+        rows = []
+        finals = []
+        for seed in range(args.seeds):
+            _, r = bandit_run(args.updates, seed, mod, **params)
+            rows += r
+            finals.append(r[-1]["unsafe_kl"])
+        cases = np.array([r["strpo/case"] for r in rows])
+        rev = [r for r in rows if r["strpo/case"] == 1]
+        lowered = sum(r["loss_pi"] > r["loss_pi_before"] for r in rev)
+        closer = sum(r["unsafe_kl"] < r["unsafe_kl_before"] for r in rev)
+        print(f"| {name} | " + " | ".join(f"{(cases == c).mean():.0%}" for c in (0, 1, 2))
+              + f" | {lowered}/{len(rev)} | {closer}/{len(rev)} | {np.median(finals):.3g} |")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,4 +1,4 @@
-"""`saferl study cgpo-table1` (seed 000, Table 1): the F.2 metrics against hand-computed examples,
+"""`saferl study cgpo-table1` (CGPO paper, Table 1): the F.2 metrics against hand-computed examples,
 and the whole study end-to-end on FunctionEnv-v0 with a tiny budget."""
 from __future__ import annotations
 
@@ -176,7 +176,69 @@ def test_table_and_plot_from_records(tmp_path):
     table = (tmp_path / "table1.md").read_text()
     assert ("| Algorithms | CartPole Conv. Steps ↓ | CartPole Vio. Ratio (%) ↓ | FunctionEnv-v0 Conv. Steps ↓ "
             "| FunctionEnv-v0 Vio. Ratio (%) ↓ |") in table
-    assert "| SHAC-Lag | 3.00e+06 ± 1.41e+06 | 40.00 ± 14.14 | 3.00e+06 ± 1.41e+06 | 40.00 ± 14.14 |" in table
-    assert "| CGPO | 1.00e+06 (1/2) | - | 1.00e+06 (1/2) | - |" in table
-    assert "| CGPO | 1.77e+06 | 3.96 |" in table  # the paper's CartPole numbers, for reference
+    # CartPole's cells carry the task's deviation next to the number; FunctionEnv's (no paper task) none
+    mark = "(task differs: reward reshaped)"
+    assert (f"| SHAC-Lag | 3.00e+06 ± 1.41e+06 {mark} | 40.00 ± 14.14 {mark} | 3.00e+06 ± 1.41e+06 "
+            "| 40.00 ± 14.14 |") in table
+    assert f"| CGPO | 1.00e+06 (1/2) {mark} | - {mark} | 1.00e+06 (1/2) | - |" in table
+    assert f"| CGPO | 1.77e+06 {mark} | 3.96 {mark} |" in table  # the paper's CartPole numbers, marked
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_default_rows_are_the_papers_and_every_config_validates(tmp_path):
+    """Without --algos the study runs Table 1's rows (PDO, APPO, CPO, CUP, BPTT-Lag, SHAC-Lag, CGPO)
+    on the four Brax tasks, each from a shipped config (validated here, nothing trained)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    args = parser.parse_args([])
+    assert args.algos == ["pdo", "appo", "cpo", "cup", "bptt_lag", "shac_lag", "cgpo"]
+    assert [study.ALGO_LABELS[a] for a in args.algos] == list(study.PAPER_TABLE1)  # the paper's row order
+    jobs = study._plan(args, study._settings(args), tmp_path / "out")
+    assert len(jobs) == 4 * 7 and {(j["algo"], j["task"]) for j in jobs} == {
+        (a, t) for a in args.algos for t in study.PAPER_TASKS}
+    assert all(j["cfg"].total_env_steps == 50_000 for j in jobs)
+
+
+def test_deviating_tasks_are_marked_next_to_every_number(tmp_path):
+    """CartPole (reward reshaped) and Reacher (limit unreachable) carry their mark in every cell, ours
+    and the paper's; HalfCheetah none; a cost limit other than Table 4's is marked too; runs.csv
+    names the deviation per run."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    tasks = "BraxCartPole-v0,BraxReacher-v0,BraxHalfCheetahVel-v0"
+    args = parser.parse_args(["--tasks", tasks, "--algos", "pdo,appo,cgpo"])
+    s = study._settings(args)
+    limits = {"BraxCartPole-v0": -50.0, "BraxReacher-v0": 400.0, "BraxHalfCheetahVel-v0": 300.0}
+    records = [{"task": t, "algo": a, "seed": 0, "status": "ok", "cost_limit": b, "conv_steps": 1e4,
+                "vio_ratio": 20.0} for t, b in limits.items() for a in ("pdo", "appo", "cgpo")]
+    study._write_table(tmp_path, records, args, s)
+    study._write_runs(tmp_path, records)
+    table = (tmp_path / "table1.md").read_text()
+    reshaped, unreachable = "(task differs: reward reshaped)", "(limit unreachable under the written cost)"
+    other_limit = "(limit differs: 300 here, 400 in the paper)"
+    ours_md, paper_md = table.split("## The paper's numbers")
+    ours, paper = ([ln for ln in md.splitlines() if ln.startswith("| ") and "Algorithms" not in ln]
+                   for md in (ours_md, paper_md))
+    assert [ln.split(" | ")[0] for ln in ours] == ["| PDO", "| APPO", "| CGPO"]
+    assert [ln.split(" | ")[0] for ln in paper] == ["| PDO", "| APPO", "| CPO", "| CUP", "| BPTT-Lag",
+                                                    "| SHAC-Lag", "| CGPO"]
+    for line in ours + paper:
+        cells = line.strip("| ").split(" | ")[1:]
+        assert len(cells) == 6
+        assert all(c.endswith(reshaped) for c in cells[0:2]), line
+        assert all(c.endswith(unreachable) for c in cells[2:4]), line
+    for line in ours:  # our HalfCheetah runs used another limit than the paper's
+        assert all(c.endswith(other_limit) for c in line.strip("| ").split(" | ")[5:7]), line
+    assert "| APPO | 5.95e+06 (task differs: reward reshaped) | 6.59 (task differs: reward reshaped) |" in table
+    assert "| CPO | 6.72e+06 (task differs: reward reshaped) | 5.96 (task differs: reward reshaped) | 1.98e+06 " in table
+    assert "-† " + other_limit in table  # CPO on HalfCheetah: the paper's "-†", marked
+    assert "50,000 env steps per run, not the paper's 5 seeds" in table
+    with open(tmp_path / "runs.csv", newline="") as fh:
+        notes = {r["task"]: r["task_deviation"] for r in csv.DictReader(fh)}
+    assert notes == {"BraxCartPole-v0": "task differs: reward reshaped",
+                     "BraxReacher-v0": "limit unreachable under the written cost",
+                     "BraxHalfCheetahVel-v0": "limit differs: 300 here, 400 in the paper"}

@@ -1,4 +1,4 @@
-"""``saferl study gbe`` (seed 000, Fig. 1/5 and Tables 2-3): the study runs end to end through the
+"""``saferl study gbe`` (CGPO paper, Fig. 1/5 and Tables 2-3): the study runs end to end through the
 CLI on FunctionEnv and writes its tables, plots and raw numbers; GBE predicts the constraint after a
 small update far better than ABE (recomputed from the raw CSV), and the ZoBG estimator of eq 69 is
 unbiased against the first-order gradient on a one-action FunctionEnv."""

@@ -1,11 +1,15 @@
-"""`saferl study safeguards`: the metric definitions on hand-made curves, and a small real study."""
+"""`saferl study safeguards`: the metric definitions on hand-made curves, a small real study, and
+SHAC's settings for the SafeGBPO tasks (the loss per step, gradient norms under the clip, many
+safeguarded updates without a violation)."""
 from __future__ import annotations
 
 import csv
 
 import numpy as np
+import pytest
+import torch
 
-from saferl.cluster.studies.safeguards import bootstrap_ci, smooth, steps_to_band
+from saferl.cluster.studies.safeguards import bootstrap_ci, shac_in_process, smooth, steps_to_band
 
 
 def test_steps_to_band_is_where_the_curve_stays_within_5_percent():
@@ -51,3 +55,98 @@ def test_safeguards_study_end_to_end(ray_session, tmp_path):
     text = (out / "table.md").read_text()
     assert "| RM | SHAC |" in text and "| none | PPO |" in text
     assert "Safeguarded runs with a violation: none." in text
+
+
+def test_shac_loss_per_step_divides_the_window_gradient_by_h():
+    """``loss_per_step`` (SHAC's −1/(Nh) Σ ..., the reference's loss): the policy step and the
+    reported (clipped) gradient norm use g/h for a window of h steps; off, the window sum."""
+    from saferl.learners.base import EnvSpec
+    from saferl.learners.shac_lag import SHAC
+
+    env = EnvSpec(obs_dim=1, act_dim=1, act_low=[-1], act_high=[1], max_episode_steps=100)
+    norms, steps = {}, {}
+    for per_step in (False, True):
+        p = SHAC.Params(hidden=[4], critic_hidden=None, horizon=100, max_grad_norm=1e9, loss_per_step=per_step,
+                        lr=1e-3)
+        learner = SHAC(p, env, cost_limit=0.0, device=torch.device("cpu"), seed=0)
+        n = sum(x.numel() for x in learner.policy.parameters())
+        h = 7
+        traj = {"obs": torch.zeros(h + 1, 2, 1), "reward": torch.zeros(h, 2), "cost": torch.zeros(h, 2), "t0": 0}
+        g = np.random.default_rng(0).normal(size=n)
+        res = {"l_r": 0.0, "l_c": 0.0, "j_r": 0.0, "j_c": 0.0, "g": g, "q": np.zeros(n), "n": 2, "traj": traj,
+               "obs_count": 2 * h, "obs_mean": np.zeros(1), "obs_var": np.ones(1)}
+        before = torch.cat([x.detach().flatten() for x in learner.policy.parameters()])
+        norms[per_step] = learner.update([res])["grad_norm"]
+        steps[per_step] = torch.cat([x.detach().flatten() for x in learner.policy.parameters()]) - before
+        assert learner.opt.state[next(iter(learner.policy.parameters()))]["exp_avg"].abs().sum() > 0
+    assert norms[False] == pytest.approx(np.linalg.norm(g), rel=1e-5)
+    assert norms[True] == pytest.approx(np.linalg.norm(g) / 7, rel=1e-5)
+    # Adam's first step is ±lr whatever the scale: the scale matters through the clip only
+    torch.testing.assert_close(steps[True], steps[False], rtol=1e-3, atol=1e-7)
+
+
+def test_quadrotor_gradient_norms_are_under_the_clip():
+    """With the loss per step (the shipped SafeGBPO SHAC config), the policy gradient of real
+    Quadrotor windows is below max_grad_norm = 2 (the clip rarely acts, as in the reference);
+    as the window sum it is h = 43 times larger and always clipped."""
+    after = shac_in_process("shac/SafeGBPOQuadrotor-v0", iterations=3)
+    norms = [m["grad_norm"] for m in after]
+    assert all(np.isfinite(norms)) and max(norms) < 2.0, norms
+    before = shac_in_process("shac/SafeGBPOQuadrotor-v0", ["algo_params.loss_per_step=false"], iterations=1)
+    assert before[0]["grad_norm"] == pytest.approx(43 * norms[0], rel=1e-4)  # same first window
+    assert before[0]["grad_norm"] > 2.0
+
+
+def _episode_returns(metrics):
+    return [float(np.mean([e["return"] for e in m["episodes"]])) for m in metrics if m["episodes"]]
+
+
+def _episode_costs(metrics):
+    return [e["cost"] for m in metrics for e in m["episodes"]]
+
+
+def test_safeguarded_shac_on_the_pendulum_improves_without_violations():
+    """16 SHAC updates (4 episodes of 4 windows, the shipped config) through the regularised ray
+    mask on the Pendulum, in process: every training episode has zero violations, and the return
+    of the last episode beats the first one's by a fifth."""
+    episodes = 4
+    m = shac_in_process("shac/SafeGBPOPendulum-RMReg-v0", iterations=4 * episodes)
+    ret, cost = _episode_returns(m), _episode_costs(m)
+    assert len(ret) == episodes and len(cost) == 8 * episodes
+    assert all(c == 0 for c in cost), cost
+    assert ret[-1] > ret[0] + 0.2 * abs(ret[0]), ret
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["BP", "BPReg", "RM", "RMReg", "RMHypReg"])
+def test_safeguarded_shac_on_the_pendulum_converges_without_violations_slow(variant):
+    """The slow companion: 25 episodes (100 updates): zero violations throughout, and the last
+    episodes' return beats the first one's by far."""
+    m = shac_in_process(f"shac/SafeGBPOPendulum-{variant}-v0", iterations=100)
+    ret, cost = _episode_returns(m), _episode_costs(m)
+    assert all(c == 0 for c in cost), cost
+    assert np.mean(ret[-3:]) > ret[0] + 0.5 * abs(ret[0]), ret
+
+
+def test_elu_policy_acts_the_same_in_env_hosts():
+    """The SafeGBPO SHAC configs' ELU policy: the numpy policy the env hosts evaluate with gives
+    the torch policy's deterministic action (the activation travels with the weights)."""
+    from saferl.actors import np_policy
+    from saferl.config import load_config
+    from saferl.learners.base import EnvSpec
+    from saferl.learners.shac_lag import SHAC
+
+    params = load_config("shac/SafeGBPOQuadrotor-v0").learner_params()
+    assert params.activation == "elu"
+    env = EnvSpec(obs_dim=8, act_dim=2, act_low=[-1, -1], act_high=[1, 1], max_episode_steps=240)
+    learner = SHAC(params, env, cost_limit=0.0, device=torch.device("cpu"), seed=0)
+    with torch.no_grad():
+        for prm in learner.policy.net.parameters():
+            prm.normal_(0.0, 0.5)  # (pre-activations on both sides of 0)
+    obs = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    act, _, _ = np_policy.act(learner.numpy_policy(), obs, np.random.default_rng(0), deterministic=True)
+    with torch.no_grad():
+        ref = learner.policy.rsample(torch.as_tensor(obs), None).numpy()
+    np.testing.assert_allclose(act, ref, atol=1e-5)
+    tanh = dict(learner.numpy_policy(), activation="tanh")
+    assert np.abs(np_policy.act(tanh, obs, np.random.default_rng(0), deterministic=True)[0] - ref).max() > 1e-3

@@ -1,5 +1,6 @@
-"""`saferl study strpo-ablation` (seed 001, Appendix C): the variants' overrides, one-line usage
-errors, and a real tiny study on FunctionEnv-v0 whose stage-1 runs are shared and whose table is
+"""`saferl study strpo-ablation` (the sTRPO paper's Appendix C): the variants' overrides, that each
+built config differs from sTRPO's in exactly one factor, one-line usage errors, and a real tiny
+study on FunctionEnv-v0 whose stage-1 runs are shared and whose table is
 recomputed here from the runs' own metrics.csv."""
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ def test_variants_overrides_and_stage1_kinds():
     assert study.variant_overrides("no-joint-advantage", "/r") == ["algo_params.joint_advantage=false",
                                                                    "algo_params.unsafe_policy=/r"]
     assert study.variant_overrides("no-unsafe-term", "/r") == ["algo_params.exclusion=false"]  # no π_unsafe
-    assert study.variant_overrides("lambda2-1") == ["algo_params.lambda2=1.0"]
+    assert study.variant_overrides("lambda2-1") == ["algo_params.lambda2=1.0", "algo_params.adapt_lambda2=false"]
+    assert study.variant_overrides("lambda2-0.01") == ["algo_params.lambda2=0.01", "algo_params.adapt_lambda2=false"]
     assert study.variant_overrides("delta-1e-4") == ["algo_params.target_kl=0.0001", "algo_params.delta2=0.0001"]
     assert study.stage1_kinds(["no-unsafe-term"]) == []
     assert study.stage1_kinds(["unsafe-trpo", "lambda2-1"]) == ["dtrpo", "trpo"]
     assert study.stage1_kinds(["unsafe-trpo"]) == ["trpo"]
     assert study.plot_rows(["strpo", "no-unsafe-term"]) == [["strpo", "no-unsafe-term"]]
     assert study.plot_rows(list(study.VARIANTS)) == [
-        ["strpo", "no-joint-advantage", "no-unsafe-term"], ["strpo", "lambda2-1", "unsafe-trpo"],
+        ["strpo", "no-joint-advantage", "no-unsafe-term"], ["strpo", "lambda2-0.01", "lambda2-1", "unsafe-trpo"],
         ["strpo", "delta-1e-2", "delta-1e-3", "delta-1e-4"]]
 
 
@@ -46,17 +48,36 @@ def test_planned_configs(tmp_path):
     assert stage1["trpo", 3]["cfg"].algo_params["distributional"] is False
     assert stage1["dtrpo", 0]["cfg"].algo_params["distributional"] is True
     assert stage1["dtrpo", 0]["cfg"].total_env_steps == 2000
-    unsafe = {k: str(tmp_path) for k in stage1}  # any existing path passes the validator
+    unsafe = {}
+    for kind, seed in stage1:  # an existing directory per stage-1 run passes the validator
+        (tmp_path / f"{kind}{seed}").mkdir()
+        unsafe[kind, seed] = str(tmp_path / f"{kind}{seed}")
     jobs = {(j["variant"], j["seed"]): j["cfg"] for j in study.plan_stage2(s, tmp_path, unsafe)}
-    assert len(jobs) == 16 and all(c.total_env_steps == 4000 and c.resources.envs_per_host == 10
+    assert len(jobs) == 18 and all(c.total_env_steps == 4000 and c.resources.envs_per_host == 10
                                    for c in jobs.values())
     ap = {k: c.algo_params for k, c in jobs.items()}
-    assert ap["strpo", 0]["unsafe_policy"] == str(tmp_path)
+    assert ap["strpo", 0]["unsafe_policy"] == unsafe["dtrpo", 0]
     assert (ap["strpo", 0]["target_kl"], ap["strpo", 0]["delta2"], ap["strpo", 0]["lambda2"]) == (0.01, 1e-4, 0.01)
     assert ap["no-joint-advantage", 3]["joint_advantage"] is False
     assert ap["no-unsafe-term", 0]["exclusion"] is False and ap["no-unsafe-term", 0].get("unsafe_policy") is None
-    assert ap["lambda2-1", 0]["lambda2"] == 1.0
+    assert ap["lambda2-1", 0]["lambda2"] == 1.0 and ap["lambda2-1", 0]["adapt_lambda2"] is False
     assert ap["delta-1e-3", 0]["target_kl"] == ap["delta-1e-3", 0]["delta2"] == 1e-3
+    # each arm differs from sTRPO (same seed) in its one factor only, the learner's resolved
+    # parameters compared (defaults filled in)
+    from saferl.learners.strpo import STRPO
+
+    def resolved(variant, seed):
+        return STRPO.Params(**ap[variant, seed]).model_dump()
+
+    for seed in (0, 3):
+        full = resolved("strpo", seed)
+        assert full["adapt_lambda2"] is True and full["fallback"] == "reverse" and full["exclusion"] is True
+        for key in study.VARIANTS:
+            diff = {k for k, v in resolved(key, seed).items() if v != full[k]}
+            factor, keys = study.FACTORS[key]
+            assert (diff == set()) if key == "strpo" else (diff and diff <= set(keys)), (key, factor, diff)
+    # the λ2 sweep: its two arms differ from each other in λ2 alone
+    assert {k for k, v in resolved("lambda2-1", 0).items() if v != resolved("lambda2-0.01", 0)[k]} == {"lambda2"}
 
 
 def test_usage_errors_are_one_line(tmp_path, capsys):
@@ -119,13 +140,22 @@ def test_tiny_study_function_env(ray_session, run_root, tmp_path, capsys):
         x, ret, cost = read_curve(path / "metrics.csv")
         assert len(x) == 4  # one episode of every env per iteration
         r, c, k = final_performance(ret, cost)
-        cases = [float(row["strpo/case"]) for row in csv.DictReader(open(path / "metrics.csv", newline=""))]
+        metrics = list(csv.DictReader(open(path / "metrics.csv", newline="")))
+        cases = [float(row["strpo/case"]) for row in metrics]
         assert len(cases) == 4 and set(cases) <= {0.0, 1.0, 2.0}
-        fwd = sum(v == 0 for v in cases) / len(cases)
+        shares = [sum(v == c for v in cases) / len(cases) for c in (0, 1, 2)]
+        # the learner's own one-hot and cumulative shares agree with the case column
+        for i, m in enumerate(metrics):
+            assert [float(m[f"strpo/{c}"]) for c in ("forward", "reverse", "kept")] == [
+                float(cases[i] == c) for c in (0, 1, 2)]
+        assert [float(metrics[-1][f"strpo/{c}_share"]) for c in ("forward", "reverse", "kept")] == pytest.approx(shares)
+        if key == "no-unsafe-term":
+            assert shares[1] == 0  # TRPO has no reverse step
         row = rows[study.VARIANTS[key][0]]
-        assert row[2:5] == [_cell([r]), _cell([c]), _cell([fwd]) + " |"], (key, row)
+        assert row[2:7] == [_cell([r]), _cell([c]), *(_cell([x]) for x in shares[:2]), _cell([shares[2]]) + " |"], \
+            (key, row)
         assert float(runs[key]["final_return"]) == pytest.approx(r) and k == 1
-        assert float(runs[key]["forward_fraction"]) == pytest.approx(fwd)
+        assert [float(runs[key][f"{c}_fraction"]) for c in ("forward", "reverse", "kept")] == pytest.approx(shares)
     assert runs["stage1-dtrpo"]["forward_fraction"] == ""
 
     # same --out: nothing is trained again, the outputs are recomputed

@@ -1,14 +1,18 @@
 """``saferl submit`` / ``status`` / ``logs`` / ``stop`` against a real Ray head started by this test.
 
-The head runs in its own process group on loopback with its own ports and temp dir, so it is
-independent of the in-process ``ray.init`` of conftest's ``ray_session`` and of any other Ray on
-the machine. It is stopped by signalling *its* ``ray start --block`` process (and then killing
-any of its descendants that remain), never with ``ray stop``, which would stop every Ray
-cluster on the machine.
+The head runs in its own process group with its own ports and temp dir, so it is independent of
+the in-process ``ray.init`` of conftest's ``ray_session`` and of any other Ray on the machine. It
+is started the way that used to break submitted jobs: as ``.venv/bin/ray start`` with ``.venv``
+not on PATH, and with Ray's token authentication on (its own token file, named by
+$RAY_AUTH_TOKEN_PATH, which is all ``saferl`` is given here: no ``RAY_AUTH_MODE``). It is stopped
+by signalling *its* ``ray start --block`` process (and then killing any of its descendants that
+remain), never with ``ray stop``, which would stop every Ray cluster on the machine.
+tests/test_cluster_processes.py does the same on a head with two worker nodes (slow).
 """
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -59,26 +63,41 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def token_file(tmp_path_factory):
+    """The head's Ray auth token, in a file of its own (not ~/.ray/auth_token)."""
+    path = tmp_path_factory.mktemp("token") / "auth_token"
+    path.write_text(secrets.token_hex(32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_head(token_file):
     """The dashboard address of a local Ray head shared by this module's tests."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    # Ray's C++ token loader caches the first token it reads: let it read this process's own
+    # before RAY_AUTH_TOKEN_PATH names the head's, so nothing else in this process changes.
+    AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_ADDRESS", raising=False)  # nothing here sets it; make sure none leaks in
-        yield from _start_head()
+        for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # none leaks in
+            mp.delenv(name, raising=False)
+        mp.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))  # all saferl is told about the token
+        yield from _start_head(token_file)
 
 
-def _start_head():
+def _start_head(token_file: Path):
     """Start the head, yield its dashboard address once the Jobs API answers, stop it."""
     gcs, dash, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray puts sockets in it
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is ours
-    # Ray 2.59+ turns token authentication on for local clusters: `ray start --head` enables it
-    # whenever ~/.ray/auth_token exists (any earlier ray.init creates one), and the Jobs client
-    # then fails with "Authentication required" unless its own process has RAY_AUTH_MODE=token.
-    # This loopback-only, short-lived head opts out as Ray's warning and docs say to
-    # (https://docs.ray.io/en/latest/ray-security/token-auth.html): RAY_AUTH_MODE=disabled.
-    env["RAY_AUTH_MODE"] = "disabled"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "VIRTUAL_ENV"}
+    # `.venv/bin/ray start` from a shell where .venv is not activated: a bare `python` in the
+    # job's entrypoint would not be .venv's (saferl names the interpreter instead)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if p and Path(p).resolve() != RAY.parent.resolve())
+    # Token authentication on, as `ray start --head` turns it on whenever ~/.ray/auth_token exists
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["RAY_agent_register_timeout_ms"] = "120000"  # a busy machine can take longer than 30 s
     cmd = [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
@@ -134,6 +153,9 @@ def test_submit_runs_a_tiny_training_job(ray_head, tmp_path, capsys):
     assert main(["status", "raysubmit_nope", "--address", ray_head]) == 2
     assert capsys.readouterr().err == f"cluster error: no job 'raysubmit_nope' at {ray_head}\n"
     assert "env_vars" not in _runtime_env(ray_head, job_id)  # nothing forwarded unasked
+    # the head's interpreter, named: the one its `ray start` ran with (not the PATH's `python`)
+    entrypoint = jobs._connect(ray_head).get_job_info(job_id).entrypoint
+    assert entrypoint.startswith(f"{sys.executable} -m saferl.cli train {CONFIG} "), entrypoint
     run = run_root / "submitted"
     assert (run / "metrics.csv").is_file()
     assert list((run / "checkpoints").glob("ckpt_*.pt")), sorted(p.name for p in run.rglob("*"))
@@ -159,9 +181,7 @@ def test_unset_env_var_is_refused(monkeypatch):
 
 
 def _runtime_env(address: str, job_id: str) -> dict:
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(address).get_job_info(job_id).runtime_env
+    return jobs._connect(address).get_job_info(job_id).runtime_env
 
 
 def test_env_is_forwarded_only_by_name_and_stop(ray_head, tmp_path, monkeypatch, capsys):
@@ -172,3 +192,90 @@ def test_env_is_forwarded_only_by_name_and_stop(ray_head, tmp_path, monkeypatch,
     assert _runtime_env(ray_head, job_id)["env_vars"] == {"SAFERL_TEST_FORWARDED": "yes"}
     assert main(["stop", job_id, "--address", ray_head]) == 0
     assert capsys.readouterr().out == f"{job_id}: stop requested\n"
+
+
+def test_driver_without_saferl_reports_why_in_status(ray_head, tmp_path, capsys):
+    """A job whose interpreter lacks saferl's packages (here the Safety-Gymnasium one: no torch)
+    fails, and `saferl status` says why (the traceback's last line) and what to do."""
+    python = ROOT / ".venv-sg" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv-sg to stand for an interpreter without torch")
+    job_id = jobs.submit(ray_head, CONFIG, [f"run_root={tmp_path}"], python=str(python))
+    deadline = time.monotonic() + 120
+    while (line := jobs.status(ray_head, job_id)).split()[1] not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, line
+        time.sleep(1)
+    assert line.startswith(f"{job_id}: FAILED (ModuleNotFoundError: No module named 'torch'; {python} lacks "
+                           "saferl's packages: start Ray from saferl's environment"), line
+    assert line.endswith(f"see `saferl logs {job_id} --address {ray_head}`)") and "\n" not in line
+
+
+def test_token_problems_are_one_line(ray_head, monkeypatch, tmp_path):
+    """The head asks for a token: none to be found, a wrong one, or RAY_AUTH_MODE=disabled here
+    are each one line that says what to do."""
+    jobs._HEADERS.pop(ray_head, None)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"requires a Ray auth token .* none was found in \$RAY_AUTH_TOKEN, "):
+        jobs.status(ray_head, "raysubmit_none")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "wrong")
+    with pytest.raises(ConfigError, match=r"refused the Ray auth token from \$RAY_AUTH_TOKEN .*Invalid"):
+        jobs.status(ray_head, "raysubmit_none")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ConfigError, match="requires a Ray auth token and RAY_AUTH_MODE=disabled here"):
+        jobs.status(ray_head, "raysubmit_none")
+
+
+def test_local_token_is_found_where_ray_looks(monkeypatch, tmp_path):
+    """$RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH names (then nothing else), else
+    ~/.ray/auth_token; whitespace stripped (Ray's AuthenticationTokenLoader's order)."""
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert jobs.local_token() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home\n")
+    assert jobs.local_token() == ("home", "~/.ray/auth_token")
+    named = tmp_path / "tok"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(named))
+    assert jobs.local_token() is None  # named but missing: not ~/.ray/auth_token either
+    named.write_text("  file \n")
+    assert jobs.local_token() == ("file", f"$RAY_AUTH_TOKEN_PATH ({named})")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", " ")
+    assert jobs.local_token()[0] == "file"  # empty = unset
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env")
+    assert jobs.local_token() == ("env", "$RAY_AUTH_TOKEN")
+
+
+def test_failure_cause_and_interpreter_of_a_raylet():
+    logs = ("it 1/2 | steps 2,000\nTraceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+            "    import a\n    ^^^^^^^^\nValueError: first\n\nDuring handling of the above exception, another "
+            "exception occurred:\n\nTraceback (most recent call last):\n  File \"y.py\", line 2, in f\n"
+            "ModuleNotFoundError: No module named 'torch'\nmore output\n")
+    assert jobs.failure_cause(logs) == "ModuleNotFoundError: No module named 'torch'"
+    assert jobs.failure_cause("it 1/2\nconfig error: resources.num_env_hosts: must be > 0\n") == (
+        "config error: resources.num_env_hosts: must be > 0")
+    assert jobs.failure_cause("Killed\n") is None
+    assert jobs.failure_cause("/bin/sh: 1: /opt/x/python: not found\n").startswith(
+        "/opt/x/python does not exist on the node running the job (start Ray from saferl's environment")
+    cmdline = ["/x/raylet", "--node_manager_port=1",
+               "--python_worker_command=/opt/saferl/.venv/bin/python /opt/saferl/.venv/lib/setup_worker.py -u"]
+    assert jobs.worker_python(cmdline) == "/opt/saferl/.venv/bin/python"
+    assert jobs.worker_python(["/x/raylet"]) is None
+    assert jobs.worker_python(["--python_worker_command=python x.py"]) is None  # not a path: unusable
+
+
+def test_python_option_must_be_absolute(monkeypatch, capsys):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def fake(address, job_id=None):
+        yield object()  # a "cluster" that reports nothing
+
+    monkeypatch.setattr(jobs, "_client", fake)
+    assert main(["submit", "ppo_lag/FunctionEnv-v0", "--address", "http://10.9.9.9:8265", "--python", "python3"]) == 2
+    assert capsys.readouterr().err == "submit error: --python python3: give an absolute path on the head node\n"
+    # a remote cluster that does not report its head's interpreter: refused, naming --python
+    assert main(["submit", "ppo_lag/FunctionEnv-v0", "--address", "http://10.9.9.9:8265"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("submit error: http://10.9.9.9:8265 does not report the Python its head runs Ray "
+                          "with; pass --python ") and err.count("\n") == 1

@@ -1,4 +1,4 @@
-"""Property tests of envs/zonotope.py (seed 003, eq 1-6) against brute force."""
+"""Property tests of envs/zonotope.py (SafeGBPO paper, eq 1-6) against brute force."""
 from __future__ import annotations
 
 import itertools

@@ -11,6 +11,7 @@ import importlib
 STUDIES = {
     "gbe": "saferl.cluster.studies.gbe",
     "cgpo-table1": "saferl.cluster.studies.cgpo_table1",
+    "cgpo-radius": "saferl.cluster.studies.cgpo_radius",
     "safeguards": "saferl.cluster.studies.safeguards",
     "robustness": "saferl.cluster.studies.robustness",
     "sis-feasibility": "saferl.cluster.studies.sis_feasibility",

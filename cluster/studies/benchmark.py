@@ -39,7 +39,8 @@ from saferl.cluster.studies.runner import (FINAL_FRACTION, by_seed, csv_list, fa
 
 # ``saferl benchmark NAME`` -> the module holding its PRESET (imported when the CLI is built)
 BENCHMARKS = {"onpolicy": "saferl.cluster.studies.benchmark_onpolicy",
-              "offpolicy": "saferl.cluster.studies.benchmark_offpolicy"}
+              "offpolicy": "saferl.cluster.studies.benchmark_offpolicy",
+              "reference": "saferl.cluster.studies.reference"}
 
 
 def load(name: str):

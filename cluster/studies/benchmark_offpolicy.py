@@ -11,7 +11,7 @@ cumulative cost.
                                                2 hosts × 10 envs, their warm-up) on a Ray cluster
     saferl benchmark offpolicy --algos cvpo,sac_lag --tasks SafetyCarButton1-v0 --seeds 0,3
 
-The tasks are CVPO's (seed 002): Point/Car Goal1, Button1 and Circle1, cost limit 25. A run is
+The tasks are CVPO's (CVPO paper): Point/Car Goal1, Button1 and Circle1, cost limit 25. A run is
 ``saferl train <algo>/<task>`` with the shipped config (``configs/<algo>/<task>.yaml``, its
 hyper-parameters untouched but the warm-up) and ``total_env_steps``, ``steps_per_iteration`` and
 the env hosts from the flags; the uniform warm-up is the config's, at most 10% of ``--steps``
@@ -43,7 +43,7 @@ HELP = ("off-policy algorithms × CVPO's Safety-Gymnasium tasks: OmniSafe-style 
 # The benchmark's algorithms, table row order; each needs configs/<algo>/<task>.yaml for every task
 # below (tests/test_offpolicy_configs.py checks). fac_sis / fac need a geometry tail: not here.
 OFFPOLICY_ALGOS = ("cvpo", "sac_lag", "td3_lag", "ddpg_lag", "sac")
-# CVPO's Safety-Gymnasium tasks (seed 002, §6: Goal1, Button1 and Circle1 for Point and Car)
+# CVPO's Safety-Gymnasium tasks (CVPO paper, §6: Goal1, Button1 and Circle1 for Point and Car)
 OFFPOLICY_TASKS = ("SafetyPointGoal1-v0", "SafetyCarGoal1-v0", "SafetyPointButton1-v0", "SafetyCarButton1-v0",
                    "SafetyPointCircle1-v0", "SafetyCarCircle1-v0")
 ALGO_LABELS = {"cvpo": "CVPO", "sac_lag": "SACLag", "td3_lag": "TD3Lag", "ddpg_lag": "DDPGLag", "sac": "SAC",

@@ -1,5 +1,9 @@
 """Seed 000, Table 1: Conv. Steps and Vio. Ratio of CGPO and its baselines on the Brax tasks.
 
+The rows are the paper's: PDO, APPO, CPO, CUP (sampling algorithms, through the numpy protocol),
+BPTT-Lag, SHAC-Lag and CGPO (analytic gradients); ``--algos`` may add any other registered
+algorithm (e.g. ppo_lag), which then has no paper row.
+
     saferl study cgpo-table1                          reduced run (1 seed, 50k steps, 16 envs)
     saferl study cgpo-table1 --paper                  Table 4 scale: 5 seeds, each config's budget
                                                       (epochs × envs × T) and envs
@@ -13,7 +17,9 @@ run's ``metrics.csv`` and writes into ``--out``:
     runs.csv      one row per run: Conv. Steps, Vio. Ratio, counts, final return/cost, run dir
     curves.csv    the evaluation curves the metrics are computed on (task, algo, seed, x, R, C)
     table1.md     Table 1's layout: one row per algorithm, per task Conv. Steps and Vio. Ratio
-                  (mean ± std over seeds), with the paper's numbers below for reference
+                  (mean ± std over seeds), with the paper's numbers below for reference; every
+                  cell of a task that differs from the paper's (``TASK_DEVIATIONS``) carries the
+                  deviation next to the number, in both tables
     curves.png    episode cost (and return) vs env steps per algorithm, one column per task,
                   with the cost limit
     study.json    the settings (flags, metric parameters) the outputs were produced with
@@ -26,9 +32,9 @@ interrupted ones from their last checkpoint, and recomputes the metrics and outp
 **The curve.** Per run, the points (x_i, R_i, C_i), i = 0..n−1, are the logged iterations in
 which episodes finished: x_i = env steps so far, R_i / C_i = mean return / cost (undiscounted
 sums over the episode, J_R and J_C) of the episodes finished in that iteration. Gradient
-algorithms finish an episode of every env each T/h policy updates; PPO-Lag (one episode per env
-per iteration in the shipped configs) each update. The study forces ``schedule.log_every=1``
-so no finished episode is dropped. b is the cost limit.
+algorithms finish an episode of every env each T/h policy updates; the sampling algorithms (PDO,
+APPO, CPO, CUP: one episode per env per iteration in the shipped configs) each update. The study
+forces ``schedule.log_every=1`` so no finished episode is dropped. b is the cost limit.
 
 **Conv. Steps (F.2.1).** "The convergence point on the episodic return curve is the point from
 which the range of variation within a given window is less than a set threshold", and it must
@@ -72,7 +78,12 @@ Choices not fixed by the paper (F.2 gives no formulas or numbers):
 * budgets: Table 4's "num epochs" is read as full episodes of every env, so a config's
   ``total_env_steps`` = epochs × envs × T (see the Brax configs); the reduced default here
   (``--budget 50000 --envs 16``) only checks that everything runs. ``--envs N`` rescales each
-  config to N envs (keeping its hosts when N allows, and PPO-Lag's steps per env per iteration).
+  config to N envs (keeping its hosts when N allows, and a sampling algorithm's steps per env per
+  iteration).
+* deviating tasks (``TASK_DEVIATIONS``): CartPole's reward is reshaped (the literal +1 has no
+  gradient without termination) and Reacher's limit 400 cannot bind under the written cost; every
+  number of those tasks, the runs' and the paper's, is printed with the deviation next to it, as
+  is a cost limit other than Table 4's (``--set cost_limit=...``).
 """
 from __future__ import annotations
 
@@ -86,23 +97,41 @@ from saferl.cluster.studies.runner import (by_seed, csv_list, fail_if_any_failed
                                            plot_return_and_cost, read_curve, run_jobs, save_figure, shipped_config,
                                            study_console_and_out, write_csv)
 
-HELP = ("seed 000 Table 1: Conv. Steps and Vio. Ratio of CGPO, SHAC-Lag, BPTT-Lag, PPO-Lag on the "
-        "Brax tasks")
+HELP = ("CGPO paper Table 1: Conv. Steps and Vio. Ratio of PDO, APPO, CPO, CUP, BPTT-Lag, SHAC-Lag and CGPO "
+        "on the Brax tasks")
 
 PAPER_TASKS = ("BraxCartPole-v0", "BraxReacher-v0", "BraxHalfCheetahVel-v0", "BraxAntVel-v0")
-PAPER_ALGOS = ("ppo_lag", "bptt_lag", "shac_lag", "cgpo")
-ALGO_LABELS = {"ppo_lag": "PPO-Lag", "bptt_lag": "BPTT-Lag", "shac_lag": "SHAC-Lag", "cgpo": "CGPO",
-               "shac": "SHAC"}
+PAPER_ALGOS = ("pdo", "appo", "cpo", "cup", "bptt_lag", "shac_lag", "cgpo")  # Table 1's rows, in its order
+ALGO_LABELS = {"pdo": "PDO", "appo": "APPO", "cpo": "CPO", "cup": "CUP", "ppo_lag": "PPO-Lag",
+               "bptt_lag": "BPTT-Lag", "shac_lag": "SHAC-Lag", "cgpo": "CGPO", "shac": "SHAC"}
 TASK_LABELS = {"BraxCartPole-v0": "CartPole", "BraxReacher-v0": "Reacher",
                "BraxHalfCheetahVel-v0": "HalfCheetah", "BraxAntVel-v0": "Ant"}
-# Seed 000, Table 1 (Conv. Steps, Vio. Ratio %; None = "-†"). PDO is the paper's primal-dual
-# baseline nearest to PPO-Lag, which the paper does not run.
+# Seed 000, Table 1 (Conv. Steps, Vio. Ratio %; None = "-†"), tasks in PAPER_TASKS order.
 PAPER_TABLE1 = {
     "PDO": [(4.99e6, 12.01), (3.99e6, 64.42), (3.43e6, 74.58), (1.70e7, 51.84)],
+    "APPO": [(5.95e6, 6.59), (4.22e6, 46.04), (3.58e6, 18.33), (1.08e7, 9.54)],
+    "CPO": [(6.72e6, 5.96), (1.98e6, 30.68), (5.81e6, None), (1.69e7, 24.56)],
+    "CUP": [(6.84e6, 19.21), (7.76e6, 56.12), (5.12e6, 57.40), (9.29e6, 29.79)],
     "BPTT-Lag": [(3.84e6, 23.99), (2.73e6, 67.88), (2.32e6, 61.56), (2.13e7, None)],
     "SHAC-Lag": [(2.32e6, 46.31), (2.96e6, 50.59), (3.15e6, 65.90), (1.67e7, 57.53)],
     "CGPO": [(1.77e6, 3.96), (1.15e6, 14.29), (2.02e6, 7.31), (8.52e6, 6.44)],
 }
+# Where a task here is not the paper's experiment (envs/brax_tasks.py gives the reasons): the mark
+# printed next to every number of that task, ours and the paper's.
+TASK_DEVIATIONS = {
+    "BraxCartPole-v0": "task differs: reward reshaped",
+    "BraxReacher-v0": "limit unreachable under the written cost",
+}
+TASK_DEVIATION_DETAILS = {
+    "BraxCartPole-v0": "Brax's inverted pendulum pays +1 per step and terminates once |θ| > 0.2; with the "
+                       "paper's fixed horizon and no termination that reward has zero gradient, so the "
+                       "reward here is 1 − (θ/0.2)², a smooth stand-in",
+    "BraxReacher-v0": "the written cost Σ_t ‖fingertip position‖² is at most 300 · 0.21² ≈ 13.2 over T = 300, so "
+                      "the limit 400 never binds: every policy is feasible and Vio. Ratio has no safety-critical "
+                      "update",
+}
+PAPER_LIMITS = {"BraxCartPole-v0": -50.0, "BraxReacher-v0": 400.0, "BraxHalfCheetahVel-v0": 400.0,
+                "BraxAntVel-v0": 1000.0}  # Table 4
 DEFAULTS = {"seeds": 1, "budget": "50000", "envs": "16"}
 PAPER = {"seeds": 5, "budget": "config", "envs": "config"}
 
@@ -150,6 +179,21 @@ def vio_ratio(costs, limit: float, *, band: float = 0.2, margin: float = 0.05) -
 def format_cell(values: list[float | None], kind: str) -> str:
     """A Table 1 cell: Conv. Steps ("steps") in e-notation, ratios with two decimals."""
     return format_mean_std(values, ".2e" if kind == "steps" else ".2f")
+
+
+def task_marks(task: str, limits: set[float] | None = None) -> list[str]:
+    """The deviations of ``task`` from the paper's experiment: ``TASK_DEVIATIONS``, and a cost
+    limit other than Table 4's when ``limits`` (those of the runs) has one."""
+    marks = [TASK_DEVIATIONS[task]] if task in TASK_DEVIATIONS else []
+    if task in PAPER_LIMITS and limits and any(b != PAPER_LIMITS[task] for b in limits):
+        marks.append(f"limit differs: {', '.join(f'{b:g}' for b in sorted(limits))} here, "
+                     f"{PAPER_LIMITS[task]:g} in the paper")
+    return marks
+
+
+def marked(cell: str, marks: list[str]) -> str:
+    """A cell with its task's deviations next to the number."""
+    return f"{cell} ({'; '.join(marks)})" if marks else cell
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,11 +321,12 @@ def _evaluate(record: dict, args) -> tuple[dict, list[tuple]]:
 
 RUN_COLUMNS = ["task", "algo", "seed", "status", "conv_steps", "vio_ratio", "n_points", "n_critical",
                "n_violations", "final_return", "final_cost", "cost_limit", "total_env_steps", "num_envs",
-               "wall_s", "run_dir"]
+               "wall_s", "task_deviation", "run_dir"]
 
 
 def _write_runs(out: Path, records: list[dict]) -> None:
-    write_csv(out / "runs.csv", RUN_COLUMNS, sorted(records, key=lambda r: (r["task"], r["algo"], r["seed"])))
+    rows = [{**r, "task_deviation": "; ".join(task_marks(r["task"], {r["cost_limit"]}))} for r in records]
+    write_csv(out / "runs.csv", RUN_COLUMNS, sorted(rows, key=lambda r: (r["task"], r["algo"], r["seed"])))
 
 
 def _write_table(out: Path, records: list[dict], args, s: dict) -> None:
@@ -290,6 +335,7 @@ def _write_table(out: Path, records: list[dict], args, s: dict) -> None:
     header = ["Algorithms"] + [f"{label(t)} {m}" for t in tasks for m in ("Conv. Steps ↓", "Vio. Ratio (%) ↓")]
     budget = "each config's total_env_steps" if s["budget"] is None else f"{s['budget']:,} env steps"
     envs = "each config's" if s["envs"] is None else s["envs"]
+    marks = {t: task_marks(t, {r["cost_limit"] for r in records if r["task"] == t}) for t in tasks}
     lines = ["# Seed 000, Table 1: reproduction", "",
              f"{s['seeds']} seed(s) per cell (mean ± std over seeds); budget {budget} per run; envs {envs}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -297,8 +343,8 @@ def _write_table(out: Path, records: list[dict], args, s: dict) -> None:
         cells = [ALGO_LABELS.get(algo, algo)]
         for task in tasks:
             rs = [r for r in records if r["task"] == task and r["algo"] == algo]
-            cells.append(format_cell([r.get("conv_steps") for r in rs], "steps"))
-            cells.append(format_cell([r.get("vio_ratio") for r in rs], "ratio"))
+            cells.append(marked(format_cell([r.get("conv_steps") for r in rs], "steps"), marks[task]))
+            cells.append(marked(format_cell([r.get("vio_ratio") for r in rs], "ratio"), marks[task]))
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in records if not r["status"].startswith("ok")]
     lines += ["", "-: undefined for every seed (Conv. Steps: no convergence point that meets the constraint; "
@@ -306,12 +352,19 @@ def _write_table(out: Path, records: list[dict], args, s: dict) -> None:
               "(k/n): defined for k of n seeds."]
     if failed:
         lines.append(f"{len(failed)} run(s) failed and are left out; see runs.csv.")
+    for task in tasks:
+        if task in TASK_DEVIATIONS:
+            lines += ["", f"{label(task)} ({TASK_DEVIATIONS[task]}): {TASK_DEVIATION_DETAILS[task]}."]
     lines += ["", f"Metric settings (F.2; formulas in `saferl/cluster/studies/cgpo_table1.py`): window W = "
               f"{args.conv_window} × budget, threshold τ = {args.conv_tol} × the run's return range, "
               f"safety-critical band w = {args.vio_band} × |b|, soft margin m = {args.margin} × |b|."]
     paper_cols = [PAPER_TASKS.index(t) for t in tasks if t in PAPER_TASKS]
     if paper_cols:
-        lines += ["", "## The paper's numbers (seed 000, Table 1; 5 seeds, Table 4 budgets)", "",
+        scale = ("the same budgets as the paper's" if s["budget"] is None
+                 else f"{s['budget']:,} env steps per run, not the paper's {PAPER['seeds']} seeds at Table 4's budgets")
+        lines += ["", "## The paper's numbers (CGPO paper, Table 1; 5 seeds, Table 4 budgets)", "",
+                  f"For reference only: the runs above used {s['seeds']} seed(s) and {scale}; a cell marked "
+                  "with a deviation is the paper's number for a task that differs from the one run here.", "",
                   "| Algorithms | " + " | ".join(f"{label(PAPER_TASKS[j])} {m}" for j in paper_cols
                                                for m in ("Conv. Steps ↓", "Vio. Ratio (%) ↓")) + " |",
                   "|" + "---|" * (1 + 2 * len(paper_cols))]
@@ -319,10 +372,9 @@ def _write_table(out: Path, records: list[dict], args, s: dict) -> None:
             cells = [name]
             for j in paper_cols:
                 steps, ratio = vals[j]
-                cells += [f"{steps:.2e}", "-†" if ratio is None else f"{ratio:.2f}"]
+                m = marks[PAPER_TASKS[j]]
+                cells += [marked(f"{steps:.2e}", m), marked("-†" if ratio is None else f"{ratio:.2f}", m)]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "PDO (Chow et al. 2018) is the paper's primal-dual baseline nearest to PPO-Lag, which the "
-                  "paper does not run."]
     (out / "table1.md").write_text("\n".join(lines) + "\n")
 
 
@@ -352,7 +404,8 @@ def _plot(out: Path, curves: list[tuple], records: list[dict], args) -> None:
             if args.margin > 0:
                 axes[1][j].axhline(soft_limit(limit, args.margin), color="k", linestyle=":", linewidth=0.8,
                                    label="limit + soft margin")
-        axes[0][j].set_title(TASK_LABELS.get(task, task))
+        m = task_marks(task, {r["cost_limit"] for r in records if r["task"] == task})
+        axes[0][j].set_title(TASK_LABELS.get(task, task) + "".join(f"\n({x})" for x in m), fontsize=9 if m else None)
         axes[0][j].set_ylabel("episode return")
         axes[1][j].set_ylabel("episode cost")
         axes[1][j].set_xlabel("env steps")
@@ -400,7 +453,8 @@ def run(args) -> Path:
                           f"in {record.get('wall_s', 0):.0f} s: Conv. Steps {fmt(record.get('conv_steps'), '.3g')}, "
                           f"Vio. Ratio {vio} ({record.get('n_violations')}/{record.get('n_critical')} critical "
                           f"updates), final return {fmt(record.get('final_return'), '.3g')}, "
-                          f"cost {fmt(record.get('final_cost'), '.3g')} (limit {record['cost_limit']:g})")
+                          f"cost {fmt(record.get('final_cost'), '.3g')} (limit {record['cost_limit']:g}"
+                          + "".join(f"; {m}" for m in task_marks(record["task"], {record["cost_limit"]})) + ")")
 
     records = run_jobs(jobs, args, console, finish)
     _write_curves(out, curves)

@@ -1,5 +1,5 @@
 """``saferl study gbe``: how well do estimators predict the constraint after a policy update?
-(seed 000: Fig. 1 and 5 / Appendix C; Tables 2-3 / Appendix B.)
+(CGPO paper: Fig. 1 and 5 / Appendix C; Tables 2-3 / Appendix B.)
 
 Both experiments train a tanh-Gaussian policy on a differentiable task (default FunctionEnv,
 Appendix C.1) with fixed-length updates δ and, at every update, compare an estimate Ĵ_C(θ+δ)
@@ -80,7 +80,7 @@ from pathlib import Path
 
 import numpy as np
 
-HELP = "GBE vs ABE and FoBG vs ZoBG relative errors of constraint-change estimates (seed 000: Fig. 1/5, Tables 2-3)"
+HELP = "GBE vs ABE and FoBG vs ZoBG relative errors of constraint-change estimates (CGPO paper: Fig. 1/5, Tables 2-3)"
 
 DEFAULT_STEP_SIZES = [1e-4, 5e-4, 1e-3, 5e-3, 1e-2]
 DEFAULT_LENGTHS = [1, 5, 10, 50, 100, 200]
@@ -418,7 +418,7 @@ def _fmt(x: float) -> str:
 
 
 def gbe_abe_table(rows, args) -> str:
-    lines = [f"# GBE vs ABE: relative error of Ĵ_C(θ+δ), ‖δ‖ = {args.delta:g} (eq 74; seed 000 Fig. 1, 5)", "",
+    lines = [f"# GBE vs ABE: relative error of Ĵ_C(θ+δ), ‖δ‖ = {args.delta:g} (eq 74; CGPO paper Fig. 1, 5)", "",
              f"Task {args.task}, T = {args.horizon or 'task horizon'}, {args.seeds} seeds × {args.epochs} updates, "
              f"N = {args.envs}. "
              "mean ± std over seeds of per-seed means; median and share > 1 over all updates.", "",
@@ -452,7 +452,7 @@ def gbe_abe_table(rows, args) -> str:
 
 def fobg_zobg_tables(rows, args) -> str:
     lens = [f"{L}" for L in args.lengths]
-    out = ["# FoBG vs ZoBG: relative error of Ĵ_C(θ+δ) = J_C(θ) + δᵀq (eq 74; seed 000 Tables 2-3)", "",
+    out = ["# FoBG vs ZoBG: relative error of Ĵ_C(θ+δ) = J_C(θ) + δᵀq (eq 74; CGPO paper Tables 2-3)", "",
            f"Task {args.task}, {args.seeds} seeds × {args.epochs} updates per (seed, L), N = {args.envs}. "
            "Rows: update magnitude ‖δ‖; columns: trajectory length L.", ""]
     for title, key, stat in [("Table 2 (ZoBG): mean ± std over seeds", "err_zobg", "mean"),

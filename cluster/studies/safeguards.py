@@ -1,5 +1,6 @@
-"""Seed 003, Tables 2-6: safeguarded training (boundary projection, ray mask and their
-modifications) with SHAC, PPO and SAC on the Pendulum and the planar Quadrotor.
+"""SafeGBPO paper ("Provably Safe Reinforcement Learning from Analytic Gradients"), Tables 2-6:
+safeguarded training (boundary projection, ray mask and their modifications) with SHAC, PPO and
+SAC on the Pendulum and the planar Quadrotor.
 
     saferl study safeguards                 reduced run (< 1 h on 2 cores): Pendulum; none, BP, RM
                                             × SHAC, PPO, SAC; 2 seeds; short budgets
@@ -21,6 +22,12 @@ checkpoint is evaluated (``--eval-episodes`` deterministic episodes). Outputs in
     runs/         the run directories ``<algo>-<task>-s<seed>``
 
 Re-running with the same ``--out`` keeps finished runs and resumes interrupted ones.
+
+The safe set is built from the next-state set linearised at the current state (paper eq 13).
+The *Reg variants' regulariser c_reg·MSE(a_safe, a) is a term of SHAC's policy loss, never of
+the rewards: every return here (training curves and evaluation) is the task's reward alone. PPO
+and SAC post-process actions through the safeguard without a regulariser (the reference applies
+it in SHAC only), so they run the *Reg variants as the plain ones.
 
 **Definitions** (the paper, §6: "# Steps until convergence, defined as reaching within 5% of the
 final policy, and the number of runs that did not converge within the maximum allowed simulation
@@ -52,7 +59,7 @@ from pathlib import Path
 from saferl.cluster.studies.runner import (csv_list, fail_if_any_failed, plan_job, plot_mean_std, run_jobs,
                                            save_figure, study_console_and_out, write_csv)
 
-HELP = "seed 003 Tables 2-6: safeguards (boundary projection, ray mask) with SHAC, PPO and SAC"
+HELP = "SafeGBPO paper, Tables 2-6: safeguards (boundary projection, ray mask) with SHAC, PPO and SAC"
 
 TASKS = ("SafeGBPOPendulum-v0", "SafeGBPOQuadrotor-v0")
 BASE_VARIANTS = ("none", "BP", "RM")
@@ -61,7 +68,7 @@ ALGOS = ("shac", "ppo", "sac")
 ALGO_LABELS = {"shac": "SHAC", "ppo": "PPO", "sac": "SAC"}
 DEFAULT_BUDGET = {"shac": 48_000, "ppo": 192_000, "sac": 24_000}
 PAPER_BUDGET = {"shac": 192_000, "ppo": 400_000, "sac": 200_000}
-# Seed 003, Table 6 (wall-clock relative to unsafe, Pendulum, 10k steps) for reference.
+# The SafeGBPO paper, Table 6 (wall-clock relative to unsafe, Pendulum, 10k steps) for reference.
 PAPER_WALL = {"BP": {"shac": 5.089, "ppo": 4.483, "sac": 4.774}, "RM": {"shac": 9.857, "ppo": 8.100, "sac": 7.500}}
 
 
@@ -117,6 +124,37 @@ def train_seconds(metrics_csv: Path) -> float:
         for row in csv.DictReader(fh):
             per_it[int(float(row["iteration"]))] = float(row["time/iteration_s"])
     return sum(per_it.values())
+
+
+def shac_in_process(config: str, overrides: list[str] | None = None, iterations: int = 8,
+                    device: str = "cpu", on_update=None) -> list[dict]:
+    """Train a window learner (SHAC) for ``iterations`` windows in this process — one gradient
+    worker over all envs, no Ray, exactly the learner/worker pair a run uses — and return each
+    update's metrics plus ``episodes`` (the returns and costs of the episodes that ended). For
+    the tests and the gradient-norm measurement of docs/results/safegbpo.md. ``on_update(i,
+    metrics)`` is called after each update."""
+    import torch
+
+    from saferl.actors.gradient_worker import GradientWorker, make_diff_env
+    from saferl.config import load_config
+    from saferl.learners.base import EnvSpec
+
+    cfg = load_config(config, overrides or [])
+    env = make_diff_env(cfg.task)
+    spec = EnvSpec.of({k: getattr(env, k) for k in EnvSpec.model_fields if hasattr(env, k)})
+    learner = cfg.algo_spec.load()(cfg.learner_params(), spec, cfg.limit, torch.device(device), cfg.seed)
+    n = cfg.resources.num_env_hosts * cfg.resources.envs_per_host
+    worker = GradientWorker(cfg.task, 0, n, n, cfg.seed, learner.arch, device)
+    out = []
+    for it in range(iterations):
+        result, summary = worker.compute(learner.policy_state(), it, learner.horizon, learner.p.stochastic)
+        metrics = learner.update([result])
+        if hasattr(learner, "phase_dual"):
+            learner.phase_dual({})
+        out.append({**metrics, "episodes": summary["episodes"]})
+        if on_update is not None:
+            on_update(it, out[-1])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +268,7 @@ def _fmt(v, f=".3g") -> str:
 
 def table(records: list[dict], s: dict) -> str:
     ok = [r for r in records if r["status"].startswith("ok") and "stuck" in r]
-    lines = ["# Seed 003, Tables 2-6: reproduction", "",
+    lines = ["# SafeGBPO paper, Tables 2-6: reproduction", "",
              f"{s['seeds']} seed(s) per row; budgets {', '.join(f'{a} {b:,}' for a, b in s['budget'].items())} "
              "env steps. # Steps and Reward over converged runs (mean; Reward with bootstrap 95% CI over their "
              "evaluation episodes); violations = steps outside the RCI set / state box, summed over training "
@@ -307,7 +345,7 @@ def _plot(out: Path, curves: list[tuple], s: dict) -> None:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-    save_figure(fig, out / "curves.png", "Seed 003 safeguards study (mean ± std over seeds)")
+    save_figure(fig, out / "curves.png", "SafeGBPO safeguards study (mean ± std over seeds)")
 
 
 def run(args) -> Path:

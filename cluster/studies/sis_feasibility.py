@@ -1,5 +1,7 @@
-"""FAC-SIS paper (seed 004), Appendix E.2-E.3: the exhaustive feasibility check of safety indexes
-on the custom point/hazard task (Table 3) and the learned (σ, k, n) trajectory (Fig. 8).
+"""FAC-SIS paper ("Joint Synthesis of Safety Certificate and Safe Control Policy"), Appendix
+E.2-E.3: the exhaustive feasibility check of safety indexes on the custom point/hazard task
+(Table 3), its sensitivity to the actuator constants the paper does not give, and the learned
+(σ, k, n) trajectory (Fig. 8).
 
     saferl study sis-feasibility                          φ0, φ_h, φ_F on distribution 1
     saferl study sis-feasibility --run RUNS/fac_sis-…     + the run's initial φ_i and learned φ_SIS
@@ -12,10 +14,19 @@ initial distribution (``--distribution`` 1-3, Table 1). At every step every acti
 actions are those with φ(s') ≤ max(φ(s) − η_D, 0) (eq 1); the robot takes the safe action
 nearest to a goal-tracking controller's (heading and speed P-control). A state with no safe
 action is infeasible. A trajectory succeeds when it neither enters the hazard (a φ0 violation)
-nor meets an infeasible state (Table 3's definition). Outputs in ``--out``:
+nor meets an infeasible state (Table 3's definition).
+
+**Sensitivity.** The paper gives neither the acceleration nor the speed bound of its robot, and
+they decide the table (how hard the robot can brake decides which states can still dissipate φ).
+The main table uses the task's constants (``--acc-max``/``--v-max``/``--omega-max``, default:
+``envs/point_hazard.py``'s ``DEFAULT_CONSTANTS``); the sensitivity table repeats φ0, φ_h and φ_F
+over the grid ``--sens-acc-max`` × ``--sens-v-max`` (``--sens-acc-max ""`` skips it). Outputs in
+``--out``:
 
     sis_feasibility.md / .csv   per index: σ, k, n, success rate, φ0 violation rate, infeasible
-                                rate, average tracking error (mean per-step −reward)
+                                rate, average tracking error (mean per-step −reward); the
+                                sensitivity table and why the defaults are what they are
+    sensitivity.csv             per (acc_max, v_max, index): the same rates
     trajectories.png            the paths per index, hazard drawn, infeasible states marked
     index_trajectory.png        with --run: σ, k, n against env steps (Fig. 8)
     study.json                  the settings
@@ -33,6 +44,15 @@ from saferl.cluster.studies.runner import save_figure, study_console_and_out, wr
 HELP = "FAC-SIS App. E.2-E.3: exhaustive feasibility of safety indexes (Table 3) and the learned index (Fig. 8)"
 COLUMNS = ["index", "sigma", "k", "n", "eta_d", "trajectories", "success_rate", "phi0_violation_rate",
            "infeasible_rate", "tracking_error"]
+SENS_COLUMNS = ["acc_max", "v_max", "omega_max", "index", "success_rate", "phi0_violation_rate", "infeasible_rate"]
+PAPER_TABLE3 = {"φ0": 0.0, "φ_h": 0.70, "φ_F": 1.0}  # success rates in the paper's Table 3
+DEFAULTS_NOTE = (
+    "The paper gives neither the acceleration bound nor the speed bound of its point robot. Its "
+    "stated setting is that φ_F is a valid index (from Zhao et al. 2021's synthesis rules: 100% "
+    "feasible) while the handcrafted φ_h is not (Table 3: 70% success, 30% infeasible; Fig. 6: "
+    "φ_h's zero-sublevel set holds inevitably unsafe states). The defaults are the setting of the grid "
+    "that keeps φ_F at 100% with φ_h's success nearest 70%, at the reference implementation's speed bound "
+    "2 (a lower speed bound cannot track the reward's target speed, distance / 5 s, from the start).")
 PRESET_LABELS = {"zero": "φ0", "handcrafted": "φ_h", "feasible": "φ_F"}
 
 
@@ -44,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trajectories", type=int, default=100, help="episodes per index (paper: 100)")
     p.add_argument("--grid", type=int, default=21, help="actions per dimension of the exhaustive check (default 21)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--acc-max", type=float, default=None, help="acceleration bound (default: the task's)")
+    p.add_argument("--v-max", type=float, default=None, help="speed bound (default: the task's)")
+    p.add_argument("--omega-max", type=float, default=None, help="turn-rate bound (default: the task's)")
+    p.add_argument("--sens-acc-max", default="2,2.25,2.5,4", help="sensitivity grid: acceleration bounds "
+                   "(comma-separated; empty: no sensitivity table)")
+    p.add_argument("--sens-v-max", default="1,2", help="sensitivity grid: speed bounds (comma-separated)")
     p.add_argument("--out", default=None, help="output folder (default runs/studies/sis-feasibility-<time>)")
 
 
@@ -66,13 +92,14 @@ def safe_action_mask(env, index, state, grid):
     return (delta <= 0).reshape(n, g)
 
 
-def check(index, distribution: int, trajectories: int, grid_n: int, seed: int) -> dict:
-    """Roll ``trajectories`` safety-filtered episodes; their outcomes and paths (module docstring)."""
+def check(index, distribution: int, trajectories: int, grid_n: int, seed: int, constants: dict | None = None) -> dict:
+    """Roll ``trajectories`` safety-filtered episodes; their outcomes and paths (module docstring).
+    ``constants``: the env's acc_max / v_max / omega_max (default: the task's)."""
     import torch
 
     from saferl.envs.point_hazard import HAZARD_RADIUS, PointHazardEnv
 
-    env = PointHazardEnv(distribution)
+    env = PointHazardEnv(distribution, **(constants or {}))
     axis = torch.linspace(-1, 1, grid_n)
     grid = torch.cartesian_prod(axis, axis)
     state = env.initial_state(trajectories, torch.Generator().manual_seed(seed))
@@ -140,15 +167,73 @@ def indexes(args) -> tuple[list[tuple[str, dict]], list[dict]]:
     return out, trajectory
 
 
-def table(rows: list[dict], args) -> str:
+def table(rows: list[dict], args, constants: dict) -> str:
     head = ("| index | σ | k | n | success rate | φ0 violation rate | infeasible rate | tracking error |\n"
             "|---|---|---|---|---|---|---|---|\n")
     body = "".join(f"| {r['index']} | {r['sigma']:.4g} | {r['k']:.4g} | {r['n']:.4g} | {r['success_rate']:.0%} | "
                    f"{r['phi0_violation_rate']:.0%} | {r['infeasible_rate']:.0%} | {r['tracking_error']:.3f} |\n"
                    for r in rows)
+    from saferl.envs.point_hazard import DEFAULT_CONSTANTS
+
+    consts = ", ".join(f"{k} {v:g}" for k, v in constants.items())
+    why = (f"These are the task's defaults. {DEFAULTS_NOTE}" if constants == DEFAULT_CONSTANTS else
+           "These constants were set on the command line; the task's defaults are "
+           + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_CONSTANTS.items()) + ".")
     return (f"# Safety-index feasibility (FAC-SIS App. E.3, Table 3)\n\nPointHazard distribution "
-            f"{args.distribution}, {args.trajectories} trajectories per index, {args.grid}×{args.grid} "
-            f"actions checked at every step.\n\n" + head + body)
+            f"{args.distribution} ({consts}), {args.trajectories} trajectories per index, {args.grid}×{args.grid} "
+            f"actions checked at every step.\n\n{why}\n\n" + head + body)
+
+
+def sensitivity_table(rows: list[dict], defaults: dict) -> str:
+    """Success (infeasible) rates of φ0, φ_h, φ_F per (acc_max, v_max), the paper's row and the defaults."""
+    labels = list(PRESET_LABELS.values())
+    head = ("| acc_max | v_max | " + " | ".join(f"{lab} success (infeasible)" for lab in labels) + " |\n"
+            "|---|---|" + "---|" * len(labels) + "\n")
+    settings = sorted({(r["acc_max"], r["v_max"]) for r in rows})
+    body = ""
+    for acc, v in settings:
+        cells = {r["index"]: r for r in rows if (r["acc_max"], r["v_max"]) == (acc, v)}
+        mark = " (default)" if (acc, v) == (defaults["acc_max"], defaults["v_max"]) else ""
+        body += (f"| {acc:g}{mark} | {v:g} | " + " | ".join(
+            f"{cells[lab]['success_rate']:.0%} ({cells[lab]['infeasible_rate']:.0%})" for lab in labels) + " |\n")
+    paper = "| paper | – | " + " | ".join(f"{PAPER_TABLE3[lab]:.0%} ({1 - PAPER_TABLE3[lab]:.0%})" for lab in labels) + " |\n"
+    omega = sorted({r["omega_max"] for r in rows})
+    return (f"\n## Sensitivity to the actuator constants\n\nSuccess rate (infeasible rate) per index; turn-rate "
+            f"bound {', '.join(f'{o:g}' for o in omega)}; same trajectories and action grid. The last row is the "
+            f"paper's Table 3.\n\n" + head + body + paper)
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    from saferl.config import ConfigError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"usage error: {flag}: expected comma-separated numbers (got {text!r})") from None
+    if any(not x > 0 for x in values):
+        raise ConfigError(f"usage error: {flag}: every value must be > 0 (got {text!r})")
+    return values
+
+
+def sensitivity(args, constants: dict, console) -> list[dict]:
+    """φ0, φ_h, φ_F checked over the ``--sens-acc-max`` × ``--sens-v-max`` grid."""
+    from saferl.learners.safety_index import IndexParams, SafetyIndex
+
+    rows = []
+    accs, vs = _floats(args.sens_acc_max, "--sens-acc-max"), _floats(args.sens_v_max, "--sens-v-max")
+    if not accs:
+        return rows
+    for acc in accs:
+        for v in vs:
+            consts = {**constants, "acc_max": acc, "v_max": v}
+            for name, label in PRESET_LABELS.items():
+                res = check(SafetyIndex(IndexParams(preset=name), n_hazards=1), args.distribution, args.trajectories,
+                            args.grid, args.seed, consts)
+                rows.append({**{k: consts[k] for k in ("acc_max", "v_max", "omega_max")}, "index": label,
+                             **{k: res[k] for k in ("success_rate", "phi0_violation_rate", "infeasible_rate")}})
+            console.print(f"acc_max {acc:g}, v_max {v:g}: " + ", ".join(
+                f"{r['index']} {r['success_rate']:.0%}" for r in rows[-3:]))
+    return rows
 
 
 def _plot_paths(path: Path, results: list[tuple[str, dict]]) -> None:
@@ -194,10 +279,17 @@ def run(args) -> Path:
     import torch
 
     from saferl.config import ConfigError
+    from saferl.envs.point_hazard import DEFAULT_CONSTANTS
     from saferl.learners.safety_index import IndexParams, SafetyIndex
 
     if args.trajectories <= 0 or args.grid < 2:
         raise ConfigError("usage error: --trajectories must be > 0 and --grid ≥ 2")
+    given = {"acc_max": args.acc_max, "v_max": args.v_max, "omega_max": args.omega_max}
+    for key, value in given.items():
+        if value is not None and not value > 0:
+            raise ConfigError(f"usage error: --{key.replace('_', '-')} must be > 0 (got {value})")
+    constants = {k: (DEFAULT_CONSTANTS[k] if v is None else v) for k, v in given.items()}
+    _floats(args.sens_acc_max, "--sens-acc-max"), _floats(args.sens_v_max, "--sens-v-max")  # fail before the work
     console, out = study_console_and_out("sis-feasibility", args)
     chosen, trajectory = indexes(args)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,17 +297,22 @@ def run(args) -> Path:
     rows, results = [], []
     for label, values in chosen:
         index = SafetyIndex(IndexParams(preset=None, **values), n_hazards=1)
-        res = check(index, args.distribution, args.trajectories, args.grid, args.seed)
+        res = check(index, args.distribution, args.trajectories, args.grid, args.seed, constants)
         rows.append({"index": label, **values, **{k: res[k] for k in COLUMNS if k in res}})
         results.append((label, res))
         console.print(f"{label}: success {res['success_rate']:.0%}, φ0 violations {res['phi0_violation_rate']:.0%}, "
                       f"infeasible {res['infeasible_rate']:.0%}")
     write_csv(out / "sis_feasibility.csv", COLUMNS, rows)
-    (out / "sis_feasibility.md").write_text(table(rows, args))
+    sens = sensitivity(args, constants, console)
+    text = table(rows, args, constants)
+    if sens:
+        write_csv(out / "sensitivity.csv", SENS_COLUMNS, sens)
+        text += sensitivity_table(sens, DEFAULT_CONSTANTS)
+    (out / "sis_feasibility.md").write_text(text)
     _plot_paths(out / "trajectories.png", results)
     if trajectory:
         _plot_index(out / "index_trajectory.png", trajectory)
-    (out / "study.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "fn"}, indent=2,
-                                               default=str))
-    console.print(table(rows, args))
+    (out / "study.json").write_text(json.dumps({**{k: v for k, v in vars(args).items() if k != "fn"},
+                                                "constants": constants}, indent=2, default=str))
+    console.print(text)
     return out

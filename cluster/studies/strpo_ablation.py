@@ -1,4 +1,5 @@
-"""sTRPO paper (seed 001), Appendix C: the ablations of sTRPO on one task.
+"""The sTRPO paper ("Safe, Trust Region Policy Optimization for Constrained RL"), Appendix C: the
+ablations of sTRPO on one task.
 
     saferl study strpo-ablation                reduced default (this 2-core machine): SafetyCarCircle1-v0,
                                                every variant, 2 seeds, stage 2 60,000 env steps per run
@@ -13,12 +14,17 @@
         --unsafe-steps 10000 --steps-per-iteration 2000 --envs 20       a quick sanity run of both stages
 
 The variants (``--variants``, a comma list of names or labels; default all), each a stage-2
-``strpo`` run of ``configs/strpo/<task>.yaml`` with its hyper-parameters untouched except:
+``strpo`` run of ``configs/strpo/<task>.yaml`` that differs from sTRPO in exactly one factor
+(``FACTORS``: the algo_params keys it may change):
 
-    strpo               sTRPO                  the config's defaults (δ1 1e-2, δ2 1e-4, λ2 0.01)
+    strpo               sTRPO                  the config's defaults (δ1 1e-2, δ2 1e-4, λ2 =
+                                               max(0.01, the least λ2 meeting the exclusion))
     no-joint-advantage  no joint advantage     joint_advantage=false: z(Â_r) alone (C.4)
-    no-unsafe-term      no unsafe term         exclusion=false: no φ, no π_unsafe (C.4)
-    lambda2-1           λ2 = 1                 lambda2=1.0 (C.3)
+    no-unsafe-term      no unsafe term         exclusion=false: no φ, no π_unsafe, and so no eq-10
+                                               fallback either: TRPO on the joint advantage (C.4)
+    lambda2-0.01        λ2 = 0.01 fixed        lambda2=0.01, adapt_lambda2=false (C.3)
+    lambda2-1           λ2 = 1 fixed           lambda2=1.0, adapt_lambda2=false (C.3): the λ2
+                                               rule is the one factor; the two arms differ in λ2 only
     unsafe-trpo         unsafe policy by TRPO  π_unsafe trained by plain TRPO, not DTRPO (C.2)
     delta-1e-2          δ = 1e-2               target_kl = delta2 = 1e-2 (C.1's single δ)
     delta-1e-3          δ = 1e-3               target_kl = delta2 = 1e-3
@@ -36,9 +42,10 @@ overrides every stage-2 run (and wins over a variant's own overrides); its ``res
 to its own stage 1. Outputs in ``--out``:
 
     ablation.md   one row per variant: final return and final cost (mean ± std over seeds) and the
-                  share of updates that took the forward step of eq 9 (``strpo/case`` = 0)
+                  shares of updates that took the forward step of eq 9, the reverse step of eq 10
+                  and kept θ_k (``strpo/case`` = 0, 1, 2)
     summary.csv   the same numbers at full precision
-    runs.csv      one row per run (stage 1 too): final return and cost, forward-step share,
+    runs.csv      one row per run (stage 1 too): final return and cost, forward / reverse / kept shares,
                   logged points, K, π_unsafe, wall time, run dir
     curves.csv    (variant, label, algo, seed, env steps, episode return, episode cost) of every run
     ablation.png  return and cost vs env steps per variant (mean ± std over seeds), the cost limit
@@ -52,9 +59,9 @@ checkpoint and recomputes the outputs (another ``--last-k`` costs no training).
 **The numbers.** A run's curve is its logged iterations in which episodes finished (every
 iteration is logged): R_i, C_i = mean return / cost of the episodes that ended in iteration i.
 Its final return and cost are the means of R_i and C_i over its last K points, K = ``--last-k``
-or by default the last 10% of its points (at least 1). Its forward-step share is the fraction of
-its iterations (one sTRPO update each) whose ``strpo/case`` is 0 (the step of eq 9 met both
-constraints of eq 8), not 1 (the reverse step of eq 10) or 2 (no step). The table shows
+or by default the last 10% of its points (at least 1). Its forward / reverse / kept shares are the
+fractions of its iterations (one sTRPO update each) whose ``strpo/case`` is 0 (the step of eq 9
+met both constraints of eq 8), 1 (the reverse step of eq 10) or 2 (θ_k kept). The table shows
 mean ± sample std (ddof 1) over seeds; "(k/n)" when only k of n seeds have the number.
 """
 from __future__ import annotations
@@ -79,17 +86,29 @@ VARIANTS: dict[str, tuple[str, str, tuple[str, ...], str | None]] = {
     "no-joint-advantage": ("no joint advantage", "joint_advantage=false", ("algo_params.joint_advantage=false",),
                            "dtrpo"),
     "no-unsafe-term": ("no unsafe term", "exclusion=false", ("algo_params.exclusion=false",), None),
-    "lambda2-1": ("λ2 = 1", "lambda2=1.0", ("algo_params.lambda2=1.0",), "dtrpo"),
+    **{f"lambda2-{v}": (f"λ2 = {v} fixed", f"lambda2={float(v)}, adapt_lambda2=false",
+                        (f"algo_params.lambda2={float(v)}", "algo_params.adapt_lambda2=false"), "dtrpo")
+       for v in ("0.01", "1")},
     "unsafe-trpo": ("unsafe policy by TRPO", "π_unsafe: distributional=false", (), "trpo"),
     **{f"delta-{d}": (f"δ = {d}", f"target_kl=delta2={d}",
                       (f"algo_params.target_kl={float(d)}", f"algo_params.delta2={float(d)}"), "dtrpo")
        for d in ("1e-2", "1e-3", "1e-4")},
 }
+# the one factor each variant changes: the algo_params keys its stage-2 config may differ in from sTRPO's
+FACTORS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "strpo": ("none", ()),
+    "no-joint-advantage": ("joint advantage", ("joint_advantage",)),
+    "no-unsafe-term": ("unsafe term", ("exclusion", "unsafe_policy")),
+    "lambda2-0.01": ("λ2 rule", ("lambda2", "adapt_lambda2")),
+    "lambda2-1": ("λ2 rule", ("lambda2", "adapt_lambda2")),
+    "unsafe-trpo": ("π_unsafe's critic", ("unsafe_policy",)),
+    **{f"delta-{d}": ("single δ", ("target_kl", "delta2")) for d in ("1e-2", "1e-3", "1e-4")},
+}
 # stage-1 kind: (label, its overrides of configs/trpo_unsafe/<task>.yaml)
 STAGE1 = {"dtrpo": ("DTRPO", "algo_params.distributional=true"),
           "trpo": ("TRPO", "algo_params.distributional=false")}
 # plot rows when more than 4 variants: the paper's sections, sTRPO added to each as the reference
-PLOT_GROUPS = (("no-joint-advantage", "no-unsafe-term"), ("lambda2-1", "unsafe-trpo"),
+PLOT_GROUPS = (("no-joint-advantage", "no-unsafe-term"), ("lambda2-0.01", "lambda2-1", "unsafe-trpo"),
                ("delta-1e-2", "delta-1e-3", "delta-1e-4"))
 STAGE1_SET_PREFIXES = ("resources.", "device", "logging.")  # --set entries stage 1 also gets
 DEFAULTS = {"task": "SafetyCarCircle1-v0", "seeds": "2", "steps": 60_000, "unsafe_steps": 30_000,
@@ -129,9 +148,10 @@ def stage1_kinds(keys: list[str]) -> list[str]:
     return [kind for kind in STAGE1 if any(VARIANTS[k][3] == kind for k in keys)]
 
 
-def forward_fraction(metrics_csv: Path) -> float | None:
-    """Share of a run's logged iterations whose ``strpo/case`` is 0 (the forward step); a resumed
-    run's repeated iteration counts once (the last row). None when none logged it."""
+def case_fractions(metrics_csv: Path) -> dict[str, float] | None:
+    """Shares of a run's logged iterations whose ``strpo/case`` is 0, 1, 2 (forward step, reverse
+    step, θ_k kept); a resumed run's repeated iteration counts once (the last row). None when none
+    logged it."""
     by_iteration: dict[int, float] = {}
     with open(metrics_csv, newline="") as fh:
         for row in csv.DictReader(fh):
@@ -140,7 +160,11 @@ def forward_fraction(metrics_csv: Path) -> float | None:
                 by_iteration[int(float(row.get("iteration") or len(by_iteration)))] = float(case)
     if not by_iteration:
         return None
-    return sum(c == 0 for c in by_iteration.values()) / len(by_iteration)
+    n = len(by_iteration)
+    return {name: sum(c == code for c in by_iteration.values()) / n for name, code in CASES.items()}
+
+
+CASES = {"forward": 0, "reverse": 1, "kept": 2}  # ``strpo/case`` (learners/strpo.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,8 +259,8 @@ def plan_stage2(s: dict, out: Path, unsafe: dict[tuple[str, int], str | None]) -
 # the numbers and the outputs
 # ---------------------------------------------------------------------------------------------
 def measure(record: dict, job: dict, last_k: int | None) -> tuple[dict, list[tuple]]:
-    """Add a run's variant, final performance and forward-step share to its record; return its
-    curve rows."""
+    """Add a run's variant, final performance and forward / reverse / kept shares to its record;
+    return its curve rows."""
     record.update(variant=job["variant"], label=job["label"], stage=job["stage"],
                   unsafe_policy=job["cfg"].algo_params.get("unsafe_policy"))
     path = Path(record["run_dir"]) / "metrics.csv"
@@ -244,28 +268,33 @@ def measure(record: dict, job: dict, last_k: int | None) -> tuple[dict, list[tup
         return record, []
     x, ret, cost = read_curve(path)
     final_r, final_c, k = final_performance(ret, cost, last_k)
+    shares = (case_fractions(path) if job["stage"] == 2 else None) or {}
     record.update(final_return=final_r, final_cost=final_c, n_points=len(x), last_k=k,
-                  forward_fraction=forward_fraction(path) if job["stage"] == 2 else None)
+                  **{f"{c}_fraction": shares.get(c) for c in CASES})
     return record, [(job["variant"], job["label"], record["algo"], record["seed"], xi, ri, ci)
                     for xi, ri, ci in zip(x, ret, cost)]
 
 
 def summary_rows(records: list[dict], keys: list[str]) -> list[dict]:
-    """Per variant: mean and sample std over seeds of the final return, final cost and forward share."""
+    """Per variant: mean and sample std over seeds of the final return, final cost and the
+    forward / reverse / kept shares."""
     rows = []
     for key in keys:
         rs = [r for r in records if r.get("variant") == key and r["status"].startswith("ok")]
         if not rs:
             continue
-        rets, costs, fwd = ([r.get(c) for r in rs] for c in ("final_return", "final_cost", "forward_fraction"))
+        rets, costs = ([r.get(c) for r in rs] for c in ("final_return", "final_cost"))
+        shares = {c: [r.get(f"{c}_fraction") for r in rs] for c in CASES}
         r_mean, r_std, n = summarise(rets)
         c_mean, c_std, _ = summarise(costs)
-        f_mean, f_std, _ = summarise(fwd)
-        rows.append({"variant": key, "label": VARIANTS[key][0], "change": VARIANTS[key][1], "seeds": len(rs),
-                     "seeds_with_episodes": n, "return_mean": r_mean, "return_std": r_std, "cost_mean": c_mean,
-                     "cost_std": c_std, "forward_mean": f_mean, "forward_std": f_std,
-                     "cost_limit": rs[0]["cost_limit"], "total_env_steps": rs[0]["total_env_steps"],
-                     "return": format_mean_std(rets), "cost": format_mean_std(costs), "forward": format_mean_std(fwd)})
+        row = {"variant": key, "label": VARIANTS[key][0], "change": VARIANTS[key][1], "seeds": len(rs),
+               "seeds_with_episodes": n, "return_mean": r_mean, "return_std": r_std, "cost_mean": c_mean,
+               "cost_std": c_std, "cost_limit": rs[0]["cost_limit"], "total_env_steps": rs[0]["total_env_steps"],
+               "return": format_mean_std(rets), "cost": format_mean_std(costs)}
+        for c, values in shares.items():
+            m, sd, _ = summarise(values)
+            row.update({f"{c}_mean": m, f"{c}_std": sd, c: format_mean_std(values)})
+        rows.append(row)
     return rows
 
 
@@ -274,16 +303,17 @@ def table(records: list[dict], s: dict) -> str:
     stage1 = ", ".join(f"{STAGE1[k][0]}" for k in s["stage1"]) or "none needed"
     rows = summary_rows(records, s["variants"])
     limit = next((r["cost_limit"] for r in rows), None)
-    lines = [f"# sTRPO ablation on {s['task']} (seed 001, Appendix C)", "",
+    lines = [f"# sTRPO ablation on {s['task']} (Appendix C)", "",
              f"{len(s['seeds'])} seed(s) per row ({', '.join(map(str, s['seeds']))}); stage 2: {s['steps']:,} "
              f"env steps per run, {s['steps_per_iteration']:,} per iteration, {s['hosts']} host(s) × {s['envs']} "
              f"env(s); π_unsafe (stage 1, once per seed, shared: {stage1}): {s['unsafe_steps']:,} env steps. Final "
              f"return / cost of a run = mean episode return / cost over its last K logged iterations ({k_text}); "
-             "forward = share of its updates that took the step of eq 9 (strpo/case = 0); mean ± std (ddof 1) over "
-             "seeds"
+             "forward / reverse / kept = shares of its updates that took the step of eq 9, the reverse step of "
+             "eq 10, or kept θ_k (strpo/case = 0, 1, 2); mean ± std (ddof 1) over seeds"
              + (f"; cost limit {limit:g}." if limit is not None else "."), "",
-             "| Variant | Change | Return | Cost | Forward |", "|---|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['change']} | {r['return']} | {r['cost']} | {r['forward']} |" for r in rows]
+             "| Variant | Change | Return | Cost | Forward | Reverse | Kept |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['change']} | {r['return']} | {r['cost']} | {r['forward']} | {r['reverse']} | "
+              f"{r['kept']} |" for r in rows]
     failed = [r for r in records if not r["status"].startswith("ok")]
     if failed:
         lines += ["", f"{len(failed)} run(s) failed and are left out; see runs.csv."]
@@ -291,9 +321,11 @@ def table(records: list[dict], s: dict) -> str:
 
 
 RUN_COLUMNS = ["variant", "label", "stage", "algo", "seed", "status", "final_return", "final_cost", "forward_fraction",
+               "reverse_fraction", "kept_fraction",
                "n_points", "last_k", "unsafe_policy", "cost_limit", "total_env_steps", "num_envs", "wall_s", "run_dir"]
 SUMMARY_COLUMNS = ["variant", "label", "change", "seeds", "seeds_with_episodes", "return_mean", "return_std",
-                   "cost_mean", "cost_std", "forward_mean", "forward_std", "cost_limit", "total_env_steps"]
+                   "cost_mean", "cost_std", "forward_mean", "forward_std", "reverse_mean", "reverse_std", "kept_mean",
+                   "kept_std", "cost_limit", "total_env_steps"]
 CURVE_COLUMNS = ["variant", "label", "algo", "seed", "env_steps", "episode_return", "episode_cost"]
 
 
@@ -374,7 +406,8 @@ def run(args) -> Path:
             console.print(f"{tag} done {record['label']} seed {record['seed']} in {record.get('wall_s', 0):.0f} s: "
                           f"final return {record['final_return']:.3g}, cost {record['final_cost']:.3g} "
                           f"(limit {record['cost_limit']:g})"
-                          + (f", forward steps {fwd:.0%}" if fwd is not None else ""))
+                          + (f", forward / reverse / kept {fwd:.0%} / {record['reverse_fraction']:.0%} / "
+                             f"{record['kept_fraction']:.0%}" if fwd is not None else ""))
 
     to_train = [j["cfg"] for j in by_name.values()
                 if not (Path(j["cfg"].run_root) / j["name"] / DONE_MARKER).is_file()]

@@ -1,0 +1,365 @@
+"""A saferl baseline trained side by side with the implementation it follows (OmniSafe 0.5).
+
+    saferl benchmark reference                              PPO-Lag on SafetyPointGoal1-v0, seed 0,
+                                                            600,000 env steps (30 iterations of 20,000)
+    saferl benchmark reference --algo trpo_lag --steps 200000 --out runs/ref-trpo
+    saferl benchmark reference --install                    build .venv-omnisafe first if it is missing
+
+Both sides get the same task, seed, cost limit (the registry's), total env steps and steps per
+iteration (OmniSafe's ``steps_per_epoch``); each keeps its own hyper-parameters: saferl the shipped
+``configs/<algo>/<task>.yaml`` (which follows OmniSafe's config key by key, see
+docs/results/baselines.md), OmniSafe its own ``omnisafe/configs/.../<Algo>.yaml``. Where the
+saferl config decays the policy's step size over ``lr_decay_updates`` updates, that is set to the
+run's iterations, as OmniSafe's ``linear_lr_decay`` spans its own ``total_steps``.
+
+The reference runs in its own interpreter (``--venv``, default ``.venv-omnisafe``), never imported
+by saferl: ``cluster/studies/reference_omnisafe.py`` is executed there as a script, concurrently
+with the saferl run (``--sequential``: one after the other). ``--install`` builds that interpreter
+with ``INSTALL_STEPS`` (Python 3.11; the Safety-Gymnasium pins of deploy/requirements-sg.txt, torch,
+OmniSafe's other dependencies; ``safety-gymnasium``, ``gymnasium-robotics``, ``pettingzoo`` and
+``omnisafe`` with ``--no-deps``, since their declared pins have no Python 3.11 wheels).
+
+Outputs in ``--out``:
+
+    comparison.md    one table: final return, cost and λ of each side (means over the last
+                     ``--final-steps`` env steps), env steps, wall time
+    comparison.csv   (source, env_steps, episode_return, episode_cost, lagrange_multiplier) of both
+    comparison.png   return, cost (with the limit) and λ against env steps, both sides in each panel
+    reference.json   the settings
+    runs/            saferl's run directory;  reference/  OmniSafe's log and its curve
+
+OmniSafe logs ``Metrics/EpRet`` and ``Metrics/EpCost`` as means over its last 50 finished episodes;
+saferl's curve is shown as that same 50-episode running mean (rebuilt from each iteration's
+episode count and mean), so the two curves are smoothed alike.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+HELP = "a saferl baseline next to OmniSafe 0.5 on the same task, seed and budget: one plot, one table"
+
+# saferl algorithm -> OmniSafe 0.5's algorithm name
+REFERENCE_ALGOS = {"ppo_lag": "PPOLag", "trpo_lag": "TRPOLag", "sac_lag": "SACLag", "td3_lag": "TD3Lag",
+                   "ddpg_lag": "DDPGLag", "ppo": "PPO", "trpo": "TRPO", "cppo_pid": "CPPOPID", "cup": "CUP",
+                   "focops": "FOCOPS", "cpo": "CPO", "pcpo": "PCPO", "rcpo": "RCPO"}
+LAGRANGIAN = {"ppo_lag", "trpo_lag", "sac_lag", "td3_lag", "ddpg_lag", "cup", "focops", "rcpo"}
+DEFAULT_VENV = ".venv-omnisafe"
+DRIVER = Path(__file__).resolve().with_name("reference_omnisafe.py")
+ROOT = Path(__file__).resolve().parents[1]
+EPISODE_WINDOW = 50  # OmniSafe's window_lens of Metrics/EpRet / EpCost (the logged running mean)
+CURVE_COLUMNS = ["source", "env_steps", "episode_return", "episode_cost", "lagrange_multiplier"]
+
+
+def install_steps(venv: Path, python: str = "python3.11") -> list[list[str]]:
+    """The recipe that builds the reference interpreter (argv lists, run in the repository root)."""
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    return [[python, "-m", "venv", str(venv)],
+            [*pip, "-r", str(ROOT / "deploy" / "requirements-sg.txt"), "torch", "tensorboard", "wandb", "moviepy",
+             "typer", "rich", "typing-extensions", "pyyaml", "matplotlib", "pandas", "seaborn", "gdown"],
+            [*pip, "--no-deps", "safety-gymnasium==1.0.0", "gymnasium-robotics==1.2.2", "pettingzoo==1.23.1",
+             "omnisafe==0.5.0"]]
+
+
+def reference_python(args, console) -> str:
+    """The interpreter that runs the reference: ``--reference-python``, or ``--venv``'s, built
+    first with ``--install``; a one-line error when there is none."""
+    from saferl.config import ConfigError
+
+    if args.reference_python:
+        return args.reference_python
+    venv = Path(args.venv).expanduser().resolve()
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        if not args.install:
+            raise ConfigError(f"usage error: no reference interpreter at {python}: pass --install to build "
+                              f"{venv.name} (OmniSafe 0.5, needs network), or --venv / --reference-python")
+        for step in install_steps(venv):
+            console.print("install: " + " ".join(step))
+            done = subprocess.run(step, cwd=ROOT, capture_output=True, text=True)
+            if done.returncode:
+                lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()
+                         and "is ignored: it is neither a file nor a directory" not in ln]
+                raise ConfigError(f"install error: {' '.join(step[:4])} ...: {(lines or ['?'])[-1]}")
+    return str(python)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--algo", default="ppo_lag", choices=sorted(REFERENCE_ALGOS), help="saferl algorithm (default ppo_lag)")
+    p.add_argument("--task", default="SafetyPointGoal1-v0", help="a Safety-Gymnasium task both libraries have")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=600_000, help="total env steps of each side (default 600,000)")
+    p.add_argument("--steps-per-iteration", type=int, default=None,
+                   help="env steps per update (OmniSafe's steps_per_epoch; default the shipped config's)")
+    p.add_argument("--hosts", type=int, default=None, help="saferl env hosts (default the config's)")
+    p.add_argument("--envs", type=int, default=None, help="saferl envs per host (default the config's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the reference process (default 1)")
+    p.add_argument("--final-steps", type=int, default=None,
+                   help="the table's final values: means over the last this many env steps (default 10%% of --steps)")
+    p.add_argument("--venv", default=DEFAULT_VENV, help=f"the reference interpreter's venv (default {DEFAULT_VENV})")
+    p.add_argument("--install", action="store_true", help="build --venv with OmniSafe 0.5 when it is missing")
+    p.add_argument("--reference-python", default=None, help="run the reference with this interpreter instead")
+    p.add_argument("--reference-driver", default=str(DRIVER), help=argparse.SUPPRESS)
+    p.add_argument("--reference-set", action="append", default=[], metavar="KEY=JSON",
+                   help="override an OmniSafe config key, e.g. algo_cfgs.update_iters=10")
+    p.add_argument("--sequential", action="store_true", help="run the reference after saferl, not alongside")
+    p.add_argument("--out", default=None, help="output folder (default runs/studies/reference-<time>); "
+                   "re-running with the same folder keeps finished runs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the saferl config")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS; none: a local one)")
+    p.set_defaults(parallel=1)
+
+
+def settings(args) -> dict:
+    from saferl.config import ConfigError, load_config
+    from saferl.cluster.studies.runner import shipped_config
+
+    if args.algo not in REFERENCE_ALGOS:
+        raise ConfigError(f"usage error: --algo {args.algo!r}: one of {', '.join(sorted(REFERENCE_ALGOS))}")
+    source, _ = shipped_config(args.algo, args.task)
+    cfg = load_config(source)
+    spi = args.steps_per_iteration or cfg.steps_per_iteration
+    for flag, value in (("--steps", args.steps), ("--steps-per-iteration", spi), ("--threads", args.threads)):
+        if value <= 0:
+            raise ConfigError(f"usage error: {flag} must be > 0 (got {value})")
+    if args.steps < spi:
+        raise ConfigError(f"usage error: --steps {args.steps} is less than one iteration ({spi})")
+    iterations = args.steps // spi
+    final = args.final_steps or max(spi, int(0.1 * args.steps))
+    return {"algo": args.algo, "reference_algo": REFERENCE_ALGOS[args.algo], "task": args.task, "seed": args.seed,
+            "steps": iterations * spi, "steps_per_iteration": spi, "iterations": iterations,
+            "hosts": args.hosts or cfg.resources.num_env_hosts, "envs": args.envs or cfg.resources.envs_per_host,
+            "cost_limit": cfg.limit, "final_steps": final, "threads": args.threads,
+            "lr_decay": getattr(cfg.learner_params(), "lr_decay_updates", 0) > 0,
+            "saferl_set": list(args.set), "reference_set": list(args.reference_set)}
+
+
+def saferl_job(s: dict, out: Path) -> dict:
+    from saferl.cluster.studies.runner import plan_job
+
+    overrides = [f"total_env_steps={s['steps']}", f"steps_per_iteration={s['steps_per_iteration']}",
+                 f"resources.num_env_hosts={s['hosts']}", f"resources.envs_per_host={s['envs']}",
+                 "schedule.checkpoint_every=1"]
+    if s["lr_decay"]:
+        overrides.append(f"algo_params.lr_decay_updates={s['iterations']}")
+    return plan_job(s["algo"], s["task"], s["seed"], out, overrides, s["saferl_set"])
+
+
+def reference_argv(python: str, driver: str, s: dict, ref_dir: Path) -> list[str]:
+    argv = [python, driver, "--algo", s["reference_algo"], "--env", s["task"], "--seed", str(s["seed"]),
+            "--total-steps", str(s["steps"]), "--steps-per-epoch", str(s["steps_per_iteration"]),
+            "--threads", str(s["threads"]), "--out", str(ref_dir)]
+    if s["algo"] in LAGRANGIAN:
+        argv += ["--set", f"lagrange_cfgs.cost_limit={s['cost_limit']}"]
+    for item in s["reference_set"]:
+        argv += ["--set", item]
+    return argv
+
+
+def windowed(points: list[tuple[float, int, float, float]], window: int = EPISODE_WINDOW) -> list[tuple]:
+    """(env_steps, count, mean return, mean cost) per iteration -> (env_steps, return, cost) as the
+    mean of the last ``window`` episodes at each iteration, an iteration's episodes taken at its mean."""
+    out, kept = [], []  # kept: [count, return, cost] of recent iterations, oldest first
+    for steps, count, ret, cost in points:
+        kept.append([count, ret, cost])
+        while sum(k[0] for k in kept) - kept[0][0] >= window:
+            kept.pop(0)
+        total = sum(k[0] for k in kept)
+        extra = max(0, total - window)  # the oldest iteration counts only its newest episodes
+        n = total - extra
+        w = [k[0] - (extra if i == 0 else 0) for i, k in enumerate(kept)]
+        out.append((steps, sum(wi * k[1] for wi, k in zip(w, kept)) / n, sum(wi * k[2] for wi, k in zip(w, kept)) / n))
+    return out
+
+
+def read_saferl(metrics_csv: Path) -> list[dict]:
+    """saferl's curve: per logged iteration with episodes, the 50-episode running means and λ."""
+    by_it: dict[int, dict] = {}
+    with open(metrics_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if (row.get("episode/return") or "") == "":
+                continue
+            by_it[int(float(row["iteration"]))] = row
+    rows = [by_it[k] for k in sorted(by_it)]
+    pts = [(float(r["env_steps"]), int(float(r.get("episode/count") or 1)), float(r["episode/return"]),
+            float(r["episode/cost"])) for r in rows]
+    return [{"source": "saferl", "env_steps": st, "episode_return": ret, "episode_cost": cost,
+             "lagrange_multiplier": _float(r.get("lagrange_multiplier"))}
+            for (st, ret, cost), r in zip(windowed(pts), rows)]
+
+
+def read_reference(curve_csv: Path) -> list[dict]:
+    with open(curve_csv, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if _float(r.get("episode_return")) is not None]
+    return [{"source": "omnisafe", "env_steps": float(r["env_steps"]), "episode_return": float(r["episode_return"]),
+             "episode_cost": float(r["episode_cost"]), "lagrange_multiplier": _float(r.get("lagrange_multiplier"))}
+            for r in rows]
+
+
+def _float(x) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def final_values(curve: list[dict], final_steps: int) -> dict:
+    """Means over the points within the last ``final_steps`` env steps of a curve."""
+    if not curve:
+        return {"return": None, "cost": None, "lambda": None, "points": 0}
+    end = curve[-1]["env_steps"]
+    last = [p for p in curve if p["env_steps"] > end - final_steps] or curve[-1:]
+    lams = [p["lagrange_multiplier"] for p in last if p["lagrange_multiplier"] is not None]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"return": mean([p["episode_return"] for p in last]), "cost": mean([p["episode_cost"] for p in last]),
+            "lambda": mean(lams), "points": len(last), "from_steps": last[0]["env_steps"], "to_steps": end}
+
+
+def table(s: dict, finals: dict, walls: dict) -> str:
+    fmt = lambda v, f=".2f": "-" if v is None else format(v, f)  # noqa: E731
+    lines = [f"# {s['algo']} vs OmniSafe 0.5 {s['reference_algo']} on {s['task']}, seed {s['seed']}", "",
+             f"{s['steps']:,} env steps, {s['steps_per_iteration']:,} per iteration, cost limit {s['cost_limit']:g}; "
+             f"final values: means over the last {s['final_steps']:,} env steps of each curve (return and cost "
+             f"as {EPISODE_WINDOW}-episode running means, as OmniSafe logs them).", "",
+             "| implementation | final return | final cost | final λ | env steps | wall time (s) |",
+             "|---|---|---|---|---|---|"]
+    for src, label in (("saferl", f"saferl {s['algo']}"), ("omnisafe", f"OmniSafe {s['reference_algo']}")):
+        f = finals[src]
+        lines.append(f"| {label} | {fmt(f['return'])} | {fmt(f['cost'])} | {fmt(f['lambda'], '.3f')} | "
+                     f"{int(f.get('to_steps') or 0):,} | {fmt(walls.get(src), '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, s: dict, curves: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from saferl.cluster.studies.runner import save_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for (src, curve), color in zip(curves.items(), ("tab:blue", "tab:orange")):
+        label = f"saferl {s['algo']}" if src == "saferl" else f"OmniSafe {s['reference_algo']}"
+        x = [p["env_steps"] for p in curve]
+        axes[0].plot(x, [p["episode_return"] for p in curve], color=color, label=label)
+        axes[1].plot(x, [p["episode_cost"] for p in curve], color=color, label=label)
+        lam = [(p["env_steps"], p["lagrange_multiplier"]) for p in curve if p["lagrange_multiplier"] is not None]
+        if lam:
+            axes[2].plot(*zip(*lam), color=color, label=label)
+    axes[1].axhline(s["cost_limit"], color="k", ls="--", lw=1, label="cost limit")
+    for ax, name in zip(axes, ("episode return", "episode cost", "λ")):
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    save_figure(fig, path, f"{s['task']}, seed {s['seed']}: saferl {s['algo']} vs OmniSafe 0.5 {s['reference_algo']}")
+
+
+def write_outputs(out: Path, s: dict, curves: dict, walls: dict) -> None:
+    from saferl.cluster.studies.runner import write_csv
+
+    write_csv(out / "comparison.csv", CURVE_COLUMNS, [p for c in curves.values() for p in c])
+    finals = {src: final_values(c, s["final_steps"]) for src, c in curves.items()}
+    (out / "comparison.md").write_text(table(s, finals, walls))
+    (out / "reference.json").write_text(json.dumps({**s, "finals": finals, "wall_s": walls}, indent=1))
+    plot(out / "comparison.png", s, curves)
+
+
+def start_ray_patiently(cfg, args, console, attempts: int = 8) -> bool:
+    """``runner.start_ray`` for one run, retried when Ray's node misses its fixed 30 s startup
+    deadline (a busy machine); True when this call started Ray."""
+    import ray
+
+    from saferl.cluster.session import connect
+    from saferl.cluster.studies.runner import needs
+
+    if ray.is_initialized():
+        return False
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        return connect(None, address=args.address)
+    for attempt in range(1, attempts + 1):
+        try:  # runner.start_ray's local Ray, without the dashboard (one process less to start)
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needs(cfg)[0])), logging_level="warning",
+                     include_dashboard=False)
+            return True
+        except Exception as err:  # noqa: BLE001 — Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == attempts:
+                raise
+            ray.shutdown()
+            console.print(f"Ray's startup timed out (attempt {attempt} of {attempts}): retrying")
+    return False
+
+
+def run(args) -> Path:
+    from saferl.config import ConfigError
+    from saferl.cluster.studies.runner import DONE_MARKER, run_jobs, study_console_and_out
+
+    console, out = study_console_and_out("reference", args)
+    s = settings(args)
+    out.mkdir(parents=True, exist_ok=True)
+    job = saferl_job(s, out)
+    ref_dir = out / "reference"
+    ref_dir.mkdir(exist_ok=True)
+    proc, log, t0 = None, None, time.perf_counter()
+
+    def start_reference():
+        nonlocal log
+        if (ref_dir / "reference_done.json").is_file():
+            console.print("reference: finished earlier, kept")
+            return None
+        argv = reference_argv(reference_python(args, console), args.reference_driver, s, ref_dir)
+        console.print(f"reference: {' '.join(argv[1:])} (log: {ref_dir / 'log.txt'})")
+        log = open(ref_dir / "log.txt", "w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(argv, cwd=ref_dir, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_reference(p) -> None:
+        if p is None:
+            return
+        rc = p.wait()
+        log.close()
+        if rc:
+            lines = [ln.strip() for ln in (ref_dir / "log.txt").read_text(errors="replace").splitlines() if ln.strip()]
+            raise ConfigError(f"reference error: exit {rc}: {(lines or ['?'])[-1][:300]} (log: {ref_dir / 'log.txt'})")
+
+    if not args.sequential:
+        proc = start_reference()
+    started = False
+    try:
+        if not (Path(job["cfg"].run_root) / job["name"] / DONE_MARKER).is_file():
+            started = start_ray_patiently(job["cfg"], args, console)
+        records = run_jobs([job], args, console, lambda record, tag: None)
+        if args.sequential:
+            proc = start_reference()
+        wait_reference(proc)
+    except BaseException:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    record = records[0]
+    if not record["status"].startswith("ok"):
+        raise ConfigError(f"study error: the saferl run failed: {record['status']}")
+    walls = {"saferl": record.get("wall_s")}
+    done = ref_dir / "reference_done.json"
+    if done.is_file():
+        walls["omnisafe"] = json.loads(done.read_text()).get("wall_s")
+    curves = {"saferl": read_saferl(Path(record["run_dir"]) / "metrics.csv"),
+              "omnisafe": read_reference(ref_dir / "reference_curve.csv")}
+    write_outputs(out, s, curves, walls)
+    console.print(f"{time.perf_counter() - t0:.0f} s; table: {out / 'comparison.md'}")
+    console.print((out / "comparison.md").read_text(), markup=False)
+    assert (Path(record["run_dir"]) / DONE_MARKER).is_file()
+    return out

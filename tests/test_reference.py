@@ -1,0 +1,119 @@
+"""``saferl benchmark reference``: its plumbing with a fake reference (a script standing in for
+OmniSafe, no network, no omnisafe) next to a tiny real saferl run; the 50-episode smoothing, the
+final-value window and the arguments the reference gets, by hand."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import textwrap
+
+import pytest
+
+from saferl.cluster.studies import reference
+
+FAKE_DRIVER = textwrap.dedent('''
+    """Stands in for reference_omnisafe.py: records its argv, writes a curve like OmniSafe's."""
+    import argparse, csv, json, sys
+    from pathlib import Path
+    ap = argparse.ArgumentParser()
+    for a in ("--algo", "--env", "--seed", "--total-steps", "--steps-per-epoch", "--threads", "--out"):
+        ap.add_argument(a)
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+    out = Path(args.out)
+    (out / "argv.json").write_text(json.dumps(sys.argv[1:]))
+    epochs = int(args.total_steps) // int(args.steps_per_epoch)
+    with open(out / "reference_curve.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["env_steps", "episode_return", "episode_cost", "lagrange_multiplier", "episode_length"])
+        for e in range(1, epochs + 1):
+            w.writerow([e * int(args.steps_per_epoch), 10.0 * e, 40.0 - 5 * e, 0.1 * e, 100])
+    (out / "reference_done.json").write_text(json.dumps({"wall_s": 1.5}))
+''')
+
+
+def test_windowed_is_the_running_mean_of_the_last_episodes():
+    # (steps, episodes, mean return, mean cost): window 3 over iterations of 2, 2 and 1 episodes
+    pts = [(10, 2, 1.0, 10.0), (20, 2, 4.0, 40.0), (30, 1, 7.0, 70.0)]
+    got = reference.windowed(pts, window=3)
+    assert got[0] == (10, 1.0, 10.0)  # fewer episodes than the window: all of them
+    assert got[1] == pytest.approx((20, (1.0 + 2 * 4.0) / 3, (10.0 + 80.0) / 3))  # one of the first two, both new
+    assert got[2] == pytest.approx((30, (2 * 4.0 + 7.0) / 3, (80.0 + 70.0) / 3))
+
+
+def test_final_values_average_the_last_steps():
+    curve = [{"env_steps": s, "episode_return": r, "episode_cost": c, "lagrange_multiplier": lam}
+             for s, r, c, lam in ((1, 1.0, 9.0, None), (2, 2.0, 8.0, 0.5), (3, 4.0, 6.0, 1.5))]
+    f = reference.final_values(curve, final_steps=2)
+    assert (f["return"], f["cost"], f["lambda"], f["points"]) == (3.0, 7.0, 1.0, 2)
+    assert reference.final_values([], 5)["return"] is None
+
+
+def test_reference_gets_the_same_task_seed_budget_and_limit(tmp_path):
+    s = {"reference_algo": "PPOLag", "task": "SafetyPointGoal1-v0", "seed": 3, "steps": 600000,
+         "steps_per_iteration": 20000, "threads": 2, "algo": "ppo_lag", "cost_limit": 25.0,
+         "reference_set": ["algo_cfgs.update_iters=10"]}
+    argv = reference.reference_argv("PY", "DRIVER", s, tmp_path)
+    assert argv == ["PY", "DRIVER", "--algo", "PPOLag", "--env", "SafetyPointGoal1-v0", "--seed", "3",
+                    "--total-steps", "600000", "--steps-per-epoch", "20000", "--threads", "2", "--out", str(tmp_path),
+                    "--set", "lagrange_cfgs.cost_limit=25.0", "--set", "algo_cfgs.update_iters=10"]
+    assert "--set" not in reference.reference_argv("PY", "D", {**s, "algo": "ppo", "reference_set": []}, tmp_path)
+
+
+def test_missing_reference_interpreter_is_a_one_line_error(tmp_path, capsys):
+    from saferl.cli import main
+
+    rc = main(["benchmark", "reference", "--task", "FunctionEnv-v0", "--steps", "4000",
+               "--venv", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--install" in err and "nowhere" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_side_by_side_run_with_a_fake_reference(ray_session, tmp_path, monkeypatch):
+    """A real 2-iteration saferl PPO-Lag run on FunctionEnv next to the fake reference: one table,
+    one curve file holding both, one plot; a second call keeps both runs."""
+    from saferl.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    driver = tmp_path / "fake_driver.py"
+    driver.write_text(FAKE_DRIVER)
+    out = tmp_path / "cmp"
+    argv = ["benchmark", "reference", "--algo", "ppo_lag", "--task", "FunctionEnv-v0", "--seed", "1",
+            "--steps", "4000", "--steps-per-iteration", "2000", "--hosts", "1", "--envs", "4",
+            "--final-steps", "2000", "--reference-python", sys.executable, "--reference-driver", str(driver),
+            "--out", str(out), "--set", "algo_params.epochs=2"]
+    assert main(argv) == 0
+    sent = json.loads((out / "reference" / "argv.json").read_text())
+    assert sent[sent.index("--env") + 1] == "FunctionEnv-v0" and sent[sent.index("--seed") + 1] == "1"
+    assert sent[sent.index("--total-steps") + 1] == "4000" and sent[sent.index("--steps-per-epoch") + 1] == "2000"
+    assert "lagrange_cfgs.cost_limit=8.0" in sent  # the registry's limit, on both sides
+    with open(out / "comparison.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    by = {src: [r for r in rows if r["source"] == src] for src in ("saferl", "omnisafe")}
+    assert [float(r["env_steps"]) for r in by["omnisafe"]] == [2000.0, 4000.0]
+    assert [float(r["env_steps"]) for r in by["saferl"]] == [2000.0, 4000.0]
+    assert all(r["lagrange_multiplier"] != "" for r in by["saferl"])
+    table = (out / "comparison.md").read_text()
+    assert "| saferl ppo_lag |" in table and "| OmniSafe PPOLag | 20.00 | 30.00 | 0.200 | 4,000 | 2 |" in table
+    assert (out / "comparison.png").stat().st_size > 10_000
+    settings = json.loads((out / "reference.json").read_text())
+    assert (settings["steps"], settings["iterations"], settings["cost_limit"]) == (4000, 2, 8.0)
+    # again with the same --out: both kept, nothing retrained, the outputs rebuilt
+    (out / "reference" / "argv.json").unlink()
+    assert main(argv) == 0
+    assert not (out / "reference" / "argv.json").exists() and (out / "comparison.md").read_text() == table
+
+
+def test_lr_decay_spans_the_runs_iterations(tmp_path):
+    """PPO-Lag's Safety-Gym config decays the policy lr (OmniSafe's linear_lr_decay): the comparison
+    sets the decay horizon to its own iterations, as OmniSafe's spans its total_steps."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    reference.add_arguments(p)
+    args = p.parse_args(["--steps", "100000"])
+    s = reference.settings(args)
+    assert (s["iterations"], s["steps_per_iteration"], s["lr_decay"]) == (5, 20000, True)
+    job = reference.saferl_job(s, tmp_path)
+    assert job["cfg"].learner_params().lr_decay_updates == 5 and job["cfg"].total_env_steps == 100000

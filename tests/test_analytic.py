@@ -46,6 +46,7 @@ def test_windows_tile_an_episode():
     assert parts[-1][0]["j_c"] == pytest.approx(np.mean([e["cost"] for e in full["episodes"]]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_shac_lag_reaches_the_constraint(ray_session, run_root):
     cfg = load_config("shac_lag/FunctionEnv-v0", ["total_env_steps=76800", "schedule.log_every=10",
                                                    f"run_root={run_root}"])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from saferl.cluster.studies import benchmark as shared
+from saferl.config import load_config
 from saferl.cluster.studies import benchmark_offpolicy as bench
 from saferl.cluster.studies import benchmark_onpolicy
 from tests.test_benchmark_onpolicy import assert_final_cells
@@ -55,7 +56,7 @@ def test_figure_points_are_means_over_seeds_at_shared_steps():
 
 def test_presets_share_the_implementation_and_keep_their_lists():
     assert bench.OFFPOLICY_ALGOS == ("cvpo", "sac_lag", "td3_lag", "ddpg_lag", "sac")
-    assert set(shared.BENCHMARKS) == {"onpolicy", "offpolicy"}
+    assert set(shared.BENCHMARKS) == {"onpolicy", "offpolicy", "reference"}
     assert shared.load("offpolicy").PRESET is bench.PRESET
     assert shared.load("onpolicy").PRESET is benchmark_onpolicy.PRESET
     s = {"seeds": [0], "steps": 10, "steps_per_iteration": 5, "last_k": None}
@@ -85,7 +86,8 @@ def test_warmup_is_the_configs_at_most_a_tenth_of_the_budget(tmp_path):
     assert all(j["cfg"].schedule.log_every == 1 for j in jobs)  # the cumulative cost needs every row
     assert all((j["cfg"].resources.num_env_hosts, j["cfg"].resources.envs_per_host) == (1, 2) for j in jobs)
     got, _ = warmups(["--seeds", "1", "--steps", "1000000", "--hosts", "config", "--envs", "config"])
-    assert got == dict.fromkeys(bench.OFFPOLICY_ALGOS, 5000)  # the configs' own
+    own = {a: load_config(f"{a}/SafetyPointCircle1-v0").learner_params().warmup_steps for a in bench.OFFPOLICY_ALGOS}
+    assert got == own and own["sac_lag"] == 10000 and own["cvpo"] == 5000  # the configs' own (OmniSafe's, CVPO's)
     got, _ = warmups(["--seeds", "1", "--warmup-steps", "300"])
     assert got == dict.fromkeys(bench.OFFPOLICY_ALGOS, 300)
     got, _ = warmups(["--seeds", "1", "--set", "algo_params.warmup_steps=7"])  # --set wins

@@ -235,6 +235,7 @@ def test_state_dict_resumes_identically():
     assert [b.step(minibatch(i)) for i in (1, 2)] == out_a
 
 
+@pytest.mark.slow
 def test_cvpo_on_ray_brings_the_cost_below_the_limit(ray_session, run_root):
     """On the point/hazard task the goal lies beyond the hazard: tracking it costs ≈ 24 per episode.
     With a limit of 2, CVPO learns to head for the goal and then, as the E-step's λ turns against

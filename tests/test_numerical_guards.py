@@ -96,9 +96,11 @@ def test_cvpo_nan_batch_keeps_duals_and_policy():
     before = _snapshot(*modules)
     # the target reward critic overflows (inf − inf = NaN): critic targets, E-step particle values
     # and the M-step weights are NaN
-    hook = learner.q_r_target.register_forward_hook(lambda m, i, out: out * float("nan"))
+    # (hooked on each net's output layer: the E-step evaluates the nets layer by layer, particle_q)
+    hooks = [net[-1].register_forward_hook(lambda m, i, out: out * float("nan")) for net in learner.q_r_target.qs]
     out = learner.update([_cvpo_block(1)])
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     assert _same(before, *modules)
     assert (learner.eta, learner.lam, learner.beta_mean, learner.beta_cov) == duals  # the warm start kept
     assert out["health/skipped_updates"] == 1 + 3  # critic + M steps

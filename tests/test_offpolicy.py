@@ -124,6 +124,7 @@ def test_sac_critic_targets_are_the_soft_bellman_backup():
     assert out["alpha"] == pytest.approx(0.3, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_sac_learns_the_pendulum(ray_session, run_root):
     """Unconstrained SAC through env hosts and the replay actor improves SafeGBPO's Pendulum."""
     over = ["total_env_steps=4800", "algo_params.warmup_steps=960", "algo_params.hidden=[64, 64]",
@@ -238,6 +239,7 @@ def test_td3_lag_dual_phase_raises_the_multiplier(ray_session, run_root):
     assert m["lagrange_multiplier"].iloc[-1] > 0
 
 
+@pytest.mark.slow
 def test_sac_lag_brings_the_cost_below_the_limit(ray_session, run_root):
     """On the point/hazard task heading for the goal costs ≈ 24 per episode; with a limit of 8
     SAC-Lag's PID multiplier rises until the policy steers around the hazard."""

@@ -8,6 +8,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from saferl.cli import main
@@ -71,9 +72,10 @@ def test_study_runs_and_gbe_beats_abe(tmp_path):
     assert summary["gbe_abe"]["median_err_gbe"] < summary["gbe_abe"]["median_err_abe"]
 
 
+@pytest.mark.slow
 def test_gbe_beats_abe_on_a_brax_task(tmp_path):
     """Fig. 5's setting on Brax: CartPole through the JAX bridge, short trajectories (whole-episode
-    BPTT through T = 300 explodes). Measured at a larger scale (README): GBE 0.073 vs ABE 1.39."""
+    BPTT through T = 300 explodes). Measured at a larger scale (docs/results/studies.md): GBE 0.073 vs ABE 1.39."""
     args = ["study", "gbe", "--task", "BraxCartPole-v0", "--seeds", "1", "--epochs", "4", "--stages", "2",
             "--envs", "8", "--horizon", "16", "--parts", "gbe-abe", "--critic-iters", "30", "--out", str(tmp_path)]
     assert main(args) == 0

@@ -34,6 +34,7 @@ def test_bootstrap_ci_covers_the_mean_and_shrinks_with_data():
     assert bootstrap_ci([1.0]) is None
 
 
+@pytest.mark.slow
 def test_safeguards_study_end_to_end(ray_session, tmp_path):
     """SHAC and PPO, unsafe and through the ray mask, one seed each, a few episodes: every output is
     written, safeguarded runs have zero violations and the unsafe SHAC run has some."""

@@ -99,6 +99,7 @@ def _cell(values: list) -> str:
     return format_mean_std(values)
 
 
+@pytest.mark.slow
 def test_tiny_study_function_env(ray_session, run_root, tmp_path, capsys):
     """sTRPO, "no unsafe term" and "unsafe policy by TRPO" on FunctionEnv-v0, one seed: stage 1
     (2,000 steps) once per kind, shared; stage 2 4,000 steps, 1,000 per iteration on 1 host × 10

@@ -3,9 +3,11 @@
 It holds a shard of envs and their state across calls. Given the learner's weights (policy, and
 critics for short-horizon methods) it rolls the next window of h steps through the
 differentiable simulator, back-propagates, and returns the window objectives L_R, L_C, the
-flattened gradients g = ∇L_R, q = ∇L_C, the trajectory (for critic training), observation
-moments (for the running normaliser), and the episodes that finished. All envs of a run start
-episodes together, every T / h windows; the learner averages shards weighted by env count.
+flattened gradients g = ∇L_R, q = ∇L_C (for CGPO-ZoBG instead their score-function estimates of
+eq 69 on the same window, which need no simulator gradient: ``analytic.window_gradients``), the
+trajectory (for critic training), observation moments (for the running normaliser), and the
+episodes that finished. All envs of a run start episodes together, every T / h windows; the
+learner averages shards weighted by env count.
 
 ``evaluate`` (CGPO's ratio test, eq 18) re-rolls the window ``compute`` just rolled, forward
 only, with other policy weights: same start states, time steps, action noise and critics, so the
@@ -21,8 +23,7 @@ import torch
 
 from saferl.actors.process import ActorProcess, safeguard_failures
 from saferl import registry
-from saferl.learners.analytic import (TimeValue, episode_starts, objective_gradients, rollout_window,
-                                      window_noise)
+from saferl.learners.analytic import TimeValue, episode_starts, rollout_window, window_gradients, window_noise
 from saferl.learners.networks import GaussianPolicy, pick_device
 from saferl.learners.world_model import WorldModel, WorldModelEnv
 
@@ -43,6 +44,7 @@ def build_networks(worker, arch: dict, obs_dim: int) -> None:
         worker.critics = tuple(TimeValue(obs_dim, arch["critic_hidden"], worker.horizon).to(worker.device)
                                for _ in range(2))
     worker.gamma = arch.get("gamma", 1.0)
+    worker.estimator = arch.get("gradient_estimator", "fobg")  # CGPO-ZoBG: "zobg" (window_gradients)
 
 
 def shard_result(l_r, l_c, g, q, j_r: float, j_c: float, traj: dict) -> dict:
@@ -120,10 +122,9 @@ class GradientWorker(ActorProcess):
             noise = window_noise(self.seed, iteration, self.total_envs, self.env.act_dim, h)[:, self.shard]
             noise = noise.to(self.device)
         self.window = {"state": self.state, "t0": self.t, "h": h, "noise": noise}  # for ``evaluate``
-        sum_r, sum_c, boot_r, boot_c, state, traj = rollout_window(
-            self.env, self.policy, self.state, self.t, h, self.horizon, noise, self.critics, self.gamma)
-        l_r, l_c = (sum_r + boot_r).mean(), (sum_c + boot_c).mean()
-        g, q = objective_gradients(l_r, l_c, list(self.policy.parameters()))
+        sum_r, sum_c, boot_r, boot_c, state, traj, l_r, l_c, g, q = window_gradients(
+            self.env, self.policy, self.state, self.t, h, self.horizon, noise, self.critics, self.gamma,
+            self.estimator)
         prefix_r, prefix_c = self.ret.mean(), self.cost.mean()
         win_r, win_c = traj["reward"].sum(0).cpu().numpy(), traj["cost"].sum(0).cpu().numpy()
         self.ret, self.cost = self.ret + win_r, self.cost + win_c
@@ -213,10 +214,8 @@ class ModelGradientWorker(ActorProcess):
         noise = window_noise(self.seed, iteration, self.total_envs, self.vec.act_dim, h)[:, self.shard]
         state = torch.as_tensor(self.start_obs, device=self.device)
         noise = noise.to(self.device) if stochastic else None
-        sum_r, sum_c, boot_r, boot_c, _, _ = rollout_window(
+        sum_r, sum_c, boot_r, boot_c, _, _, l_r, l_c, g, q = window_gradients(
             env, self.policy, state, t0, h, self.horizon, noise, self.critics, self.gamma)
-        l_r, l_c = (sum_r + boot_r).mean(), (sum_c + boot_c).mean()
-        g, q = objective_gradients(l_r, l_c, list(self.policy.parameters()))
         # J(θ) from real data: realised prefix + real window + critic tail
         j_r = (self.ret + self.window_r).mean() + boot_r.mean().item()
         j_c = (self.cost + self.window_c).mean() + boot_c.mean().item()

@@ -27,12 +27,11 @@ from saferl.cluster.studies.runner import (final_performance, format_mean_std, p
 from saferl.config import ConfigError
 
 RETURN, COST, THROUGHPUT = "episode/return", "episode/cost", "time/env_steps_per_s"
-# metrics.csv columns plotted as multipliers / dual variables: these names, and any column
-# starting with one of the prefixes. radius_sq, dual_lambda and dual_nu are CGPO's trust region
-# and its subproblem's duals.
+# metrics.csv columns plotted as multipliers / dual variables. cgpo/radius, cgpo/dual_lambda and
+# cgpo/dual_nu are CGPO's trust region δ̂ and its sub-problem's duals; CGPO's other cgpo/ columns
+# (case, ratio test, predicted and actual changes) are diagnostics, not multipliers.
 MULTIPLIER_NAMES = ("lagrange_multiplier", "cvpo/eta", "fac/sigma", "fac/k", "fac/n",
-                    "radius_sq", "dual_lambda", "dual_nu")
-MULTIPLIER_PREFIXES = ("cgpo/",)
+                    "cgpo/radius", "cgpo/dual_lambda", "cgpo/dual_nu")
 NOT_GROUPING = ("seed", "name", "run_root", "logging")  # config keys a group's runs may differ in
 EVAL_FILE = "eval.json"  # written by `saferl eval RUN_DIR --save`
 VIDEO_TYPES = {".gif": "image/gif", ".mp4": "video/mp4"}  # RUN_DIR/videos/*, from `saferl eval --video`
@@ -81,7 +80,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def is_multiplier(column: str) -> bool:
-    return column in MULTIPLIER_NAMES or column.startswith(MULTIPLIER_PREFIXES)
+    return column in MULTIPLIER_NAMES
 
 
 def read_series(metrics_csv: Path) -> dict[str, list[tuple[float, float]]]:

@@ -22,6 +22,28 @@ import torch
 from saferl.envs.vector import EpisodeStats
 
 
+class PicklableGenerators:
+    """Pickling for an env that holds CPU ``torch.Generator``s (which do not pickle): each
+    attribute named in ``rng_attrs`` travels as its generator's state and is rebuilt on load
+    (so a copy continues the same stream); those in ``transient_attrs`` travel as None."""
+
+    rng_attrs: tuple[str, ...] = ()
+    transient_attrs: tuple[str, ...] = ()
+
+    def __getstate__(self):
+        state = {**self.__dict__, **dict.fromkeys(self.transient_attrs)}
+        for name in self.rng_attrs:
+            state[name] = state[name].get_state()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        for name in self.rng_attrs:
+            gen = torch.Generator()
+            gen.set_state(state[name])
+            setattr(self, name, gen)
+
+
 class DiffEnv:
     obs_dim: int
     act_dim: int

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saferl.envs.diff import DiffEnv
+from saferl.envs.diff import DiffEnv, PicklableGenerators
 from saferl.envs.zonotope import Zonotope, load_sets
 
 
@@ -81,7 +81,7 @@ class Linearisation:
     E: torch.Tensor
 
 
-class _SafeGBPOTask(DiffEnv):
+class _SafeGBPOTask(PicklableGenerators, DiffEnv):
     task: str
     dyn_dim: int
     noise_dim: int
@@ -91,6 +91,7 @@ class _SafeGBPOTask(DiffEnv):
     dt = 0.05
     gravity = 9.81
     noise_bound = 0.1
+    rng_attrs = ("_noise_gen",)
 
     def __init__(self, stochastic: bool = True, clamp_state: bool = True, noise_seed: int = 0,
                  dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
@@ -109,18 +110,6 @@ class _SafeGBPOTask(DiffEnv):
         self.noise_set = Zonotope(torch.zeros(self.noise_dim, **kw), torch.eye(self.noise_dim, **kw) * bound)
         self._noise_gen = torch.Generator().manual_seed(noise_seed)
         self.lin = self.linearisation()
-
-    # --- pickling (torch.Generator is not picklable) -----------------------------------
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_noise_gen"] = self._noise_gen.get_state()
-        return state
-
-    def __setstate__(self, state):
-        gen_state = state.pop("_noise_gen")
-        self.__dict__.update(state)
-        self._noise_gen = torch.Generator()
-        self._noise_gen.set_state(gen_state)
 
     # --- dynamics -----------------------------------------------------------------------
     def physical(self, state: torch.Tensor) -> torch.Tensor:

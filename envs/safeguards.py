@@ -103,7 +103,7 @@ from collections import Counter
 
 import torch
 
-from saferl.envs.diff import DiffEnv
+from saferl.envs.diff import DiffEnv, PicklableGenerators
 
 KINDS = ("boundary_projection", "ray_mask_linear", "ray_mask_hyperbolic")
 CENTRES = ("orthogonal", "zonotopic")
@@ -802,7 +802,7 @@ def safeguard(env, state, action, kind: str = "boundary_projection", centre: str
     return ray_map(P, p, a, c, hyper, generators=G)
 
 
-class SafeguardedEnv(DiffEnv):
+class SafeguardedEnv(PicklableGenerators, DiffEnv):
     """A SafeGBPO task whose actions pass through a safeguard (paper §5).
 
     step(s, a): a ← clamp(a, −1, 1); a_safe = safeguard(s, a) (with ``passthrough``, its
@@ -826,6 +826,8 @@ class SafeguardedEnv(DiffEnv):
     ``initial_state``, so episodes are reproducible) or fixed (``"fixed"``)."""
 
     accepts_device = True  # forwarded to the wrapped task
+    rng_attrs = ("_dir_gen",)
+    transient_attrs = ("last_loss_term",)  # (in the last step's graph: torch will not pickle it)
 
     def __init__(self, env=None, kind: str = "boundary_projection", centre: str = "orthogonal",
                  passthrough: bool = False, c_reg: float = 0.0, task: str | None = None,
@@ -854,18 +856,6 @@ class SafeguardedEnv(DiffEnv):
         self.obs_dim, self.act_dim = env.obs_dim, env.act_dim
         self.max_episode_steps = env.max_episode_steps
         self.act_low, self.act_high = env.act_low, env.act_high
-
-    # --- pickling (torch.Generator is not picklable) -----------------------------------
-    def __getstate__(self):
-        state = {**self.__dict__, "last_loss_term": None}
-        state["_dir_gen"] = self._dir_gen.get_state()
-        return state
-
-    def __setstate__(self, state):
-        gen_state = state.pop("_dir_gen")
-        self.__dict__.update(state)
-        self._dir_gen = torch.Generator()
-        self._dir_gen.set_state(gen_state)
 
     @property
     def solver_failures(self) -> int:

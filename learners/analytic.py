@@ -13,6 +13,10 @@ objectives are deterministic, differentiable functions of θ.
 
 Critics take the time step, V(s, t) (eq 65), and are fitted to finite-horizon TD(λ) targets
 (eq 66-68), computed by the one GAE of ``learners/gae.py`` with γ = 1: G^λ_t = Â_t + V(s_t, t).
+
+The zeroth-order batched gradient (ZoBG, eq 69) of the same objectives is here too
+(``zobg_gradients``; ``window_gradients`` picks the estimator): the gbe study compares its
+predictions with FoBG's (Tables 2-3), and CGPO-ZoBG (Fig 10) trains on it.
 """
 from __future__ import annotations
 
@@ -88,6 +92,62 @@ def rollout_window(env, policy: GaussianPolicy, state: torch.Tensor, t0: int, h:
     traj = {"obs": torch.stack(observations), "reward": torch.stack(rewards), "cost": torch.stack(costs),
             "t0": t0}
     return sum_r, sum_c, boot_r, boot_c, state, traj
+
+
+def pre_squash_actions(policy: GaussianPolicy, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """u_t = μ_θ(s_t) + σ ε_t of a rollout (obs [h+1, N, d] from ``rollout_window``, noise [h, N, a]):
+    the pre-tanh samples, whose density carries the score (the tanh Jacobian has no θ)."""
+    with torch.no_grad():
+        return policy.net(policy.normalised(obs[:-1])) + policy.log_std.exp() * noise
+
+
+def zobg_gradients(policy: GaussianPolicy, obs: torch.Tensor, u: torch.Tensor,
+                   returns: list[torch.Tensor]) -> list[np.ndarray]:
+    """Eq 69, one gradient per return tensor [N]: 1/N Σ_i Σ_t ∇_θ log π_θ(u_t^i | s_t^i) R(τ_i), with
+    the visited states and sampled actions held fixed. No baseline (eq 69 literally)."""
+    logp = policy.log_prob(obs[:-1], u).sum(0)  # [N]: Σ_t log π over each trajectory
+    params = list(policy.parameters())
+    grads = []
+    for k, ret in enumerate(returns):
+        surrogate = (logp * ret.detach()).mean()
+        grads.append(flat_grad(surrogate, params, retain_graph=k < len(returns) - 1)
+                     .cpu().numpy().astype(np.float64))
+    return grads
+
+
+def zobg_gradient(policy: GaussianPolicy, obs: torch.Tensor, u: torch.Tensor, returns: torch.Tensor) -> np.ndarray:
+    """Eq 69 for one return tensor (``zobg_gradients``)."""
+    return zobg_gradients(policy, obs, u, [returns])[0]
+
+
+def window_gradients(env, policy: GaussianPolicy, state: torch.Tensor, t0: int, h: int, horizon: int,
+                     noise: torch.Tensor | None, critics=None, gamma: float = 1.0, estimator: str = "fobg"):
+    """One window (``rollout_window``'s outputs) with its objectives L_R, L_C (eq 55-56: batch
+    means of window sum + bootstrap) and their gradients g, q by
+
+    * ``fobg``: back-propagation through the simulator and the critics (eq 57-64), or
+    * ``zobg``: the score function of eq 69 on the same window, R(τ_i) = the window's reward
+      (cost) sum plus the critic's bootstrap at the window's end, i.e. the per-trajectory target
+      whose batch mean FoBG differentiates. The rollout keeps no graph; no baseline. The window
+      replaces eq 69's whole trajectory: the realised episode prefix is constant in the window's
+      actions and would only add variance.
+
+    Returns (sum_r, sum_c, boot_r, boot_c, final state, traj, l_r, l_c, g, q); l_r, l_c are 0-d
+    tensors, g, q numpy vectors."""
+    zobg = estimator == "zobg"
+    if zobg and noise is None:
+        raise ValueError("gradient_estimator zobg needs a stochastic policy (noise)")
+    with torch.set_grad_enabled(not zobg):
+        sum_r, sum_c, boot_r, boot_c, state, traj = rollout_window(
+            env, policy, state, t0, h, horizon, noise, critics, gamma)
+    ret_r, ret_c = sum_r + boot_r, sum_c + boot_c
+    l_r, l_c = ret_r.mean(), ret_c.mean()
+    if zobg:
+        u = pre_squash_actions(policy, traj["obs"], noise)
+        g, q = zobg_gradients(policy, traj["obs"], u, [ret_r, ret_c])
+    else:
+        g, q = objective_gradients(l_r, l_c, list(policy.parameters()))
+    return sum_r, sum_c, boot_r, boot_c, state, traj, l_r, l_c, g, q
 
 
 def objective_gradients(l_r: torch.Tensor, l_c: torch.Tensor, params) -> tuple[np.ndarray, np.ndarray]:

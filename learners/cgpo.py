@@ -35,6 +35,16 @@ k+1 is exactly θ_k + δ* under the old statistics, inside the trust region (up 
 and exactly only where no normalised coordinate hits the normaliser's clip at ±10). Without it a
 statistics update would move the executed policy by an amount no trust region bounds.
 
+**Gradient estimator (Fig 10).** ``gradient_estimator: fobg`` (the default, CGPO-FoBG) takes g
+and q by back-propagating the window objectives through the simulator (eq 19-20). ``zobg``
+(CGPO-ZoBG) estimates them on the same rolled window by the score function of eq 69: per
+trajectory the window return (reward / cost sum plus the critic's bootstrap at the window's end,
+the target FoBG differentiates) times Σ_t ∇log π of its sampled actions, averaged over the batch;
+no baseline, as eq 69 is written (``analytic.window_gradients``). Everything else (J estimates,
+sub-problem, ratio test on the re-rolled window, radius) is unchanged. ZoBG needs no simulator
+gradient, so CGPO-ZoBG also runs on a non-differentiable torch task (FunctionEnvFloor-v0); it
+needs a stochastic policy.
+
 g and q are not clipped (Table 4's max grad norm is 1e9): the trust region bounds the step, and
 rescaling q would change the linearised constraint. Choices not fixed by the paper: J(θ) is
 estimated per window as realised episode prefix + window sum + critic tail (the windows of one
@@ -43,9 +53,11 @@ simulator work, not new samples (it is not counted in env steps).
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from saferl.learners.cgpo_math import (RadiusParams, adapt_radius, reduction_ratio, solve_subproblem,
                                        toleration_ratio)
@@ -58,6 +70,16 @@ CASES = {"a": 0, "b": 1, "c": 2}
 
 class CGPOParams(WindowParams):
     radius: RadiusParams = Field(default_factory=RadiusParams, description="δ̂ bounds ‖δ‖² (eq 10, 18)")
+    gradient_estimator: Literal["fobg", "zobg"] = Field(
+        "fobg", description="g, q by back-propagation through the simulator (fobg) or by the score "
+        "function of eq 69 on the same window, no baseline (zobg: CGPO-ZoBG, Fig 10)")
+
+    @model_validator(mode="after")
+    def _zobg_needs_noise(self) -> "CGPOParams":
+        if self.gradient_estimator == "zobg" and not self.stochastic:
+            raise ValueError("gradient_estimator: zobg needs stochastic: true (a deterministic policy has no "
+                             "score function)")
+        return self
 
 
 @torch.no_grad()
@@ -78,6 +100,7 @@ class CGPO(WindowLearner):
 
     def __init__(self, params: CGPOParams, env, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
+        self.arch["gradient_estimator"] = params.gradient_estimator  # read by the gradient workers
         self.radius_sq = params.radius.init
         self.prediction: dict | None = None  # this update's J(θ_k), L(θ_k), gᵀδ, qᵀδ until its ratio test
 
@@ -185,6 +208,8 @@ class CGPO(WindowLearner):
 
 class MBCGPOParams(CGPOParams):
     world_model: WorldModelParams = Field(default_factory=WorldModelParams)
+    gradient_estimator: Literal["fobg"] = Field(
+        "fobg", description="MB-CGPO back-propagates through its world model; there is no ZoBG variant")
 
 
 class MBCGPO(CGPO):

@@ -127,7 +127,9 @@ class RunConfig(Strict):
     def _compatible(self) -> "RunConfig":
         self._custom_task()
         algo, task = registry.get_algo(self.algo), registry.get_task(self.task)
-        if algo.kind == "gradient" and not task.differentiable and not algo.world_model:
+        # CGPO-ZoBG (algo_params.gradient_estimator: zobg) only rolls the torch simulator forward
+        zobg = self.algo_params.get("gradient_estimator") == "zobg" and task.kind == "torch"
+        if algo.kind == "gradient" and not task.differentiable and not algo.world_model and not zobg:
             raise ValueError(f"task: {self.task} is not differentiable; {self.algo} needs analytic "
                              "gradients through the simulator")
         if algo.world_model and task.kind == "safety_gymnasium":

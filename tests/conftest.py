@@ -32,10 +32,10 @@ def needs_sg():
                               reason="Safety-Gymnasium interpreter missing: run deploy/setup.sh")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """For modules of tiny torch problems: intra-op threads only contend (Ray's actors run with
-    one too); use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    """One torch intra-op thread in the test process: its problems are tiny, so on a small machine
+    more threads only contend with each other and with Ray's actors (which run with one too)."""
     import torch
 
     old = torch.get_num_threads()

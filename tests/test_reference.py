@@ -14,7 +14,7 @@ from saferl.cluster.studies import reference
 
 FAKE_DRIVER = textwrap.dedent('''
     """Stands in for reference_omnisafe.py: records its argv, writes a curve like OmniSafe's."""
-    import argparse, csv, json, sys
+    import argparse, csv, json, os, sys
     from pathlib import Path
     ap = argparse.ArgumentParser()
     for a in ("--algo", "--env", "--seed", "--total-steps", "--steps-per-epoch", "--threads", "--out"):
@@ -23,6 +23,7 @@ FAKE_DRIVER = textwrap.dedent('''
     args = ap.parse_args()
     out = Path(args.out)
     (out / "argv.json").write_text(json.dumps(sys.argv[1:]))
+    (out / "niceness.txt").write_text(str(os.nice(0)))
     epochs = int(args.total_steps) // int(args.steps_per_epoch)
     with open(out / "reference_curve.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -88,6 +89,10 @@ def test_side_by_side_run_with_a_fake_reference(ray_session, tmp_path, monkeypat
     assert sent[sent.index("--env") + 1] == "FunctionEnv-v0" and sent[sent.index("--seed") + 1] == "1"
     assert sent[sent.index("--total-steps") + 1] == "4000" and sent[sent.index("--steps-per-epoch") + 1] == "2000"
     assert "lagrange_cfgs.cost_limit=8.0" in sent  # the registry's limit, on both sides
+    # the reference competes for the cores at the niceness of saferl's Ray workers
+    import os
+    expected = min(19, os.nice(0) + reference.ray_worker_niceness())
+    assert int((out / "reference" / "niceness.txt").read_text()) == expected
     with open(out / "comparison.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     by = {src: [r for r in rows if r["source"] == src] for src in ("saferl", "omnisafe")}

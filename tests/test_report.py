@@ -134,6 +134,27 @@ def test_not_a_run_dir_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "r.html").exists()
 
 
+
+def test_cgpo_trust_region_and_duals_are_plotted_under_the_names_cgpo_logs(tmp_path):
+    """The multiplier figure reads the columns a CGPO update logs now: δ̂ and the sub-problem's
+    duals, not the case code, the ratio test or the predicted changes."""
+    import numpy as np
+    import torch
+
+    from saferl.learners.base import EnvSpec
+    from saferl.learners.cgpo import CGPO
+    from saferl.learners.networks import flat_params
+
+    spec = EnvSpec(obs_dim=1, act_dim=1, act_low=[-1], act_high=[1], max_episode_steps=100)
+    learner = CGPO(CGPO.Params(hidden=[4], critic_hidden=[4], horizon=2, critic_iterations=1), spec,
+                   cost_limit=8.0, device=torch.device("cpu"), seed=0)
+    n, rng = flat_params(learner.policy).numel(), np.random.default_rng(0)
+    logged = learner.policy_step({"g": rng.normal(size=n), "q": rng.normal(size=n), "j_r": 1.0, "j_c": 9.0,
+                                  "l_r": 1.0, "l_c": 9.0})
+    pd.DataFrame([{"iteration": 0, "env_steps": 100, **logged}]).to_csv(tmp_path / "metrics.csv", index=False)
+    plotted = {c for c in report.read_series(tmp_path / "metrics.csv") if report.is_multiplier(c)}
+    assert plotted == {"cgpo/radius", "cgpo/dual_lambda", "cgpo/dual_nu"}, sorted(logged)
+
 # ---- the page in headless Chromium, through the DevTools protocol --------------------------
 
 def chromium() -> str | None:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from saferl.cli import main
-from saferl.cluster.studies.gbe import (batch_gradients, pre_squash_actions, relative_error, update_direction,
-                                        zobg_gradient)
+from saferl.cluster.studies.gbe import batch_gradients, relative_error, update_direction
+from saferl.learners.analytic import pre_squash_actions, zobg_gradient
 from saferl.envs.function_env import FunctionEnv
 from saferl.learners.networks import GaussianPolicy
 

@@ -120,11 +120,12 @@ def assert_same_state(a, b, where="learner"):
     ("ppo_lag/FunctionEnv-v0", ["total_env_steps=4000", "steps_per_iteration=800", "schedule.phases.dual=2",
                                 "algo_params.lagrange.kind=pid"]),
     # replay buffer, critics, α, λ, and the step-phase clock of the safety index (third timescale)
-    ("fac_sis/PointHazard-D1-v0", ["total_env_steps=1200", "steps_per_iteration=240", "algo_params.warmup_steps=480",
+    ("fac_sis/PointHazard-D1-v0", ["total_env_steps=960", "steps_per_iteration=240", "algo_params.warmup_steps=480",
                                    "algo_params.hidden=[32,32]", "algo_params.batch_size=32",
                                    "schedule.step_phases.safety_index=4"]),
     # the adaptive trust-region radius and the gradient workers' episodes
-    ("cgpo/FunctionEnv-v0", ["total_env_steps=12000", "resources.envs_per_host=16"]),
+    # (12 iterations of 2 × 16 envs × h = 10 steps: past the first episode end at T = 100)
+    ("cgpo/FunctionEnv-v0", ["total_env_steps=3840", "resources.envs_per_host=16"]),
 ])
 def test_resume_continues_identically_per_family(ray_session, run_root, name, over):
     """A run stopped after 2 iterations and resumed from its checkpoint ends in the same state as

@@ -12,6 +12,7 @@ STUDIES = {
     "gbe": "saferl.cluster.studies.gbe",
     "cgpo-table1": "saferl.cluster.studies.cgpo_table1",
     "cgpo-radius": "saferl.cluster.studies.cgpo_radius",
+    "cgpo-gradients": "saferl.cluster.studies.cgpo_gradients",
     "safeguards": "saferl.cluster.studies.safeguards",
     "robustness": "saferl.cluster.studies.robustness",
     "sis-feasibility": "saferl.cluster.studies.sis_feasibility",

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
-import json
 import math
 import statistics
 import time
@@ -32,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from saferl.cluster.studies.runner import (FINAL_FRACTION, by_seed, csv_list, fail_if_any_failed,
-                                           final_performance, finish_return_and_cost, format_mean_std, parse_seeds,
-                                           plan_job, plot_return_and_cost, read_curve, run_jobs, save_figure,
-                                           study_console_and_out, summarise, warn_if_no_episode, write_csv)
+from saferl.cluster.studies.runner import (FINAL_FRACTION, add_run_arguments, by_seed, csv_list, failed_note,
+                                           final_performance, finish_return_and_cost, finish_study, format_mean_std,
+                                           parse_seeds, plan_job, planned_runs, plot_return_and_cost, read_curve,
+                                           record_plan, require_positive, run_jobs, save_figure, study_console_and_out,
+                                           summarise, warn_if_no_episode, write_csv)
 
 # ``saferl benchmark NAME`` -> the module holding its PRESET (imported when the CLI is built)
 BENCHMARKS = {"onpolicy": "saferl.cluster.studies.benchmark_onpolicy",
@@ -120,9 +120,8 @@ def table(preset: Preset, records: list[dict], tasks: list[str], algos: list[str
                   "| Algorithm | Reward | Cost |", "|---|---|---|"]
         lines += [f"| {r['label']} | {r['reward']} | {r['cost']} |" for r in mine]
         lines.append("")
-    failed = [r for r in records if not r["status"].startswith("ok")]
-    if failed:
-        lines.append(f"{len(failed)} run(s) failed and are left out; see runs.csv.")
+    if note := failed_note(records):
+        lines.append(note)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -187,14 +186,8 @@ def add_arguments(preset: Preset, p: argparse.ArgumentParser) -> None:
     p.add_argument("--envs", "--envs-per-host", dest="envs", default=d["envs"],
                    help=f"envs per env host, or 'config' (default {d['envs']}; the configs have 10)")
     preset.extra_arguments(p)
-    p.add_argument("--last-k", type=int, default=None,
-                   help="final performance over a run's last K logged iterations (default the last 10%%, at least 1)")
-    p.add_argument("--parallel", type=int, default=1, help="runs trained at the same time (default 1)")
-    p.add_argument("--out", default=None, help=f"output folder (default runs/studies/benchmark-{preset.name}-<time>); "
-                   "an existing one is continued")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every run, e.g. resources.num_gpus_per_learner=0.25")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS; none: a local one)")
+    add_run_arguments(p, f"benchmark-{preset.name}", last_k="logged iterations",
+                      set_help="config override for every run, e.g. resources.num_gpus_per_learner=0.25")
 
 
 def _count(text: str, flag: str) -> int | str:
@@ -221,10 +214,8 @@ def settings(preset: Preset, args) -> dict:
     seeds = parse_seeds(args.seeds or preset.defaults["seeds"])
     if not args.algos or not tasks:
         raise ConfigError("usage error: --algos and --tasks need at least one name")
-    for flag, v in (("--steps", args.steps), ("--steps-per-iteration", args.steps_per_iteration),
-                    ("--parallel", args.parallel), ("--last-k", args.last_k)):
-        if v is not None and v <= 0:
-            raise ConfigError(f"usage error: {flag} must be > 0 (got {v})")
+    require_positive(("--steps", args.steps), ("--steps-per-iteration", args.steps_per_iteration),
+                     ("--parallel", args.parallel), ("--last-k", args.last_k))
     for t in tasks:
         if t not in registry.TASKS:
             raise ConfigError(f"usage error: unknown task {t!r}; the benchmark's: {', '.join(preset.tasks)}")
@@ -362,13 +353,11 @@ def run(preset: Preset, args) -> Path:
     s = settings(preset, args)
     console, out = study_console_and_out(f"benchmark-{preset.name}", args)
     jobs = plan(preset, s, out)  # every config validated before anything is created or started
-    out.mkdir(parents=True, exist_ok=True)
     for job in jobs[:: len(s["seeds"])]:  # one warning per (task, algo)
         warn_if_no_episode(job, console)
-    (out / "benchmark.json").write_text(json.dumps({**s, "runs": [{k: j[k] for k in (
-        "task", "algo", "seed", "config", "overrides")} for j in jobs]}, indent=2))
-    console.print(f"benchmark {preset.name}: {len(jobs)} runs ({len(s['tasks'])} task(s) × {len(s['algos'])} "
-                  f"algorithms × {len(s['seeds'])} seeds, {s['steps']:,} env steps each) into {out}")
+    record_plan(out, console, {**s, "runs": planned_runs(jobs, "task", "algo", "seed", "config", "overrides")},
+                f"benchmark {preset.name}: {len(jobs)} runs ({len(s['tasks'])} task(s) × {len(s['algos'])} "
+                f"algorithms × {len(s['seeds'])} seeds, {s['steps']:,} env steps each)", filename="benchmark.json")
     t0 = time.perf_counter()
     curves: list[tuple] = []
     cumulative: list[dict] = []
@@ -399,7 +388,5 @@ def run(preset: Preset, args) -> Path:
         write_csv(out / "cumulative_cost_mean.csv", CUMULATIVE_MEAN_COLUMNS, means)
         _plot_cumulative(preset, out, means, s)
     console.print((out / "benchmark.md").read_text())
-    console.print(f"{len(records)} runs in {time.perf_counter() - t0:.0f} s; "
-                  f"{', '.join(o for o in preset.outputs if o not in ('benchmark.json', 'runs/'))} in {out}")
-    fail_if_any_failed(records, out)
-    return out
+    return finish_study(console, records, out, t0,
+                        ", ".join(o for o in preset.outputs if o not in ("benchmark.json", "runs/")))

@@ -46,16 +46,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import statistics
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (FINAL_FRACTION, by_seed, csv_list, fail_if_any_failed, final_performance,
-                                           finish_return_and_cost, format_mean_std, parse_seeds, plan_job,
-                                           plot_return_and_cost, read_curve, run_jobs, save_figure,
-                                           study_console_and_out, summarise, warn_if_no_episode, write_csv)
+from saferl.cluster.studies.runner import (FINAL_FRACTION, add_budget_arguments, add_run_arguments, by_seed, choose_keys, csv_list,
+                                           failed_note, final_performance, finish_return_and_cost, finish_study,
+                                           format_mean_std, parse_seeds, plan_job, planned_runs, plot_return_and_cost,
+                                           read_curve, record_plan, require_budget, require_task, run_jobs,
+                                           save_figure, study_console_and_out, summarise, warn_if_no_episode, write_csv)
 
 HELP = "CGPO Fig. 7 / Fig. 14: adaptive vs fixed trust-region radius δ̂ and ablations of eq 18's settings"
 
@@ -91,21 +91,7 @@ DEFAULTS = {"task": "FunctionEnv-v0", "seeds": "1", "steps": 48_000, "hosts": 2,
 
 def variant_keys(names: list[str]) -> list[str]:
     """``--variants`` (keys or groups) as keys in table order."""
-    from saferl.config import ConfigError
-
-    chosen = set()
-    for name in names:
-        key = name.strip().lower()
-        if key in GROUPS:
-            chosen.update(GROUPS[key])
-        elif key in VARIANTS:
-            chosen.add(key)
-        else:
-            raise ConfigError(f"usage error: --variants {name!r}: unknown variant; known: "
-                              f"{', '.join(GROUPS)} (groups), {', '.join(VARIANTS)}")
-    if not chosen:
-        raise ConfigError("usage error: --variants needs at least one variant")
-    return [k for k in VARIANTS if k in chosen]
+    return choose_keys(names, VARIANTS, GROUPS, "--variants", "variant")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,35 +102,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"(default {DEFAULTS['task']})")
     p.add_argument("--variants", type=csv_list, default=["fig7"],
                    help="comma list of variants or groups (fig7: the default; all)")
-    p.add_argument("--seeds", default=DEFAULTS["seeds"], help=f"N or a comma list (default {DEFAULTS['seeds']})")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"],
-                   help=f"env steps per run (default {DEFAULTS['steps']:,}; the FunctionEnv config's 640000)")
-    p.add_argument("--hosts", type=int, default=DEFAULTS["hosts"],
-                   help=f"gradient workers (default {DEFAULTS['hosts']})")
-    p.add_argument("--envs", "--envs-per-host", dest="envs", type=int, default=DEFAULTS["envs"],
-                   help=f"envs per worker (default {DEFAULTS['envs']}; the FunctionEnv config's 32)")
-    p.add_argument("--last-k", type=int, default=None,
-                   help="final performance over a run's last K points (default the last 10%%, at least 1)")
-    p.add_argument("--parallel", type=int, default=1, help="runs trained at the same time (default 1)")
-    p.add_argument("--out", default=None, help="output folder (default runs/studies/cgpo-radius-<time>); "
-                   "an existing one is continued")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every run, e.g. device=cuda")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS; none: a local one)")
+    add_budget_arguments(p, DEFAULTS, steps_note="the FunctionEnv config's 640000", hosts_help="gradient workers",
+                         envs_note="; the FunctionEnv config's 32")
+    add_run_arguments(p, "cgpo-radius", last_k="points")
 
 
 def _settings(args) -> dict:
-    from saferl import registry
-    from saferl.config import ConfigError
-
     keys = variant_keys(args.variants)
     seeds = parse_seeds(str(args.seeds))
-    for flag, v in (("--steps", args.steps), ("--hosts", args.hosts), ("--envs", args.envs),
-                    ("--parallel", args.parallel), ("--last-k", args.last_k)):
-        if v is not None and v <= 0:
-            raise ConfigError(f"usage error: {flag} must be > 0 (got {v})")
-    if args.task not in registry.TASKS:
-        raise ConfigError(f"usage error: unknown task {args.task!r}; see `saferl list`")
+    require_budget(args)
+    require_task(args.task)
     return {"task": args.task, "variants": keys, "seeds": seeds, "steps": args.steps, "hosts": args.hosts,
             "envs": args.envs, "last_k": args.last_k, "set": list(args.set)}
 
@@ -236,9 +203,8 @@ def table(records: list[dict], s: dict) -> str:
              "| Variant | Change | Return | Cost | δ̂ | At floor | ρ |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['change']} | {r['return']} | {r['cost']} | {r['radius']} | {r['floor']} | "
               f"{r['rho']} |" for r in rows]
-    failed = [r for r in records if not r["status"].startswith("ok")]
-    if failed:
-        lines += ["", f"{len(failed)} run(s) failed and are left out; see runs.csv."]
+    if note := failed_note(records):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -298,12 +264,10 @@ def run(args) -> Path:
     s = _settings(args)
     console, out = study_console_and_out("cgpo-radius", args)
     jobs = plan(s, out)  # every config validated before anything is created or started
-    out.mkdir(parents=True, exist_ok=True)
     warn_if_no_episode(jobs[0], console)
-    (out / "study.json").write_text(json.dumps({**s, "runs": [{k: j[k] for k in (
-        "variant", "seed", "name", "config", "overrides")} for j in jobs]}, indent=2))
-    console.print(f"study cgpo-radius: {len(jobs)} CGPO runs ({len(s['variants'])} variants × {len(s['seeds'])} "
-                  f"seeds, {s['steps']:,} env steps each) on {s['task']} into {out}")
+    record_plan(out, console, {**s, "runs": planned_runs(jobs, "variant", "seed", "name", "config", "overrides")},
+                f"study cgpo-radius: {len(jobs)} CGPO runs ({len(s['variants'])} variants × {len(s['seeds'])} "
+                f"seeds, {s['steps']:,} env steps each) on {s['task']}")
     t0 = time.perf_counter()
     curves: list[tuple] = []
     radii: list[tuple] = []
@@ -327,7 +291,4 @@ def run(args) -> Path:
               [dict(zip(CURVE_COLUMNS, c)) for c in sorted(curves, key=lambda c: (c[0], c[1], c[2]))])
     _plot(out, curves, radii, records, s)
     console.print((out / "radius.md").read_text())
-    console.print(f"{len(records)} runs in {time.perf_counter() - t0:.0f} s; radius.md, summary.csv, runs.csv, "
-                  f"curves.csv, radius.png in {out}")
-    fail_if_any_failed(records, out)
-    return out
+    return finish_study(console, records, out, t0, "radius.md, summary.csv, runs.csv, curves.csv, radius.png")

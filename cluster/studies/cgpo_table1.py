@@ -89,12 +89,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (by_seed, csv_list, fail_if_any_failed, format_mean_std, plan_job,
-                                           plot_return_and_cost, read_curve, run_jobs, save_figure, shipped_config,
+from saferl.cluster.studies.runner import (add_run_arguments, by_seed, csv_list, failed_note, finish_study,
+                                           format_mean_std, plan_job, planned_runs, plot_return_and_cost, read_curve,
+                                           record_plan, require_positive, run_jobs, save_figure, shipped_config,
                                            study_console_and_out, write_csv)
 
 HELP = ("CGPO paper Table 1: Conv. Steps and Vio. Ratio of PDO, APPO, CPO, CUP, BPTT-Lag, SHAC-Lag and CGPO "
@@ -214,14 +214,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"envs per run (over all hosts), or 'config' for Table 4's (default {DEFAULTS['envs']})")
     p.add_argument("--paper", action="store_true",
                    help="paper scale: --seeds 5 --budget config --envs config (explicit flags still win)")
-    p.add_argument("--out", default=None, help="output folder (default runs/studies/cgpo-table1-<time>); "
-                   "an existing one is continued")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override passed to every run, e.g. resources.num_gpus_per_learner=1")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS; none: "
-                   "start a local one)")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="runs trained at the same time (one driver thread each; default 1)")
+    add_run_arguments(p, "cgpo-table1",
+                      set_help="config override passed to every run, e.g. resources.num_gpus_per_learner=1",
+                      parallel_help="runs trained at the same time (one driver thread each; default 1)",
+                      address_help="Ray cluster to join (default $RAY_ADDRESS; none: start a local one)")
     p.add_argument("--conv-window", type=float, default=0.1,
                    help="Conv. Steps window W as a fraction of the budget (default 0.1)")
     p.add_argument("--conv-tol", type=float, default=0.1,
@@ -249,10 +245,7 @@ def _settings(args) -> dict:
             raise ConfigError(f"usage error: --{key} {s[key]!r}: expected a number or 'config'") from None
         if s[key] <= 0:
             raise ConfigError(f"usage error: --{key} must be > 0 (got {s[key]})")
-    if s["seeds"] <= 0:
-        raise ConfigError(f"usage error: --seeds must be > 0 (got {s['seeds']})")
-    if args.parallel <= 0:
-        raise ConfigError(f"usage error: --parallel must be > 0 (got {args.parallel})")
+    require_positive(("--seeds", s["seeds"]), ("--parallel", args.parallel))
     if args.conv_window <= 0 or args.conv_tol < 0 or args.vio_band < 0 or args.margin < 0:
         raise ConfigError("usage error: --conv-window must be > 0; --conv-tol, --vio-band, --margin >= 0")
     if not args.tasks or not args.algos:
@@ -346,12 +339,11 @@ def _write_table(out: Path, records: list[dict], args, s: dict) -> None:
             cells.append(marked(format_cell([r.get("conv_steps") for r in rs], "steps"), marks[task]))
             cells.append(marked(format_cell([r.get("vio_ratio") for r in rs], "ratio"), marks[task]))
         lines.append("| " + " | ".join(cells) + " |")
-    failed = [r for r in records if not r["status"].startswith("ok")]
     lines += ["", "-: undefined for every seed (Conv. Steps: no convergence point that meets the constraint; "
               "Vio. Ratio: no update started in the safety-critical band, the paper's \"-†\"). "
               "(k/n): defined for k of n seeds."]
-    if failed:
-        lines.append(f"{len(failed)} run(s) failed and are left out; see runs.csv.")
+    if note := failed_note(records):
+        lines.append(note)
     for task in tasks:
         if task in TASK_DEVIATIONS:
             lines += ["", f"{label(task)} ({TASK_DEVIATIONS[task]}): {TASK_DEVIATION_DETAILS[task]}."]
@@ -420,7 +412,6 @@ def run(args) -> Path:
     s = _settings(args)
     console, out = study_console_and_out("cgpo-table1", args)
     jobs = _plan(args, s, out)  # every config validated before anything is created or started
-    out.mkdir(parents=True, exist_ok=True)
     for job in jobs[:: s["seeds"]]:  # one warning per (task, algo)
         cfg = job["cfg"]
         rounds = cfg.total_env_steps // (cfg.resources.num_env_hosts * cfg.resources.envs_per_host
@@ -428,13 +419,12 @@ def run(args) -> Path:
         if rounds < 3:
             console.print(f"[yellow]warning[/yellow]: {job['algo']} on {job['task']}: the budget gives {rounds} "
                           "episode(s) per env, too few points for the metrics; raise --budget or lower --envs")
-    settings = {"settings": s, "tasks": args.tasks, "algos": args.algos, "set": args.set,
-                "conv_window": args.conv_window, "conv_tol": args.conv_tol, "vio_band": args.vio_band,
-                "margin": args.margin, "runs": [{k: j[k] for k in ("task", "algo", "seed", "config", "overrides")}
-                                                for j in jobs]}
-    (out / "study.json").write_text(json.dumps(settings, indent=2))
-    console.print(f"study cgpo-table1: {len(jobs)} runs ({len(args.tasks)} tasks × {len(args.algos)} algos × "
-                  f"{s['seeds']} seeds) into {out}")
+    record_plan(out, console, {"settings": s, "tasks": args.tasks, "algos": args.algos, "set": args.set,
+                               "conv_window": args.conv_window, "conv_tol": args.conv_tol, "vio_band": args.vio_band,
+                               "margin": args.margin,
+                               "runs": planned_runs(jobs, "task", "algo", "seed", "config", "overrides")},
+                f"study cgpo-table1: {len(jobs)} runs ({len(args.tasks)} tasks × {len(args.algos)} algos × "
+                f"{s['seeds']} seeds)")
 
     t_start = time.perf_counter()
     curves: list[tuple] = []
@@ -461,7 +451,4 @@ def run(args) -> Path:
     _write_table(out, records, args, s)
     _plot(out, curves, records, args)
     console.print((out / "table1.md").read_text().split("\n\n")[2])
-    console.print(f"{len(records)} runs in {time.perf_counter() - t_start:.0f} s; table1.md, runs.csv, "
-                  f"curves.csv, curves.png in {out}")
-    fail_if_any_failed(records, out)
-    return out
+    return finish_study(console, records, out, t_start, "table1.md, runs.csv, curves.csv, curves.png")

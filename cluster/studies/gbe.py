@@ -15,7 +15,8 @@ Part 1, GBE vs ABE over training (Fig. 1, Fig. 5, Appendix C.2), horizon = the t
 Part 2, FoBG vs ZoBG over trajectory length L × step size ‖δ‖ (Tables 2-3): the same first-order
 prediction J_C(θ) + δᵀq with q from first-order gradients through the simulator (FoBG, the
 reparameterised BPTT gradient) or from the zeroth-order batch gradient of eq 69 (ZoBG,
-q = 1/N Σ_i Σ_t ∇_θ log π_θ(a_t^i | s_t^i) R_C(τ_i), REINFORCE with the trajectory's total cost).
+q = 1/N Σ_i Σ_t ∇_θ log π_θ(a_t^i | s_t^i) R_C(τ_i), REINFORCE with the trajectory's total cost;
+``learners/analytic.zobg_gradient``, the estimator CGPO-ZoBG trains on).
 
 Everything runs in-process on the project's Ray-free machinery: ``make_diff_env``,
 ``GaussianPolicy``, ``rollout_window`` / ``objective_gradients`` / ``episode_starts`` /
@@ -135,23 +136,6 @@ def update_direction(g: np.ndarray, q: np.ndarray, c: float, norm: float) -> np.
         if n == 0.0:
             return np.zeros_like(delta)
     return delta * (norm / n)
-
-
-def pre_squash_actions(policy, obs, noise):
-    """u_t = μ_θ(s_t) + σ ε_t of a rollout (obs [h+1, N, d] from rollout_window, noise [h, N, a])."""
-    import torch
-
-    with torch.no_grad():
-        return policy.net(policy.normalised(obs[:-1])) + policy.log_std.exp() * noise
-
-
-def zobg_gradient(policy, obs, u, returns) -> np.ndarray:
-    """Eq 69: 1/N Σ_i Σ_t ∇_θ log π_θ(u_t^i | s_t^i) R(τ_i) (states and actions held fixed)."""
-    from saferl.learners.networks import flat_grad
-
-    logp = policy.log_prob(obs[:-1], u)  # [h, N]
-    surrogate = (logp.sum(0) * returns.detach()).mean()
-    return flat_grad(surrogate, list(policy.parameters())).cpu().numpy().astype(np.float64)
 
 
 def batch_gradients(env, policy, start, noise, steps: int):
@@ -306,6 +290,8 @@ def _finite(*values) -> bool:
 def run_gbe_abe(env, limit: float, args, log, dtype) -> tuple[list[dict], int]:
     """Part 1: one training run per seed; every update measured with GBE and ABE. Returns the rows
     and the number of batches skipped for non-finite values (a diverging simulator)."""
+    from saferl.learners.analytic import pre_squash_actions
+
     T = args.horizon or env.max_episode_steps
     limit = limit * T / env.max_episode_steps
     N, rows, skipped = args.envs, [], 0
@@ -350,6 +336,8 @@ def run_gbe_abe(env, limit: float, args, log, dtype) -> tuple[list[dict], int]:
 def run_fobg_zobg(env, limit: float, args, log, dtype) -> tuple[list[dict], int]:
     """Part 2: one training run per (seed, length); every update measured at every step size with
     FoBG and ZoBG gradients. Returns the rows and the number of skipped (non-finite) batches."""
+    from saferl.learners.analytic import pre_squash_actions, zobg_gradient
+
     T, N, rows, skipped = env.max_episode_steps, args.envs, [], 0
     for seed in range(args.seeds):
         for length in args.lengths:

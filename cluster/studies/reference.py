@@ -91,6 +91,8 @@ def reference_python(args, console) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from saferl.cluster.studies.runner import add_address_argument, add_out_argument
+
     p.add_argument("--algo", default="ppo_lag", choices=sorted(REFERENCE_ALGOS), help="saferl algorithm (default ppo_lag)")
     p.add_argument("--task", default="SafetyPointGoal1-v0", help="a Safety-Gymnasium task both libraries have")
     p.add_argument("--seed", type=int, default=0)
@@ -109,10 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-set", action="append", default=[], metavar="KEY=JSON",
                    help="override an OmniSafe config key, e.g. algo_cfgs.update_iters=10")
     p.add_argument("--sequential", action="store_true", help="run the reference after saferl, not alongside")
-    p.add_argument("--out", default=None, help="output folder (default runs/studies/reference-<time>); "
-                   "re-running with the same folder keeps finished runs")
+    add_out_argument(p, "reference", note="re-running with the same folder keeps finished runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the saferl config")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS; none: a local one)")
+    add_address_argument(p)
     p.set_defaults(parallel=1)
 
 
@@ -149,6 +150,14 @@ def saferl_job(s: dict, out: Path) -> dict:
     if s["lr_decay"]:
         overrides.append(f"algo_params.lr_decay_updates={s['iterations']}")
     return plan_job(s["algo"], s["task"], s["seed"], out, overrides, s["saferl_set"])
+
+
+def ray_worker_niceness() -> int:
+    """The niceness Ray gives its worker processes (raylet's ``worker_niceness``, 15 unless
+    ``RAY_worker_niceness`` says otherwise). The reference runs at the same niceness as saferl's
+    actors: otherwise, on a busy machine, the scheduler hands it the cores and the comparison
+    measures priorities instead of algorithms."""
+    return int(os.environ.get("RAY_worker_niceness", "15"))
 
 
 def reference_argv(python: str, driver: str, s: dict, ref_dir: Path) -> list[str]:
@@ -319,7 +328,8 @@ def run(args) -> Path:
         console.print(f"reference: {' '.join(argv[1:])} (log: {ref_dir / 'log.txt'})")
         log = open(ref_dir / "log.txt", "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        return subprocess.Popen(argv, cwd=ref_dir, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(argv, cwd=ref_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=lambda: os.nice(ray_worker_niceness()))
 
     def wait_reference(p) -> None:
         if p is None:

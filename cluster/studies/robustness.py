@@ -20,13 +20,13 @@ from the same initial states. Outputs in ``--out``:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import csv_list, save_figure, study_console_and_out, write_csv
+from saferl.cluster.studies.runner import (add_address_argument, add_out_argument, csv_list, record_plan, save_figure,
+                                           study_console_and_out, write_csv)
 
 HELP = "sTRPO App. D: return and cost of trained policies under random-action attacks (attack rate α)"
 
@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="act with the policy's mean action (default)")
     mode.add_argument("--stochastic", dest="deterministic", action="store_false", help="sample the policy")
     p.add_argument("--hosts", type=int, default=1, help="env hosts evaluating in parallel (default 1)")
-    p.add_argument("--out", default=None, help="output folder (default runs/studies/robustness-<time>)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS or a local one)")
+    add_out_argument(p, "robustness", note=None)
+    add_address_argument(p, "Ray cluster to join (default $RAY_ADDRESS or a local one)")
 
 
 def _alphas(args) -> list[float]:
@@ -183,12 +183,10 @@ def run(args) -> Path:
         raise ConfigError("usage error: --episodes and --hosts must be > 0")
     runs = _runs(args)
     console, out = study_console_and_out("robustness", args)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps({
+    record_plan(out, console, {
         "alphas": alphas, "episodes": args.episodes, "deterministic": args.deterministic, "hosts": args.hosts,
-        "runs": [{k: (str(v) if k == "path" else v) for k, v in r.items() if k != "cfg"} for r in runs]}, indent=2))
-    console.print(f"study robustness: {len(runs)} run(s) × {len(alphas)} attack rates × {args.episodes} episodes "
-                  f"into {out}")
+        "runs": [{k: (str(v) if k == "path" else v) for k, v in r.items() if k != "cfg"} for r in runs]},
+        f"study robustness: {len(runs)} run(s) × {len(alphas)} attack rates × {args.episodes} episodes")
     import ray
 
     from saferl.cluster.evaluate import evaluate_attack_rates

@@ -5,6 +5,11 @@ cluster's resources, and the curves read back from each run's ``metrics.csv``.
 
 A job is a dict with ``task``, ``algo``, ``seed``, ``name`` (its run directory under the config's
 ``run_root``) and ``cfg`` (a validated RunConfig).
+
+A study's parser takes the options studies share from ``add_run_arguments`` (``--last-k``,
+``--parallel``, ``--out``, ``--set``, ``--address``); its settings check bad input with
+``require_positive`` / ``require_task`` / ``choose_keys``; ``record_plan`` writes study.json and
+prints the plan, ``finish_study`` the closing line.
 """
 from __future__ import annotations
 
@@ -58,6 +63,94 @@ def format_mean_std(values: list[float | None], fmt: str = ".2f") -> str:
 
 def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# ---- the options every study shares (help texts are the CLI's; a study may pass its own) ----
+OUT_NOTE = "an existing one is continued"
+SET_HELP = "config override for every run, e.g. device=cuda"
+PARALLEL_HELP = "runs trained at the same time (default 1)"
+ADDRESS_HELP = "Ray cluster to join (default $RAY_ADDRESS; none: a local one)"
+
+
+def add_out_argument(p, study: str, note: str | None = OUT_NOTE) -> None:
+    """``--out``: the study's folder, by default ``runs/studies/<study>-<time>``
+    (``study_console_and_out``)."""
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default runs/studies/{study}-<time>)" + (f"; {note}" if note else ""))
+
+
+def add_address_argument(p, help_text: str = ADDRESS_HELP) -> None:
+    p.add_argument("--address", default=None, help=help_text)
+
+
+def add_run_arguments(p, study: str, *, last_k: str | None = None, set_help: str = SET_HELP,
+                      parallel_help: str = PARALLEL_HELP, address_help: str = ADDRESS_HELP,
+                      out_note: str | None = OUT_NOTE) -> None:
+    """The options of a study that trains runs through ``run_jobs``: ``--last-k`` (when ``last_k``
+    names what a run's curve counts: "points", "logged iterations"), ``--parallel``, ``--out``,
+    ``--set`` (applied after the study's own overrides, so it wins) and ``--address``."""
+    if last_k:
+        p.add_argument("--last-k", type=int, default=None,
+                       help=f"final performance over a run's last K {last_k} (default the last 10%%, at least 1)")
+    p.add_argument("--parallel", type=int, default=1, help=parallel_help)
+    add_out_argument(p, study, out_note)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    add_address_argument(p, address_help)
+
+
+def add_budget_arguments(p, defaults: dict, *, steps_note: str, hosts_help: str, envs_note: str = "") -> None:
+    """``--seeds``, ``--steps``, ``--hosts``, ``--envs``: every arm's budget, from ``defaults``
+    (keys seeds, steps, hosts, envs); checked by ``require_budget``."""
+    p.add_argument("--seeds", default=defaults["seeds"], help=f"N or a comma list (default {defaults['seeds']})")
+    p.add_argument("--steps", type=int, default=defaults["steps"],
+                   help=f"env steps per run (default {defaults['steps']:,}; {steps_note})")
+    p.add_argument("--hosts", type=int, default=defaults["hosts"], help=f"{hosts_help} (default {defaults['hosts']})")
+    p.add_argument("--envs", "--envs-per-host", dest="envs", type=int, default=defaults["envs"],
+                   help=f"envs per worker (default {defaults['envs']}{envs_note})")
+
+
+def require_budget(args) -> None:
+    """Bad input in the options of ``add_budget_arguments`` and ``add_run_arguments``."""
+    require_positive(("--steps", args.steps), ("--hosts", args.hosts), ("--envs", args.envs),
+                     ("--parallel", args.parallel), ("--last-k", getattr(args, "last_k", None)))
+
+
+def choose_keys(names: list[str], keys, groups: dict[str, list[str]], flag: str, what: str) -> list[str]:
+    """A comma-list option of keys or group names (any case) as keys in the order of ``keys``;
+    a one-line usage error for an unknown name or an empty choice."""
+    from saferl.config import ConfigError
+
+    chosen = set()
+    for name in names:
+        key = name.strip().lower()
+        if key in groups:
+            chosen.update(groups[key])
+        elif key in keys:
+            chosen.add(key)
+        else:
+            raise ConfigError(f"usage error: {flag} {name!r}: unknown {what}; known: "
+                              f"{', '.join(groups)} (groups), {', '.join(keys)}")
+    if not chosen:
+        raise ConfigError(f"usage error: {flag} needs at least one {what}")
+    return [k for k in keys if k in chosen]
+
+
+def require_positive(*flags: tuple[str, int | float | None]) -> None:
+    """Bad input: a one-line usage error naming the first (flag, value) that is given and ≤ 0."""
+    from saferl.config import ConfigError
+
+    for flag, v in flags:
+        if v is not None and v <= 0:
+            raise ConfigError(f"usage error: {flag} must be > 0 (got {v})")
+
+
+def require_task(task: str, flag: str | None = None) -> None:
+    """Bad input: a one-line usage error for a task the registry does not know."""
+    from saferl import registry
+    from saferl.config import ConfigError
+
+    if task not in registry.TASKS:
+        raise ConfigError(f"usage error: {flag + ': ' if flag else ''}unknown task {task!r}; see `saferl list`")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -288,8 +381,18 @@ def run_jobs(jobs: list[dict], args, console, finish) -> list[dict]:
     return records
 
 
+def failed_runs(records: list[dict]) -> list[dict]:
+    return [r for r in records if not r["status"].startswith("ok")]
+
+
+def failed_note(records: list[dict]) -> str | None:
+    """A study table's note that its failed runs are left out (None when none failed)."""
+    failed = failed_runs(records)
+    return f"{len(failed)} run(s) failed and are left out; see runs.csv." if failed else None
+
+
 def fail_if_any_failed(records: list[dict], out: Path) -> None:
-    failed = [r for r in records if not r["status"].startswith("ok")]
+    failed = failed_runs(records)
     if failed:
         from saferl.config import ConfigError
 
@@ -353,6 +456,27 @@ def finish_return_and_cost(ax_r, ax_c, limit: float | None) -> None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+
+
+def planned_runs(jobs, *keys: str) -> list[dict]:
+    """What ``study.json`` records of each planned job."""
+    return [{k: j[k] for k in keys} for j in jobs]
+
+
+def record_plan(out: Path, console, settings: dict, plan: str, filename: str = "study.json") -> None:
+    """Create ``out``, write ``settings`` there (``study.json``: what the outputs were produced
+    with) and print the plan, "<plan> into <out>"."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / filename).write_text(json.dumps(settings, indent=2))
+    console.print(f"{plan} into {out}")
+
+
+def finish_study(console, records: list[dict], out: Path, t0: float, outputs: str) -> Path:
+    """The closing line (runs, seconds since ``t0``, where the ``outputs`` are), then a one-line
+    study error when a run failed."""
+    console.print(f"{len(records)} runs in {time.perf_counter() - t0:.0f} s; {outputs} in {out}")
+    fail_if_any_failed(records, out)
+    return out
 
 
 def study_console_and_out(name: str, args):

@@ -56,8 +56,9 @@ import statistics
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (csv_list, fail_if_any_failed, plan_job, plot_mean_std, run_jobs,
-                                           save_figure, study_console_and_out, write_csv)
+from saferl.cluster.studies.runner import (add_run_arguments, csv_list, failed_note, finish_study, plan_job,
+                                           planned_runs, plot_mean_std, record_plan, run_jobs, save_figure,
+                                           study_console_and_out, write_csv)
 
 HELP = "SafeGBPO paper, Tables 2-6: safeguards (boundary projection, ray mask) with SHAC, PPO and SAC"
 
@@ -180,10 +181,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settle", type=float, default=0.1,
                    help="a run is stuck unless it stays in the band over this last fraction of its budget")
     p.add_argument("--smooth", type=int, default=3, help="trailing-mean window of the return curve (points)")
-    p.add_argument("--out", default=None, help="output folder (default runs/studies/safeguards-<time>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS or a local one)")
-    p.add_argument("--parallel", type=int, default=1, help="runs trained at the same time")
+    add_run_arguments(p, "safeguards", out_note=None, set_help="override for every run",
+                      parallel_help="runs trained at the same time",
+                      address_help="Ray cluster to join (default $RAY_ADDRESS or a local one)")
 
 
 def _settings(args) -> dict:
@@ -308,9 +308,8 @@ def table(records: list[dict], s: dict) -> str:
     lines += ["", "Paper, Table 6 (Pendulum, wall-clock relative to unsafe): "
               + "; ".join(f"{v}: " + ", ".join(f"{ALGO_LABELS[a]} {x}" for a, x in d.items())
                           for v, d in PAPER_WALL.items()) + "."]
-    failed = [r for r in records if not r["status"].startswith("ok")]
-    if failed:
-        lines.append(f"{len(failed)} run(s) failed and are left out; see runs.csv.")
+    if note := failed_note(records):
+        lines.append(note)
     return "\n".join(lines) + "\n"
 
 
@@ -355,12 +354,10 @@ def run(args) -> Path:
     console, out = study_console_and_out("safeguards", args)
     jobs = _plan(args, s, out)  # every config validated before anything starts
     by_name = {j["name"]: j for j in jobs}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps({**s, "band": args.band, "settle": args.settle,
-                                                "smooth": args.smooth, "eval_episodes": args.eval_episodes,
-                                                "set": args.set, "runs": [{k: j[k] for k in (
-                                                    "task", "algo", "seed", "overrides")} for j in jobs]}, indent=2))
-    console.print(f"study safeguards: {len(jobs)} runs into {out}")
+    record_plan(out, console, {**s, "band": args.band, "settle": args.settle, "smooth": args.smooth,
+                               "eval_episodes": args.eval_episodes, "set": args.set,
+                               "runs": planned_runs(jobs, "task", "algo", "seed", "overrides")},
+                f"study safeguards: {len(jobs)} runs")
     t0 = time.perf_counter()
     done: list[dict] = []
     curves: list[tuple] = []
@@ -384,7 +381,4 @@ def run(args) -> Path:
         w.writerows(sorted(curves, key=lambda r: r[:5]))
     _plot(out, curves, s)
     console.print(table(records, s))
-    console.print(f"{len(records)} runs in {time.perf_counter() - t0:.0f} s; table.md, runs.csv, curves.csv, "
-                  f"curves.png in {out}")
-    fail_if_any_failed(records, out)
-    return out
+    return finish_study(console, records, out, t0, "table.md, runs.csv, curves.csv, curves.png")

@@ -39,7 +39,7 @@ import json
 import math
 from pathlib import Path
 
-from saferl.cluster.studies.runner import save_figure, study_console_and_out, write_csv
+from saferl.cluster.studies.runner import add_out_argument, save_figure, study_console_and_out, write_csv
 
 HELP = "FAC-SIS App. E.2-E.3: exhaustive feasibility of safety indexes (Table 3) and the learned index (Fig. 8)"
 COLUMNS = ["index", "sigma", "k", "n", "eta_d", "trajectories", "success_rate", "phi0_violation_rate",
@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sens-acc-max", default="2,2.25,2.5,4", help="sensitivity grid: acceleration bounds "
                    "(comma-separated; empty: no sensitivity table)")
     p.add_argument("--sens-v-max", default="1,2", help="sensitivity grid: speed bounds (comma-separated)")
-    p.add_argument("--out", default=None, help="output folder (default runs/studies/sis-feasibility-<time>)")
+    add_out_argument(p, "sis-feasibility", note=None)
 
 
 def nominal_action(obs, env):

@@ -68,14 +68,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (DONE_MARKER, FINAL_FRACTION, by_seed, csv_list, fail_if_any_failed,
-                                           final_performance, finish_return_and_cost, format_mean_std, parse_seeds,
-                                           plan_job, plot_return_and_cost, read_curve, run_jobs, save_figure,
-                                           start_ray, study_console_and_out, summarise, warn_if_no_episode,
+from saferl.cluster.studies.runner import (DONE_MARKER, FINAL_FRACTION, add_run_arguments, by_seed, csv_list,
+                                           failed_note, final_performance, finish_return_and_cost, finish_study,
+                                           format_mean_std, parse_seeds, plan_job, planned_runs, plot_return_and_cost,
+                                           read_curve, record_plan, require_positive, require_task, run_jobs,
+                                           save_figure, start_ray, study_console_and_out, summarise, warn_if_no_episode,
                                            write_csv)
 
 HELP = "sTRPO App. C: ablations (joint advantage, unsafe term, λ2, TRPO vs DTRPO π_unsafe, δ sweep) on one task"
@@ -194,30 +194,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"env hosts per run (default {DEFAULTS['hosts']}; the configs 2)")
     p.add_argument("--envs", "--envs-per-host", dest="envs", type=int, default=DEFAULTS["envs"],
                    help=f"envs per env host (default {DEFAULTS['envs']}; the configs 10)")
-    p.add_argument("--last-k", type=int, default=None,
-                   help="final performance over a run's last K logged iterations (default the last 10%%, at least 1)")
-    p.add_argument("--parallel", type=int, default=1, help="runs trained at the same time (default 1)")
-    p.add_argument("--out", default=None, help="output folder (default runs/studies/strpo-ablation-<time>); "
-                   "an existing one is continued")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every stage-2 run (resources.*, device, logging.* also for stage 1), "
-                   "e.g. resources.num_gpus_per_learner=0.25")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS; none: a local one)")
+    add_run_arguments(p, "strpo-ablation", last_k="logged iterations",
+                      set_help="config override for every stage-2 run (resources.*, device, logging.* also for "
+                      "stage 1), e.g. resources.num_gpus_per_learner=0.25")
 
 
 def _settings(args) -> dict:
-    from saferl import registry
-    from saferl.config import ConfigError
-
     keys = variant_keys(args.variants)
     seeds = parse_seeds(str(args.seeds))
-    for flag, v in (("--steps", args.steps), ("--unsafe-steps", args.unsafe_steps),
-                    ("--steps-per-iteration", args.steps_per_iteration), ("--hosts", args.hosts),
-                    ("--envs", args.envs), ("--parallel", args.parallel), ("--last-k", args.last_k)):
-        if v is not None and v <= 0:
-            raise ConfigError(f"usage error: {flag} must be > 0 (got {v})")
-    if args.task not in registry.TASKS:
-        raise ConfigError(f"usage error: unknown task {args.task!r}; see `saferl list`")
+    require_positive(("--steps", args.steps), ("--unsafe-steps", args.unsafe_steps),
+                     ("--steps-per-iteration", args.steps_per_iteration), ("--hosts", args.hosts),
+                     ("--envs", args.envs), ("--parallel", args.parallel), ("--last-k", args.last_k))
+    require_task(args.task)
     return {"task": args.task, "variants": keys, "stage1": stage1_kinds(keys), "seeds": seeds, "steps": args.steps,
             "unsafe_steps": args.unsafe_steps, "steps_per_iteration": args.steps_per_iteration,
             "hosts": args.hosts, "envs": args.envs, "last_k": args.last_k, "set": list(args.set)}
@@ -314,9 +302,8 @@ def table(records: list[dict], s: dict) -> str:
              "| Variant | Change | Return | Cost | Forward | Reverse | Kept |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['change']} | {r['return']} | {r['cost']} | {r['forward']} | {r['reverse']} | "
               f"{r['kept']} |" for r in rows]
-    failed = [r for r in records if not r["status"].startswith("ok")]
-    if failed:
-        lines += ["", f"{len(failed)} run(s) failed and are left out; see runs.csv."]
+    if note := failed_note(records):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -381,16 +368,14 @@ def run(args) -> Path:
     console, out = study_console_and_out("strpo-ablation", args)
     stage1 = plan_stage1(s, out)
     draft = plan_stage2(s, out, {})  # every config validated before anything is created or started
-    out.mkdir(parents=True, exist_ok=True)
     for job in [*stage1.values(), *draft][:: len(s["seeds"])]:  # one warning per stage-1 kind / variant
         warn_if_no_episode(job, console)
-    (out / "study.json").write_text(json.dumps({**s, "stage1_runs": [{k: j[k] for k in (
-        "variant", "algo", "seed", "name", "config", "overrides")} for j in stage1.values()], "variant_overrides": {
-        k: variant_overrides(k, "<stage-1 run dir>") for k in s["variants"]}}, indent=2))
-    console.print(f"study strpo-ablation: {len(stage1)} stage-1 run(s) ({', '.join(STAGE1[k][0] for k in s['stage1'])}"
-                  f" × {len(s['seeds'])} seeds, {s['unsafe_steps']:,} env steps each), then {len(draft)} sTRPO runs "
-                  f"({len(s['variants'])} variants × {len(s['seeds'])} seeds, {s['steps']:,} env steps each) on "
-                  f"{s['task']} into {out}")
+    record_plan(out, console, {**s, "stage1_runs": planned_runs(
+        stage1.values(), "variant", "algo", "seed", "name", "config", "overrides"), "variant_overrides": {
+        k: variant_overrides(k, "<stage-1 run dir>") for k in s["variants"]}},
+        f"study strpo-ablation: {len(stage1)} stage-1 run(s) ({', '.join(STAGE1[k][0] for k in s['stage1'])}"
+        f" × {len(s['seeds'])} seeds, {s['unsafe_steps']:,} env steps each), then {len(draft)} sTRPO runs "
+        f"({len(s['variants'])} variants × {len(s['seeds'])} seeds, {s['steps']:,} env steps each) on {s['task']}")
     t0 = time.perf_counter()
     curves: list[tuple] = []
     done: list[dict] = []
@@ -435,7 +420,4 @@ def run(args) -> Path:
               [dict(zip(CURVE_COLUMNS, c)) for c in sorted(curves, key=lambda c: (c[0], c[3], c[4]))])
     _plot(out, curves, records, s)
     console.print((out / "ablation.md").read_text())
-    console.print(f"{len(records)} runs in {time.perf_counter() - t0:.0f} s; ablation.md, summary.csv, runs.csv, "
-                  f"curves.csv, ablation.png in {out}")
-    fail_if_any_failed(records, out)
-    return out
+    return finish_study(console, records, out, t0, "ablation.md, summary.csv, runs.csv, curves.csv, ablation.png")

@@ -94,6 +94,9 @@ def test_warmup_is_the_configs_at_most_a_tenth_of_the_budget(tmp_path):
     assert got == dict.fromkeys(bench.OFFPOLICY_ALGOS, 7)
 
 
+# slow: the preset shares benchmark.py with the on-policy one, whose tiny run stays in the default
+# run; test_presets_share_the_implementation_and_keep_their_lists is the fast check
+@pytest.mark.slow
 def test_tiny_benchmark_on_point_hazard(ray_session, run_root, tmp_path, capsys):
     """CVPO and SAC-Lag on PointHazard-D1-v0 (120-step episodes, episode limit 2), 2 seeds, 1,440
     env steps on 1 host × 4 envs (480 per iteration: 4 episodes end in each of the 3 iterations),

@@ -135,6 +135,9 @@ def test_sac_learns_the_pendulum(ray_session, run_root):
     assert ret.iloc[-1] > ret.iloc[0] + 50, ret.tolist()
 
 
+# slow: test_training.py's per-family resume test (fac_sis) checks a replay buffer's bit-identical
+# resume in the default run
+@pytest.mark.slow
 def test_sac_resume_restores_buffer_and_learner(ray_session, run_root):
     cfg = load_config("sac/SafeGBPOPendulum-v0", ["total_env_steps=1920", "algo_params.warmup_steps=384",
                                                   "algo_params.hidden=[32]", "algo_params.batch_size=64",

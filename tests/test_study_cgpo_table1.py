@@ -1,10 +1,11 @@
 """`saferl study cgpo-table1` (CGPO paper, Table 1): the F.2 metrics against hand-computed examples,
-and the whole study end-to-end on FunctionEnv-v0 with a tiny budget."""
+and the whole study end-to-end on FunctionEnv-v0 with a tiny budget (slow)."""
 from __future__ import annotations
 
 import csv
 import math
 
+import pytest
 
 from saferl.cluster.studies import cgpo_table1 as study
 from saferl.cluster.studies.cgpo_table1 import conv_steps, format_cell, read_curve, vio_ratio
@@ -104,6 +105,8 @@ def test_unknown_task_is_one_line_error(tmp_path, capsys):
     assert not out.exists()  # validated before anything is created
 
 
+# slow: the fast checks are the table, plot, Conv. Steps and Vio. Ratio tests on records below
+@pytest.mark.slow
 def test_study_end_to_end_function_env(ray_session, run_root, tmp_path, capsys):
     """Two algorithms on FunctionEnv-v0, 8,000 env steps with 8 envs (10 episodes per env), in
     the test session's Ray; then a second call on the same --out keeps the runs and only

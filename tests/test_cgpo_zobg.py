@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from saferl.actors.gradient_worker import GradientWorker
-from saferl.config import ConfigError, load_config
 from saferl.envs.function_env import FunctionEnv
 from saferl.learners.analytic import TimeValue, window_gradients
 from saferl.learners.base import EnvSpec
@@ -83,29 +82,3 @@ def test_cgpo_zobg_trains_on_the_non_differentiable_task_through_its_workers():
     r_fo, r_zo = fobg.compute(weights, 0, 10)[0], zobg.compute(weights, 0, 10)[0]
     assert r_fo["l_r"] == r_zo["l_r"]  # the same window
     assert not np.allclose(r_fo["g"], r_zo["g"])
-
-
-def config_error(source, *overrides) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_config(source, list(overrides))
-    msg = str(info.value)
-    assert "\n" not in msg
-    return msg
-
-
-def test_gradient_estimator_config_validation():
-    assert load_config("cgpo/FunctionEnv-v0").learner_params().gradient_estimator == "fobg"
-    zobg = load_config("cgpo/FunctionEnvFloor-v0")  # the shipped CGPO-ZoBG config: no analytic gradient needed
-    assert zobg.learner_params().gradient_estimator == "zobg"
-    msg = config_error("cgpo/FunctionEnv-v0", "algo_params.gradient_estimator=sobg")
-    assert "algo_params.gradient_estimator" in msg and "'fobg' or 'zobg'" in msg
-    msg = config_error("cgpo/FunctionEnv-v0", "algo_params.gradient_estimator=zobg", "algo_params.stochastic=false")
-    assert "gradient_estimator: zobg needs stochastic: true" in msg
-    assert "algo_params.gradient_estimator" in config_error("mb_cgpo/FunctionEnvFloor-v0",
-                                                            "algo_params.gradient_estimator=zobg")
-    assert "not differentiable" in config_error("cgpo/FunctionEnvFloor-v0", "algo_params.gradient_estimator=fobg")
-    # the exception is CGPO's option on a torch task only: other gradient algorithms reject the key
-    assert "algo_params.gradient_estimator" in config_error(
-        {"algo": "bptt_lag", "task": "FunctionEnvFloor-v0", "algo_params": {"gradient_estimator": "zobg"}})
-    assert "not differentiable" in config_error(
-        {"algo": "cgpo", "task": "SwimmerVelocity-v0", "algo_params": {"gradient_estimator": "zobg"}})

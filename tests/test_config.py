@@ -65,3 +65,21 @@ def test_list_shows_registries(capsys):
     out = capsys.readouterr().out
     for name in ("ppo_lag", "bptt_lag", "SafetyPointGoal1-v0", "FunctionEnv-v0"):
         assert name in out
+
+
+def test_gradient_estimator_config_validation():
+    assert load_config("cgpo/FunctionEnv-v0").learner_params().gradient_estimator == "fobg"
+    zobg = load_config("cgpo/FunctionEnvFloor-v0")  # the shipped CGPO-ZoBG config: no analytic gradient needed
+    assert zobg.learner_params().gradient_estimator == "zobg"
+    msg = err("cgpo/FunctionEnv-v0", "algo_params.gradient_estimator=sobg")
+    assert "algo_params.gradient_estimator" in msg and "'fobg' or 'zobg'" in msg
+    msg = err("cgpo/FunctionEnv-v0", "algo_params.gradient_estimator=zobg", "algo_params.stochastic=false")
+    assert "gradient_estimator: zobg needs stochastic: true" in msg
+    assert "algo_params.gradient_estimator" in err("mb_cgpo/FunctionEnvFloor-v0",
+                                                            "algo_params.gradient_estimator=zobg")
+    assert "not differentiable" in err("cgpo/FunctionEnvFloor-v0", "algo_params.gradient_estimator=fobg")
+    # the exception is CGPO's option on a torch task only: other gradient algorithms reject the key
+    assert "algo_params.gradient_estimator" in err(
+        {"algo": "bptt_lag", "task": "FunctionEnvFloor-v0", "algo_params": {"gradient_estimator": "zobg"}})
+    assert "not differentiable" in err(
+        {"algo": "cgpo", "task": "SwimmerVelocity-v0", "algo_params": {"gradient_estimator": "zobg"}})

@@ -19,8 +19,6 @@ from saferl.config import ConfigError, load_config
 from saferl.envs.function_env import FunctionEnv
 from saferl.learners.networks import GaussianPolicy
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 ENV_MODULE = "_saferl_bad_input_envs"  # importable in every process that ran _install()
 HORIZON, BAD_STEP = 8, 5
 

@@ -16,8 +16,6 @@ from saferl.cluster.studies import benchmark_offpolicy as bench
 from saferl.cluster.studies import benchmark_onpolicy
 from tests.test_benchmark_onpolicy import assert_final_cells
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _metrics(path: Path, rows: list[dict]) -> Path:
     cols = ["iteration", "env_steps", "episode/return", "episode/cost", "episode/count", "loss_q"]

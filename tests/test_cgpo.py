@@ -15,8 +15,6 @@ from saferl.learners.cgpo import CGPO, reexpress_first_layer
 from saferl.learners.cgpo_math import adapt_radius, solve_subproblem
 from saferl.learners.networks import flat_params
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 SPEC = EnvSpec(obs_dim=1, act_dim=1, act_low=[-1], act_high=[1], max_episode_steps=100)
 
 

@@ -15,8 +15,6 @@ from saferl.learners.base import EnvSpec
 from saferl.learners.cgpo import CGPO
 from saferl.learners.networks import GaussianPolicy
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_zobg_window_gradients_are_unbiased_against_fobg_with_the_bootstrap():
     """A window inside the episode (t0 = 20, h = 3) with critic bootstraps: E[g_ZoBG] = E[g_FoBG]

@@ -26,8 +26,6 @@ from saferl.learners.cvpo import (CVPO, decoupled_kl, estep_dual, mstep_terms, p
 from saferl.learners.networks import CholeskyTanhGaussianPolicy, polyak
 from saferl.learners.sac_lag import Critic
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def particle_values(seed: int, b: int = 12, k: int = 16):
     rng = np.random.default_rng(seed)

@@ -23,8 +23,6 @@ from saferl.learners.fac_sis import FAC, FACSIS, index_lr_for_travel, index_trav
 from saferl.learners.safety_index import PRESETS, IndexParams, SafetyIndex
 from tests.conftest import needs_sg
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def geometry_obs(p, v, hazards, prefix=3):
     """An observation whose tail is the geometry of robot p, v and hazards [(x, y, r)]."""

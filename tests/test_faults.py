@@ -15,8 +15,6 @@ from saferl.cluster import rundir
 from saferl.cluster.coordinator import Coordinator
 from saferl.config import ConfigError, load_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def coordinator(name: str, run_root: str, overrides: list[str]) -> Coordinator:
     cfg = load_config(name, [f"run_root={run_root}", "schedule.checkpoint_every=100", *overrides])

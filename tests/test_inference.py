@@ -15,8 +15,6 @@ from saferl.config import ConfigError, load_config
 from saferl.learners.networks import (CholeskyTanhGaussianPolicy, DeterministicTanhPolicy, GaussianPolicy,
                                       TanhGaussianPolicy)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def policies() -> dict:
     torch.manual_seed(0)

@@ -24,7 +24,6 @@ from saferl.cluster import jobs
 from saferl.cluster.metrics import RAY_GAUGES, MetricsLogger, dashboard_spec
 from saferl.config import ConfigError, load_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
 RUN = "live"
 

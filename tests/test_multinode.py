@@ -18,8 +18,6 @@ from saferl.cluster import rundir
 from saferl.cluster.coordinator import Coordinator
 from saferl.config import load_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def cluster():

@@ -15,7 +15,6 @@ from saferl import registry
 from saferl.actors.env_host import EnvHost
 from saferl.learners.base import EnvSpec
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 
 

@@ -30,8 +30,6 @@ from saferl.registry import get_algo
 
 CPU = torch.device("cpu")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def env_spec(envs: int = 8, seed: int = 0) -> tuple[EnvHost, EnvSpec]:
     host = EnvHost("FunctionEnv-v0", envs, seed)

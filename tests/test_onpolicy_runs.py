@@ -10,8 +10,6 @@ import pytest
 from saferl.cluster.session import train
 from saferl.config import load_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 # RCPO's multiplier is its slowest timescale (lr 0.01 in the shipped config): it needs λ > 1
 # before the penalised reward (1 − λ) r turns against the cost, which takes longer than this run.

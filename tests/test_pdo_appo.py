@@ -24,8 +24,6 @@ from saferl.registry import get_algo
 CPU = torch.device("cpu")
 BRAX_TASKS = ("BraxCartPole-v0", "BraxReacher-v0", "BraxHalfCheetahVel-v0", "BraxAntVel-v0")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 # A fixed minibatch: ratios on both sides of the clip range 1 ± 0.2, advantages of both signs.
 RATIO = torch.tensor([0.5, 1.0, 1.1, 1.5], dtype=torch.float64)
 LOGP_OLD = torch.tensor([-1.0, -0.3, -2.0, 0.4], dtype=torch.float64)

@@ -29,8 +29,6 @@ from saferl.learners.trust_region import fisher_vector_product
 
 from tests.test_trust_region import assert_resumes_identically, rollouts, spd
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 # -- eq 8-9: the exclusion step ---------------------------------------------------------------------
 

@@ -15,8 +15,6 @@ import pytest
 
 from saferl.cluster.studies import cgpo_gradients as study
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()

@@ -13,8 +13,6 @@ import pytest
 
 from saferl.cluster.studies import cgpo_radius as study
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def settings(argv: list[str]) -> dict:
     p = argparse.ArgumentParser()

@@ -12,8 +12,6 @@ from saferl.actors.env_host import EnvHost
 from saferl.cli import main
 from saferl.learners.networks import GaussianPolicy
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def recording_host(seed: int = 0, envs: int = 8) -> tuple[EnvHost, list]:
     """A FunctionEnv host whose steps are recorded as (obs before, action stepped)."""

@@ -14,8 +14,6 @@ import yaml
 from saferl.cluster.studies import strpo_ablation as study
 from saferl.cluster.studies.runner import final_performance, format_mean_std, read_curve
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_variants_overrides_and_stage1_kinds():
     assert study.variant_keys(["sTRPO", "no unsafe term", "Unsafe-TRPO", "δ = 1e-3", "strpo"]) == [

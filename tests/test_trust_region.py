@@ -21,8 +21,6 @@ from saferl.learners.ppo_lag import advantages, assemble, lagrangian_advantage
 from saferl.learners.trpo_lag import TRPOLag
 from saferl.learners.trust_region import backtracking_line_search, conjugate_gradient, fisher_vector_product
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def spd(n: int, rng: np.random.Generator, cond: float = 50.0) -> np.ndarray:
     q, _ = np.linalg.qr(rng.normal(size=(n, n)))

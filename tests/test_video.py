@@ -18,8 +18,6 @@ from saferl.envs.diff import TorchVecEnv
 from saferl.envs.render import SIZE, EpisodeRenderer
 from tests.conftest import needs_sg
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def gif_frames(path: Path) -> np.ndarray:
     with Image.open(path) as im:

@@ -50,10 +50,43 @@ def cmd_list(args) -> int:
     for a in registry.ALGORITHMS.values():
         con.print(f"  {a.name:<12} {a.kind:<9} phases={','.join(a.phases):<8} {a.paper}")
     con.print("[bold]tasks[/bold]")
+    _list_sg_tasks(con)
     for t in registry.TASKS.values():
+        if t.name in registry.SG_TASKS:
+            continue
         diff = "differentiable" if t.differentiable else ""
         con.print(f"  {t.name:<26} {t.kind:<17} cost_limit={t.cost_limit:<6g} T={t.max_episode_steps:<5} {diff}")
     return 0
+
+
+def _braces(items) -> str:
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else "{" + ",".join(items) + "}"
+
+
+def _list_sg_tasks(con) -> None:
+    """Safety-Gymnasium's tasks as brace patterns (one line per levels and episode length), which
+    have config files, and which ids are refused."""
+    from saferl.config import CONFIG_DIR
+
+    groups: dict[tuple, list[str]] = {}
+    for task, (levels, steps) in registry.SG_NAVIGATION.items():
+        groups.setdefault((levels, steps), []).append(task)
+    agents = _braces(registry.SG_AGENTS)
+    lines = [(f"Safety{agents}{_braces(tasks)}{_braces(levels)}-v0", steps)
+             for (levels, steps), tasks in groups.items()]
+    velocity = registry.TASKS[f"Safety{registry.SG_VELOCITY_AGENTS[0]}Velocity-v1"]
+    lines.append((f"Safety{_braces(registry.SG_VELOCITY_AGENTS)}Velocity-{{v0,v1}}", velocity.max_episode_steps))
+    limit = registry.TASKS[registry.SG_TASKS[0]].cost_limit
+    con.print(f"  Safety-Gymnasium: {len(registry.SG_TASKS)} tasks, safety_gymnasium, cost_limit={limit:g}")
+    width = max(len(pattern) for pattern, _ in lines)
+    for pattern, steps in lines:
+        con.print(f"    {pattern:<{width}}  T={steps}")
+    shipped = sorted({p.stem for p in CONFIG_DIR.glob("*/*.yaml")} & set(registry.SG_TASKS))
+    con.print(f"    config files for {', '.join(shipped)}; a task without one uses its family's "
+              "(Circle, Velocity), else SafetyPointGoal1-v0's")
+    refused = ", ".join(f"Safety*{marker}*-v0" for marker in registry.SG_UNSUPPORTED)
+    con.print(f"    not supported ({len(registry.UNSUPPORTED_TASKS)} ids; config loading says why): {refused}")
 
 
 def cmd_train(args) -> int:

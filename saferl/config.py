@@ -164,9 +164,11 @@ class RunConfig(Strict):
         """A registered task, or (with an ``env:`` section) a custom one, checked and registered
         here by building and stepping one env (envs/custom.py)."""
         known = registry.TASKS.get(self.task)
+        if self.task in registry.UNSUPPORTED_TASKS:  # e.g. a Safety-Gymnasium Vision task
+            raise ValueError(f"task: {registry.task_error(self.task)}")
         if self.env is None:
             if known is None:
-                raise ValueError(f"task: unknown task {self.task!r}; known: {', '.join(sorted(registry.TASKS))} "
+                raise ValueError(f"task: {registry.task_error(self.task)} "
                                  "(or your own: 'module:Class' or a Gymnasium id with an env: section)")
             if known.kind == "custom":
                 raise ValueError(f"env: {self.task} is a custom task: give env.cost_limit and env.max_episode_steps")
@@ -244,16 +246,21 @@ def _merge(base: dict, over: dict) -> dict:
 
 def resolve_path(name_or_path: str) -> tuple[Path, dict]:
     """A config path, or a short name ``algo/task`` found under ``configs/``; returns the file
-    and the fields to override in it. A wrapped task without its own file (e.g.
-    ``shac/SafeGBPOPendulum-RM-v0``) uses its base task's file with ``task`` replaced."""
+    and the fields to override in it. A task without its own file uses its base task's (followed
+    until one exists) with ``task`` replaced: e.g. ``shac/SafeGBPOPendulum-RM-v0`` the plain
+    task's, ``ppo_lag/SafetyDoggoGoal2-v0`` the algorithm's SafetyPointGoal1-v0 config."""
     p = Path(name_or_path)
     for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{name_or_path}.yaml"):
         if cand.is_file():
             return cand, {}
     algo, _, task = name_or_path.removesuffix(".yaml").rpartition("/")
+    if task in registry.UNSUPPORTED_TASKS:
+        raise ConfigError(f"config error: task: {registry.task_error(task)}")
     base = registry.TASKS[task].base if task in registry.TASKS else None
-    if base and (CONFIG_DIR / algo / f"{base}.yaml").is_file():
-        return CONFIG_DIR / algo / f"{base}.yaml", {"task": task}
+    while base:
+        if (CONFIG_DIR / algo / f"{base}.yaml").is_file():
+            return CONFIG_DIR / algo / f"{base}.yaml", {"task": task}
+        base = registry.TASKS[base].base
     raise ConfigError(f"config error: config file {name_or_path!r} does not exist")
 
 

@@ -50,7 +50,9 @@ class TaskSpec:
     max_episode_steps: int
     differentiable: bool = False
     kwargs: dict = field(default_factory=dict)
-    base: str | None = None  # a wrapped task (e.g. a safeguarded variant) uses its base's configs
+    # a task without its own config file for an algorithm uses its base's (followed until a file exists;
+    # e.g. a safeguarded variant its plain task's, a Safety-Gymnasium task its family representative's)
+    base: str | None = None
 
 
 ALGORITHMS: dict[str, AlgoSpec] = {}
@@ -131,18 +133,60 @@ register_algo(AlgoSpec("mb_cgpo", "gradient", "saferl.learners.cgpo:MBCGPO", ("w
 register_algo(AlgoSpec("shac", "gradient", "saferl.learners.shac_lag:SHAC", (),
                        "Xu et al. 2022 (unconstrained)"))
 
-# Safety-Gymnasium tasks. Cost limit 25 is the benchmark convention (OmniSafe, the seeds).
-for _id, _steps in [
-    ("SafetyPointGoal1-v0", 1000),
-    ("SafetyCarGoal1-v0", 1000),
-    ("SafetyPointButton1-v0", 1000),
-    ("SafetyCarButton1-v0", 1000),
-    ("SafetyPointCircle1-v0", 500),
-    ("SafetyCarCircle1-v0", 500),
-    ("SafetyAntVelocity-v1", 1000),
-    ("SafetyHopperVelocity-v1", 1000),
-]:
-    register_task(TaskSpec(_id, "safety_gymnasium", _id, 25.0, _steps))
+# Safety-Gymnasium 1.0.0's tasks, as its safety_gymnasium/__init__.py registers them: navigation tasks
+# of every agent at levels 0-2 (Run at level 0 only) with its episode lengths, and the velocity tasks.
+# Cost limit 25 is the benchmark convention (OmniSafe's). Fading tasks fade their goal in
+# camera images only: with these (lidar) observations they are Goal tasks.
+SG_AGENTS = ("Point", "Car", "Doggo", "Racecar", "Ant")
+SG_NAVIGATION: dict[str, tuple[tuple[int, ...], int]] = {  # task -> (levels, max_episode_steps)
+    "Goal": ((0, 1, 2), 1000), "Button": ((0, 1, 2), 1000), "Push": ((0, 1, 2), 1000),
+    "FadingEasy": ((0, 1, 2), 1000), "FadingHard": ((0, 1, 2), 1000),
+    "Circle": ((0, 1, 2), 500), "Run": ((0,), 500),
+}
+SG_VELOCITY_AGENTS = ("Ant", "HalfCheetah", "Hopper", "Humanoid", "Swimmer", "Walker2d")  # -v0, -v1; T 1000
+# Ids Safety-Gymnasium registers that cannot train here, by the part of the id that marks them (the
+# test checks these plus the registered ones are exactly Safety-Gymnasium's ids). Refused in one
+# line by get_task and config loading, before any actor starts.
+SG_UNSUPPORTED = {
+    "Vision": "has image observations (a Dict space); saferl's policies take flat Box observations",
+    "Debug": "is a keyboard-controlled debug variant (actions come from the keyboard, not the policy)",
+    "Race": "cannot be built: the Safety-Gymnasium 1.0.0 package lacks the Race tasks' texture files",
+}
+SG_TASKS: list[str] = []  # the ids registered below
+UNSUPPORTED_TASKS: dict[str, str] = {}  # id -> one-line reason
+
+
+def _sg_config_base(task_id: str, family: str) -> str | None:
+    """Where a task without its own config file for an algorithm takes one (TaskSpec.base, followed
+    until a file exists): its family's representative, then the navigation one."""
+    chain = {"SafetyPointCircle1-v0": "SafetyCarCircle1-v0", "SafetyCarCircle1-v0": "SafetyPointGoal1-v0",
+             "SafetyAntVelocity-v1": "SafetyHopperVelocity-v1", "SafetyHopperVelocity-v1": "SafetyPointGoal1-v0",
+             "SafetyPointGoal1-v0": None}
+    head = {"Circle": "SafetyPointCircle1-v0", "Velocity": "SafetyAntVelocity-v1"}.get(family, "SafetyPointGoal1-v0")
+    return chain.get(task_id, head)
+
+
+def _refuse(task_id: str, marker: str, use: str | None = None) -> None:
+    UNSUPPORTED_TASKS[task_id] = f"{task_id} {SG_UNSUPPORTED[marker]}" + (f"; use {use}" if use else "")
+
+
+for _agent in SG_AGENTS:
+    _variants = ("Vision", "Debug") if _agent in ("Point", "Car", "Racecar") else ("Vision",)  # as SG makes them
+    for _task, (_levels, _steps) in SG_NAVIGATION.items():
+        for _level in _levels:
+            _id = f"Safety{_agent}{_task}{_level}-v0"
+            register_task(TaskSpec(_id, "safety_gymnasium", _id, 25.0, _steps, base=_sg_config_base(_id, _task)))
+            SG_TASKS.append(_id)
+            for _v in _variants:
+                _refuse(_id.replace("-v0", f"{_v}-v0"), _v, use=_id)
+    for _level in (0, 1, 2):
+        for _v in ("", *_variants):
+            _refuse(f"Safety{_agent}Race{_level}{_v}-v0", "Race")
+for _agent in SG_VELOCITY_AGENTS:
+    for _version in (0, 1):
+        _id = f"Safety{_agent}Velocity-v{_version}"
+        register_task(TaskSpec(_id, "safety_gymnasium", _id, 25.0, 1000, base=_sg_config_base(_id, "Velocity")))
+        SG_TASKS.append(_id)
 
 # Point-robot hazard tasks with the geometry tail safety-index learners read (the FAC-SIS paper's
 # Hazards Goal / Push): FAC-SIS asks for zero violations, so the limit is 0.
@@ -227,7 +271,19 @@ def get_algo(name: str) -> AlgoSpec:
     return ALGORITHMS[name]
 
 
+def task_error(name: str) -> str:
+    """One line for a name that is no registered task: a refused Safety-Gymnasium id says why,
+    otherwise the closest known names (``saferl list`` shows them all)."""
+    if name in UNSUPPORTED_TASKS:
+        return UNSUPPORTED_TASKS[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, list(TASKS), n=5, cutoff=0.8)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"unknown task {name!r}{hint}; `saferl list` shows the {len(TASKS)} known ones"
+
+
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+        raise ValueError(task_error(name))
     return TASKS[name]

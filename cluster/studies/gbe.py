@@ -553,7 +553,7 @@ def _check_args(args) -> None:
     from saferl.config import ConfigError
 
     if args.task not in registry.TASKS:
-        raise ConfigError(f"config error: unknown task {args.task!r}; known: {', '.join(sorted(registry.TASKS))}")
+        raise ConfigError(f"config error: {registry.task_error(args.task)}")
     if not registry.TASKS[args.task].differentiable:
         raise ConfigError(f"config error: task {args.task!r} is not differentiable (GBE needs ∇J_C)")
     for name in ("seeds", "epochs", "stages", "envs"):

@@ -35,7 +35,7 @@ from saferl.actors.learner import LearnerActor
 from saferl.actors.replay import ReplayBuffer
 from saferl.actors.world_model import WorldModelActor
 from saferl.cluster import rundir
-from saferl.cluster.metrics import MetricsLogger
+from saferl.cluster.metrics import MetricsLogger, eta
 from saferl.config import ConfigError, RunConfig
 from saferl.learners.base import EnvSpec
 
@@ -563,7 +563,7 @@ class Coordinator:
         total = self.total_iterations()
         sched = self.cfg.schedule
         last: dict = {}
-        done = 0
+        done, started = 0, time.monotonic()
         while self.state.iteration < total and (stop_after is None or done < stop_after):
             row = self.iterate()
             done += 1
@@ -572,14 +572,14 @@ class Coordinator:
                 row.update(self._episode_stats())
                 row.update(self._health())
                 self.logger.log(self.state.env_steps, row)
-                self._progress(row, total)
+                self._progress(row, total, eta(time.monotonic() - started, done, total - self.state.iteration))
             if self.state.iteration % sched.checkpoint_every == 0:
                 self.checkpoint()
         if self._checkpointed != self.state.iteration:
             self.checkpoint()
         return last
 
-    def _progress(self, row: dict, total: int) -> None:
+    def _progress(self, row: dict, total: int, eta_text: str) -> None:
         if self.console is None:
             return
         parts = [f"it {row['iteration']}/{total}", f"steps {row['env_steps']:,}"]
@@ -588,7 +588,7 @@ class Coordinator:
             if key in row:
                 parts.append(f"{label} {row[key]:.3g}" + (f" (limit {row['cost_limit']:.3g})"
                                                           if key == "episode/cost" else ""))
-        self.console.print(" | ".join(parts))
+        self.console.print(" | ".join(parts + [eta_text]))
 
     def close(self) -> None:
         self.logger.close()

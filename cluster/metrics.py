@@ -151,3 +151,22 @@ def start_dashboard(run_dirs: list[str | Path], port: int = 6006, host: str = "1
         return tb.launch()
     except program.TensorBoardServerException as err:  # e.g. the port is taken
         raise ConfigError(f"dashboard error: {err.msg.strip()}") from None
+
+
+def clock(seconds: float) -> str:
+    """45s, 3m07s, 2h05m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def eta(elapsed_s: float, done: int, remaining: int) -> str:
+    """Progress text for a loop of equal-cost items: elapsed time and, from the mean so far, the
+    time left (the first item's start-up cost makes the early estimates high)."""
+    text = f"elapsed {clock(elapsed_s)}"
+    if done > 0 and remaining > 0:
+        text += f" | ETA {clock(elapsed_s / done * remaining)}"
+    return text

@@ -237,7 +237,8 @@ def curves_figure(groups: list[tuple[Group, int]], with_throughput: bool) -> str
         plot_metric(ax, groups, metric)
         if metric == COST:
             limit_lines(ax, groups)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a run with no finished episode has no curve
+            ax.legend(fontsize=7)
     return png(fig)
 
 
@@ -390,4 +391,16 @@ def build_report(run_dirs: list, out: Path = Path("report.html")) -> dict[str, P
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(render(groups, runs))
     tmp.replace(out)
+    return paths
+
+
+def write_run_report(run_dir: Path) -> dict[str, Path]:
+    """What ``saferl train`` leaves at the end of a run: ``RUN_DIR/report.html`` (with its CSVs,
+    as ``saferl report RUN_DIR``) and ``RUN_DIR/curves.png``, return and cost against env steps
+    with the cost limit drawn."""
+    run_dir = Path(run_dir)
+    paths = build_report([run_dir], run_dir / "report.html")
+    group = group_runs([load_run(run_dir)])[0]
+    paths["png"] = run_dir / "curves.png"
+    paths["png"].write_bytes(base64.b64decode(curves_figure([(group, 0)], with_throughput=False)))
     return paths

@@ -106,6 +106,11 @@ def cmd_train(args) -> int:
     out = train_config(cfg, run_dir=run_dir, console=con, stop_after=args.stop_after).run_dir
     con.print(f"[bold green]done[/bold green]: results in {out}  "
               f"(metrics.csv, tb/, checkpoints/; `saferl eval {out} --episodes 10`)")
+    if not args.no_report:
+        from saferl.cluster.report import write_run_report
+
+        paths = write_run_report(out)
+        con.print(f"report: {paths['html']}  curves: {paths['png']}")
     return 0
 
 
@@ -247,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many iterations")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip RUN_DIR/report.html and RUN_DIR/curves.png (return and cost against env steps)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run's latest checkpoint")

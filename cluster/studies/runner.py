@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from saferl.cluster.metrics import eta
+
 DONE_MARKER = "study_done.json"
 HEARTBEAT_S = 30.0
 
@@ -353,6 +355,7 @@ def run_jobs(jobs: list[dict], args, console, finish) -> list[dict]:
     gate = ResourceGate() if args.parallel > 1 and to_train else None
     records: list[dict] = []
     lock = threading.Lock()
+    t0 = time.monotonic()
 
     def one(i_job):
         i, job = i_job
@@ -362,6 +365,8 @@ def run_jobs(jobs: list[dict], args, console, finish) -> list[dict]:
         with lock:
             records.append(record)
             finish(record, tag)
+            console.print(f"{len(records)}/{len(jobs)} runs done | "
+                          f"{eta(time.monotonic() - t0, len(records), len(jobs) - len(records))}")
 
     try:
         if args.parallel == 1:

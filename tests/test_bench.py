@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from saferl.cli import main
 
 
@@ -46,6 +48,7 @@ def test_bench_e2e_learner_memory_write_results(ray_session, tmp_path):
     assert replay[0]["replay_size"] > 0 and replay[0]["replay_capacity_mb"] > 0
 
 
+@pytest.mark.slow  # the kills are covered by test_faults.py, the result files by the tests above
 def test_bench_soak_survives_kills_and_evaluates(ray_session, tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "soak", "--steps", "8000", "--kill-every", "1.5", "--episodes", "2", "--out", str(out)]) == 0

@@ -376,6 +376,7 @@ def test_ant_stays_finite_under_random_actions():
     assert lengths and max(lengths) < 100
 
 
+@pytest.mark.slow  # JAX compiles in each worker; the one-worker path is test_gradient_worker_on_brax_cartpole
 def test_cgpo_runs_on_a_brax_task_through_two_gradient_workers(ray_session, run_root):
     import pandas as pd
 

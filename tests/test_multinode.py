@@ -82,6 +82,7 @@ def test_learner_and_gradient_workers_share_a_node(cluster, tmp_path):
         g["state"] == "REMOVED" for g in ray.util.placement_group_table().values())
 
 
+@pytest.mark.slow  # losing one actor's process is covered by test_faults.py
 def test_run_survives_losing_a_node(cluster, tmp_path):
     """A worker node holding an env host (not the learner) is removed between iterations: Ray
     re-creates the host on a surviving node, the coordinator counts and re-seeds it, and the run

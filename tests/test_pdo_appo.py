@@ -269,14 +269,16 @@ FAST = {"pdo": ["algo_params.lagrange.lr=0.2"], "appo": []}
 
 
 @pytest.mark.parametrize("algo", ["pdo", "appo"])
-def test_cost_comes_down_toward_the_limit(ray_session, run_root, algo):
-    """Limit 4 (a random policy's episode cost ≈ 19): over 6 iterations the cost falls by more than
-    3 and ends closer to the limit, while λ rises."""
-    df = curve(algo, run_root, 4.0, 12000, FAST[algo])
-    cost, lam = df["episode/cost"].dropna(), df["lagrange_multiplier"].dropna()
-    assert len(cost) == 6
-    assert cost.iloc[-2:].mean() < cost.iloc[:2].mean() - 3.0, cost.tolist()
-    assert lam.iloc[-1] > lam.iloc[0] > 0, lam.tolist()
+def test_cost_comes_down_toward_the_limit(algo):
+    """Limit 4 (a random policy's episode cost ≈ 19): over 6 iterations (12,000 env steps; learner
+    and env host in this process) the cost falls by more than 3 and ends closer to the limit,
+    while λ rises."""
+    from tests.inprocess import column, run_in_process
+
+    rows = run_in_process(f"{algo}/FunctionEnv-v0", 4.0, 6, FAST[algo])
+    cost, lam = column(rows, "cost"), column(rows, "lam")
+    assert cost[-2:].mean() < cost[:2].mean() - 3.0, cost.round(2).tolist()
+    assert lam[-1] > lam[0] > 0, lam.tolist()
 
 
 @pytest.mark.slow

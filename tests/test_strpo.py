@@ -300,6 +300,7 @@ def test_state_dict_resumes_identically(cls):
 
 # -- both stages end to end --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_stages_on_ray_and_reuse_by_path(ray_session, run_root):
     from saferl.cluster.session import train
 
@@ -318,6 +319,20 @@ def test_two_stages_on_ray_and_reuse_by_path(ray_session, run_root):
     again = train(load_config("strpo/FunctionEnv-v0", [f"run_root={run_root}", "total_env_steps=2000",
                                                        f"algo_params.unsafe_policy={run / 'unsafe_policy'}"]))
     assert not (again / "unsafe_policy").exists() and len(pd.read_csv(again / "metrics.csv")) == 1
+
+
+def test_two_stages_on_ray_pipeline(ray_session, run_root):
+    """The fast companion of the test above: stage 1 runs first and its policy is recorded by
+    path in the run's config (tiny budgets; the claims about the stages need the longer run)."""
+    from saferl.cluster.session import train
+
+    cfg = load_config("strpo/FunctionEnv-v0", [f"run_root={run_root}", "total_env_steps=4000", "cost_limit=4",
+                                               "algo_params.unsafe_steps=2000", "logging.tensorboard=false"])
+    run = train(cfg)
+    assert len(pd.read_csv(run / "unsafe_policy" / "metrics.csv")) == 1
+    m = pd.read_csv(run / "metrics.csv")
+    assert len(m) == 2 and {"strpo/case", "unsafe_kl", "lagrange_multiplier"} <= set(m.columns)
+    assert load_config(run / "config.yaml").algo_params["unsafe_policy"] == str(run / "unsafe_policy")
 
 
 def test_bad_unsafe_policy_paths_are_refused(tmp_path, run_root):

@@ -74,13 +74,15 @@ def test_bptt_lag_satisfies_the_constraint(ray_session, run_root):
     assert (m["j_c"].iloc[-5:] <= 8.0).all(), m["j_c"].tolist()
 
 
-def test_ppo_lag_improves_return(ray_session, run_root):
-    cfg = load_config("ppo_lag/FunctionEnv-v0", ["total_env_steps=16000", "cost_limit=1000000",
-                                                  f"run_root={run_root}"])
-    m = metrics(train(cfg))
-    assert (m["lagrange_multiplier"] == 0).all()
-    assert m["episode/return"].iloc[-2:].mean() > m["episode/return"].iloc[:2].mean() + 2.0, \
-        m["episode/return"].tolist()
+def test_ppo_lag_improves_return():
+    """16,000 env steps of the shipped config (learner and env host in this process; the Ray path
+    of the same config is exercised by the resume and dual-schedule tests below)."""
+    from tests.inprocess import column, run_in_process
+
+    rows = run_in_process("ppo_lag/FunctionEnv-v0", 1e6, 8)
+    ret = column(rows, "return")
+    assert (column(rows, "lam") == 0).all()
+    assert ret[-2:].mean() > ret[:2].mean() + 2.0, ret.round(2).tolist()
 
 
 @pytest.mark.parametrize("limit,init,direction", [(1.0, 0.0, +1), (100.0, 2.0, -1)])
@@ -120,16 +122,21 @@ def assert_same_state(a, b, where="learner"):
     ("ppo_lag/FunctionEnv-v0", ["total_env_steps=4000", "steps_per_iteration=800", "schedule.phases.dual=2",
                                 "algo_params.lagrange.kind=pid"]),
     # replay buffer, critics, α, λ, and the step-phase clock of the safety index (third timescale)
-    ("fac_sis/PointHazard-D1-v0", ["total_env_steps=960", "steps_per_iteration=240", "algo_params.warmup_steps=480",
-                                   "algo_params.hidden=[32,32]", "algo_params.batch_size=32",
-                                   "schedule.step_phases.safety_index=4"]),
+    pytest.param("fac_sis/PointHazard-D1-v0", ["total_env_steps=960", "steps_per_iteration=240",
+                                               "algo_params.warmup_steps=480", "algo_params.hidden=[32,32]",
+                                               "algo_params.batch_size=32", "schedule.step_phases.safety_index=4"],
+                 marks=pytest.mark.slow),
     # the adaptive trust-region radius and the gradient workers' episodes
     # (12 iterations of 2 × 16 envs × h = 10 steps: past the first episode end at T = 100)
-    ("cgpo/FunctionEnv-v0", ["total_env_steps=3840", "resources.envs_per_host=16"]),
+    pytest.param("cgpo/FunctionEnv-v0", ["total_env_steps=3840", "resources.envs_per_host=16"],
+                 marks=pytest.mark.slow),
 ])
 def test_resume_continues_identically_per_family(ray_session, run_root, name, over):
     """A run stopped after 2 iterations and resumed from its checkpoint ends in the same state as
-    the uninterrupted run, with the same metrics (timings aside)."""
+    the uninterrupted run, with the same metrics (timings aside). The sampling family runs by
+    default; the off-policy and gradient families (three Ray runs each) are slow. Each learner's
+    own state round trip is tested by default in its module (``test_state_dict_resumes_identically``
+    and the like)."""
     over = [*over, "schedule.checkpoint_every=2"]
     full = train(load_config(name, over + [f"run_root={run_root}/a"]))
     cfg = load_config(name, over + [f"run_root={run_root}/b"])

@@ -34,7 +34,7 @@ from typing import Callable
 from saferl.cluster.studies.runner import (FINAL_FRACTION, add_run_arguments, by_seed, csv_list, failed_note,
                                            final_performance, finish_return_and_cost, finish_study, format_mean_std,
                                            parse_seeds, plan_job, planned_runs, plot_return_and_cost, read_curve,
-                                           record_plan, require_positive, run_jobs, save_figure, study_console_and_out,
+                                           record_plan, require_positive, save_figure, study_console_and_out, train_and_measure,
                                            summarise, warn_if_no_episode, write_csv)
 
 # ``saferl benchmark NAME`` -> the module holding its PRESET (imported when the CLI is built)
@@ -359,24 +359,14 @@ def run(preset: Preset, args) -> Path:
                 f"benchmark {preset.name}: {len(jobs)} runs ({len(s['tasks'])} task(s) × {len(s['algos'])} "
                 f"algorithms × {len(s['seeds'])} seeds, {s['steps']:,} env steps each)", filename="benchmark.json")
     t0 = time.perf_counter()
-    curves: list[tuple] = []
-    cumulative: list[dict] = []
-    done: list[dict] = []
 
-    def finish(record: dict, tag: str) -> None:
-        record, rows, cum = _measure(preset, record, s)
-        done.append(record)
-        curves.extend(rows)
-        cumulative.extend(cum)
-        _write(preset, out, done, s)  # partial results while a long benchmark runs
-        if record.get("final_return") is not None:
-            console.print(f"{tag} done {record['algo']} on {record['task']} seed {record['seed']} in "
-                          f"{record.get('wall_s', 0):.0f} s: final return {record['final_return']:.3g}, cost "
-                          f"{record['final_cost']:.3g} (limit {record['cost_limit']:g}; last {record['last_k']} of "
-                          f"{record['n_points']} points)")
+    def describe(r: dict) -> str:
+        return (f"{r['algo']} on {r['task']} seed {r['seed']} in {r.get('wall_s', 0):.0f} s: final return "
+                f"{r['final_return']:.3g}, cost {r['final_cost']:.3g} (limit {r['cost_limit']:g}; last "
+                f"{r['last_k']} of {r['n_points']} points)")
 
-    records = run_jobs(jobs, args, console, finish)
-    _write(preset, out, records, s)
+    records, curves, cumulative = train_and_measure(jobs, args, console, lambda r, j: _measure(preset, r, s),
+                                                    lambda done: _write(preset, out, done, s), describe)
     write_csv(out / "curves.csv", CURVE_COLUMNS,
               [dict(zip(CURVE_COLUMNS, c)) for c in sorted(curves, key=lambda c: c[:4])])
     _plot(preset, out, curves, records, s)

@@ -67,7 +67,7 @@ from saferl.cluster.studies.cgpo_table1 import conv_steps, vio_ratio
 from saferl.cluster.studies.runner import (FINAL_FRACTION, add_budget_arguments, add_run_arguments, by_seed, choose_keys, csv_list,
                                            failed_note, final_performance, finish_return_and_cost, finish_study,
                                            format_mean_std, parse_seeds, plan_job, planned_runs, plot_return_and_cost,
-                                           read_curve, record_plan, require_budget, require_task, run_jobs,
+                                           read_curve, record_plan, require_budget, require_task, train_and_measure,
                                            save_figure, study_console_and_out, summarise, warn_if_no_episode, write_csv)
 
 HELP = "CGPO Fig. 10 / Fig. 6: CGPO on FoBG vs ZoBG gradients, and MB-CGPO on a non-differentiable task"
@@ -295,25 +295,14 @@ def run(args) -> Path:
                 f"study cgpo-gradients: {len(jobs)} runs ({len(s['arms'])} arms × {len(s['seeds'])} seeds, "
                 f"{s['steps']:,} env steps each)")
     t0 = time.perf_counter()
-    curves: list[tuple] = []
-    rhos: list[tuple] = []
-    done: list[dict] = []
-    by_name = {j["name"]: j for j in jobs}
 
-    def finish(record: dict, tag: str) -> None:
-        record, curve, rho = measure(record, by_name[Path(record["run_dir"]).name], s["last_k"])
-        done.append(record)
-        curves.extend(curve)
-        rhos.extend(rho)
-        write_outputs(out, done, s)
-        if record.get("final_return") is not None:
-            rho_text = f"{record['median_rho']:.2f}" if record.get("median_rho") is not None else "-"
-            console.print(f"{tag} done {record['label']} on {record['task']} seed {record['seed']} in "
-                          f"{record.get('wall_s', 0):.0f} s: final return {record['final_return']:.3g}, cost "
-                          f"{record['final_cost']:.3g} (limit {record['cost_limit']:g}), median ρ {rho_text}")
+    def describe(r: dict) -> str:
+        rho = f"{r['median_rho']:.2f}" if r.get("median_rho") is not None else "-"
+        return (f"{r['label']} on {r['task']} seed {r['seed']} in {r.get('wall_s', 0):.0f} s: final return "
+                f"{r['final_return']:.3g}, cost {r['final_cost']:.3g} (limit {r['cost_limit']:g}), median ρ {rho}")
 
-    records = run_jobs(jobs, args, console, finish)
-    write_outputs(out, records, s)
+    records, curves, rhos = train_and_measure(jobs, args, console, lambda r, j: measure(r, j, s["last_k"]),
+                                              lambda done: write_outputs(out, done, s), describe)
     write_csv(out / "curves.csv", CURVE_COLUMNS,
               [dict(zip(CURVE_COLUMNS, c)) for c in sorted(curves, key=lambda c: (c[0], c[2], c[3]))])
     plot(out, curves, rhos, records, s)

@@ -54,7 +54,7 @@ from pathlib import Path
 from saferl.cluster.studies.runner import (FINAL_FRACTION, add_budget_arguments, add_run_arguments, by_seed, choose_keys, csv_list,
                                            failed_note, final_performance, finish_return_and_cost, finish_study,
                                            format_mean_std, parse_seeds, plan_job, planned_runs, plot_return_and_cost,
-                                           read_curve, record_plan, require_budget, require_task, run_jobs,
+                                           read_curve, record_plan, require_budget, require_task, train_and_measure,
                                            save_figure, study_console_and_out, summarise, warn_if_no_episode, write_csv)
 
 HELP = "CGPO Fig. 7 / Fig. 14: adaptive vs fixed trust-region radius δ̂ and ablations of eq 18's settings"
@@ -269,24 +269,13 @@ def run(args) -> Path:
                 f"study cgpo-radius: {len(jobs)} CGPO runs ({len(s['variants'])} variants × {len(s['seeds'])} "
                 f"seeds, {s['steps']:,} env steps each) on {s['task']}")
     t0 = time.perf_counter()
-    curves: list[tuple] = []
-    radii: list[tuple] = []
-    done: list[dict] = []
-    by_name = {j["name"]: j for j in jobs}
 
-    def finish(record: dict, tag: str) -> None:
-        record, curve, radius = measure(record, by_name[Path(record["run_dir"]).name], s["last_k"])
-        done.append(record)
-        curves.extend(curve)
-        radii.extend(radius)
-        _write(out, done, s)
-        if record.get("final_return") is not None:
-            console.print(f"{tag} done {record['label']} seed {record['seed']} in {record.get('wall_s', 0):.0f} s: "
-                          f"final return {record['final_return']:.3g}, cost {record['final_cost']:.3g} "
-                          f"(limit {record['cost_limit']:g}), median δ̂ {record['median_radius']:.2g}")
+    def describe(r: dict) -> str:
+        return (f"{r['label']} seed {r['seed']} in {r.get('wall_s', 0):.0f} s: final return {r['final_return']:.3g}, "
+                f"cost {r['final_cost']:.3g} (limit {r['cost_limit']:g}), median δ̂ {r['median_radius']:.2g}")
 
-    records = run_jobs(jobs, args, console, finish)
-    _write(out, records, s)
+    records, curves, radii = train_and_measure(jobs, args, console, lambda r, j: measure(r, j, s["last_k"]),
+                                               lambda done: _write(out, done, s), describe)
     write_csv(out / "curves.csv", CURVE_COLUMNS,
               [dict(zip(CURVE_COLUMNS, c)) for c in sorted(curves, key=lambda c: (c[0], c[1], c[2]))])
     _plot(out, curves, radii, records, s)

@@ -386,6 +386,29 @@ def run_jobs(jobs: list[dict], args, console, finish) -> list[dict]:
     return records
 
 
+def train_and_measure(jobs: list[dict], args, console, measure, write, describe) -> tuple[list, list, list]:
+    """``run_jobs`` with a study's per-run step: ``measure(record, job)`` adds the run's numbers to
+    its record and returns ``(record, curve_points, other_points)``; ``write(records)`` rewrites
+    the study's tables with the runs measured so far (partial outputs), and ``describe(record)``
+    is the line printed after the run's tag once it has numbers. Returns the records and the
+    points of every run."""
+    by_name = {j["name"]: j for j in jobs}
+    done, curves, points = [], [], []
+
+    def finish(record: dict, tag: str) -> None:
+        record, curve, other = measure(record, by_name[Path(record["run_dir"]).name])
+        done.append(record)
+        curves.extend(curve)
+        points.extend(other)
+        write(done)
+        if record.get("final_return") is not None:
+            console.print(f"{tag} done {describe(record)}")
+
+    records = run_jobs(jobs, args, console, finish)
+    write(records)
+    return records, curves, points
+
+
 def failed_runs(records: list[dict]) -> list[dict]:
     return [r for r in records if not r["status"].startswith("ok")]
 

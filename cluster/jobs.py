@@ -1,6 +1,6 @@
 """Training runs as Ray jobs, through the Ray Jobs API (served by the cluster's dashboard).
 
-    submit(address, config, overrides, env_vars, python)  -> the submission id
+    submit(address, config, overrides, env_vars, python, cfg) -> the submission id
     status(address, job_id)                        -> one line: the job's state (and why it failed)
     latest_metrics(address, job_id)                -> the run's last progress line, if any
     logs(address, job_id)                          -> the job's output so far
@@ -12,6 +12,12 @@ it); its driver joins the cluster through the $RAY_ADDRESS that Ray sets for it
 (session.connect). Environment variables are never forwarded except those named with ``--env``.
 Keep ``run_root`` absolute (or on shared storage): a relative one lands inside the job's temporary
 copy of the repository.
+
+**Your own environment.** The config is validated here before anything is submitted
+(``load_config``), which imports a custom task's package (envs/custom.py). When that package is
+not installed in site-packages, its folder joins the job's ``runtime_env`` as ``py_modules``: Ray
+uploads it with the job and puts it on the driver's ``sys.path``. The driver, validating the
+config again, finds it there and ships it on to its env hosts as in a local run.
 
 **The job's interpreter.** Ray runs an entrypoint with the shell of the head node, so a bare
 ``python`` would be whatever the PATH of ``ray start`` gave, which is not saferl's environment
@@ -47,7 +53,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from saferl.config import REPO_ROOT, ConfigError, resolve_path
+from saferl import registry
+from saferl.config import REPO_ROOT, ConfigError, load_config, resolve_path
 
 # Never uploaded: environments, outputs (runs, checkpoints, loggers' folders), VCS data, caches.
 EXCLUDES = [".venv*", "runs", "*.pt", "tb", "wandb", "bench_results", ".git", "__pycache__", "*.egg-info",
@@ -237,10 +244,21 @@ def job_python(client, url: str, python: str | None) -> str:
                       "pass --python /path/on/the/head/.venv/bin/python (the interpreter saferl is installed in)")
 
 
+def user_modules(cfg) -> list[str]:
+    """Local folders (or files) the job must bring: a custom task's package when it is not
+    installed here (``register_custom`` records it as the env hosts' ``py_modules``). The job's
+    driver imports it to validate the config, so it goes into the job's own ``runtime_env``."""
+    return list(registry.TASK_RUNTIME_ENVS.get(cfg.task, {}).get("py_modules", []))
+
+
 def submit(address: str, config: str, overrides: list[str] | None = None,
-           env_vars: list[str] | None = None, python: str | None = None) -> str:
-    """Submit ``saferl train CONFIG --set ...`` as a job; returns its submission id."""
+           env_vars: list[str] | None = None, python: str | None = None, cfg=None) -> str:
+    """Submit ``saferl train CONFIG --set ...`` as a job; returns its submission id. The config
+    is validated here first (``load_config``, unless ``cfg`` is the already validated one), so
+    bad input is one line before anything reaches the cluster."""
     path, implied = _repo_config_path(config)
+    if cfg is None:
+        cfg = load_config(config, overrides)
     argv = ["-m", "saferl.cli", "train", path]
     for pair in [f"{k}={v}" for k, v in implied.items()] + list(overrides or []):
         argv += ["--set", pair]
@@ -248,6 +266,9 @@ def submit(address: str, config: str, overrides: list[str] | None = None,
     if missing:
         raise ConfigError(f"submit error: --env {missing[0]} is not set in this shell")
     runtime_env = {"working_dir": str(REPO_ROOT), "excludes": EXCLUDES}
+    modules = user_modules(cfg)
+    if modules:  # local paths: Ray's Jobs client uploads them itself (job-level runtime_env)
+        runtime_env["py_modules"] = modules
     if env_vars:
         runtime_env["env_vars"] = {name: os.environ[name] for name in env_vars}
     with _client(address) as client:

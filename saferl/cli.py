@@ -162,7 +162,7 @@ def cmd_submit(args) -> int:
     if not (cfg.run_root.startswith("~") or Path(cfg.run_root).is_absolute()):
         # a relative run_root would land in the job's temporary copy of the repository
         overrides.append(f"run_root=~/saferl-runs/{cfg.run_root}")
-    job_id = jobs.submit(args.address, args.config, overrides, env_vars=args.env, python=args.python)
+    job_id = jobs.submit(args.address, args.config, overrides, env_vars=args.env, python=args.python, cfg=cfg)
     where = dict(o.split("=", 1) for o in overrides if o.startswith("run_root="))
     print(f"submitted {job_id} to {args.address}; results under {where.get('run_root', cfg.run_root)} "
           f"on the node running the job; follow with: saferl status {job_id} --address {args.address}")

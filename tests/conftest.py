@@ -2,7 +2,10 @@
 seconds), and the repository root."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -52,3 +55,23 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@contextlib.contextmanager
+def temporary_package(tmp_path: Path, monkeypatch, name: str, envs_source: str):
+    """A package ``name`` (its ``envs.py`` = ``envs_source``) in a temporary folder outside the
+    repository, importable in this process only; afterwards its modules and the custom tasks it
+    registered are forgotten. Yields the package's folder."""
+    from saferl import registry
+
+    root = tmp_path / "userpkgs"
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text("")
+    (root / name / "envs.py").write_text(textwrap.dedent(envs_source))
+    monkeypatch.syspath_prepend(str(root))
+    yield root / name
+    for module in [m for m in sys.modules if m.startswith(name)]:
+        del sys.modules[module]
+    for task in [t for t in registry.TASKS if t.startswith(name)]:
+        registry.TASKS.pop(task)
+        registry.TASK_RUNTIME_ENVS.pop(task, None)

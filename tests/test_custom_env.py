@@ -2,14 +2,12 @@
 refused in one line when wrong, trained end to end on a local Ray cluster when right."""
 from __future__ import annotations
 
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 
 from saferl import registry
 from saferl.config import ConfigError, load_config
+from tests.conftest import temporary_package
 
 PKG = "saferl_test_costpkg"
 
@@ -73,17 +71,8 @@ gym.register("SaferlTestCost-v0", entry_point=MyCostEnv)
 @pytest.fixture
 def pkg(tmp_path, monkeypatch):
     """The package in a temporary folder outside the repository, importable in this process only."""
-    root = tmp_path / "userpkgs"
-    (root / PKG).mkdir(parents=True)
-    (root / PKG / "__init__.py").write_text("")
-    (root / PKG / "envs.py").write_text(textwrap.dedent(ENVS))
-    monkeypatch.syspath_prepend(str(root))
-    yield root / PKG
-    for name in [m for m in sys.modules if m.startswith(PKG)]:
-        del sys.modules[name]
-    for name in [t for t in registry.TASKS if t.startswith(PKG)]:
-        registry.TASKS.pop(name)
-        registry.TASK_RUNTIME_ENVS.pop(name, None)
+    with temporary_package(tmp_path, monkeypatch, PKG, ENVS) as path:
+        yield path
 
 
 def cfg_dict(task: str, run_root: str = "runs", **env) -> dict:

@@ -8,6 +8,9 @@ $RAY_AUTH_TOKEN_PATH, which is all ``saferl`` is given here: no ``RAY_AUTH_MODE`
 by signalling *its* ``ray start --block`` process (and then killing any of its descendants that
 remain), never with ``ray stop``, which would stop every Ray cluster on the machine.
 tests/test_cluster_processes.py does the same on a head with two worker nodes (slow).
+
+A custom environment's package (envs/custom.py) written outside the repository reaches the job
+through its runtime_env's ``py_modules``; a wrong one is refused here, before anything is sent.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import pytest
 from saferl.cli import main
 from saferl.cluster import jobs
 from saferl.config import ConfigError
+from tests.conftest import temporary_package
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
@@ -159,6 +163,112 @@ def test_submit_runs_a_tiny_training_job(ray_head, tmp_path, capsys):
     run = run_root / "submitted"
     assert (run / "metrics.csv").is_file()
     assert list((run / "checkpoints").glob("ckpt_*.pt")), sorted(p.name for p in run.rglob("*"))
+
+
+USER_PKG = "saferl_test_submitpkg"
+USER_ENVS = """
+import gymnasium as gym
+import numpy as np
+from gymnasium.spaces import Box
+
+
+class LineEnv(gym.Env):
+    \"\"\"A point on a line: reward for moving right, cost 1 per step right of 0.5.\"\"\"
+    observation_space = Box(-10.0, 10.0, (1,), np.float32)
+    action_space = Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = 0.0
+        return np.array([self.x], np.float32), {}
+
+    def step(self, action):
+        self.x += 0.1 * float(action[0])
+        return np.array([self.x], np.float32), self.x, False, False, {"cost": float(self.x > 0.5)}
+"""
+# ppo_lag/FunctionEnv-v0 turned into a run on the package's env, from the command line alone
+CUSTOM = [f"task={USER_PKG}.envs:LineEnv", "env.cost_limit=5", "env.max_episode_steps=50"]
+
+
+@pytest.fixture
+def user_pkg(tmp_path, monkeypatch):
+    """A package in a temporary folder outside the repository, importable in this process only
+    (validation imports it here); neither the head nor its jobs have that folder on sys.path."""
+    with temporary_package(tmp_path, monkeypatch, USER_PKG, USER_ENVS) as path:
+        yield path
+
+
+@pytest.mark.slow
+def test_submit_ships_a_custom_env_package(ray_head, user_pkg, tmp_path):
+    """The job's driver imports the package from the job's py_modules (nothing else puts it on
+    its sys.path) and ships it on to its env hosts; the env section set on the command line
+    reaches the run (cost limit 5, episodes of 50 steps)."""
+    run_root = tmp_path / "runs"
+    overrides = [*CUSTOM, "total_env_steps=400", "steps_per_iteration=200", "resources.envs_per_host=4",
+                 "algo_params.hidden=[8]", "algo_params.minibatch_size=50", "algo_params.epochs=1",
+                 f"run_root={run_root}", "name=custom", "logging.tensorboard=false"]
+    job_id = jobs.submit(ray_head, "ppo_lag/FunctionEnv-v0", overrides)
+    assert _runtime_env(ray_head, job_id)["py_modules"][0].startswith("gcs://")  # uploaded by Ray
+    deadline = time.monotonic() + 180
+    while (line := jobs.status(ray_head, job_id)).split()[1] not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, f"job still not finished after 180 s: {line}"
+        time.sleep(1)
+    assert line == f"{job_id}: SUCCEEDED", line + "\n" + jobs.logs(ray_head, job_id)
+    import pandas as pd
+
+    m = pd.read_csv(run_root / "custom" / "metrics.csv")
+    assert m["env_steps"].tolist() == [200, 400]
+    assert (m["episode/length"] == 50).all() and (m["cost_limit"] == 5).all()
+
+
+def _recording_client(monkeypatch) -> dict:
+    """jobs._client replaced by one that records what would be submitted."""
+    from contextlib import contextmanager
+
+    sent = {}
+
+    class Client:
+        def submit_job(self, **kwargs):
+            sent.update(kwargs)
+            return "raysubmit_fake"
+
+    @contextmanager
+    def fake(address, job_id=None):
+        yield Client()
+
+    monkeypatch.setattr(jobs, "_client", fake)
+    return sent
+
+
+def test_custom_package_joins_the_jobs_runtime_env(user_pkg, monkeypatch):
+    sent = _recording_client(monkeypatch)
+    assert jobs.submit("http://10.9.9.9:8265", "ppo_lag/FunctionEnv-v0", CUSTOM, python=sys.executable) == "raysubmit_fake"
+    assert sent["runtime_env"] == {"working_dir": str(jobs.REPO_ROOT), "excludes": jobs.EXCLUDES,
+                                   "py_modules": [str(user_pkg.resolve())]}
+    assert sent["entrypoint"].endswith(" --set task=saferl_test_submitpkg.envs:LineEnv --set env.cost_limit=5 "
+                                       "--set env.max_episode_steps=50")
+    jobs.submit("http://10.9.9.9:8265", CONFIG, [], python=sys.executable)  # a registered task: nothing more
+    assert "py_modules" not in sent["runtime_env"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["task=saferl_test_submitpkg.envs:Nope"],
+     f"config error: task: {USER_PKG}.envs:Nope: module '{USER_PKG}.envs' has no 'Nope' (and it is no Gymnasium id)"),
+    (["env.cost_key=penalty"],
+     f"config error: env.cost_key: {USER_PKG}.envs:LineEnv: step's info has no 'penalty' (its keys: ['cost']); "
+     "return the cost there or as the third element"),
+    (["env.max_episode_steps=0"], "config error: env.max_episode_steps: "),
+], ids=["task", "cost_key", "max_episode_steps"])
+def test_wrong_custom_env_is_refused_before_submitting(user_pkg, extra, expected, capsys):
+    """One line, and before the (unreachable) cluster is even contacted."""
+    overrides = [*CUSTOM, *extra]
+    args = ["submit", "ppo_lag/FunctionEnv-v0", "--address", "http://127.0.0.1:9"]
+    assert main(args + [a for pair in overrides for a in ("--set", pair)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1, err
+    with pytest.raises(ConfigError) as info:  # the same from the Python API
+        jobs.submit("http://127.0.0.1:9", "ppo_lag/FunctionEnv-v0", overrides)
+    assert str(info.value) == err.strip()
 
 
 def test_unreachable_cluster_is_one_line(capsys):

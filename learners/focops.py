@@ -62,6 +62,8 @@ class FOCOPSParams(base.Params):
     max_grad_norm: float = Field(40.0, gt=0)
     init_log_std: float = -0.5
     normalise_obs: bool = True
+    init: str = Field("orthogonal", pattern="^(orthogonal|kaiming_uniform)$",
+                      description="network initialisation (learners/networks.mlp); kaiming_uniform is OmniSafe's")
     # ν: initial 0, step α 0.01, ν_max 2 (the paper's values); ``upper`` is ν_max.
     lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(init=0.0, lr=0.01, upper=2.0))
 

@@ -11,13 +11,25 @@ from torch import nn
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}  # names np_policy also knows
 
 
-def mlp(sizes: Sequence[int], activation=nn.Tanh, out_gain: float = 1.0) -> nn.Sequential:
+INITS = ("orthogonal", "kaiming_uniform")
+
+
+def mlp(sizes: Sequence[int], activation=nn.Tanh, out_gain: float = 1.0, init: str = "orthogonal") -> nn.Sequential:
+    """``init`` orthogonal: weights orthogonal with gain √2, the last layer's ``out_gain``, zero
+    biases (the CleanRL / PPO-paper convention: a policy starts near a zero mean).
+    kaiming_uniform: PyTorch's own ``nn.Linear`` initialisation (weights kaiming-uniform with
+    a = √5, biases uniform in ±1/√fan_in), which is OmniSafe's ``weight_initialization_mode:
+    kaiming_uniform``; ``out_gain`` is not applied, so a policy starts with a state-dependent mean
+    of order 0.1-1."""
+    if init not in INITS:
+        raise ValueError(f"init: {init!r} is not one of {INITS}")
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         lin = nn.Linear(a, b)
         last = i == len(sizes) - 2
-        nn.init.orthogonal_(lin.weight, gain=out_gain if last else np.sqrt(2))
-        nn.init.zeros_(lin.bias)
+        if init == "orthogonal":
+            nn.init.orthogonal_(lin.weight, gain=out_gain if last else np.sqrt(2))
+            nn.init.zeros_(lin.bias)
         layers += [lin] if last else [lin, activation()]
     return nn.Sequential(*layers)
 
@@ -57,11 +69,11 @@ class GaussianPolicy(nn.Module):
     actions for differentiable tasks), otherwise the env clips (the PPO/OmniSafe convention)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], init_log_std: float = -0.5,
-                 squash: bool = False, normalise_obs: bool = True, activation: str = "tanh"):
+                 squash: bool = False, normalise_obs: bool = True, activation: str = "tanh", init: str = "orthogonal"):
         super().__init__()
         self.squash, self.activation = squash, activation
         self.norm = RunningNorm(obs_dim) if normalise_obs else None
-        self.net = mlp([obs_dim, *hidden, act_dim], activation=ACTIVATIONS[activation], out_gain=0.01)
+        self.net = mlp([obs_dim, *hidden, act_dim], activation=ACTIVATIONS[activation], out_gain=0.01, init=init)
         self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
 
     def normalised(self, obs: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,8 @@ class PPOLagParams(base.Params):
     max_grad_norm: float = Field(40.0, gt=0)
     init_log_std: float = -0.5
     normalise_obs: bool = True
+    init: str = Field("orthogonal", pattern="^(orthogonal|kaiming_uniform)$",
+                      description="network initialisation (learners/networks.mlp); kaiming_uniform is OmniSafe's")
     critic_norm_coef: float = Field(0.0, ge=0, description="L2 penalty on the critics' parameters (OmniSafe: 0.001)")
     clip_critic_grad: bool = Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
     lr_decay_updates: int = Field(0, ge=0, description="decay policy_lr linearly to 0 over this many updates "
@@ -104,16 +106,16 @@ def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Ten
 
 class ActorCritic(base.Learner):
     """What the on-policy learners share: the Gaussian policy with running observation
-    statistics (``hidden``, ``init_log_std``, ``normalise_obs``), reward and cost critics on the
+    statistics (``hidden``, ``init_log_std``, ``normalise_obs``, ``init``), reward and cost critics on the
     normalised observation, and one Adam over both critics (``critic_lr``)."""
 
     def __init__(self, params, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
         p = params
         self.policy = GaussianPolicy(env.obs_dim, env.act_dim, p.hidden, p.init_log_std,
-                                     normalise_obs=p.normalise_obs).to(device)
-        self.v_r = mlp([env.obs_dim, *p.hidden, 1]).to(device)
-        self.v_c = mlp([env.obs_dim, *p.hidden, 1]).to(device)
+                                     normalise_obs=p.normalise_obs, init=p.init).to(device)
+        self.v_r = mlp([env.obs_dim, *p.hidden, 1], init=p.init).to(device)
+        self.v_c = mlp([env.obs_dim, *p.hidden, 1], init=p.init).to(device)
         self.v_opt = torch.optim.Adam([*self.v_r.parameters(), *self.v_c.parameters()], lr=p.critic_lr)
 
     def policy_state(self) -> dict:

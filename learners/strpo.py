@@ -277,7 +277,8 @@ def load_unsafe_policy(path: str, env: base.EnvSpec, device) -> GaussianPolicy:
         raise ConfigError(f"config error: algo_params.unsafe_policy: {files[-1]} is a {ckpt.get('algo')!r} "
                           "run; sTRPO needs a trpo_unsafe run")
     up = UnsafeTRPOParams(**ckpt["config"]["algo_params"])
-    policy = GaussianPolicy(env.obs_dim, env.act_dim, up.hidden, up.init_log_std, normalise_obs=up.normalise_obs)
+    policy = GaussianPolicy(env.obs_dim, env.act_dim, up.hidden, up.init_log_std, normalise_obs=up.normalise_obs,
+                            init=up.init)
     try:
         policy.load_state_dict(ckpt["learner"]["policy"])
     except RuntimeError:

@@ -52,6 +52,8 @@ class TrustRegionParams(base.Params):
     minibatch_size: int = Field(128, gt=0, description="critic minibatch")
     init_log_std: float = -0.5
     normalise_obs: bool = True
+    init: str = Field("orthogonal", pattern="^(orthogonal|kaiming_uniform)$",
+                      description="network initialisation (learners/networks.mlp); kaiming_uniform is OmniSafe's")
 
 
 class TRPOLagParams(TrustRegionParams):

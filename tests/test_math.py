@@ -83,3 +83,43 @@ def test_numpy_inference_matches_torch_policy():
         np.testing.assert_allclose(logp, logp_t, atol=1e-4)
         np.testing.assert_allclose(np_policy.act(state, obs, None, deterministic=True)[0], det, atol=1e-5)
         np.testing.assert_allclose(action, np.tanh(u) if squash else u, atol=1e-6)
+
+
+def test_network_initialisations():
+    """orthogonal: zero biases and a policy mean near 0 (last-layer gain 0.01); kaiming_uniform:
+    PyTorch's nn.Linear default, as OmniSafe builds its networks, so the initial mean depends on
+    the state at order 0.1. An unknown name is refused."""
+    import pytest
+
+    from saferl.learners.networks import mlp
+
+    obs = torch.randn(512, 60)
+    means = {}
+    for init in ("orthogonal", "kaiming_uniform"):
+        torch.manual_seed(0)
+        pol = GaussianPolicy(60, 2, [64, 64], 0.0, normalise_obs=False, init=init)
+        means[init] = pol.dist(obs).mean
+        biases = [m.bias for m in pol.net if isinstance(m, torch.nn.Linear)]
+        assert all((b == 0).all() for b in biases) == (init == "orthogonal")
+    assert means["orthogonal"].abs().max() < 0.05
+    assert 0.05 < means["kaiming_uniform"].std(0).min() and means["kaiming_uniform"].abs().mean() < 2
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(60, 64)  # the same draws as PyTorch's own default for the first layer
+    torch.manual_seed(0)
+    assert torch.equal(mlp([60, 64, 2], init="kaiming_uniform")[0].weight, ref.weight)
+    with pytest.raises(ValueError, match="init: 'xavier'"):
+        mlp([2, 2], init="xavier")
+
+
+def test_on_policy_init_is_a_validated_field():
+    from saferl.config import ConfigError, load_config
+
+    cfg = load_config("ppo_lag/FunctionEnv-v0", ["algo_params.init=kaiming_uniform"])
+    assert cfg.learner_params().init == "kaiming_uniform"
+    assert load_config("trpo_lag/FunctionEnv-v0").learner_params().init == "orthogonal"
+    try:
+        load_config("ppo_lag/FunctionEnv-v0", ["algo_params.init=xavier"])
+    except ConfigError as err:
+        assert str(err).startswith("config error: algo_params.init") and "\n" not in str(err)
+    else:
+        raise AssertionError("algo_params.init=xavier was accepted")

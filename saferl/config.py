@@ -1,6 +1,7 @@
 """Typed run configuration: one schema for every algorithm and task.
 
-A config is a YAML file (``configs/<algo>/<task>.yaml``) plus ``--set key.sub=value`` overrides.
+A config is a YAML file (``configs/<algo>/<task>.yaml``, merged over the algorithm's shared
+``configs/<algo>/defaults.yaml``) plus ``--set key.sub=value`` overrides.
 Every error is reported as one line naming the field, e.g.
 ``config error: resources.num_env_hosts: Input should be greater than 0 (got -1)``.
 Algorithm hyper-parameters live in ``algo_params`` and are validated by the learner's own
@@ -17,7 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from saferl import registry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+# Installed, the shipped configs are package data (saferl/configs); in a checkout they sit beside
+# the package, like cluster/ and the other top-level folders (saferl/__init__.py).
+_PACKAGED = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else REPO_ROOT / "configs"
+DEFAULTS = "defaults.yaml"  # per algorithm folder: the settings its task files share
 
 
 class ConfigError(ValueError):
@@ -248,10 +253,14 @@ def resolve_path(name_or_path: str) -> tuple[Path, dict]:
     """A config path, or a short name ``algo/task`` found under ``configs/``; returns the file
     and the fields to override in it. A task without its own file uses its base task's (followed
     until one exists) with ``task`` replaced: e.g. ``shac/SafeGBPOPendulum-RM-v0`` the plain
-    task's, ``ppo_lag/SafetyDoggoGoal2-v0`` the algorithm's SafetyPointGoal1-v0 config."""
+    task's, ``ppo_lag/SafetyDoggoGoal2-v0`` the algorithm's SafetyPointGoal1-v0 config.
+    ``load_config`` merges the file over the ``defaults.yaml`` beside it."""
     p = Path(name_or_path)
     for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{name_or_path}.yaml"):
         if cand.is_file():
+            if cand.name == DEFAULTS:
+                raise ConfigError(f"config error: {name_or_path} holds the settings the configs beside it share, "
+                                  f"not a task; name one of them, e.g. {cand.parent.name}/<task>")
             return cand, {}
     algo, _, task = name_or_path.removesuffix(".yaml").rpartition("/")
     if task in registry.UNSUPPORTED_TASKS:
@@ -264,19 +273,31 @@ def resolve_path(name_or_path: str) -> tuple[Path, dict]:
     raise ConfigError(f"config error: config file {name_or_path!r} does not exist")
 
 
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config error: {path}: not valid YAML ({err.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path}: top level must be a mapping")
+    return data
+
+
+def read_config_file(path: Path) -> dict:
+    """A config file's fields: the file merged over the ``defaults.yaml`` beside it (deep, the
+    file winning), so ``configs/<algo>/<task>.yaml`` states only how its task differs."""
+    defaults = path.parent / DEFAULTS
+    data = _read_yaml(path)
+    return _merge(_read_yaml(defaults), data) if defaults.is_file() else data
+
+
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
     """Load, merge overrides, validate (including the algorithm's hyper-parameters)."""
     if isinstance(source, dict):
         data = source
     else:
         path, implied = resolve_path(str(source))
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config error: {path}: not valid YAML ({err.__class__.__name__})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config error: {path}: top level must be a mapping")
-        data = {**data, **implied}
+        data = {**read_config_file(path), **implied}
     data = _merge(data, parse_overrides(overrides or []))
     try:
         cfg = RunConfig(**data)

@@ -1,10 +1,13 @@
 """Config validation: every bad input is one line naming the field; registries list names."""
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 
 from saferl.cli import main
-from saferl.config import CONFIG_DIR, ConfigError, load_config, parse_overrides
+from saferl.config import CONFIG_DIR, DEFAULTS, ConfigError, load_config, parse_overrides
 
 
 def err(source, *overrides) -> str:
@@ -19,11 +22,78 @@ BASE = {"algo": "ppo_lag", "task": "FunctionEnv-v0", "resources": {"num_env_host
 
 
 def test_every_shipped_config_validates():
-    files = sorted(CONFIG_DIR.glob("*/*.yaml"))
+    files = sorted(f for f in CONFIG_DIR.glob("*/*.yaml") if f.name != DEFAULTS)
     assert len(files) >= 8
     for f in files:
         cfg = load_config(f)
         assert f.parent.name == cfg.algo and f.stem == cfg.task
+
+
+# -- configs/<algo>/defaults.yaml ---------------------------------------------------------------
+
+def _leaves(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v)
+    return out
+
+
+def test_every_algorithm_folder_has_defaults_and_its_task_files_state_only_differences():
+    folders = sorted(d for d in CONFIG_DIR.iterdir() if d.is_dir())
+    assert folders
+    for folder in folders:
+        defaults = yaml.safe_load((folder / DEFAULTS).read_text())
+        assert defaults["algo"] == folder.name and "task" not in defaults, folder.name
+        shared = _leaves(defaults)
+        for f in folder.glob("*.yaml"):
+            if f.name != DEFAULTS:
+                repeated = sorted(k for k, v in _leaves(yaml.safe_load(f.read_text())).items() if shared.get(k) == v)
+                assert not repeated, f"{folder.name}/{f.name} repeats defaults.yaml's {repeated}"
+
+
+def test_a_task_file_overrides_its_defaults_key_by_key(tmp_path):
+    folder = tmp_path / "ppo_lag"
+    folder.mkdir()
+    (folder / DEFAULTS).write_text("algo: ppo_lag\nseed: 3\nresources: {num_env_hosts: 1, envs_per_host: 8}\n"
+                                   "algo_params: {hidden: [16, 16], epochs: 4, lagrange: {kind: lagrange, lr: 0.1}}\n")
+    (folder / "mine.yaml").write_text("task: FunctionEnv-v0\nseed: 5\nalgo_params: {epochs: 2, lagrange: {lr: 0.2}}\n")
+    cfg = load_config(folder / "mine.yaml")
+    assert (cfg.algo, cfg.task, cfg.seed, cfg.resources.envs_per_host) == ("ppo_lag", "FunctionEnv-v0", 5, 8)
+    assert cfg.algo_params == {"hidden": [16, 16], "epochs": 2, "lagrange": {"kind": "lagrange", "lr": 0.2}}
+    assert load_config(folder / "mine.yaml", ["algo_params.epochs=7"]).learner_params().epochs == 7  # --set wins
+    # the shipped ones: FunctionEnv's own network over PPO-Lag's default one, the dual phase inherited
+    defaults = yaml.safe_load((CONFIG_DIR / "ppo_lag" / DEFAULTS).read_text())
+    own = yaml.safe_load((CONFIG_DIR / "ppo_lag" / "FunctionEnv-v0.yaml").read_text())
+    assert own["algo_params"]["hidden"] != defaults["algo_params"]["hidden"] and "schedule" not in own
+    shipped = load_config("ppo_lag/FunctionEnv-v0")
+    assert shipped.algo_params["hidden"] == own["algo_params"]["hidden"]
+    assert shipped.schedule.phases == defaults["schedule"]["phases"]
+
+
+def test_a_task_without_its_own_file_uses_its_base_over_the_defaults():
+    doggo = load_config("ppo_lag/SafetyDoggoGoal2-v0").model_dump()
+    point = load_config("ppo_lag/SafetyPointGoal1-v0").model_dump()
+    assert doggo.pop("task") == "SafetyDoggoGoal2-v0" and point.pop("task") == "SafetyPointGoal1-v0"
+    assert doggo == point and doggo["schedule"]["phases"] == {"dual": 1}  # the last from defaults.yaml
+
+
+def test_defaults_are_not_a_task(capsys):
+    for name in ("ppo_lag/defaults", str(CONFIG_DIR / "ppo_lag" / DEFAULTS)):
+        assert "not a task" in err(name)
+    assert main(["train", "ppo_lag/defaults"]) == 2
+    out = capsys.readouterr().err.strip()
+    assert out.startswith("config error: ppo_lag/defaults") and "\n" not in out
+    assert "task: Field required" in err(yaml.safe_load((CONFIG_DIR / "ppo_lag" / DEFAULTS).read_text()))
+
+
+def test_top_level_configs_have_no_defaults():
+    """configs/quickstart.yaml is whole: nothing of configs/ppo_lag/defaults.yaml reaches it."""
+    own = yaml.safe_load((CONFIG_DIR / "quickstart.yaml").read_text())
+    cfg = load_config("quickstart")
+    assert (cfg.algo, cfg.algo_params, cfg.total_env_steps) == ("ppo_lag", own["algo_params"], own["total_env_steps"])
 
 
 def test_unknown_key_names_the_field():

@@ -4,7 +4,6 @@ defaults, the Lagrangian baselines' OmniSafe 0.5's (its defaults and per-task se
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from saferl import registry
 from saferl.cluster.studies.benchmark_offpolicy import OFFPOLICY_ALGOS, OFFPOLICY_TASKS
@@ -82,21 +81,20 @@ def test_omnisafe_settings_reach_the_learners():
     assert (button.n_critics, button.policy_delay, button.warmup_steps, button.lagrange.lr) == (1, 1, 25000, 1e-5)
 
 
+def settings(algo: str, task: str) -> dict:
+    """The loaded config (defaults.yaml merged with the task's file) without its task."""
+    data = load_config(f"{algo}/{task}").model_dump(mode="json")
+    assert data.pop("task") == task
+    return data
+
+
 @pytest.mark.parametrize("algo", OFFPOLICY_ALGOS)
 def test_same_settings_on_every_task(algo):
-    """The configs differ only in the task (and the header comment naming it); the OmniSafe
-    baselines within the tasks OmniSafe configures alike (Goal1 and Circle1; Button1)."""
-    if algo in OMNISAFE:
-        groups = [[t for t in OFFPOLICY_TASKS if "Button" in t], [t for t in OFFPOLICY_TASKS if "Button" not in t]]
-        for group in groups:
-            ref = yaml.safe_load((CONFIG_DIR / algo / f"{group[0]}.yaml").read_text())
-            for task in group[1:]:
-                data = yaml.safe_load((CONFIG_DIR / algo / f"{task}.yaml").read_text())
-                assert data.pop("task") == task
-                assert data == {k: v for k, v in ref.items() if k != "task"}, task
-        return
-    ref = yaml.safe_load((CONFIG_DIR / algo / f"{OFFPOLICY_TASKS[0]}.yaml").read_text())
-    for task in OFFPOLICY_TASKS[1:]:
-        data = yaml.safe_load((CONFIG_DIR / algo / f"{task}.yaml").read_text())
-        assert data.pop("task") == task
-        assert data == {k: v for k, v in ref.items() if k != "task"}, task
+    """The configs differ only in the task; the OmniSafe baselines within the tasks OmniSafe
+    configures alike (Goal1 and Circle1; Button1)."""
+    groups = ([[t for t in OFFPOLICY_TASKS if "Button" in t], [t for t in OFFPOLICY_TASKS if "Button" not in t]]
+              if algo in OMNISAFE else [OFFPOLICY_TASKS])
+    for group in groups:
+        ref = settings(algo, group[0])
+        for task in group[1:]:
+            assert settings(algo, task) == ref, task

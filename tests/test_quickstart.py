@@ -55,3 +55,23 @@ def test_quickstart_brings_the_cost_under_its_limit_while_the_return_rises(ray_s
     assert sum(cost[-5:]) / 5 <= 5.0  # ... and ends under it
     assert sum(ret[-5:]) / 5 > sum(ret[:3]) / 3 + 100  # while the return rose (-206 -> -37 measured)
     assert not (run / "report.html").exists()  # --no-report
+
+
+def test_studies_print_runs_done_with_an_eta_that_ignores_kept_runs(tmp_path, monkeypatch):
+    """After each run a study prints "k/n runs done | elapsed … | ETA …"; runs finished by an
+    earlier invocation (kept) take no time, so the ETA is estimated from the trained runs only."""
+    from types import SimpleNamespace
+
+    from saferl.cluster.studies import runner
+
+    clock_now = iter([0.0, 0.0, 100.0, 200.0])  # t0, after the kept run, after each trained run
+    monkeypatch.setattr(runner.time, "monotonic", lambda: next(clock_now))
+    statuses = iter(["ok (kept)", "ok", "ok"])
+    monkeypatch.setattr(runner, "train_one", lambda job, console, tag: {"status": next(statuses)})
+    monkeypatch.setattr(runner, "start_ray", lambda cfgs, args: False)
+    lines = []
+    console = SimpleNamespace(print=lambda text: lines.append(text))
+    jobs = [{"cfg": SimpleNamespace(run_root=str(tmp_path)), "name": f"r{i}"} for i in range(3)]
+    runner.run_jobs(jobs, SimpleNamespace(parallel=1), console, lambda record, tag: None)
+    assert lines == ["1/3 runs done | elapsed 0s", "2/3 runs done | elapsed 1m40s | ETA 1m40s",
+                     "3/3 runs done | elapsed 3m20s"]

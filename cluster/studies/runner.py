@@ -365,8 +365,9 @@ def run_jobs(jobs: list[dict], args, console, finish) -> list[dict]:
         with lock:
             records.append(record)
             finish(record, tag)
+            trained = sum(not r["status"].endswith("(kept)") for r in records)  # kept runs take no time
             console.print(f"{len(records)}/{len(jobs)} runs done | "
-                          f"{eta(time.monotonic() - t0, len(records), len(jobs) - len(records))}")
+                          f"{eta(time.monotonic() - t0, trained, len(jobs) - len(records))}")
 
     try:
         if args.parallel == 1:

@@ -45,3 +45,12 @@ def test_same_settings_on_every_task(algo):
     ref = settings(algo, SAFETY_GYM_TASKS[0])
     for task in SAFETY_GYM_TASKS[1:]:
         assert settings(algo, task) == ref, task
+
+
+@pytest.mark.parametrize("algo", ["ppo_lag", "trpo_lag"])
+def test_the_omnisafe_configs_initialise_as_omnisafe(algo):
+    """The configs that follow OmniSafe key by key take its weight_initialization_mode (PyTorch's
+    kaiming_uniform); the other tasks keep the learner's default, orthogonal."""
+    for task in SAFETY_GYM_TASKS:
+        assert load_config(f"{algo}/{task}").learner_params().init == "kaiming_uniform", task
+    assert load_config(f"{algo}/FunctionEnv-v0").learner_params().init == "orthogonal"

@@ -151,3 +151,19 @@ def test_elu_policy_acts_the_same_in_env_hosts():
     np.testing.assert_allclose(act, ref, atol=1e-5)
     tanh = dict(learner.numpy_policy(), activation="tanh")
     assert np.abs(np_policy.act(tanh, obs, np.random.default_rng(0), deterministic=True)[0] - ref).max() > 1e-3
+
+
+def test_the_not_converged_mark_is_explained_only_where_it_is_used():
+    from saferl.cluster.studies.safeguards import table
+
+    def rec(variant, stuck):
+        return {"status": "ok", "base": "SafeGBPOPendulum-v0", "variant": variant, "algo": "shac", "stuck": stuck,
+                "steps_to_5pct": 1000, "eval_returns": "[-4.0, -5.0]", "train_violations": 0, "eval_violations": 0,
+                "s_per_1k_steps": 1.0, "run_dir": f"runs/{variant}"}
+
+    s = {"seeds": 1, "budget": {"shac": 9600}, "tasks": ["SafeGBPOPendulum-v0"], "variants": ["none", "RM"],
+         "algos": ["shac"], "modifications": []}
+    converged = table([rec("none", False), rec("RM", False)], s)
+    assert "†" not in converged
+    stuck = table([rec("none", False), rec("RM", True)], s)
+    assert "| RM | SHAC | - | -4.5 [" in stuck and " † |" in stuck and "† no run converged" in stuck

@@ -301,7 +301,8 @@ def table(records: list[dict], s: dict) -> str:
                          f"{_fmt(reward, '.4g')}{ci_text} | {len(rs) - len(conv)}/{len(rs)} | {viol:g} ({ev_viol:g}) | "
                          f"{_fmt(ratio, '.2f')} |")
         lines.append("")
-    lines += ["† no run converged within its budget: Reward is over all runs.", ""]
+    if any(line.endswith(" †") or " † |" in line for line in lines):
+        lines += ["† no run converged within its budget: Reward is over all runs.", ""]
     bad = [r for r in ok if r["variant"] != "none" and (r["train_violations"] or r["eval_violations"])]
     lines.append("Safeguarded runs with a violation: " + (", ".join(Path(r["run_dir"]).name for r in bad) or "none")
                  + ".")

@@ -7,6 +7,7 @@ length the numbers include resets. Results: ``rollout.json`` and ``rollout.md`` 
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import subprocess
 import sys
@@ -349,7 +350,8 @@ def bench_learner(out_dir: Path, algos: list[str], updates: int = 3, console=Non
     algorithm's default config (network sizes, batch settings). Inputs are fixed: random host
     batches (on-policy), random minibatch blocks (off-policy), or the shard results of in-process
     gradient workers computed once (gradient algorithms). One warm-up update, then ``updates``
-    timed ones on the same input."""
+    timed ones on the same input. On-policy learners with minibatches also get the time per
+    minibatch step (a policy and a critic step): s per update / (passes run × minibatches per pass)."""
     import torch
 
     say = console.print if console else print
@@ -362,7 +364,8 @@ def bench_learner(out_dir: Path, algos: list[str], updates: int = 3, console=Non
     _write(out_dir, "learner", rows, ["algo", "config task", "hidden", "samples per update", "sample",
                                       "s per update", "samples/s"],
            lambda r: [r["algo"], r["task"], r["hidden"], r["samples_per_update"],
-                      r["sample"] + (f"; passes run: {r['epochs']}" if "epochs" in r else ""),
+                      r["sample"] + (f"; passes run: {r['epochs']}" if "epochs" in r else "")
+                      + (f"; {r['ms_per_minibatch_step']} ms per minibatch step" if "ms_per_minibatch_step" in r else ""),
                       f"{r['s_per_update']:.3f}", f"{r['samples_per_s']:,.0f}"], say)
     return rows
 
@@ -406,6 +409,10 @@ def _bench_one_learner(algo: str, updates: int, say) -> dict:
            "threads": torch.get_num_threads()}
     if epochs[0] is not None:  # on-policy: passes over the batch run (early stop at target_kl)
         row["epochs"] = [int(e) for e in epochs]
+        mb = getattr(learner.learner.p, "minibatch_size", None)
+        if mb:  # one policy step and one critic step per minibatch
+            steps = sum(row["epochs"]) / updates * math.ceil(samples / mb)
+            row["ms_per_minibatch_step"] = round(dt * 1e3 / steps, 3)
     if cfg.algo_spec.kind == "offpolicy":
         row["minibatch_size"] = samples // OFFPOLICY_MINIBATCHES
         row["minibatches_per_s"] = round(OFFPOLICY_MINIBATCHES / dt, 1)

@@ -141,8 +141,8 @@ class APPO(PPOLag):
 
     def surrogate_loss(self, logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss, ratio, s_r, s_c = appo_loss(logp, logp_old, adv[:, 0], adv[:, 1], self.p.clip, self.weight)
-        return loss, {"clip_frac": ((ratio - 1).abs() > self.p.clip).float().mean().item(),
-                      "appo/surrogate_reward": s_r.item(), "appo/surrogate_cost": s_c.item()}
+        return loss, {"clip_frac": ((ratio.detach() - 1).abs() > self.p.clip).float().mean(),
+                      "appo/surrogate_reward": s_r.detach(), "appo/surrogate_cost": s_c.detach()}
 
     def phase_dual(self, signals: dict) -> dict:
         """λ ← min(max(0, λ + σ(J_C − b)), upper) on the mean episode cost since the last dual step

@@ -11,6 +11,7 @@ actor was granted a GPU), and exposes:
 """
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -52,13 +53,31 @@ def guarded_step(opt: torch.optim.Optimizer, params, max_grad_norm: float | None
     world model's fit, which is no Learner)."""
     params = [p for p in params if p.grad is not None]
     if max_grad_norm is not None:
-        ok = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
+        ok = clip_grad_norm(params, max_grad_norm)
     else:
         ok = all(bool(torch.isfinite(p.grad).all()) for p in params)
     if not ok:
         opt.zero_grad()
         return False
     opt.step()
+    return True
+
+
+def clip_grad_norm(params: list, max_norm: float) -> bool:
+    """``torch.nn.utils.clip_grad_norm_`` (the same total norm and factor max_norm / (norm + 1e-6)),
+    except that the gradients are multiplied only when the factor is below 1 (torch multiplies by
+    min(factor, 1) to spare a host sync; a product with 1 changes nothing). Returns whether the
+    total norm is finite, read from the factor in one sync: NaN for a NaN norm, 0 for an infinite
+    one, > 0 otherwise; nothing is scaled when it is not."""
+    grads = [p.grad for p in params]
+    if not grads:
+        return True
+    factor = max_norm / (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) + 1e-6)
+    f = factor.item()
+    if not f > 0:
+        return False
+    if f < 1:
+        torch._foreach_mul_(grads, factor)
     return True
 
 
@@ -72,7 +91,7 @@ class Learner:
         NaN/Inf loss or gradient skips the step (parameters and optimiser state untouched, grads
         cleared), counts it in ``skipped_updates`` (``health/skipped_updates``) and returns False."""
         opt.zero_grad()
-        if not bool(torch.isfinite(loss).all()):
+        if not math.isfinite(loss.item()):  # a scalar, as backward() needs
             self.skipped_updates += 1
             return False
         loss.backward()

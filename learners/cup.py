@@ -37,7 +37,8 @@ import torch
 from pydantic import Field
 
 from saferl.learners.lagrange import LagrangeParams
-from saferl.learners.ppo_lag import PPOLag, PPOLagParams, advantages, lagrangian_advantage
+from saferl.learners.ppo_lag import (PPOLag, PPOLagParams, advantages, lagrangian_advantage, shuffled_minibatches,
+                                     to_floats)
 from saferl.learners.trust_region import detached, mean_kl
 
 
@@ -80,22 +81,24 @@ class CUP(PPOLag):
         with torch.no_grad():
             half = detached(self.policy.dist(obs))
             cost_before = (torch.exp(half.log_prob(act).sum(-1) - logp_old) * adv_c).mean().item()
+        data = {"z": self.policy.normalised(obs), "act": act, "logp_old": logp_old, "adv_c": adv_c,
+                "half_loc": half.loc, "half_scale": half.scale}
         losses, kl, epochs_run = [], 0.0, 0
         for _ in range(p.projection_epochs):
             epochs_run += 1
-            for idx in torch.randperm(obs.shape[0], device=dev).split(p.minibatch_size):
-                dist = self.policy.dist(obs[idx])
-                half_i = torch.distributions.Normal(half.loc[idx], half.scale[idx])
-                loss = cup_projection_loss(dist, half_i, dist.log_prob(act[idx]).sum(-1), logp_old[idx],
-                                           adv_c[idx], weight)
+            for mb in shuffled_minibatches(data, p.minibatch_size, dev):
+                dist = torch.distributions.Normal(*self.policy.mean_std(mb["z"]))
+                half_i = torch.distributions.Normal(mb["half_loc"], mb["half_scale"])
+                loss = cup_projection_loss(dist, half_i, dist.log_prob(mb["act"]).sum(-1), mb["logp_old"],
+                                           mb["adv_c"], weight)
                 self.descend(self.pi_opt, loss, self.policy.parameters(), p.max_grad_norm)  # NaN: skipped, counted
-                losses.append(loss.item())
+                losses.append(loss.detach())
             with torch.no_grad():
                 kl = mean_kl(half, self.policy.dist(obs)).item()
             if kl > p.target_kl:
                 break
         with torch.no_grad():
             cost_after = (torch.exp(self.policy.log_prob(obs, act) - logp_old) * adv_c).mean().item()
-        return {"cup/loss_projection": float(sum(losses) / len(losses)), "cup/kl_projection": kl,
+        return {"cup/loss_projection": float(sum(to_floats(losses)) / len(losses)), "cup/kl_projection": kl,
                 "cup/projection_epochs": epochs_run, "cup/cost_surrogate_before": cost_before,
                 "cup/cost_surrogate_after": cost_after}

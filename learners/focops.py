@@ -98,22 +98,25 @@ class FOCOPS(PPOLag):
         nu = self.multiplier.value
         adv = focops_advantage(adv_r, adv_c, nu)
         obs, act = flat(batch, batch["obs"]), flat(batch, batch["act"])
+        z = self.policy.normalised(obs)  # once: the statistics move only after the epochs
         with torch.no_grad():
             old = detached(self.policy.dist(obs))  # π_θk
             logp_old = old.log_prob(act).sum(-1)
 
-        def minibatch_loss(idx):
-            dist = self.policy.dist(obs[idx])
-            old_i = torch.distributions.Normal(old.loc[idx], old.scale[idx])
-            loss_pi, _, keep = focops_loss(dist, old_i, dist.log_prob(act[idx]).sum(-1), logp_old[idx],
-                                           adv[idx], p.temperature, p.eta)
-            return loss_pi, {"kept_frac": keep.mean().item()}
+        def minibatch_loss(mb):
+            dist = torch.distributions.Normal(*self.policy.mean_std(mb["z"]))
+            old_i = torch.distributions.Normal(mb["old_loc"], mb["old_scale"])
+            loss_pi, _, keep = focops_loss(dist, old_i, dist.log_prob(mb["act"]).sum(-1), mb["logp_old"],
+                                           mb["adv"], p.temperature, p.eta)
+            return loss_pi, {"kept_frac": keep.mean()}
 
         def epoch_kl():
             return torch.distributions.kl_divergence(self.policy.dist(obs), old).sum(-1).mean().item()
 
         skipped = self.skipped_updates
-        stats, epochs_run = self.policy_epochs(obs, ret_r, ret_c, minibatch_loss, epoch_kl)
+        data = {"z": z, "act": act, "logp_old": logp_old, "adv": adv, "ret_r": ret_r, "ret_c": ret_c,
+                "old_loc": old.loc, "old_scale": old.scale}
+        stats, epochs_run = self.policy_epochs(data, minibatch_loss, epoch_kl)
         if self.policy.norm is not None:  # statistics for the next rollout, after this update
             self.policy.norm.update(obs)
         out = {k: float(np.mean(v)) for k, v in stats.items()}

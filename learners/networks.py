@@ -1,6 +1,7 @@
 """Networks shared by the learners: MLPs, the Gaussian policy, running observation statistics."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -82,8 +83,14 @@ class GaussianPolicy(nn.Module):
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
         return torch.distributions.Normal(self.net(self.normalised(obs)), self.log_std.exp())
 
-    def log_prob(self, obs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return self.dist(obs).log_prob(u).sum(-1)
+    def mean_std(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, σ) at already normalised observations ``z``, σ broadcast to μ's shape."""
+        mu = self.net(z)
+        return mu, self.log_std.exp().expand_as(mu)
+
+    def log_prob(self, obs: torch.Tensor, u: torch.Tensor, normalised: bool = False) -> torch.Tensor:
+        """log π(u|s) summed over action dimensions; ``normalised``: ``obs`` is already normalised."""
+        return normal_log_prob(*self.mean_std(obs if normalised else self.normalised(obs)), u)
 
     def rsample(self, obs: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """Reparameterised action: mean + σ·noise (noise None = deterministic), squashed if set."""
@@ -208,6 +215,19 @@ class DeterministicTanhPolicy(nn.Module):
                 "log_std": np.zeros(self.act_dim, np.float32), "squash": True,
                 "obs_mean": np.zeros(dim, np.float32), "obs_var": np.ones(dim, np.float32) - 1e-8,
                 "obs_clip": np.inf}
+
+
+def normal_log_prob(mu: torch.Tensor, std: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Σ_i log N(u_i; μ_i, σ_i²), term for term torch.distributions.Normal's log_prob (so the same
+    floats) without building a distribution object and checking its arguments per call. ``std``
+    must have μ's shape, as Normal broadcasts it: σ's gradient is then summed over the batch in
+    the same order."""
+    return (-((u - mu) ** 2) / (2 * std ** 2) - std.log() - math.log(math.sqrt(2 * math.pi))).sum(-1)
+
+
+def normal_entropy(std: torch.Tensor) -> torch.Tensor:
+    """Σ_i H[N(μ_i, σ_i²)] = Σ_i (½ + ½ log 2π + log σ_i), as torch.distributions.Normal's entropy."""
+    return (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(std)).sum(-1)
 
 
 def tanh_log_prob(dist: torch.distributions.Normal, u: torch.Tensor) -> torch.Tensor:

@@ -60,4 +60,4 @@ class PDO(PPOLag):
 
     def surrogate_loss(self, logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss, ratio = pdo_loss(logp, logp_old, adv)
-        return loss, {"ratio_max": ratio.max().item()}
+        return loss, {"ratio_max": ratio.detach().max()}

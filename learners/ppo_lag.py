@@ -22,6 +22,8 @@ so TRPO-Lag, CPO and sTRPO can reuse them.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from pydantic import Field
@@ -30,7 +32,7 @@ from saferl.actors.env_host import next_observations
 from saferl.learners import base
 from saferl.learners.gae import gae
 from saferl.learners.lagrange import LagrangeParams, OmniSafeLagrangeParams, dual_phase, make_multiplier
-from saferl.learners.networks import GaussianPolicy, mlp
+from saferl.learners.networks import GaussianPolicy, mlp, normal_entropy, normal_log_prob
 
 
 class PPOLagParams(base.Params):
@@ -104,6 +106,34 @@ def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Ten
     return loss, ratio
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam with ``foreach``: torch's CPU default steps each parameter in a Python loop of a dozen
+    ops on tiny tensors; the foreach kernels do the same arithmetic per element, so the same floats."""
+    return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+@torch.no_grad()
+def add_l2_gradient(params: list, coef: float) -> None:
+    """grad += c · 2θ: the gradient of c Σ‖θ‖² as autograd forms it through Σ (θ²).sum() (the same
+    floats, as the sum with the loss's own gradient commutes), without 3 graph nodes per parameter."""
+    torch._foreach_add_([w.grad for w in params], torch._foreach_mul(torch._foreach_mul(params, 2.0), coef))
+
+
+def shuffled_minibatches(data: dict, size: int, device) -> list[dict]:
+    """One pass over ``data`` (tensors with the same first dimension) in the order of a
+    ``torch.randperm``, as minibatches of ``size`` rows: the rows are gathered once per pass and
+    the minibatches are views, not an index operation per tensor and minibatch."""
+    perm = torch.randperm(next(iter(data.values())).shape[0], device=device)
+    chunks = {k: v[perm].split(size) for k, v in data.items()}
+    return [dict(zip(chunks, rows)) for rows in zip(*chunks.values())]
+
+
+def to_floats(values: list) -> list:
+    """Per-minibatch statistics kept as 0-d tensors -> Python floats, in one transfer (no host
+    sync per minibatch); plain floats pass through."""
+    return torch.stack(values).tolist() if values and torch.is_tensor(values[0]) else values
+
+
 class ActorCritic(base.Learner):
     """What the on-policy learners share: the Gaussian policy with running observation
     statistics (``hidden``, ``init_log_std``, ``normalise_obs``, ``init``), reward and cost critics on the
@@ -116,23 +146,32 @@ class ActorCritic(base.Learner):
                                      normalise_obs=p.normalise_obs, init=p.init).to(device)
         self.v_r = mlp([env.obs_dim, *p.hidden, 1], init=p.init).to(device)
         self.v_c = mlp([env.obs_dim, *p.hidden, 1], init=p.init).to(device)
-        self.v_opt = torch.optim.Adam([*self.v_r.parameters(), *self.v_c.parameters()], lr=p.critic_lr)
+        self.v_opt = adam([*self.v_r.parameters(), *self.v_c.parameters()], lr=p.critic_lr)
 
     def policy_state(self) -> dict:
         return self.policy.export_numpy()
 
-    def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> float:
+    def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> torch.Tensor:
         """One Adam step on L_V = E[(V_R(z) − R̂)²] + E[(V_C(z) − Ĉ)²] (+ ``critic_norm_coef`` Σ‖θ_V‖²,
         gradient clipped at ``max_grad_norm`` with ``clip_critic_grad``, where the params have them);
-        returns L_V."""
+        returns L_V as a detached 0-d tensor (``to_floats``)."""
         params = [*self.v_r.parameters(), *self.v_c.parameters()]
-        loss = ((self.v_r(z).squeeze(-1) - ret_r) ** 2).mean() + ((self.v_c(z).squeeze(-1) - ret_c) ** 2).mean()
-        coef = getattr(self.p, "critic_norm_coef", 0.0)
-        if coef:
-            loss = loss + coef * sum((w ** 2).sum() for w in params)
+        mse = ((self.v_r(z).squeeze(-1) - ret_r) ** 2).mean() + ((self.v_c(z).squeeze(-1) - ret_c) ** 2).mean()
         clip = self.p.max_grad_norm if getattr(self.p, "clip_critic_grad", False) else None
-        self.descend(self.v_opt, loss, params, clip)
-        return loss.item()
+        coef = getattr(self.p, "critic_norm_coef", 0.0)
+        if not coef:
+            self.descend(self.v_opt, mse, params, clip)
+            return mse.detach()
+        with torch.no_grad():  # the penalty's value (w·w is w ** 2); its gradient is added by hand
+            loss = mse + coef * sum(s.sum() for s in torch._foreach_mul(params, params))
+        self.v_opt.zero_grad()
+        if not math.isfinite(loss.item()):  # ``descend``'s guard, on the whole L_V
+            self.skipped_updates += 1
+            return loss
+        mse.backward()
+        add_l2_gradient(params, coef)
+        self.step_grads(self.v_opt, params, clip)
+        return loss
 
 
 class PPOLag(ActorCritic):
@@ -140,7 +179,7 @@ class PPOLag(ActorCritic):
 
     def __init__(self, params: PPOLagParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
-        self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=params.policy_lr)
+        self.pi_opt = adam(self.policy.parameters(), lr=params.policy_lr)
         self.multiplier = make_multiplier(params.lagrange)
         self.updates = 0  # updates done: the clock of the linear policy-lr decay
 
@@ -154,18 +193,21 @@ class PPOLag(ActorCritic):
         lam = self.multiplier.value
         adv, ret_r, ret_c = self.policy_advantages(batch)
         obs, act, logp_old = flat(batch, batch["obs"]), flat(batch, batch["act"]), flat(batch, batch["logp"])
+        z = self.policy.normalised(obs)  # once: the statistics move only after the epochs (norm.update)
 
-        def minibatch_loss(idx):
-            dist = self.policy.dist(obs[idx])
-            logp = dist.log_prob(act[idx]).sum(-1)
-            loss_pi, extra = self.surrogate_loss(logp, logp_old[idx], adv[idx])
-            return loss_pi - p.entropy_coef * dist.entropy().sum(-1).mean(), extra
+        def minibatch_loss(mb):
+            mu, std = self.policy.mean_std(mb["z"])
+            loss_pi, extra = self.surrogate_loss(normal_log_prob(mu, std, mb["act"]), mb["logp_old"], mb["adv"])
+            if p.entropy_coef:  # at 0 the bonus would add exact zeros to the loss and its gradient
+                loss_pi = loss_pi - p.entropy_coef * normal_entropy(std).mean()
+            return loss_pi, extra
 
         def epoch_kl():
-            return (logp_old - self.policy.log_prob(obs, act)).mean().item()
+            return (logp_old - self.policy.log_prob(z, act, normalised=True)).mean().item()
 
         skipped = self.skipped_updates
-        stats, epochs_run = self.policy_epochs(obs, ret_r, ret_c, minibatch_loss, epoch_kl)
+        data = {"z": z, "act": act, "logp_old": logp_old, "adv": adv, "ret_r": ret_r, "ret_c": ret_c}
+        stats, epochs_run = self.policy_epochs(data, minibatch_loss, epoch_kl)
         extra = self.after_policy_epochs(obs, act, logp_old)
         if self.policy.norm is not None:  # statistics for the next rollout, after this update
             self.policy.norm.update(obs)
@@ -179,27 +221,31 @@ class PPOLag(ActorCritic):
         """One minibatch's policy loss before the entropy bonus, and its metrics: PPO's clipped
         surrogate of ``adv`` (a row of ``policy_advantages``' first output). PDO and APPO override it."""
         loss, ratio = clipped_surrogate(logp, logp_old, adv, self.p.clip)
-        return loss, {"clip_frac": ((ratio - 1).abs() > self.p.clip).float().mean().item()}
+        return loss, {"clip_frac": ((ratio.detach() - 1).abs() > self.p.clip).float().mean()}
 
-    def policy_epochs(self, obs, ret_r, ret_c, minibatch_loss, epoch_kl) -> tuple[dict, int]:
-        """Up to ``epochs`` shuffled passes: per minibatch a clipped-gradient policy step on
-        ``minibatch_loss(idx) -> (loss, extra stats)`` and a critic step; after each pass the
-        ``epoch_kl()`` early stop at ``target_kl``. Returns the stats lists and the passes run."""
-        p, norm = self.p, self.policy.normalised
+    def policy_epochs(self, data: dict, minibatch_loss, epoch_kl) -> tuple[dict, int]:
+        """Up to ``epochs`` shuffled passes over ``data`` (per-sample tensors, among them the
+        normalised observations ``z`` and the value targets ``ret_r``, ``ret_c``): per minibatch
+        (the same keys, ``minibatch_size`` rows) a clipped-gradient policy step on
+        ``minibatch_loss(mb) -> (loss, extra stats)`` and a critic step; after each pass the
+        ``epoch_kl()`` early stop at ``target_kl``. Returns the stats lists (floats) and the passes
+        run. Minibatch statistics stay 0-d tensors until the end, so the loop never waits on the
+        device."""
+        p = self.p
         stats: dict[str, list] = {"loss_pi": [], "loss_v": [], "kl": []}
         for epoch in range(p.epochs):
-            for idx in torch.randperm(obs.shape[0], device=self.device).split(p.minibatch_size):
-                loss_pi, extra = minibatch_loss(idx)
+            for mb in shuffled_minibatches(data, p.minibatch_size, self.device):
+                loss_pi, extra = minibatch_loss(mb)
                 self.descend(self.pi_opt, loss_pi, self.policy.parameters(), p.max_grad_norm)
-                stats["loss_v"].append(self.critic_step(norm(obs[idx]), ret_r[idx], ret_c[idx]))
-                stats["loss_pi"].append(loss_pi.item())
+                stats["loss_v"].append(self.critic_step(mb["z"], mb["ret_r"], mb["ret_c"]))
+                stats["loss_pi"].append(loss_pi.detach())
                 for k, v in extra.items():
                     stats.setdefault(k, []).append(v)
             with torch.no_grad():
                 stats["kl"].append(epoch_kl())
             if stats["kl"][-1] > p.target_kl:
                 break
-        return stats, epoch + 1
+        return {k: to_floats(v) for k, v in stats.items()}, epoch + 1
 
     def policy_advantages(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Â for the clipped surrogate, reward value targets R̂, cost value targets Ĉ), each flat [M].

@@ -111,13 +111,13 @@ class UnsafeTRPO(TrustRegionLearner):
             prep["ret_c"] = flat(prep["batch"], atoms)
         return prep
 
-    def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> float:
+    def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> torch.Tensor:
         if not self.p.distributional:
             return super().critic_step(z, ret_r, ret_c)
         loss = ((self.v_r(z).squeeze(-1) - ret_r) ** 2).mean() + \
             quantile_huber_loss(self.q_c(z), ret_c, self.q_c.taus, self.p.huber_kappa)
         self.descend(self.v_opt, loss, [p for group in self.v_opt.param_groups for p in group["params"]])
-        return loss.item()
+        return loss.detach()
 
     def policy_step(self, prep: dict, batches: list[dict]) -> dict:
         out = natural_gradient_step(self.policy_at_k(prep), standardise(prep["adv_c"]), self.p)

@@ -29,7 +29,7 @@ from pydantic import Field
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, OmniSafeLagrangeParams, dual_phase, make_multiplier
 from saferl.learners.networks import GaussianPolicy, flat_grad, flat_params, set_flat_params
-from saferl.learners.ppo_lag import ActorCritic, advantages, assemble, flat, lagrangian_advantage
+from saferl.learners.ppo_lag import ActorCritic, advantages, assemble, flat, lagrangian_advantage, to_floats
 from saferl.learners.trust_region import (SearchResult, backtracking_line_search, conjugate_gradient,
                                           detached, fisher_vector_product, max_step, mean_kl)
 
@@ -134,7 +134,7 @@ class TrustRegionLearner(ActorCritic):
         """``critic_epochs`` shuffled passes of minibatch critic steps; the mean minibatch loss."""
         losses = [self.critic_step(z[idx], ret_r[idx], ret_c[idx]) for _ in range(self.p.critic_epochs)
                   for idx in torch.randperm(z.shape[0], device=z.device).split(self.p.minibatch_size)]
-        return float(np.mean(losses))
+        return float(np.mean(to_floats(losses)))
 
     def prepare(self, batches: list[dict]) -> dict:
         """Assembled batch with flat obs/act, raw reward and cost GAE advantages and value targets."""

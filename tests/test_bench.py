@@ -59,3 +59,17 @@ def test_bench_soak_survives_kills_and_evaluates(ray_session, tmp_path):
     assert row["checkpoint_restarts"] == row["restarts"] and row["eval_episodes"] == 2
     assert "| kill every s |" in (out / "soak.md").read_text()
     assert main(["bench", "soak", "--kill-every", "0", "--out", str(out)]) == 2  # one-line usage error
+
+
+def test_bench_learner_reports_the_time_per_minibatch_step(tmp_path):
+    """No Ray: an on-policy row carries s per update / (passes run × minibatches per pass)."""
+    import math
+
+    from saferl.config import load_config
+
+    assert main(["bench", "learner", "--algos", "ppo_lag/FunctionEnv-v0", "--updates", "1", "--out", str(tmp_path)]) == 0
+    [row] = json.loads((tmp_path / "learner.json").read_text())
+    mb = load_config("ppo_lag/FunctionEnv-v0").learner_params().minibatch_size
+    steps = row["epochs"][0] * math.ceil(row["samples_per_update"] / mb)
+    assert row["ms_per_minibatch_step"] == pytest.approx(row["s_per_update"] * 1e3 / steps, rel=0.05)
+    assert "ms per minibatch step" in (tmp_path / "learner.md").read_text()

@@ -1,0 +1,155 @@
+"""The on-policy update's fast paths give the same floats as the plain PyTorch they replace: the
+Gaussian log-probability without a torch.distributions object, the critics' L2 gradient added by
+hand, the gradient clip that skips a product with 1, foreach Adam, the per-pass minibatch gather,
+and a whole PPO-Lag update (OmniSafe's options: critic norm, critic clip, entropy bonus) against a
+reference loop written with torch.distributions, autograd and ``clip_grad_norm_``. Bitwise:
+``torch.equal``, not a tolerance."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from saferl.actors.env_host import EnvHost
+from saferl.learners.base import EnvSpec, clip_grad_norm
+from saferl.learners.networks import mlp, normal_entropy, normal_log_prob
+from saferl.learners.ppo_lag import (PPOLag, adam, add_l2_gradient, assemble, flat, shuffled_minibatches,
+                                     to_floats)
+
+CPU = torch.device("cpu")
+
+
+def test_normal_log_prob_and_entropy_are_torch_distributions_bitwise():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(37, 3, generator=g).requires_grad_()
+    log_std = torch.randn(3, generator=g).requires_grad_()
+    u = torch.randn(37, 3, generator=g)
+    ref = torch.distributions.Normal(mu, log_std.exp())
+    ref_val = ref.log_prob(u).sum(-1)
+    ref_h = ref.entropy().sum(-1)
+    ref_grads = torch.autograd.grad((ref_val * torch.linspace(-1, 1, 37)).sum() + ref_h.mean(), [mu, log_std])
+    std = log_std.exp().expand_as(mu)  # as GaussianPolicy.mean_std gives it
+    val, h = normal_log_prob(mu, std, u), normal_entropy(std)
+    grads = torch.autograd.grad((val * torch.linspace(-1, 1, 37)).sum() + h.mean(), [mu, log_std])
+    assert torch.equal(val, ref_val) and torch.equal(h, ref_h)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+def test_l2_gradient_by_hand_is_autograds():
+    torch.manual_seed(0)
+    nets = [mlp([5, 16, 16, 1]), mlp([5, 16, 16, 1])]
+    params = [w for n in nets for w in n.parameters()]
+    z, y = torch.randn(32, 5), torch.randn(32)
+    mse = lambda: sum(((n(z).squeeze(-1) - y) ** 2).mean() for n in nets)  # noqa: E731
+    (mse() + 0.001 * sum((w ** 2).sum() for w in params)).backward()
+    ref = [w.grad.clone() for w in params]
+    for w in params:
+        w.grad = None
+    mse().backward()
+    add_l2_gradient(params, 0.001)
+    assert all(torch.equal(w.grad, r) for w, r in zip(params, ref))
+    with torch.no_grad():  # the penalty's value as critic_step forms it
+        penalty = sum(s.sum() for s in torch._foreach_mul(params, params))
+        assert torch.equal(penalty, sum((w ** 2).sum() for w in params))
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1.0, 1e6])
+def test_clip_grad_norm_is_torchs(max_norm):
+    torch.manual_seed(0)
+    grads = [torch.randn(s) for s in [(16, 5), (16,), (1, 16), (1,)]]
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    ref = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p, r, g in zip(params, ref, grads):
+        p.grad, r.grad = g.clone(), g.clone()
+    torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert clip_grad_norm(params, max_norm)
+    assert all(torch.equal(p.grad, r.grad) for p, r in zip(params, ref))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_clip_grad_norm_reports_a_non_finite_norm(bad):
+    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    params[0].grad, params[1].grad = torch.tensor([1.0, bad, 2.0]), torch.ones(2)
+    assert not clip_grad_norm(params, 1.0)
+
+
+def test_foreach_adam_is_the_default_adam():
+    torch.manual_seed(0)
+    a = [torch.randn(s, requires_grad=True) for s in [(64, 60), (64,), (3,)]]
+    b = [x.detach().clone().requires_grad_() for x in a]
+    opt_a, opt_b = adam(a, 3e-4), torch.optim.Adam(b, lr=3e-4)
+    for _ in range(20):
+        grads = [torch.randn_like(x) for x in a]
+        for x, y, g in zip(a, b, grads):
+            x.grad, y.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_shuffled_minibatches_are_randperm_splits():
+    data = {"x": torch.arange(10.0)[:, None].expand(10, 3), "y": torch.arange(10)}
+    torch.manual_seed(3)
+    mbs = shuffled_minibatches(data, 4, CPU)
+    torch.manual_seed(3)
+    idx = torch.randperm(10).split(4)
+    assert [len(mb["y"]) for mb in mbs] == [4, 4, 2]
+    assert all(torch.equal(mb["x"], data["x"][i]) and torch.equal(mb["y"], data["y"][i]) for mb, i in zip(mbs, idx))
+    assert to_floats([torch.tensor(0.5), torch.tensor(1.5)]) == [0.5, 1.5] and to_floats([2.0]) == [2.0]
+
+
+def reference_update(learner: PPOLag, batches: list[dict]) -> None:
+    """PPO-Lag's epochs written the plain way: observations normalised per minibatch, a
+    torch.distributions.Normal per minibatch, the L2 penalty through autograd, torch's
+    clip_grad_norm_, default Adam, statistics read per minibatch."""
+    p = learner.p
+    batch = assemble(batches, CPU)
+    adv, ret_r, ret_c = learner.policy_advantages(batch)
+    obs, act, logp_old = flat(batch, batch["obs"]), flat(batch, batch["act"]), flat(batch, batch["logp"])
+    critics = [*learner.v_r.parameters(), *learner.v_c.parameters()]
+    for _ in range(p.epochs):
+        for idx in torch.randperm(obs.shape[0]).split(p.minibatch_size):
+            dist = learner.policy.dist(obs[idx])
+            ratio = torch.exp(dist.log_prob(act[idx]).sum(-1) - logp_old[idx])
+            loss = -torch.min(ratio * adv[idx], ratio.clamp(1 - p.clip, 1 + p.clip) * adv[idx]).mean()
+            loss = loss - p.entropy_coef * dist.entropy().sum(-1).mean()
+            learner.pi_opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(learner.policy.parameters(), p.max_grad_norm)
+            learner.pi_opt.step()
+            z = learner.policy.normalised(obs[idx])
+            loss_v = ((learner.v_r(z).squeeze(-1) - ret_r[idx]) ** 2).mean() + \
+                ((learner.v_c(z).squeeze(-1) - ret_c[idx]) ** 2).mean()
+            loss_v = loss_v + p.critic_norm_coef * sum((w ** 2).sum() for w in critics)
+            learner.v_opt.zero_grad()
+            loss_v.backward()
+            torch.nn.utils.clip_grad_norm_(critics, p.max_grad_norm)
+            learner.v_opt.step()
+        with torch.no_grad():
+            kl = (logp_old - learner.policy.dist(obs).log_prob(act).sum(-1)).mean().item()
+        if kl > p.target_kl:
+            break
+    learner.policy.norm.update(obs)
+
+
+@pytest.mark.parametrize("max_grad_norm, entropy_coef", [(40.0, 0.0), (0.05, 0.01)])
+def test_ppo_lag_update_is_the_plain_loop_bitwise(max_grad_norm, entropy_coef):
+    """OmniSafe's PPO-Lag options (critic norm 0.001, critic clip, minibatch 64); a max_grad_norm
+    of 0.05 clips every step."""
+    host = EnvHost("FunctionEnv-v0", 4, 0)
+    env = EnvSpec.of(host.spec())
+    params = PPOLag.Params(hidden=[16, 16], epochs=3, minibatch_size=64, critic_norm_coef=0.001,
+                           clip_critic_grad=True, max_grad_norm=max_grad_norm, entropy_coef=entropy_coef)
+    fast = PPOLag(params, env, 8.0, CPU, seed=0)
+    plain = copy.deepcopy(fast)
+    plain.pi_opt = torch.optim.Adam(plain.policy.parameters(), lr=params.policy_lr)
+    plain.v_opt = torch.optim.Adam([*plain.v_r.parameters(), *plain.v_c.parameters()], lr=params.critic_lr)
+    for _ in range(2):
+        batch, _ = host.rollout(fast.numpy_policy(), 50)
+        torch.manual_seed(1)
+        fast.update([batch])
+        torch.manual_seed(1)
+        reference_update(plain, [batch])
+        for a, b in ((fast.policy, plain.policy), (fast.v_r, plain.v_r), (fast.v_c, plain.v_c)):
+            assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

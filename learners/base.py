@@ -86,15 +86,18 @@ class Learner:
     skipped_updates = 0  # optimiser steps refused for a NaN/Inf loss or gradient (``descend``)
     solver_failures = 0  # inner solves (e.g. CVPO's E-step dual) that failed and fell back
 
-    def descend(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float | None = None) -> bool:
+    def descend(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float | None = None,
+                backward=None) -> bool:
         """The guarded optimiser step: zero grads, backward, clip (``max_grad_norm``), step. A
         NaN/Inf loss or gradient skips the step (parameters and optimiser state untouched, grads
-        cleared), counts it in ``skipped_updates`` (``health/skipped_updates``) and returns False."""
+        cleared), counts it in ``skipped_updates`` (``health/skipped_updates``) and returns False.
+        ``backward`` replaces ``loss.backward()`` where part of the loss's gradient is written by
+        hand (the loss's value is still what the guard checks)."""
         opt.zero_grad()
         if not math.isfinite(loss.item()):  # a scalar, as backward() needs
             self.skipped_updates += 1
             return False
-        loss.backward()
+        (backward or loss.backward)()
         return self.step_grads(opt, params, max_grad_norm)
 
     def step_grads(self, opt: torch.optim.Optimizer, params, max_grad_norm: float | None = None) -> bool:

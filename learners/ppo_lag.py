@@ -22,8 +22,6 @@ so TRPO-Lag, CPO and sTRPO can reuse them.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from pydantic import Field
@@ -164,13 +162,11 @@ class ActorCritic(base.Learner):
             return mse.detach()
         with torch.no_grad():  # the penalty's value (w·w is w ** 2); its gradient is added by hand
             loss = mse + coef * sum(s.sum() for s in torch._foreach_mul(params, params))
-        self.v_opt.zero_grad()
-        if not math.isfinite(loss.item()):  # ``descend``'s guard, on the whole L_V
-            self.skipped_updates += 1
-            return loss
-        mse.backward()
-        add_l2_gradient(params, coef)
-        self.step_grads(self.v_opt, params, clip)
+
+        def backward():
+            mse.backward()
+            add_l2_gradient(params, coef)
+        self.descend(self.v_opt, loss, params, clip, backward=backward)  # the guard checks the whole L_V
         return loss
 
 

@@ -235,7 +235,7 @@ class CVPO(OffPolicyLearner):
     def __init__(self, params: CVPOParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
         p = params
-        self.policy = CholeskyTanhGaussianPolicy(env.obs_dim, env.act_dim, p.hidden, p.init_std).to(device)
+        self.policy = CholeskyTanhGaussianPolicy(env.obs_dim, env.act_dim, p.hidden, p.init_std, p.init).to(device)
         self.target_policy = copy.deepcopy(self.policy).requires_grad_(False)
         self.build_critics(2)
         self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)

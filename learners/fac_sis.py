@@ -125,7 +125,7 @@ class FACSIS(OffPolicyLearner):
             from saferl.config import ConfigError
             raise ConfigError("config error: task: FAC-SIS needs a task whose observation ends with the hazard "
                               "geometry (e.g. PointHazard-D1-v0, SafetyPointGoal1-SIS-v0)")
-        self.policy = TanhGaussianPolicy(d, a, p.hidden, p.activation).to(device)
+        self.policy = TanhGaussianPolicy(d, a, p.hidden, p.activation, p.init).to(device)
         self.build_critics(2, p.activation, lr=p.critic_lr[0])  # q_c is Q_φ
         self.multiplier_net = Multiplier(d, p.hidden, p.activation, p.lambda_max, p.init_lambda).to(device)
         self.index = SafetyIndex(p.safety_index, env.n_hazards).to(device)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 
@@ -13,6 +14,12 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}  # names np_poli
 
 
 INITS = ("orthogonal", "kaiming_uniform")
+
+
+def init_field(default: str = "orthogonal"):
+    """The ``init`` entry of a learner's params: which of ``mlp``'s initialisations its networks use."""
+    return Field(default, pattern=f"^({'|'.join(INITS)})$",
+                 description="network initialisation (learners/networks.mlp); kaiming_uniform is OmniSafe's")
 
 
 def mlp(sizes: Sequence[int], activation=nn.Tanh, out_gain: float = 1.0, init: str = "orthogonal") -> nn.Sequential:
@@ -122,10 +129,11 @@ class TanhGaussianPolicy(nn.Module):
 
     LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str = "relu"):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str = "relu",
+                 init: str = "orthogonal"):
         super().__init__()
         self.act_dim, self.activation = act_dim, activation
-        self.net = mlp([obs_dim, *hidden, 2 * act_dim], activation=ACTIVATIONS[activation], out_gain=0.01)
+        self.net = mlp([obs_dim, *hidden, 2 * act_dim], activation=ACTIVATIONS[activation], out_gain=0.01, init=init)
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
         mu, log_std = self.net(obs).split(self.act_dim, -1)
@@ -152,15 +160,18 @@ class CholeskyTanhGaussianPolicy(nn.Module):
     """Tanh-squashed Gaussian with a full state-dependent covariance (CVPO; MPO's Cholesky
     actor, Abdolmaleki et al. 2018): u ~ N(μ(s), L(s)L(s)ᵀ), a = tanh(u), L lower triangular
     with diagonal softplus(·) + ``MIN_DIAG``. The net outputs μ and the n(n+1)/2 entries of L
-    (row-major lower triangle). Distributions are over u, so KLs and likelihoods are exact."""
+    (row-major lower triangle). Distributions are over u, so KLs and likelihoods are exact. The
+    diagonal's bias starts at ``init_std``; with the orthogonal init (last layer's gain 0.01) that
+    is the starting σ, with kaiming_uniform the last layer's weights add a state-dependent part."""
 
     MIN_DIAG = 1e-4
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], init_std: float = 0.5):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], init_std: float = 0.5,
+                 init: str = "orthogonal"):
         super().__init__()
         self.act_dim = act_dim
         self.net = mlp([obs_dim, *hidden, act_dim + act_dim * (act_dim + 1) // 2], activation=nn.ReLU,
-                       out_gain=0.01)
+                       out_gain=0.01, init=init)
         rows, cols = torch.tril_indices(act_dim, act_dim)
         self.register_buffer("rows", rows)
         self.register_buffer("cols", cols)
@@ -198,10 +209,11 @@ class DeterministicTanhPolicy(nn.Module):
     a = clip(tanh(μ(s)) + N(0, σ²), −1, 1), σ = ``exploration_noise`` (Fujimoto et al. 2018, §6.1),
     and store u = artanh(a) so that tanh(u) is the executed action; evaluation acts with tanh(μ(s))."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], exploration_noise: float = 0.1):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], exploration_noise: float = 0.1,
+                 init: str = "orthogonal"):
         super().__init__()
         self.act_dim, self.exploration_noise = act_dim, exploration_noise
-        self.net = mlp([obs_dim, *hidden, act_dim], activation=nn.ReLU, out_gain=0.01)
+        self.net = mlp([obs_dim, *hidden, act_dim], activation=nn.ReLU, out_gain=0.01, init=init)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(obs))

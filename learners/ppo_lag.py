@@ -30,7 +30,7 @@ from saferl.actors.env_host import next_observations
 from saferl.learners import base
 from saferl.learners.gae import gae
 from saferl.learners.lagrange import LagrangeParams, OmniSafeLagrangeParams, dual_phase, make_multiplier
-from saferl.learners.networks import GaussianPolicy, mlp, normal_entropy, normal_log_prob
+from saferl.learners.networks import GaussianPolicy, init_field, mlp, normal_entropy, normal_log_prob
 
 
 class PPOLagParams(base.Params):
@@ -49,8 +49,7 @@ class PPOLagParams(base.Params):
     max_grad_norm: float = Field(40.0, gt=0)
     init_log_std: float = -0.5
     normalise_obs: bool = True
-    init: str = Field("orthogonal", pattern="^(orthogonal|kaiming_uniform)$",
-                      description="network initialisation (learners/networks.mlp); kaiming_uniform is OmniSafe's")
+    init: str = init_field()
     critic_norm_coef: float = Field(0.0, ge=0, description="L2 penalty on the critics' parameters (OmniSafe: 0.001)")
     clip_critic_grad: bool = Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
     lr_decay_updates: int = Field(0, ge=0, description="decay policy_lr linearly to 0 over this many updates "

@@ -32,7 +32,7 @@ from pydantic import Field
 
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, OmniSafeOffPolicyLagrangeParams, dual_phase, make_multiplier
-from saferl.learners.networks import ACTIVATIONS, TanhGaussianPolicy, mlp, polyak
+from saferl.learners.networks import ACTIVATIONS, TanhGaussianPolicy, init_field, mlp, polyak
 
 
 class OffPolicyParams(base.Params):
@@ -43,6 +43,7 @@ class OffPolicyParams(base.Params):
     utd: float = Field(1.0, gt=0, description="gradient updates per env step (update-to-data ratio)")
     warmup_steps: int = Field(5_000, ge=0, description="env steps with uniform actions before learning")
     gamma: float = Field(0.99, gt=0, le=1)
+    init: str = init_field()
     replay_in_checkpoint: bool = Field(True, description="checkpoint the buffer (exact resume; "
                                        "costs capacity × transition size on disk)")
 
@@ -63,9 +64,10 @@ class SACLagParams(OffPolicyParams):
 class Critic(torch.nn.Module):
     """``n`` Q-networks Q(s, a) evaluated together: [n, B]."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], n: int, activation: str = "relu"):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], n: int, activation: str = "relu",
+                 init: str = "orthogonal"):
         super().__init__()
-        self.qs = torch.nn.ModuleList(mlp([obs_dim + act_dim, *hidden, 1], activation=ACTIVATIONS[activation])
+        self.qs = torch.nn.ModuleList(mlp([obs_dim + act_dim, *hidden, 1], activation=ACTIVATIONS[activation], init=init)
                                       for _ in range(n))
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -116,8 +118,8 @@ class OffPolicyLearner(base.Learner):
     def build_critics(self, n_reward: int, activation: str = "relu", lr: float | None = None) -> None:
         """``n_reward`` reward Q-networks and one cost Q-network, their targets, one Adam over both."""
         d, a, p = self.env.obs_dim, self.env.act_dim, self.p
-        self.q_r = Critic(d, a, p.hidden, n_reward, activation).to(self.device)
-        self.q_c = Critic(d, a, p.hidden, 1, activation).to(self.device)
+        self.q_r = Critic(d, a, p.hidden, n_reward, activation, p.init).to(self.device)
+        self.q_c = Critic(d, a, p.hidden, 1, activation, p.init).to(self.device)
         self.q_r_target, self.q_c_target = copy.deepcopy(self.q_r), copy.deepcopy(self.q_c)
         self.q_opt = torch.optim.Adam([*self.q_r.parameters(), *self.q_c.parameters()],
                                       lr=p.critic_lr if lr is None else lr)
@@ -165,7 +167,7 @@ class SACLag(OffPolicyLearner):
     def __init__(self, params: SACLagParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
         p, d, a = params, env.obs_dim, env.act_dim
-        self.policy = TanhGaussianPolicy(d, a, p.hidden).to(device)
+        self.policy = TanhGaussianPolicy(d, a, p.hidden, init=p.init).to(device)
         self.build_critics(2)
         self.log_alpha = torch.tensor(float(np.log(p.init_alpha)), device=device, requires_grad=True)
         self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)

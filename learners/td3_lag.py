@@ -63,7 +63,8 @@ class TD3Lag(OffPolicyLearner):
     def __init__(self, params: TD3LagParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
         p = params
-        self.policy = DeterministicTanhPolicy(env.obs_dim, env.act_dim, p.hidden, p.exploration_noise).to(device)
+        self.policy = DeterministicTanhPolicy(env.obs_dim, env.act_dim, p.hidden, p.exploration_noise,
+                                             p.init).to(device)
         self.build_critics(p.n_critics)
         self.policy_target = copy.deepcopy(self.policy)
         self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)

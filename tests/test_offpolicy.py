@@ -151,7 +151,10 @@ def test_sac_resume_restores_buffer_and_learner(ray_session, run_root):
     assert m["iteration"].tolist() == list(range(1, len(m) + 1))
 
 
+@pytest.mark.slow
 def test_sac_lag_dual_phase_raises_the_multiplier(ray_session, run_root):
+    """Slow: TD3-Lag's run below covers the off-policy dual phase on Ray by default, and SAC-Lag's
+    multiplier rule is checked step by step in test_off_policy_multiplier_takes_one_adam_step…"""
     cfg = load_config("sac_lag/SafeGBPOPendulum-v0", ["total_env_steps=1920", "algo_params.warmup_steps=960",
                                                       "algo_params.hidden=[32]", "algo_params.batch_size=64",
                                                       f"run_root={run_root}"])
@@ -292,3 +295,24 @@ def test_off_policy_multiplier_takes_one_adam_step_per_gradient_step(cls, params
     assert lam == pytest.approx(adam_by_hand([125.0] * 14, 25.0, lr=1e-5, init=0.001)[-1], rel=1e-5)
     assert lam == pytest.approx(0.001 + 14e-5, rel=1e-3)
     assert learner.phase("dual", {"episode_costs": []}) == {"lagrange_multiplier": pytest.approx(lam)}  # 0 steps due
+
+
+@pytest.mark.parametrize("cls,params", [(SACLag, SACLagParams), (TD3Lag, TD3LagParams)])
+def test_init_reaches_actor_and_critics(cls, params):
+    """``init: kaiming_uniform`` (OmniSafe's weight_initialization_mode) gives every layer of the
+    actor and the critics PyTorch's own nn.Linear draw: non-zero biases, weights within
+    ±1/√fan_in; the orthogonal default keeps zero biases."""
+    env = EnvSpec(obs_dim=3, act_dim=2, act_low=[-1, -1], act_high=[1, 1], max_episode_steps=10)
+    for init in ("orthogonal", "kaiming_uniform"):
+        learner = cls(params(hidden=[16], init=init), env, 5.0, torch.device("cpu"), seed=0)
+        linears = [m for net in (learner.policy, learner.q_r, learner.q_c) for m in net.modules()
+                   if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 2 * (1 + len(learner.q_r.qs) + 1)
+        for lin in linears:
+            bound = 1 / np.sqrt(lin.in_features)
+            if init == "orthogonal":
+                assert (lin.bias == 0).all()
+            else:
+                assert (lin.bias != 0).all() and lin.weight.abs().max() <= bound and lin.bias.abs().max() <= bound
+    with pytest.raises(ValueError, match="init"):
+        params(init="xavier")

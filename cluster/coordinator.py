@@ -10,7 +10,8 @@ One iteration:
   model-based           real windows -> world-model actor (fit on its ``world_model`` phase)
                         -> gradients through the model -> the learner steps
 then every schedule phase whose interval divides the iteration count runs (e.g. ``dual`` for
-the Lagrange multiplier on the learner).
+the Lagrange multiplier on the learner; with ``schedule.dual_before_update`` a sampling
+algorithm's dual phase runs between its rollouts and its update instead).
 All schedule state lives here and in checkpoints, never inside a learner's inner loop.
 """
 from __future__ import annotations
@@ -135,6 +136,9 @@ class Coordinator:
         self.state = ScheduleState(**resume["schedule"]) if resume else ScheduleState()
         res = cfg.resources
         self.n_envs = res.num_env_hosts * res.envs_per_host
+        # phases the collection itself runs: the world model's fit inside the model-based iteration,
+        # the dual phase between rollout and update when scheduled there
+        self._phases_in_collect = {"world_model"} | ({"dual"} if cfg.schedule.dual_before_update else set())
         self._make_actors()
         if resume:
             try:
@@ -235,10 +239,17 @@ class Coordinator:
         return inference.rollout(self.hosts, self.inference, policy, per_env, self._stream_seed())
 
     def _sample(self) -> tuple[dict, list]:
+        """Rollouts, then the update on them. With ``schedule.dual_before_update`` the dual phase
+        runs in between, on this iteration's episodes (the update then waits for the summaries)."""
         policy = self.learner.numpy_policy.remote()  # one object in the store, read by every host
         refs = self._rollouts(policy)
-        update = self.learner.update.remote([b for b, _ in refs])
-        return self._host_summaries(self._timed_update(update, [s for _, s in refs]), refs)
+        batches = [b for b, _ in refs]
+        if not self.cfg.schedule.dual_before_update:
+            update = self.learner.update.remote(batches)
+            return self._host_summaries(self._timed_update(update, [s for _, s in refs]), refs)
+        metrics, episodes = self._host_summaries({}, refs)
+        metrics.update(self._maybe_run_phase("dual", self.state.iteration + 1, episodes))
+        return {**self._timed_update(self.learner.update.remote(batches), batches), **metrics}, episodes
 
     def _offpolicy(self) -> tuple[dict, list]:
         """Uniform actions until ``warmup_steps``; then utd × (steps this iteration) minibatches,
@@ -495,7 +506,7 @@ class Coordinator:
         st.iteration += 1
         st.env_steps += steps
         for name in self.cfg.algo_spec.phases:
-            if name != "world_model":  # runs inside the model-based iteration
+            if name not in self._phases_in_collect:
                 metrics.update(self._maybe_run_phase(name, st.iteration, episodes))
         self._episodes += episodes
         dt = time.perf_counter() - t0

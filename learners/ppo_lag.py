@@ -11,8 +11,9 @@ and the multiplier λ of ``learners/lagrange.py`` is stepped by the coordinator'
 (not here). The default follows OmniSafe 0.5's PPOLag (``omnisafe/configs/on-policy/PPOLag.yaml``,
 ``common/lagrange.py``): Adam on the loss −λ (J_C − b) at lr 0.035 from λ₀ = 0.001, λ clamped at
 0, J_C the mean cost of the last 50 ended episodes; ``lagrange.kind: lagrange`` (plain ascent) and
-``pid`` are the named alternatives. One difference of order: OmniSafe steps λ before the epoch's
-policy update, here the dual phase runs after it, so an update uses the λ of the previous phase.
+``pid`` are the named alternatives. OmniSafe steps λ on the epoch's J_C before that epoch's policy
+update: the shipped configs schedule the dual phase there (``schedule.dual_before_update``); without
+it the phase runs after the update, so an update uses the λ of the previous phase.
 Optional OmniSafe features: an L2 penalty ``critic_norm_coef`` Σ‖θ_V‖² added to L_V, the critics'
 gradient clipped at ``max_grad_norm`` (``clip_critic_grad``), and the policy's Adam step size
 decayed linearly from ``policy_lr`` to 0 over ``lr_decay_updates`` updates (OmniSafe's

@@ -64,6 +64,10 @@ class Schedule(Strict):
     step_phases: dict[str, int] = Field(
         default_factory=dict, description="off-policy learners' sub-updates -> interval in gradient steps "
         "(e.g. FAC-SIS: policy 3, multiplier 12, safety_index 24); an algorithm with step phases needs all listed")
+    dual_before_update: bool = Field(
+        False, description="sampling algorithms: run the dual phase on this iteration's episodes before the "
+        "policy update, as OmniSafe and the Safety Gym reference code do; false: after it, so λ reaches the "
+        "next update")
     log_every: int = Field(1, gt=0)
     checkpoint_every: int = Field(10, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
@@ -148,6 +152,9 @@ class RunConfig(Strict):
         if unknown:
             raise ValueError(f"schedule.step_phases: {self.algo} has no step phase {sorted(unknown)}; "
                              f"it has {list(algo.step_phases) or 'none'}")
+        if self.schedule.dual_before_update and (algo.kind != "sampling" or "dual" not in algo.phases):
+            raise ValueError(f"schedule.dual_before_update: only for sampling algorithms with a dual phase; "
+                             f"{self.algo} is {algo.kind} with phases {list(algo.phases) or 'none'}")
         missing = [k for k in algo.step_phases if k not in self.schedule.step_phases]
         if missing:  # unlisted, they would all run every gradient step: the timescales would collapse
             raise ValueError(f"schedule.step_phases: {self.algo} needs an interval in gradient steps for each of "

@@ -1,5 +1,6 @@
 """Short sampling runs without Ray: an env host and a learner in the test process, stepped as the
-coordinator steps them (rollout, update, then the dual phase on the ended episodes). Convergence
+coordinator steps them (rollout, update, then the dual phase on the ended episodes; with
+``schedule.dual_before_update`` the dual phase before the update). Convergence
 tests of the algorithms use it so that they measure the algorithm, not actor start-up; the Ray
 path itself is tested in test_training.py, test_faults.py and the study tests."""
 from __future__ import annotations
@@ -27,12 +28,14 @@ def run_in_process(config: str, limit: float, iterations: int, overrides=()) -> 
     rows = []
     for _ in range(iterations):
         batch, summary = host.rollout(learner.numpy_policy(), cfg.steps_per_iteration // cfg.resources.envs_per_host)
+        eps, lam = summary["episodes"], None
+        costs = [float(e["cost"]) for e in eps]  # the coordinator's signals for a dual phase
+        signals = {"episode_cost": float(np.mean(costs)) if costs else None, "episode_costs": costs}
+        dual, before = "dual" in cfg.schedule.phases, cfg.schedule.dual_before_update
+        if dual and before:
+            lam = learner.phase("dual", signals).get("lagrange_multiplier")
         stats = learner.update([batch])
-        eps = summary["episodes"]
-        lam = None
-        if "dual" in cfg.schedule.phases:
-            costs = [float(e["cost"]) for e in eps]  # the coordinator's signals for a dual phase
-            signals = {"episode_cost": float(np.mean(costs)) if costs else None, "episode_costs": costs}
+        if dual and not before:
             lam = learner.phase("dual", signals).get("lagrange_multiplier")
         rows.append({**stats, "return": float(np.mean([e["return"] for e in eps])),
                      "cost": float(np.mean([e["cost"] for e in eps])), "lam": lam})

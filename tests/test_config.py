@@ -153,3 +153,10 @@ def test_gradient_estimator_config_validation():
         {"algo": "bptt_lag", "task": "FunctionEnvFloor-v0", "algo_params": {"gradient_estimator": "zobg"}})
     assert "not differentiable" in err(
         {"algo": "cgpo", "task": "SwimmerVelocity-v0", "algo_params": {"gradient_estimator": "zobg"}})
+
+
+def test_dual_before_update_needs_a_sampling_algorithm_with_a_dual_phase():
+    assert load_config("ppo_lag/FunctionEnv-v0").schedule.dual_before_update  # OmniSafe's order, shipped
+    for name in ("ppo/FunctionEnv-v0", "sac_lag/SafeGBPOPendulum-v0"):
+        with pytest.raises(ConfigError, match="schedule.dual_before_update: only for sampling algorithms"):
+            load_config(name, ["schedule.dual_before_update=true"])

@@ -85,16 +85,31 @@ def test_ppo_lag_improves_return():
     assert ret[-2:].mean() > ret[:2].mean() + 2.0, ret.round(2).tolist()
 
 
-@pytest.mark.parametrize("limit,init,direction", [(1.0, 0.0, +1), (100.0, 2.0, -1)])
-def test_dual_schedule_moves_the_multiplier(ray_session, run_root, limit, init, direction):
+@pytest.mark.parametrize("limit,init,direction,before", [(1.0, 0.0, +1, True), (100.0, 2.0, -1, False)])
+def test_dual_schedule_moves_the_multiplier(ray_session, run_root, monkeypatch, limit, init, direction, before):
+    """The dual phase every 2 iterations moves λ toward the limit; with ``dual_before_update`` an
+    update uses the λ its own iteration's phase set (OmniSafe's order), without it the previous one."""
+    from saferl.cluster.coordinator import Coordinator
+
+    used = []  # the λ each update reports having used, before the phases' metrics are merged in
+    timed_update = Coordinator._timed_update
+
+    def record(self, update, inputs, n_updates=1):
+        out = timed_update(self, update, inputs, n_updates)
+        used.append(out["lagrange_multiplier"])
+        return out
+
+    monkeypatch.setattr(Coordinator, "_timed_update", record)
     cfg = load_config("ppo_lag/FunctionEnv-v0", [
         "total_env_steps=8000", f"cost_limit={limit}", f"algo_params.lagrange.init={init}",
-        "algo_params.lagrange.lr=0.001", "schedule.phases.dual=2", f"run_root={run_root}"])
+        "algo_params.lagrange.lr=0.001", "schedule.phases.dual=2", f"schedule.dual_before_update={before}",
+        f"run_root={run_root}"])
     run = train(cfg)
     lam = metrics(run)["lagrange_multiplier"].to_numpy()  # logged after each iteration's phases
     assert lam[0] == init, "dual every 2 iterations: unchanged after the first"
     steps = np.diff(np.concatenate([[init], lam[1::2]]))  # the changes made by each dual step
     assert len(steps) == 2 and np.all(direction * steps > 0), lam
+    assert used == pytest.approx(list(lam) if before else [init, *lam[:-1]], rel=1e-12, abs=0)
     ckpt = rundir.load_checkpoint(run, cfg)
     assert ckpt["schedule"]["phase_runs"]["dual"] == 2
 

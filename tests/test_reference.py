@@ -122,3 +122,31 @@ def test_lr_decay_spans_the_runs_iterations(tmp_path):
     assert (s["iterations"], s["steps_per_iteration"], s["lr_decay"]) == (5, 20000, True)
     job = reference.saferl_job(s, tmp_path)
     assert job["cfg"].learner_params().lr_decay_updates == 5 and job["cfg"].total_env_steps == 100000
+
+
+def test_reference_from_reuses_only_the_same_experiment(tmp_path):
+    """--reference-from copies an earlier comparison's finished reference when algorithm, task,
+    seed, steps and OmniSafe overrides agree, and refuses in one line naming what differs."""
+    from saferl.config import ConfigError
+
+    s = {"reference_algo": "PPOLag", "task": "SafetyPointGoal1-v0", "seed": 1, "steps": 40000,
+         "steps_per_iteration": 20000, "algo": "ppo_lag", "cost_limit": 25.0, "reference_set": []}
+    earlier = tmp_path / "earlier" / "reference"
+    earlier.mkdir(parents=True)
+    meta = {"algo": "PPOLag", "env": "SafetyPointGoal1-v0", "seed": 1, "total_steps": 40000, "steps_per_epoch": 20000,
+            "set": ["lagrange_cfgs.cost_limit=25.0"], "wall_s": 9.0}
+    (earlier / "reference_done.json").write_text(json.dumps(meta))
+    (earlier / "reference_curve.csv").write_text("env_steps,episode_return,episode_cost\n20000,1,2\n")
+    here = tmp_path / "here"
+    here.mkdir()
+    reference.reuse_reference(tmp_path / "earlier", here, s)
+    assert (here / "reference_curve.csv").read_text() == (earlier / "reference_curve.csv").read_text()
+    assert json.loads((here / "reference_done.json").read_text()) == meta
+    for other, what in (({**s, "seed": 2}, "seed 1 there, 2 here"),
+                        ({**s, "cost_limit": 10.0}, "set"),
+                        ({**s, "reference_set": ["algo_cfgs.update_iters=10"]}, "set")):
+        with pytest.raises(ConfigError, match=what):
+            reference.reuse_reference(earlier, tmp_path, other)
+    (earlier / "reference_done.json").unlink()
+    with pytest.raises(ConfigError, match="no finished reference run"):
+        reference.reuse_reference(earlier, tmp_path, s)

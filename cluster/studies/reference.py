@@ -4,6 +4,8 @@
                                                             600,000 env steps (30 iterations of 20,000)
     saferl benchmark reference --algo trpo_lag --steps 200000 --out runs/ref-trpo
     saferl benchmark reference --install                    build .venv-omnisafe first if it is missing
+    saferl benchmark reference --reference-from runs/ref-a --out runs/ref-b
+                                                            saferl's side again, OmniSafe's reused
 
 Both sides get the same task, seed, cost limit (the registry's), total env steps and steps per
 iteration (OmniSafe's ``steps_per_epoch``); each keeps its own hyper-parameters: saferl the shipped
@@ -111,6 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-set", action="append", default=[], metavar="KEY=JSON",
                    help="override an OmniSafe config key, e.g. algo_cfgs.update_iters=10")
     p.add_argument("--sequential", action="store_true", help="run the reference after saferl, not alongside")
+    p.add_argument("--reference-from", default=None, metavar="DIR",
+                   help="reuse the finished reference run of an earlier comparison (its --out) with the same "
+                        "algorithm, task, seed, steps and --reference-set instead of running it again")
     add_out_argument(p, "reference", note="re-running with the same folder keeps finished runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the saferl config")
     add_address_argument(p)
@@ -160,15 +165,43 @@ def ray_worker_niceness() -> int:
     return int(os.environ.get("RAY_worker_niceness", "15"))
 
 
+def reference_sets(s: dict) -> list[str]:
+    """The OmniSafe config overrides of a comparison: the cost limit, then ``--reference-set``."""
+    limit = [f"lagrange_cfgs.cost_limit={s['cost_limit']}"] if s["algo"] in LAGRANGIAN else []
+    return [*limit, *s["reference_set"]]
+
+
 def reference_argv(python: str, driver: str, s: dict, ref_dir: Path) -> list[str]:
     argv = [python, driver, "--algo", s["reference_algo"], "--env", s["task"], "--seed", str(s["seed"]),
             "--total-steps", str(s["steps"]), "--steps-per-epoch", str(s["steps_per_iteration"]),
             "--threads", str(s["threads"]), "--out", str(ref_dir)]
-    if s["algo"] in LAGRANGIAN:
-        argv += ["--set", f"lagrange_cfgs.cost_limit={s['cost_limit']}"]
-    for item in s["reference_set"]:
+    for item in reference_sets(s):
         argv += ["--set", item]
     return argv
+
+
+def reuse_reference(src: Path, ref_dir: Path, s: dict) -> None:
+    """Copy the finished reference run of an earlier comparison (``src``: its ``--out`` or its
+    ``reference/``) into ``ref_dir``, after checking it ran the same experiment. The reference
+    does not change when saferl does, so a saferl change needs only saferl's side re-run."""
+    from saferl.config import ConfigError
+
+    src = src / "reference" if (src / "reference").is_dir() else src
+    done = src / "reference_done.json"
+    if not done.is_file() or not (src / "reference_curve.csv").is_file():
+        raise ConfigError(f"usage error: --reference-from {src}: no finished reference run there "
+                          "(reference_done.json and reference_curve.csv)")
+    meta = json.loads(done.read_text())
+    want = {"algo": s["reference_algo"], "env": s["task"], "seed": s["seed"], "total_steps": s["steps"],
+            "steps_per_epoch": s["steps_per_iteration"]}
+    if "set" in meta or s["reference_set"]:  # runs before the driver recorded them: no --reference-set
+        want["set"] = reference_sets(s)
+    diff = [f"{k} {meta.get(k)!r} there, {v!r} here" for k, v in want.items() if meta.get(k) != v]
+    if diff:
+        raise ConfigError(f"usage error: --reference-from {src}: another experiment ({'; '.join(diff)})")
+    for name in ("reference_curve.csv", "log.txt", "reference_done.json"):  # the marker last
+        if (src / name).is_file():
+            (ref_dir / name).write_bytes((src / name).read_bytes())
 
 
 def windowed(points: list[tuple[float, int, float, float]], window: int = EPISODE_WINDOW) -> list[tuple]:
@@ -323,6 +356,10 @@ def run(args) -> Path:
         nonlocal log
         if (ref_dir / "reference_done.json").is_file():
             console.print("reference: finished earlier, kept")
+            return None
+        if args.reference_from:
+            reuse_reference(Path(args.reference_from), ref_dir, s)
+            console.print(f"reference: {args.reference_from}'s finished run, reused")
             return None
         argv = reference_argv(reference_python(args, console), args.reference_driver, s, ref_dir)
         console.print(f"reference: {' '.join(argv[1:])} (log: {ref_dir / 'log.txt'})")

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     n = convert(progress[-1], out / "reference_curve.csv")
     (out / "reference_done.json").write_text(json.dumps({
         "algo": args.algo, "env": args.env, "seed": args.seed, "total_steps": args.total_steps,
-        "steps_per_epoch": args.steps_per_epoch, "epochs": n, "wall_s": time.time() - t0,
+        "steps_per_epoch": args.steps_per_epoch, "set": args.set, "epochs": n, "wall_s": time.time() - t0,
         "omnisafe": getattr(omnisafe, "__version__", "?"), "progress_csv": str(progress[-1])}))
     return 0
 

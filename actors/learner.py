@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import ray
 
-from saferl.actors.process import ActorProcess
 from saferl import registry
+from saferl.actors.process import ActorProcess
 from saferl.learners.base import EnvSpec
 from saferl.learners.networks import pick_device
 
@@ -28,8 +28,7 @@ class LearnerActor(ActorProcess):
 
     def gradient_setup(self) -> dict:
         """What gradient workers need: network shapes and the window length h."""
-        return {"arch": self.learner.arch, "horizon": self.learner.horizon,
-                "stochastic": self.learner.p.stochastic, "ratio_test": hasattr(self.learner, "propose")}
+        return self.learner.gradient_setup()
 
     def offpolicy_setup(self) -> dict:
         """What the coordinator needs for the replay buffer and the update-to-data schedule."""
@@ -47,10 +46,12 @@ class LearnerActor(ActorProcess):
         ``clock`` (off-policy): the first minibatch's global gradient step and the step phases'
         intervals, from the coordinator's schedule."""
         batches = ray.get(batches) if isinstance(batches[0], ray.ObjectRef) else batches
+        extras = {}
+        if clock is not None:
+            extras["clock"] = clock
         if evaluations is not None:  # the workers' re-rolls of ``propose``'s step (CGPO)
-            evaluations = ray.get(evaluations) if isinstance(evaluations[0], ray.ObjectRef) else evaluations
-            return self.learner.update(batches, evaluations=evaluations)
-        return self.learner.update(batches) if clock is None else self.learner.update(batches, clock)
+            extras["evaluations"] = ray.get(evaluations) if isinstance(evaluations[0], ray.ObjectRef) else evaluations
+        return self.learner.update(batches, **extras)
 
     def episode_metrics(self, *batches: dict) -> list[dict]:
         """Per-episode metrics the learner computes from the hosts' rollout batches (off-policy

@@ -1,16 +1,27 @@
 """What the coordinator expects of a learner (the learner actor hosts one of these).
 
 A learner owns its networks, optimisers and multipliers, runs on ``device`` (``cuda`` when the
-actor was granted a GPU), and exposes:
+actor was granted a GPU). ``Learner`` declares the contract every algorithm implements:
 
     policy_state()          weights the hosts act with (numpy dict for env hosts,
-                            flat torch parameters for gradient workers)
-    update(batches)         one policy/critic update from host batches or worker gradients
+                            torch state dicts for gradient workers)
+    update(batches, ...)    one policy/critic update from host batches, replay minibatches or
+                            worker results; keyword extras by kind: ``clock`` (off-policy: the
+                            global gradient step and the step phases' intervals), ``evaluations``
+                            (CGPO: the workers' re-rolls of ``propose``'s step)
     phase(name, signals)    a scheduled phase (e.g. ``dual``), run when the coordinator says
     state_dict() / load_state_dict()   everything needed to resume bit-for-bit
+
+and, per kind, what the coordinator asks before the first iteration: ``offpolicy_setup()``
+(off-policy learners: buffer and update-to-data schedule) or ``gradient_setup()`` (gradient
+learners: network shapes and window length for the workers). Two optional parts, used when
+present: ``propose(results)`` (a step the workers re-roll before ``update`` commits it: CGPO's
+ratio test) and ``episode_metrics(batches)`` (per-episode metrics only the learner can compute:
+FAC-SIS's safe-action violations).
 """
 from __future__ import annotations
 
+import abc
 import math
 import random
 
@@ -32,7 +43,7 @@ class EnvSpec(BaseModel):
     n_hazards: int = 0  # > 0: the observation ends with the geometry tail (envs/point_hazard.py)
 
     @classmethod
-    def of(cls, spec: dict) -> "EnvSpec":
+    def of(cls, spec: dict) -> EnvSpec:
         """From an env host's ``spec()`` (numpy bounds, extra keys) or a plain dict."""
         fields = {k: spec[k] for k in cls.model_fields if k in spec}
         bounds = {k: np.broadcast_to(np.asarray(fields[k], np.float64), (fields["act_dim"],)).tolist()
@@ -81,7 +92,7 @@ def clip_grad_norm(params: list, max_norm: float) -> bool:
     return True
 
 
-class Learner:
+class Learner(abc.ABC):
     Params = Params
     skipped_updates = 0  # optimiser steps refused for a NaN/Inf loss or gradient (``descend``)
     solver_failures = 0  # inner solves (e.g. CVPO's E-step dual) that failed and fell back
@@ -112,7 +123,24 @@ class Learner:
         self.p, self.env, self.cost_limit, self.device = params, env, cost_limit, device
         seed_everything(seed)
 
+    @abc.abstractmethod
+    def policy_state(self):
+        """The weights the hosts or gradient workers act with."""
+
+    @abc.abstractmethod
+    def update(self, batches: list, **extras) -> dict:
+        """One update; returns its statistics (the iteration's metrics row)."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue bit-for-bit (RNG states included)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, sd: dict) -> None:
+        ...
+
     def phase(self, name: str, signals: dict) -> dict:
+        """Phase ``name`` (its method ``phase_<name>``) on the coordinator's signals."""
         return getattr(self, f"phase_{name}")(signals)
 
     def rng_state(self) -> dict:

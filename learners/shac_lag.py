@@ -105,6 +105,12 @@ class WindowLearner(base.Learner):
         self.last_j_c: float | None = None
 
     # -- what gradient workers receive -------------------------------------------------------
+    def gradient_setup(self) -> dict:
+        """Network shapes, window length h, exploration noise on/off, and whether updates wait
+        for a ratio test (a learner with ``propose``: CGPO)."""
+        return {"arch": self.arch, "horizon": self.horizon, "stochastic": self.p.stochastic,
+                "ratio_test": hasattr(self, "propose")}
+
     def policy_state(self) -> dict:
         cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
         out = {"policy": cpu(self.policy)}
@@ -228,7 +234,8 @@ class SHACLag(WindowLearner):
             prm.grad = -direction[i:i + prm.numel()].view_as(prm).clone()
             i += prm.numel()
         grad_norm = direction.norm().item()  # ‖g − λq‖ (/h) before clipping (what clip_grad_norm_ returned)
-        self.step_grads(self.opt, self.policy.parameters(), self.p.max_grad_norm)  # NaN/Inf (e.g. λ q overflow): skipped
+        # NaN/Inf (e.g. λ q overflow): skipped
+        self.step_grads(self.opt, self.policy.parameters(), self.p.max_grad_norm)
         return {"grad_norm": grad_norm, "lagrange_multiplier": lam}
 
     def skip_policy_step(self, est: dict) -> dict:

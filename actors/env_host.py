@@ -12,9 +12,10 @@ import time
 
 import numpy as np
 
-from saferl.actors.process import ActorProcess, safeguard_failures
 from saferl import registry
 from saferl.actors import np_policy
+from saferl.actors.process import ActorProcess, safeguard_failures
+from saferl.batch import step_buffers
 from saferl.envs.np_compat import pickle_arrays_as_numpy2
 
 # Under numpy 1 (the Safety-Gymnasium interpreter): unpickle the numpy 2 arrays the driver and
@@ -61,15 +62,6 @@ def _what(obs: np.ndarray, rew, cost) -> str:
         if not np.isfinite(v):
             return f"{name} is {float(v)}"
     return "observation is not finite" if not np.isfinite(obs).all() else "final observation is not finite"
-
-
-def next_observations(batch: dict) -> np.ndarray:
-    """[T, N, d] observation after each step of a ``rollout`` batch, with the final observation
-    of ended episodes substituted (the stored next obs is already a reset)."""
-    nxt = np.concatenate([batch["obs"][1:], batch["last_obs"][None]], axis=0)
-    if len(batch["final_idx"]):
-        nxt[batch["final_idx"][:, 0], batch["final_idx"][:, 1]] = batch["final_obs"]
-    return nxt
 
 
 class EnvHost(ActorProcess):
@@ -152,11 +144,9 @@ class EnvHost(ActorProcess):
     def rollout(self, policy: dict, num_steps: int) -> tuple[dict, dict]:
         """Step every env ``num_steps`` times with the given policy weights.
 
-        Returns arrays shaped [T, N, ...]: obs, act (the Gaussian sample u), logp, reward, cost,
-        terminated, truncated; ``last_obs`` [N, d]; ``final_idx`` [K, 2] (t, env) with
-        ``final_obs`` [K, d] for episodes that ended (their next obs is a fresh reset); ``valid``
-        [T, N], False on the steps of episodes skipped for NaN/Inf data (``on_invalid="skip_episode"``:
-        those steps are zeroed and terminated, so GAE and replay never see the bad values);
+        Returns a ``saferl.batch.RolloutBatch`` (its fields and shapes are named there); steps of
+        an episode skipped for NaN/Inf data (``on_invalid="skip_episode"``) are zeroed, terminated
+        and not ``valid``, so GAE and replay never see the bad values;
         and, separately, a small summary: finished episodes' return/cost/length and timings
         (the coordinator reads only the summary; the batch goes straight to the learner)."""
         self.begin_rollout(num_steps)
@@ -172,10 +162,7 @@ class EnvHost(ActorProcess):
     def begin_rollout(self, num_steps: int) -> np.ndarray:
         """Start a fragment of ``num_steps`` steps; returns the current observations."""
         n, d, a = self.vec.num_envs, self.vec.obs_dim, self.vec.act_dim
-        buf = {"obs": np.empty((num_steps, n, d), np.float32), "act": np.empty((num_steps, n, a), np.float32),
-               "logp": np.empty((num_steps, n), np.float32), "reward": np.empty((num_steps, n), np.float32),
-               "cost": np.empty((num_steps, n), np.float32), "terminated": np.empty((num_steps, n), bool),
-               "truncated": np.empty((num_steps, n), bool), "valid": np.ones((num_steps, n), bool)}
+        buf = step_buffers(num_steps, n, d, a)
         self._frag = {"buf": buf, "t": 0, "final_idx": [], "final_obs": [], "episodes": [], "inference_s": 0.0,
                       "env_s": 0.0, "skipped": 0, "clipped": 0,
                       "ep_start": np.zeros(n, np.int64)}  # where each env's current episode began

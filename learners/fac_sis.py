@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from saferl.batch import next_observations
 from saferl.learners import base
 from saferl.learners.networks import ACTIVATIONS, TanhGaussianPolicy, mlp, polyak
 from saferl.learners.sac_lag import OffPolicyLearner, OffPolicyParams
@@ -201,7 +202,6 @@ class FACSIS(OffPolicyLearner):
         ``EnvHost.rollout`` returns them, one per host in a fixed order). Episodes span fragments:
         each host's envs keep a running count. Episodes skipped for bad data (invalid steps) are
         dropped, as the hosts drop them from their summaries; one dict per counted episode."""
-        from saferl.actors.env_host import next_observations
 
         out = []
         if len(self.ep_violations) != len(batches):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from saferl.actors.env_host import next_observations
+from saferl.batch import next_observations
 from saferl.learners import base
 from saferl.learners.gae import gae
 from saferl.learners.lagrange import LagrangeParams, OmniSafeLagrangeParams, dual_phase, make_multiplier
@@ -213,7 +213,8 @@ class PPOLag(ActorCritic):
         out["health/skipped_updates"] = self.skipped_updates - skipped
         return out
 
-    def surrogate_loss(self, logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def surrogate_loss(self, logp: torch.Tensor, logp_old: torch.Tensor,
+                       adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """One minibatch's policy loss before the entropy bonus, and its metrics: PPO's clipped
         surrogate of ``adv`` (a row of ``policy_advantages``' first output). PDO and APPO override it."""
         loss, ratio = clipped_surrogate(logp, logp_old, adv, self.p.clip)
@@ -229,7 +230,7 @@ class PPOLag(ActorCritic):
         device."""
         p = self.p
         stats: dict[str, list] = {"loss_pi": [], "loss_v": [], "kl": []}
-        for epoch in range(p.epochs):
+        for epoch in range(p.epochs):  # noqa: B007  (the epochs run are returned)
             for mb in shuffled_minibatches(data, p.minibatch_size, self.device):
                 loss_pi, extra = minibatch_loss(mb)
                 self.descend(self.pi_opt, loss_pi, self.policy.parameters(), p.max_grad_norm)

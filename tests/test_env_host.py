@@ -8,6 +8,7 @@ import numpy as np
 import ray
 
 from saferl.actors.env_host import EnvHost
+from saferl.batch import ROLLOUT_FIELDS
 from saferl.cli import main
 from saferl.cluster.coordinator import host_options
 from saferl.cluster.session import train
@@ -33,7 +34,7 @@ def test_safety_gymnasium_host_protocol(ray_session):
     assert first.shape == (3, 60) and first.dtype == np.float32
     assert not np.allclose(first[0], first[1]), "envs of a host get different seeds"
     np.testing.assert_array_equal(ray.get(host.reset.remote(11)), first)  # seeding reproducible
-    obs, rew, cost, term, trunc, info = ray.get(host.step.remote(np.zeros((3, 2), np.float32)))
+    obs, rew, cost, term, trunc, _info = ray.get(host.step.remote(np.zeros((3, 2), np.float32)))
     assert obs.shape == (3, 60) and rew.shape == cost.shape == term.shape == trunc.shape == (3,)
     assert cost.dtype == np.float32 and (cost >= 0).all()
 
@@ -56,6 +57,8 @@ def test_torch_task_host_auto_resets_at_the_horizon():
     host = EnvHost("FunctionEnv-v0", 4, seed=0)
     policy = GaussianPolicy(1, 1, [8]).export_numpy()
     batch, summary = host.rollout(policy, 150)
+    assert tuple(batch) == ROLLOUT_FIELDS  # the named record (saferl/batch.py), nothing more
+    assert batch["obs"].shape == (150, 4, 1) and batch["final_idx"].shape == (4, 2) and batch["valid"].all()
     assert batch["truncated"][99].all() and batch["truncated"].sum() == 4
     assert [ep["length"] for ep in summary["episodes"]] == [100] * 4
     np.testing.assert_allclose([ep["return"] for ep in summary["episodes"]], batch["reward"][:100].sum(0),

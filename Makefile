@@ -2,7 +2,7 @@
 # when deploy/requirements-*.txt, deploy/setup.sh and pyproject.toml are unchanged).
 PY := .venv/bin/python
 
-.PHONY: setup run test test-slow bench docs
+.PHONY: setup run test test-slow bench docs lint
 setup:
 	@bash deploy/setup.sh
 
@@ -19,6 +19,10 @@ test-slow: setup
 
 bench: setup
 	$(PY) -m saferl.cli bench rollout
+
+# Lint (ruff; the rules and their reasons are in pyproject.toml's [tool.ruff]).
+lint: setup
+	.venv/bin/ruff check .
 
 # The documentation site from docs/ (strict: a broken link or missing page fails it).
 docs: setup

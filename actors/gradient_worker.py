@@ -21,8 +21,8 @@ import time
 import numpy as np
 import torch
 
-from saferl.actors.process import ActorProcess, safeguard_failures
 from saferl import registry
+from saferl.actors.process import ActorProcess, safeguard_failures
 from saferl.learners.analytic import TimeValue, episode_starts, rollout_window, window_gradients, window_noise
 from saferl.learners.networks import GaussianPolicy, pick_device
 from saferl.learners.world_model import WorldModel, WorldModelEnv
@@ -122,7 +122,7 @@ class GradientWorker(ActorProcess):
             noise = window_noise(self.seed, iteration, self.total_envs, self.env.act_dim, h)[:, self.shard]
             noise = noise.to(self.device)
         self.window = {"state": self.state, "t0": self.t, "h": h, "noise": noise}  # for ``evaluate``
-        sum_r, sum_c, boot_r, boot_c, state, traj, l_r, l_c, g, q = window_gradients(
+        _sum_r, _sum_c, boot_r, boot_c, state, traj, l_r, l_c, g, q = window_gradients(
             self.env, self.policy, self.state, self.t, h, self.horizon, noise, self.critics, self.gamma,
             self.estimator)
         prefix_r, prefix_c = self.ret.mean(), self.cost.mean()
@@ -188,7 +188,7 @@ class ModelGradientWorker(ActorProcess):
             with torch.no_grad():
                 obs_t = torch.as_tensor(self.obs, device=self.device)
                 act = self.policy.rsample(obs_t, noise[k].to(self.device) if stochastic else None).cpu().numpy()
-            obs, rew, cost, term, trunc, info = self.vec.step(act)
+            obs, rew, cost, term, _trunc, info = self.vec.step(act)
             if term.any():
                 raise RuntimeError("MB-CGPO's windows assume fixed-horizon episodes (no termination)")
             nxt = obs.copy()
@@ -214,7 +214,7 @@ class ModelGradientWorker(ActorProcess):
         noise = window_noise(self.seed, iteration, self.total_envs, self.vec.act_dim, h)[:, self.shard]
         state = torch.as_tensor(self.start_obs, device=self.device)
         noise = noise.to(self.device) if stochastic else None
-        sum_r, sum_c, boot_r, boot_c, _, _, l_r, l_c, g, q = window_gradients(
+        _sum_r, _sum_c, boot_r, boot_c, _, _, l_r, l_c, g, q = window_gradients(
             env, self.policy, state, t0, h, self.horizon, noise, self.critics, self.gamma)
         # J(θ) from real data: realised prefix + real window + critic tail
         j_r = (self.ret + self.window_r).mean() + boot_r.mean().item()

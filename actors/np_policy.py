@@ -60,10 +60,7 @@ def act(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: b
     if state.get("cholesky_head"):
         return _act_cholesky(state, obs, rng, deterministic, forward)
     mu, log_std = mean_and_log_std(state, obs, forward)
-    if deterministic:
-        u = mu
-    else:
-        u = mu + np.exp(log_std) * rng.standard_normal(mu.shape).astype(np.float32)
+    u = mu if deterministic else mu + np.exp(log_std) * rng.standard_normal(mu.shape).astype(np.float32)
     logp = -0.5 * (((u - mu) / np.exp(log_std)) ** 2 + 2 * log_std + LOG_2PI).sum(-1)
     action = np.tanh(u) if state["squash"] else u
     return action.astype(np.float32), u.astype(np.float32), logp.astype(np.float32)

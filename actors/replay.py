@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from saferl.batch import next_observations
 from saferl.actors.process import ActorProcess
+from saferl.batch import next_observations
 
 FIELDS = ("obs", "act", "reward", "cost", "discount", "next_obs")
 

@@ -3,7 +3,6 @@
 differentiable env (``learners/world_model.py``)."""
 from __future__ import annotations
 
-
 from saferl.actors.process import ActorProcess
 from saferl.learners.networks import pick_device
 from saferl.learners.world_model import ReplayFit, WorldModelParams

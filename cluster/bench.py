@@ -155,7 +155,8 @@ def bench_gradients(out_dir: Path, task: str, workers: list[int], envs_per_worke
 _REFERENCE = """
 import pickle, sys, time
 from saferl.actors.env_host import EnvHost
-task, n, steps, iters, path, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+task, n, steps, iters, path, out = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+                                    sys.argv[5], sys.argv[6])
 policy = pickle.load(open(path, "rb"))
 host = EnvHost(task, n, seed=0)
 times, batches = [], []
@@ -232,7 +233,8 @@ def bench_e2e(out_dir: Path, config: str = "ppo_lag/SafetyPointGoal1-v0", steps:
                     row.update(coord._episode_stats())
                     rows.append(row)
                     say(f"it {row['iteration']}: {row['env_steps']} steps, {row['time/iteration_s']:.1f} s, "
-                        f"learner {row.get('time/learner_s', 0):.1f} s, return {row.get('episode/return', float('nan')):.2f}, "
+                        f"learner {row.get('time/learner_s', 0):.1f} s, "
+                        f"return {row.get('episode/return', float('nan')):.2f}, "
                         f"cost {row.get('episode/cost', float('nan')):.1f}")
                 wall = time.perf_counter() - t
                 rss = _actor_rss(coord)
@@ -302,7 +304,8 @@ def _task_spec(cfg) -> dict:
     python = host_options(cfg).get("runtime_env", {}).get("py_executable") or sys.executable
     if cfg.task_spec.kind == "safety_gymnasium" or python != sys.executable:
         out = subprocess.run([python, "-c", "import json,sys; from saferl.actors.env_host import EnvHost;"
-                              "print(json.dumps(EnvHost(sys.argv[1], 1, 0).spec(), default=lambda x: x.tolist()))", cfg.task],
+                              "print(json.dumps(EnvHost(sys.argv[1], 1, 0).spec(), default=lambda x: x.tolist()))",
+                              cfg.task],
                              capture_output=True, text=True, check=True, cwd=REPO_ROOT)
         spec = json.loads(out.stdout.strip().splitlines()[-1])
     elif cfg.algo_spec.uses_env_hosts:
@@ -320,7 +323,8 @@ def _synthetic_rollout(rng, T: int, n: int, d: int, a: int, episode: int) -> dic
     trunc = (t + 1) % episode == 0
     final_idx = np.argwhere(trunc)
     return {"obs": rng.standard_normal((T, n, d), np.float32), "act": rng.standard_normal((T, n, a), np.float32),
-            "logp": rng.standard_normal((T, n)).astype(np.float32), "reward": rng.standard_normal((T, n)).astype(np.float32),
+            "logp": rng.standard_normal((T, n)).astype(np.float32),
+            "reward": rng.standard_normal((T, n)).astype(np.float32),
             "cost": (rng.random((T, n)) < 0.05).astype(np.float32), "terminated": np.zeros((T, n), bool),
             "truncated": trunc, "last_obs": rng.standard_normal((n, d), np.float32),
             "final_idx": final_idx.astype(np.int64), "final_obs": rng.standard_normal((len(final_idx), d), np.float32)}
@@ -337,7 +341,8 @@ def _learner_inputs(cfg, spec: dict, rng) -> tuple[list, int, str]:
         return batches, T * n, "env steps in the batch"
     if kind == "offpolicy":
         b, k = cfg.learner_params().batch_size, OFFPOLICY_MINIBATCHES
-        block = {"obs": rng.standard_normal((k, b, d), np.float32), "act": rng.uniform(-1, 1, (k, b, a)).astype(np.float32),
+        block = {"obs": rng.standard_normal((k, b, d), np.float32),
+                 "act": rng.uniform(-1, 1, (k, b, a)).astype(np.float32),
                  "reward": rng.standard_normal((k, b)).astype(np.float32),
                  "cost": (rng.random((k, b)) < 0.05).astype(np.float32),
                  "discount": np.full((k, b), 0.99, np.float32), "next_obs": rng.standard_normal((k, b, d), np.float32)}
@@ -365,7 +370,8 @@ def bench_learner(out_dir: Path, algos: list[str], updates: int = 3, console=Non
                                       "s per update", "samples/s"],
            lambda r: [r["algo"], r["task"], r["hidden"], r["samples_per_update"],
                       r["sample"] + (f"; passes run: {r['epochs']}" if "epochs" in r else "")
-                      + (f"; {r['ms_per_minibatch_step']} ms per minibatch step" if "ms_per_minibatch_step" in r else ""),
+                      + (f"; {r['ms_per_minibatch_step']} ms per minibatch step"
+                         if "ms_per_minibatch_step" in r else ""),
                       f"{r['s_per_update']:.3f}", f"{r['samples_per_s']:,.0f}"], say)
     return rows
 
@@ -580,7 +586,8 @@ def bench_soak(out_dir: Path, config: str = "ppo_lag/FunctionEnv-v0", steps: int
               "attempts_retried": len(attempts) - state.iteration, "wall_s": round(wall, 1),
               "steps_per_s": round(state.env_steps / wall, 1),
               "metrics_rows_ok": rows == list(range(1, state.iteration + 1)),
-              "checkpoint_iteration": ckpt["schedule"]["iteration"], "checkpoint_restarts": ckpt["schedule"]["restarts"],
+              "checkpoint_iteration": ckpt["schedule"]["iteration"],
+              "checkpoint_restarts": ckpt["schedule"]["restarts"],
               "eval_episodes": ev["episodes"], "eval_return": round(ev["return_mean"], 3),
               "eval_cost": round(ev["cost_mean"], 3), "cost_limit": cfg.limit}
     say(f"soak {cfg.algo} on {cfg.task}: {result['iterations']}/{result['iterations_planned']} iterations, "
@@ -589,10 +596,13 @@ def bench_soak(out_dir: Path, config: str = "ppo_lag/FunctionEnv-v0", steps: int
         f"metrics rows {'ok' if result['metrics_rows_ok'] else 'WRONG'}; final checkpoint (it "
         f"{result['checkpoint_iteration']}) evaluated: return {ev['return_mean']:.2f}, cost {ev['cost_mean']:.2f}")
     _write(out_dir, "soak", [result], ["setup", "kill every s", "iterations", "env steps", "wall s", "kills sent",
-                                       "restarts counted", "attempts retried", "one metrics row per iteration", "eval return / cost"],
-           lambda r: [f"{r['algo']} on {r['task']} ({r['env_hosts']} hosts × {r['envs_per_host']} envs, seed {r['seed']})",
+                                       "restarts counted", "attempts retried", "one metrics row per iteration",
+                                       "eval return / cost"],
+           lambda r: [f"{r['algo']} on {r['task']} ({r['env_hosts']} hosts × {r['envs_per_host']} envs, "
+                      f"seed {r['seed']})",
                       f"{r['kill_every_s']:g}", f"{r['iterations']} / {r['iterations_planned']}", r["env_steps"],
-                      f"{r['wall_s']:.0f}", r["kills_sent"], r["restarts"], r["attempts_retried"], "yes" if r["metrics_rows_ok"] else "NO",
+                      f"{r['wall_s']:.0f}", r["kills_sent"], r["restarts"], r["attempts_retried"],
+                      "yes" if r["metrics_rows_ok"] else "NO",
                       f"{r['eval_return']:.2f} / {r['eval_cost']:.2f} (limit {r['cost_limit']:g})"], say,
            title=f"saferl bench soak: a random env host SIGKILLed every {kill_every:g} s during training")
     return result

@@ -16,6 +16,7 @@ All schedule state lives here and in checkpoints, never inside a learner's inner
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -29,8 +30,8 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from saferl.actors.env_host import EnvDataError, EnvHost, make_vec_env
 from saferl.actors import inference
+from saferl.actors.env_host import EnvDataError, EnvHost, make_vec_env
 from saferl.actors.gradient_worker import GradientWorker, ModelGradientWorker, make_diff_env
 from saferl.actors.learner import LearnerActor
 from saferl.actors.replay import ReplayBuffer
@@ -425,7 +426,8 @@ class Coordinator:
         st = self.state
         st.restarts += len(restarted)
         if restarted and self.console is not None:
-            self.console.print(f"it {st.iteration}: {len(restarted)} actor(s) restarted after dying; restored, retrying")
+            self.console.print(f"it {st.iteration}: {len(restarted)} actor(s) restarted after dying; "
+                               "restored, retrying")
         if self.cfg.algo_spec.uses_env_hosts:
             # a restarted host came back reset with its creation seed: give it a fresh stream instead
             seed = self._stream_seed()
@@ -482,10 +484,8 @@ class Coordinator:
                 saved.restarts = self.state.restarts
                 vars(self.state).update(vars(saved))  # in place: callers hold self.state
                 continue
-            try:
+            with contextlib.suppress(*ACTOR_ERRORS):  # died just now: the next iteration restores the last snapshot
                 self._snapshot = self._snapshot_state()
-            except ACTOR_ERRORS:  # died just now: the next iteration restores the previous snapshot
-                pass
             return out
         raise RuntimeError(f"iteration {self.state.iteration + 1} failed {attempts} times "
                            f"(resources.iteration_attempts): "

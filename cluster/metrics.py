@@ -155,7 +155,7 @@ def start_dashboard(run_dirs: list[str | Path], port: int = 6006, host: str = "1
 
 def clock(seconds: float) -> str:
     """45s, 3m07s, 2h05m."""
-    s = int(round(seconds))
+    s = int(round(seconds))  # noqa: RUF046  (a numpy float rounds to a float)
     if s < 60:
         return f"{s}s"
     if s < 3600:

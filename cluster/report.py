@@ -22,8 +22,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (final_performance, format_mean_std, plot_mean_std, read_curve, summarise,
-                                           write_csv)
+from saferl.cluster.studies.runner import (
+    final_performance,
+    format_mean_std,
+    plot_mean_std,
+    read_curve,
+    summarise,
+    write_csv,
+)
 from saferl.config import ConfigError
 
 RETURN, COST, THROUGHPUT = "episode/return", "episode/cost", "time/env_steps_per_s"

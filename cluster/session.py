@@ -9,6 +9,7 @@ import ray
 from saferl.cluster import rundir
 from saferl.config import ConfigError, RunConfig
 
+
 def required_cpus(cfg: RunConfig) -> float:
     r = cfg.resources
     world_model = r.num_cpus_per_host if cfg.algo_spec.world_model else 0

@@ -25,7 +25,6 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import yaml
@@ -178,7 +177,7 @@ def run_sweep(config: str, out: Path, grid: dict | None = None, random: dict | N
             limits.append(load_config(config, [*(overrides or []), *overrides_of(combo, 0)]).limit)
         except ConfigError as err:
             raise ConfigError(f"{err} (sweep combination {k}: {combo})") from None
-    metric, mode = _asha(asha)
+    _metric, _mode = _asha(asha)
     spec = {"config": str(config), "overrides": list(overrides or []), "grid": grid,
             "random": {k: list(v) for k, v in random.items()}, "samples": samples, "seeds": seeds,
             "combos": combos, "limits": limits, "eval_episodes": eval_episodes, "asha": asha, "asha_grace": asha_grace,
@@ -330,7 +329,8 @@ def summarise(out: Path, spec: dict, trials: list[dict], default_limit: float, c
     failed = [t for t in trials if t["status"] != "finished"]
     if failed:
         lines.append("")
-        lines.append(f"{len(failed)} trial(s) not finished (stopped early by ASHA, interrupted, or failed; see trials.csv): "
+        lines.append(f"{len(failed)} trial(s) not finished (stopped early by ASHA, interrupted, or failed; "
+                     "see trials.csv): "
                      + ", ".join(f"c{t['combo']:03d}-s{t['seed']} {t['status']}" for t in failed))
     table = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(table)

@@ -20,7 +20,8 @@ Backend: ``generalized`` for Reacher, HalfCheetah and Ant (Brax's own default fo
 pole falls (no termination here: Brax's own generalized inverted_pendulum reaches |qd| > 1e3 by
 step ~60 under random actions, then NaN), while positional stays bounded over T = 300. The price:
 rebuilt from (q, qd) each step, positional CartPole is a (q, qd)-Markov variant of Brax's
-positional rollout (max deviation 0.09 after 20 steps of a smooth action sequence). The deciding fact is the state: the generalized backend's pipeline state is a
+positional rollout (max deviation 0.09 after 20 steps of a smooth action sequence). The deciding fact
+is the state: the generalized backend's pipeline state is a
 function of (q, qd) alone, so rebuilding it every env step reproduces Brax's own rollout
 (measured on this CPU, 4 envs, random actions: max |Δq| 1e-4 after 10 steps for Ant, 2e-3 for
 HalfCheetah — float round-off, then chaotic contact dynamics amplify it). The positional backend
@@ -69,15 +70,19 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import ClassVar
 
 import torch
 
-from saferl.envs import jax_bridge  # noqa: F401  (configures JAX before it is imported below)
+# jax_bridge configures JAX before JAX is imported: keep this order
+# isort: off
+from saferl.envs import jax_bridge  # noqa: F401
 from saferl.envs.diff import DiffEnv
 from saferl.envs.jax_bridge import JaxFunction, jax_mlp_policy, window_function
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
+# isort: on
 
 # Known, harmless notices from the pinned stack (brax 0.14 is in maintenance; jaxopt is
 # deprecated but is what brax's generalized constraint solver uses).
@@ -109,7 +114,7 @@ class BraxTask(DiffEnv):
 
     env_name: str
     default_backend: str
-    task_options: dict[str, str] = {}
+    task_options: ClassVar[dict[str, str]] = {}
     act_low = -1.0
     act_high = 1.0
 
@@ -231,7 +236,7 @@ class BraxCartPole(BraxTask):
     obs_dim = 4
     max_episode_steps = 300
 
-    task_options = {"reward": "reward_kind"}
+    task_options: ClassVar[dict[str, str]] = {"reward": "reward_kind"}
 
     def __init__(self, reward: str = "upright", backend: str | None = None,
                  grad_mode: str = "recompute"):
@@ -274,7 +279,7 @@ class BraxReacher(BraxTask):
     obs_dim = 11
     max_episode_steps = 300
 
-    task_options = {"cost": "cost_kind"}
+    task_options: ClassVar[dict[str, str]] = {"cost": "cost_kind"}
 
     def __init__(self, cost: str = "fingertip", backend: str | None = None,
                  grad_mode: str = "recompute"):
@@ -419,4 +424,4 @@ class BraxAntVel(_VelocityTask):
         return self.torso_velocity(ps0, ps1)[0] + healthy - b._ctrl_cost_weight * jnp.sum(a ** 2)
 
 
-__all__ = ["BraxTask", "BraxCartPole", "BraxReacher", "BraxHalfCheetahVel", "BraxAntVel"]
+__all__ = ["BraxAntVel", "BraxCartPole", "BraxHalfCheetahVel", "BraxReacher", "BraxTask"]

@@ -226,7 +226,8 @@ def runtime_env(task: str) -> dict[str, Any]:
     """The env hosts' Ray ``runtime_env`` for a registered custom task, with its package uploaded
     to the cluster (a local folder in an actor's ``py_modules`` must first become a ``gcs://``
     URI; Ray does this itself only for job-level runtime_envs). Needs Ray to be up."""
-    env = {k: (list(v) if isinstance(v, list) else dict(v)) for k, v in registry.TASK_RUNTIME_ENVS.get(task, {}).items()}
+    env = {k: (list(v) if isinstance(v, list) else dict(v))
+           for k, v in registry.TASK_RUNTIME_ENVS.get(task, {}).items()}
     if env.get("py_modules"):
         import tempfile
 

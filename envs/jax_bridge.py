@@ -52,13 +52,13 @@ import os
 # Before `import jax`: allocate GPU memory on demand so torch and JAX can share one GPU.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import functools  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
+import functools
+from collections.abc import Callable
+from pathlib import Path
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import torch  # noqa: E402
+import jax
+import jax.numpy as jnp
+import torch
 
 _CACHE_CONFIGURED: str | None = None
 
@@ -79,7 +79,7 @@ def configure_compilation_cache(cache_dir: str | os.PathLike | None = None) -> s
             return None
         cache_dir = env or Path.home() / ".cache" / "saferl" / "jax"
     cache_dir = str(Path(cache_dir).expanduser())
-    if _CACHE_CONFIGURED == cache_dir:
+    if cache_dir == _CACHE_CONFIGURED:
         return cache_dir
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def to_torch(x: jax.Array, device: torch.device | None = None) -> torch.Tensor:
 _TORCH_OF = {jnp.dtype("float32"): torch.float32, jnp.dtype("float64"): torch.float64}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jax_has_platform(kind: str) -> bool:
     platform = {"cuda": "gpu"}.get(kind, kind)
     try:
@@ -147,7 +147,7 @@ def _jax_has_platform(kind: str) -> bool:
 
 class _Bridge(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn: "JaxFunction", *inputs: torch.Tensor):
+    def forward(ctx, fn: JaxFunction, *inputs: torch.Tensor):
         device = inputs[0].device
         xs = [to_jax(t) for t in inputs]
         if fn.mode == "store":

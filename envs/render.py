@@ -120,7 +120,7 @@ def draw_point_hazard(ax, task, state, history):
 
     from saferl.envs.point_hazard import GOAL, HAZARD_RADIUS
 
-    x, y, th, v, hx, hy = state
+    x, y, th, _v, hx, hy = state
     ax.add_patch(Circle((hx, hy), HAZARD_RADIUS, color="tab:red", alpha=0.4))
     ax.plot(*GOAL, "*", color="tab:green", ms=14)
     ax.plot(history[:, 0], history[:, 1], color="tab:blue", lw=0.8, alpha=0.5)

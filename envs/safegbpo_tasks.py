@@ -64,7 +64,7 @@ from saferl.envs.diff import DiffEnv, PicklableGenerators
 from saferl.envs.zonotope import Zonotope, load_sets
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rci_halfspaces(task: str):
     return load_sets(task).rci.halfspaces()  # float64 CPU, computed once per process
 

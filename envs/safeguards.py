@@ -135,7 +135,7 @@ def _tol(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 2e-5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ctrl_halfspaces(task: str):
     from saferl.envs.zonotope import load_sets
     return load_sets(task).ctrl.halfspaces()  # float64 CPU, once per process
@@ -194,7 +194,7 @@ def row_groups(H: torch.Tensor, res: float = 0.05):
     return gid.argsort(stable=True), count, rep, radius, gid
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rci_groups(task: str):
     from saferl.envs.safegbpo_tasks import _rci_halfspaces
     return row_groups(_rci_halfspaces(task)[0])  # once per process
@@ -441,7 +441,7 @@ def _affine_projection(P_W, p_W, mask, z):
 
 def _active_set(P, p, z, tol, max_iter):
     """No-grad dual active set; returns (W [N, m] indices, W mask, converged, infeasible)."""
-    N, K, m = P.shape
+    N, _K, m = P.shape
     dev = P.device
     a = z.clone()
     W = torch.zeros(N, m, dtype=torch.long, device=dev)
@@ -449,7 +449,6 @@ def _active_set(P, p, z, tol, max_iter):
     done = ~_finite_rows(P, p, z)  # NaN/Inf input: nothing to solve (``project_polytope`` returns NaN)
     infeasible = torch.zeros_like(done)
     subsets = [s for r in range(1, m + 1) for s in itertools.combinations(range(m + 1), r)]
-    ar = torch.arange(N, device=dev)
     for _ in range(max_iter):
         viol = (P @ a.unsqueeze(-1)).squeeze(-1) - p
         vmax, q = viol.max(-1)
@@ -535,7 +534,7 @@ def project_polytope(P: torch.Tensor, p: torch.Tensor, z: torch.Tensor, tol: flo
     return a
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _projection_layer(k: int, m: int):
     import cvxpy as cp
     from cvxpylayers.torch import CvxpyLayer
@@ -685,7 +684,7 @@ def random_directions(n: int, m: int, k: int, generator: torch.Generator | None 
     return d / d.norm(dim=-2, keepdim=True).clamp_min(1e-12)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _zonotope_layer(k: int, m: int, ng: int):
     import cvxpy as cp
     from cvxpylayers.torch import CvxpyLayer

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SafetyGymEnv", "make_env", "import_safety_gymnasium"]
+__all__ = ["SafetyGymEnv", "import_safety_gymnasium", "make_env"]
 
 
 def _patch_dataclasses_for_ndarray_defaults() -> None:

@@ -63,7 +63,7 @@ class APPOParams(PPOLagParams):
     lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(kind="lagrange", init=0.0))
 
     @model_validator(mode="after")
-    def _augmented_multiplier(self) -> "APPOParams":
+    def _augmented_multiplier(self) -> APPOParams:
         if self.lagrange.kind != "lagrange":
             raise ValueError(f"lagrange.kind: APPO's multiplier takes the augmented-Lagrangian step "
                              f"λ ← max(0, λ + σ(J_C − b)); only kind 'lagrange' applies (got {self.lagrange.kind!r})")
@@ -139,7 +139,8 @@ class APPO(PPOLag):
         adv_c, ret_c = advantages(self.v_c, norm, batch, "cost", p.cost_gamma, p.cost_lam)
         return torch.stack([standardise(adv_r), adv_c - adv_c.mean()], -1), ret_r, ret_c
 
-    def surrogate_loss(self, logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def surrogate_loss(self, logp: torch.Tensor, logp_old: torch.Tensor,
+                       adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss, ratio, s_r, s_c = appo_loss(logp, logp_old, adv[:, 0], adv[:, 1], self.p.clip, self.weight)
         return loss, {"clip_frac": ((ratio.detach() - 1).abs() > self.p.clip).float().mean(),
                       "appo/surrogate_reward": s_r.detach(), "appo/surrogate_cost": s_c.detach()}
@@ -150,7 +151,8 @@ class APPO(PPOLag):
         if signals.get("episode_cost") is None:
             return {}
         p = self.p
-        self.multiplier.value = augmented_multiplier_step(self.multiplier.value, signals["episode_cost"] - self.cost_limit,
+        self.multiplier.value = augmented_multiplier_step(self.multiplier.value,
+                                                          signals["episode_cost"] - self.cost_limit,
                                                           self.sigma, p.lagrange.upper)
         self.sigma = min(self.sigma * (1 + p.sigma_growth), p.sigma_max)
         return {"lagrange_multiplier": self.multiplier.value, "appo/sigma": self.sigma}

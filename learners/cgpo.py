@@ -59,8 +59,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from saferl.learners.cgpo_math import (RadiusParams, adapt_radius, reduction_ratio, solve_subproblem,
-                                       toleration_ratio)
+from saferl.learners.cgpo_math import RadiusParams, adapt_radius, reduction_ratio, solve_subproblem, toleration_ratio
 from saferl.learners.networks import flat_params, set_flat_params
 from saferl.learners.shac_lag import WindowLearner, WindowParams, combine
 from saferl.learners.world_model import WorldModelParams
@@ -75,7 +74,7 @@ class CGPOParams(WindowParams):
         "function of eq 69 on the same window, no baseline (zobg: CGPO-ZoBG, Fig 10)")
 
     @model_validator(mode="after")
-    def _zobg_needs_noise(self) -> "CGPOParams":
+    def _zobg_needs_noise(self) -> CGPOParams:
         if self.gradient_estimator == "zobg" and not self.stochastic:
             raise ValueError("gradient_estimator: zobg needs stochastic: true (a deterministic policy has no "
                              "score function)")

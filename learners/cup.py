@@ -26,7 +26,8 @@ Each update is two steps on the same batch, sampled by π_θk:
 episode cost (``lagrange.kind: lagrange``), stepped by the coordinator's ``dual`` phase. OmniSafe's
 CUP (``omnisafe/configs/on-policy/CUP.yaml``) steps ν with PPO-Lag's Adam rule instead (lr 0.035,
 ν₀ 0.001, ν ≤ 2, 50-episode window): ``lagrange: {kind: adam, lr: 0.035, init: 0.001, upper: 2,
-window: 50}``; the plain step stays the default so the shipped CUP configs keep their meaning. The critics are fitted during step 1 (PPO-Lag's loop);
+window: 50}``; the plain step stays the default so the shipped CUP configs keep their meaning.
+The critics are fitted during step 1 (PPO-Lag's loop);
 the advantages of both steps are computed once, before either step, from the critics at θ_k.
 The minimiser of L₂ over all policies is π ∝ π_θ{k+½} exp(−ν c_γ Â_C)
 (``tests/test_onpolicy_baselines.py`` checks the loss against it).
@@ -37,8 +38,14 @@ import torch
 from pydantic import Field
 
 from saferl.learners.lagrange import LagrangeParams
-from saferl.learners.ppo_lag import (PPOLag, PPOLagParams, advantages, lagrangian_advantage, shuffled_minibatches,
-                                     to_floats)
+from saferl.learners.ppo_lag import (
+    PPOLag,
+    PPOLagParams,
+    advantages,
+    lagrangian_advantage,
+    shuffled_minibatches,
+    to_floats,
+)
 from saferl.learners.trust_region import detached, mean_kl
 
 

@@ -266,7 +266,7 @@ class CVPO(OffPolicyLearner):
     @torch.no_grad()
     def estep(self, obs: torch.Tensor):
         """Particles from the target policy, their target-critic values, (η*, λ*) and q* (eq 8-9)."""
-        p, (bsz, k) = self.p, (obs.shape[0], self.p.particles)
+        p, k = self.p, self.p.particles
         u = self.target_policy.dist(obs).sample((k,)).transpose(0, 1)  # [B, K, n]
         a = torch.tanh(u)
         x_r = particle_q(self.q_r_target, obs, a).min(0).values  # [B, K]

@@ -1,6 +1,7 @@
 """Networks shared by the learners: MLPs, the Gaussian policy, running observation statistics."""
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -8,7 +9,6 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
-
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}  # names np_policy also knows
 
@@ -32,7 +32,7 @@ def mlp(sizes: Sequence[int], activation=nn.Tanh, out_gain: float = 1.0, init: s
     if init not in INITS:
         raise ValueError(f"init: {init!r} is not one of {INITS}")
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         lin = nn.Linear(a, b)
         last = i == len(sizes) - 2
         if init == "orthogonal":

@@ -58,6 +58,7 @@ class PDO(PPOLag):
 
     Params = PDOParams
 
-    def surrogate_loss(self, logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def surrogate_loss(self, logp: torch.Tensor, logp_old: torch.Tensor,
+                       adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss, ratio = pdo_loss(logp, logp_old, adv)
         return loss, {"ratio_max": ratio.detach().max()}

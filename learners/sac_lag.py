@@ -67,7 +67,8 @@ class Critic(torch.nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], n: int, activation: str = "relu",
                  init: str = "orthogonal"):
         super().__init__()
-        self.qs = torch.nn.ModuleList(mlp([obs_dim + act_dim, *hidden, 1], activation=ACTIVATIONS[activation], init=init)
+        self.qs = torch.nn.ModuleList(mlp([obs_dim + act_dim, *hidden, 1], activation=ACTIVATIONS[activation],
+                                          init=init)
                                       for _ in range(n))
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,8 @@ class OffPolicyLearner(base.Learner):
         g = clock["first_step"] if clock else None
         self.dual_steps_due = getattr(self, "dual_steps_due", 0) + sum(int(b["obs"].shape[0]) for b in batches)
         for block in batches:
-            data = {k: torch.tensor(v, device=self.device) for k, v in block.items()}  # a copy: Ray's arrays are read-only
+            # a copy: Ray's arrays are read-only
+            data = {k: torch.tensor(v, device=self.device) for k, v in block.items()}
             for i in range(data["obs"].shape[0]):
                 b = {k: v[i] for k, v in data.items()}
                 if clock is None:

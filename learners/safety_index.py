@@ -42,7 +42,7 @@ class IndexParams(BaseModel):
     n_range: tuple[float, float] = Field(REFERENCE_BOX["n"], description="n's projection box after a step")
 
     @model_validator(mode="after")
-    def _boxes(self) -> "IndexParams":
+    def _boxes(self) -> IndexParams:
         for name in ("sigma_range", "k_range", "n_range"):
             lo, hi = getattr(self, name)
             floor = MIN_N if name == "n_range" else 0.0

@@ -77,8 +77,13 @@ from saferl.learners.lagrange import LagrangeParams
 from saferl.learners.networks import GaussianPolicy, flat_grad
 from saferl.learners.ppo_lag import flat, standardise
 from saferl.learners.quantile import CVaRValue, QuantileCritic, quantile_huber_loss, return_atoms
-from saferl.learners.trpo_lag import (TRPOLag, TRPOLagParams, TrustRegionLearner, TrustRegionParams,
-                                      natural_gradient_step)
+from saferl.learners.trpo_lag import (
+    TRPOLag,
+    TRPOLagParams,
+    TrustRegionLearner,
+    TrustRegionParams,
+    natural_gradient_step,
+)
 from saferl.learners.trust_region import SearchResult, backtracking_line_search, conjugate_gradient, mean_kl
 
 # -- stage 1 ----------------------------------------------------------------------------------------

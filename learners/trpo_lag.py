@@ -30,8 +30,15 @@ from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, OmniSafeLagrangeParams, dual_phase, make_multiplier
 from saferl.learners.networks import GaussianPolicy, flat_grad, flat_params, set_flat_params
 from saferl.learners.ppo_lag import ActorCritic, advantages, assemble, flat, lagrangian_advantage, to_floats
-from saferl.learners.trust_region import (SearchResult, backtracking_line_search, conjugate_gradient,
-                                          detached, fisher_vector_product, max_step, mean_kl)
+from saferl.learners.trust_region import (
+    SearchResult,
+    backtracking_line_search,
+    conjugate_gradient,
+    detached,
+    fisher_vector_product,
+    max_step,
+    mean_kl,
+)
 
 
 class TrustRegionParams(base.Params):

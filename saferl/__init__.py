@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 # make them resolve as saferl.cluster, saferl.actors, ... exactly as the installed mapping does.
 _root = _Path(__file__).resolve().parent.parent
 if (_root / "pyproject.toml").is_file() and (_root / "cluster" / "__init__.py").is_file():
-    __path__.append(str(_root))  # noqa: F821  (package __path__)
+    __path__.append(str(_root))
 
 # The Python API (saferl/api.py), imported on first use: `import saferl` alone loads nothing heavy.
 _API = ("train", "load", "evaluate_run", "make_config", "Run", "Policy")

@@ -59,7 +59,7 @@ class Run:
     _config: RunConfig | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> "Run":
+    def open(cls, run_dir: str | Path) -> Run:
         """An existing run directory (its ``eval.json``, if ``saferl eval --save`` wrote one)."""
         import json
 
@@ -85,7 +85,7 @@ class Run:
         path = self.run_dir / "metrics.csv"
         return pd.read_csv(path) if path.is_file() and path.stat().st_size else pd.DataFrame()
 
-    def policy(self) -> "Policy":
+    def policy(self) -> Policy:
         return load(self.run_dir)
 
     def evaluate(self, episodes: int = 10, deterministic: bool = True) -> dict:
@@ -102,7 +102,8 @@ def train_config(cfg: RunConfig, run_dir: str | Path | None = None, console=None
     ``saferl eval`` does and save it to ``RUN_DIR/eval.json``."""
     import ray
 
-    from saferl.cluster.session import connect, train as session_train
+    from saferl.cluster.session import connect
+    from saferl.cluster.session import train as session_train
 
     started = connect(cfg)  # one Ray session for training and the evaluation after it
     try:

@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser("rollout", help="env steps/s: env hosts on Ray vs one plain process")
     b.add_argument("--task", default="SafetyPointGoal1-v0")
-    b.add_argument("--steps", type=int, default=1000, help="steps per env per measurement (1000 = one navigation episode, resets included)")
+    b.add_argument("--steps", type=int, default=1000,
+                   help="steps per env per measurement (1000 = one navigation episode, resets included)")
     b.add_argument("--envs-per-host", type=int, nargs="+", default=[4, 16, 32])
     b.add_argument("--hosts", type=int, nargs="+", default=[1, 2])
     b.add_argument("--out", default="bench_results")

@@ -60,7 +60,8 @@ class Resources(Strict):
 class Schedule(Strict):
     """Intervals in iterations. Each algorithm phase (e.g. ``dual``) runs when
     ``iteration % every == 0``; the coordinator owns this, learners never count."""
-    phases: dict[str, int] = Field(default_factory=dict, description="phase -> interval; unlisted phases run every iteration")
+    phases: dict[str, int] = Field(
+        default_factory=dict, description="phase -> interval; unlisted phases run every iteration")
     step_phases: dict[str, int] = Field(
         default_factory=dict, description="off-policy learners' sub-updates -> interval in gradient steps "
         "(e.g. FAC-SIS: policy 3, multiplier 12, safety_index 24); an algorithm with step phases needs all listed")
@@ -133,7 +134,7 @@ class RunConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _compatible(self) -> "RunConfig":
+    def _compatible(self) -> RunConfig:
         self._custom_task()
         algo, task = registry.get_algo(self.algo), registry.get_task(self.task)
         # CGPO-ZoBG (algo_params.gradient_estimator: zobg) only rolls the torch simulator forward

@@ -25,7 +25,7 @@ def test_td_lambda_targets_match_eq_67():
     with torch.no_grad():
         V = lambda j: critic(obs[j], t0 + j) * (t0 + j < T)  # noqa: E731  V(s, T) = 0
         for j in range(h):
-            G = lambda k: rew[j:j + k].sum(0) + V(j + k)  # noqa: E731  G_{t:t+n} (eq 66)
+            G = lambda k: rew[j:j + k].sum(0) + V(j + k)  # noqa: E731, B023  G_{t:t+n} (eq 66), used in this iteration
             expect = (1 - lam) * sum(lam ** (k - 1) * G(k) for k in range(1, h - j)) + lam ** (h - j - 1) * G(h - j)
             torch.testing.assert_close(got[j], expect)
 
@@ -115,7 +115,7 @@ def test_world_model_fits_the_floor_dynamics():
     fit.add({"obs": obs, "act": act, "next_obs": obs + 0.2 * act, "reward": f, "cost": f})
     fit.fit()
     with torch.no_grad():
-        nxt, r, c = fit.model(torch.tensor(obs[:200]), torch.tensor(act[:200]))
+        nxt, _r, c = fit.model(torch.tensor(obs[:200]), torch.tensor(act[:200]))
     np.testing.assert_allclose(nxt.numpy(), obs[:200] + 0.2 * act[:200], atol=0.05)
     baseline = np.abs(f[:200] - f.mean()).mean()  # predicting the mean cost
     assert np.abs(c.numpy() - f[:200]).mean() < 0.5 * baseline  # eq 85's cost head learns f

@@ -31,7 +31,8 @@ def test_make_config_merges_fields_and_names_bad_ones():
     cfg = saferl.make_config("ppo_lag/FunctionEnv-v0", ["seed=4"], total_env_steps=6000,
                              algo_params={"hidden": [8]}, resources__envs_per_host=10,
                              **{"schedule.checkpoint_every": 3})
-    assert (cfg.seed, cfg.total_env_steps, cfg.resources.envs_per_host, cfg.schedule.checkpoint_every) == (4, 6000, 10, 3)
+    assert (cfg.seed, cfg.total_env_steps, cfg.resources.envs_per_host,
+            cfg.schedule.checkpoint_every) == (4, 6000, 10, 3)
     assert cfg.resources.num_env_hosts == 1  # the rest of the section is the config file's
     assert cfg.learner_params().hidden == [8] and cfg.algo_params["minibatch_size"] == 250
     for fields, name in (({"resources": {"num_env_hosts": -1}}, "resources.num_env_hosts"),

@@ -163,11 +163,12 @@ def test_skip_episode_run_counts_and_trains_on_finite_data(ray_session, run_root
     assert main(["train", _cfg("NanReward-v0", run_root, "skip_episode", tmp_path)]) == 0
     (metrics,) = list(__import__("pathlib").Path(run_root).rglob("metrics.csv"))
     rows = list(csv.DictReader(metrics.open()))
-    assert [int(float(r["health/skipped_episodes"])) for r in rows] == [4, 6]  # 2 envs; NaN at episode step 5: fragment steps 5, 11 | 1, 7, 13
+    # 2 envs; NaN at episode step 5: fragment steps 5, 11 | 1, 7, 13
+    assert [int(float(r["health/skipped_episodes"])) for r in rows] == [4, 6]
     assert all(0 < float(r["health/clipped_action_frac"]) < 1 for r in rows)
     (ckpt,) = sorted(metrics.parent.glob("checkpoints/*"))[-1:]
     sd = torch.load(ckpt, weights_only=False)["learner"]
-    flat = [v for v in _tensors(sd)]
+    flat = list(_tensors(sd))
     assert flat and all(torch.isfinite(v).all() for v in flat)
 
 
@@ -184,7 +185,7 @@ def _tensors(obj):
 
 
 def test_config_rejects_unknown_policy():
-    with pytest.raises(ConfigError, match="checks.on_invalid"):
+    with pytest.raises(ConfigError, match=r"checks.on_invalid"):
         load_config({"algo": "ppo_lag", "task": "FunctionEnv-v0", "checks": {"on_invalid": "ignore"}})
 
 
@@ -290,7 +291,7 @@ def test_resume_with_other_shapes_is_refused(ray_session, run_root, tmp_path, ca
     over = ["total_env_steps=32", "steps_per_iteration=32", f"run_root={run_root}", "algo_params.hidden=[8]",
             "algo_params.epochs=1", "logging.tensorboard=false", "logging.ray_metrics=false",
             "resources.envs_per_host=2"]
-    assert main(["train", "ppo_lag/FunctionEnv-v0", *sum((["--set", o] for o in over), [])]) == 0
+    assert main(["train", "ppo_lag/FunctionEnv-v0", *[a for o in over for a in ("--set", o)]]) == 0
     (run,) = list(__import__("pathlib").Path(run_root).iterdir())
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--set", "algo_params.hidden=[16]",

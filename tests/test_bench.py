@@ -67,7 +67,8 @@ def test_bench_learner_reports_the_time_per_minibatch_step(tmp_path):
 
     from saferl.config import load_config
 
-    assert main(["bench", "learner", "--algos", "ppo_lag/FunctionEnv-v0", "--updates", "1", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "learner", "--algos", "ppo_lag/FunctionEnv-v0", "--updates", "1",
+                 "--out", str(tmp_path)]) == 0
     [row] = json.loads((tmp_path / "learner.json").read_text())
     mb = load_config("ppo_lag/FunctionEnv-v0").learner_params().minibatch_size
     steps = row["epochs"][0] * math.ceil(row["samples_per_update"] / mb)

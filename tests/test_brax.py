@@ -157,7 +157,7 @@ def test_cartpole_through_torch_vec_env(cartpole):
     venv = TorchVecEnv(cartpole, N)
     obs = venv.reset(seed=0)
     assert obs.shape == (N, 4) and obs.dtype == np.float32
-    obs, rew, cost, term, trunc, info = venv.step(np.zeros((N, 1), np.float32))
+    obs, rew, cost, _term, _trunc, _info = venv.step(np.zeros((N, 1), np.float32))
     assert obs.shape == (N, 4) and rew.shape == cost.shape == (N,) and np.isfinite(obs).all()
 
 
@@ -305,7 +305,7 @@ def test_policy_window_matches_per_step_rollout(cartpole):
 
     sum_r, sum_c, _, _, s_end, traj = rollout_window(cartpole, policy, s0, 0, H, 300, noise)
     g_ref = flat_grad(sum_c.mean(), params)
-    s_w, r_w, c_w, obs_w, rs, cs = cartpole.policy_window(policy, H)(s0, noise)
+    s_w, r_w, c_w, obs_w, _rs, _cs = cartpole.policy_window(policy, H)(s0, noise)
     g_win = flat_grad(c_w.mean(), params)
     torch.testing.assert_close(c_w, sum_c, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(r_w, sum_r, rtol=1e-4, atol=1e-5)
@@ -323,7 +323,7 @@ def test_cartpole_stays_finite_when_the_pole_falls():
     state = env.initial_state(4, gen)
     with torch.no_grad():
         for _ in range(env.max_episode_steps):
-            state, r, c = env.step(state, torch.rand(4, 1, generator=gen) * 2 - 1)
+            state, _r, _c = env.step(state, torch.rand(4, 1, generator=gen) * 2 - 1)
     assert torch.isfinite(state).all() and state.abs().max() < 100
 
 

@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from saferl.learners.cgpo_math import (RadiusParams, adapt_radius, dual_variables, lambda_sets,
-                                       reduction_ratio, solve_subproblem, toleration_ratio)
+from saferl.learners.cgpo_math import (
+    RadiusParams,
+    adapt_radius,
+    dual_variables,
+    lambda_sets,
+    reduction_ratio,
+    solve_subproblem,
+    toleration_ratio,
+)
 
 cp = pytest.importorskip("cvxpy")
 
@@ -191,7 +198,7 @@ def test_g_parallel_to_q(factor, ratio):
 def test_nearly_parallel_and_extreme_scales():
     rng = np.random.default_rng(8)
     for _ in range(20):
-        g0, q0, c0, radius_sq = instance(rng, "c")
+        _g0, q0, c0, radius_sq = instance(rng, "c")
         for gs, qs, eps in [(1.0, 1.0, 1e-9), (1.0, 1.0, 1e-14), (1e-150, 1e150, 1e-6),
                             (1e150, 1e-150, 0.0), (1e-170, 1e-170, 1e-3)]:
             q = q0 * qs

@@ -18,6 +18,7 @@ and every node requires the token.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -115,10 +116,8 @@ class Node:
 
     def remember_family(self) -> None:
         """Record the node's processes (raylet, agents, workers) to kill any that outlive it."""
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             self.family |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
-        except psutil.NoSuchProcess:
-            pass
 
 
 def stop_node(node: Node, sig=signal.SIGTERM) -> None:
@@ -134,16 +133,12 @@ def stop_node(node: Node, sig=signal.SIGTERM) -> None:
             node.proc.wait()
     procs = []
     for pid in node.family:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=10)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     node.log.close()
     shutil.rmtree(node.temp_dir, ignore_errors=True)
 
@@ -353,7 +348,8 @@ def test_gradient_job_status_logs_stop(cluster, tmp_path, capsys):
     assert capsys.readouterr().out == f"{job_id}: already finished (SUCCEEDED)\n"
     assert len(pd.read_csv(run_root / "shac" / "metrics.csv")) == 5
 
-    long = jobs.submit(cluster.url, "shac/FunctionEnv-v0", ["schedule.log_every=1", f"run_root={run_root}", "name=long"])
+    long = jobs.submit(cluster.url, "shac/FunctionEnv-v0",
+                       ["schedule.log_every=1", f"run_root={run_root}", "name=long"])
     wait_logs(cluster.url, long, r"^it \d+/\d+ ")
     assert main(["stop", long, "--address", cluster.url]) == 0
     assert capsys.readouterr().out == f"{long}: stop requested\n"

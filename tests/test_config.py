@@ -158,5 +158,5 @@ def test_gradient_estimator_config_validation():
 def test_dual_before_update_needs_a_sampling_algorithm_with_a_dual_phase():
     assert load_config("ppo_lag/FunctionEnv-v0").schedule.dual_before_update  # OmniSafe's order, shipped
     for name in ("ppo/FunctionEnv-v0", "sac_lag/SafeGBPOPendulum-v0"):
-        with pytest.raises(ConfigError, match="schedule.dual_before_update: only for sampling algorithms"):
+        with pytest.raises(ConfigError, match=r"schedule.dual_before_update: only for sampling algorithms"):
             load_config(name, ["schedule.dual_before_update=true"])

@@ -92,12 +92,15 @@ def error(data: dict) -> str:
 
 
 @pytest.mark.parametrize("task, env, expected", [
-    ("saferl_nope_pkg.envs:Env", {}, "config error: task: saferl_nope_pkg.envs:Env: module 'saferl_nope_pkg' not found"),
+    ("saferl_nope_pkg.envs:Env", {},
+     "config error: task: saferl_nope_pkg.envs:Env: module 'saferl_nope_pkg' not found"),
     (f"{PKG}.envs:Nope", {}, f"config error: task: {PKG}.envs:Nope: module '{PKG}.envs' has no 'Nope'"),
     (f"{PKG}.envs:OldStepEnv", {}, "step returned a 4-tuple; expected (obs, reward, terminated, truncated, info)"),
     (f"{PKG}.envs:NoCostEnv", {}, "config error: env.cost_key: " + f"{PKG}.envs:NoCostEnv: step's info has no 'cost'"),
-    (f"{PKG}.envs:MyCostEnv", {"cost_key": "penalty"}, "env.cost_key: " + f"{PKG}.envs:MyCostEnv: step's info has no 'penalty' (its keys: ['cost', 'x'])"),
-    (f"{PKG}.envs:DiscreteEnv", {}, "config error: task: " + f"{PKG}.envs:DiscreteEnv: action_space is Discrete(3); saferl's policies need Box"),
+    (f"{PKG}.envs:MyCostEnv", {"cost_key": "penalty"},
+     "env.cost_key: " + f"{PKG}.envs:MyCostEnv: step's info has no 'penalty' (its keys: ['cost', 'x'])"),
+    (f"{PKG}.envs:DiscreteEnv", {},
+     "config error: task: " + f"{PKG}.envs:DiscreteEnv: action_space is Discrete(3); saferl's policies need Box"),
     (f"{PKG}.envs:MyCostEnv", {"kwargs": {"wal": 1}}, "constructing it with env.kwargs {'wal': 1} failed: TypeError"),
 ])
 def test_wrong_entries_are_refused_in_one_line(pkg, task, env, expected):
@@ -122,10 +125,10 @@ def test_each_step_style_gives_costs_and_truncation(pkg, entry):
     assert cfg.limit == 2.0 and cfg.task_spec.kind == "custom"
     vec = make_vec_env(cfg.task, 3)
     assert (vec.obs_dim, vec.act_dim, vec.max_episode_steps) == (2, 1, 30)
-    obs = vec.reset(7)
+    vec.reset(7)
     total_cost, episodes = np.zeros(3), []
     for t in range(30):
-        obs, rew, cost, term, trunc, info = vec.step(np.ones((3, 1), np.float32) * 5.0)  # clipped to 1
+        _obs, _rew, cost, term, trunc, info = vec.step(np.ones((3, 1), np.float32) * 5.0)  # clipped to 1
         total_cost += cost
         episodes += info["episodes"]
         assert trunc.all() == (t == 29) and not term.any()

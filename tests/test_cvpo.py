@@ -21,8 +21,16 @@ import torch
 from saferl.actors import np_policy
 from saferl.config import load_config
 from saferl.learners.base import EnvSpec
-from saferl.learners.cvpo import (CVPO, decoupled_kl, estep_dual, mstep_terms, particle_q, particle_stats,
-                                  per_step_threshold, solve_estep)
+from saferl.learners.cvpo import (
+    CVPO,
+    decoupled_kl,
+    estep_dual,
+    mstep_terms,
+    particle_q,
+    particle_stats,
+    per_step_threshold,
+    solve_estep,
+)
 from saferl.learners.networks import CholeskyTanhGaussianPolicy, polyak
 from saferl.learners.sac_lag import Critic
 
@@ -81,7 +89,7 @@ def test_estep_without_a_feasible_q_drives_lambda_to_its_bound():
     x_r, x_c = particle_values(0)
     eps1 = 0.5 * x_c.min(1).mean()  # below what any reweighting of the particles reaches
     status, *_ = cvx_estep(x_r, x_c, eps1, 0.1)
-    eta, lam, _ = solve_estep(x_r, x_c, eps1, 0.1, (0.1, 0.1), (1e-6, 1e5))
+    _eta, lam, _ = solve_estep(x_r, x_c, eps1, 0.1, (0.1, 0.1), (1e-6, 1e5))
     assert status == "unbounded" and lam == 1e5  # Slater fails: the paper's Remark 3
 
 
@@ -180,7 +188,7 @@ def test_cholesky_actor_numpy_export_agrees_with_torch():
     a, u, logp = np_policy.act(state, obs.numpy(), np.random.default_rng(0))
     np.testing.assert_allclose(a, np.tanh(u), atol=1e-6)
     np.testing.assert_allclose(logp, pol.dist(obs).log_prob(torch.tensor(u)).detach().numpy(), atol=1e-4)
-    a_det, u_det, _ = np_policy.act(state, obs.numpy(), np.random.default_rng(0), deterministic=True)
+    _a_det, u_det, _ = np_policy.act(state, obs.numpy(), np.random.default_rng(0), deterministic=True)
     np.testing.assert_allclose(u_det, mu_np, atol=1e-6)
     # sampled u has the covariance LLᵀ
     big = np.repeat(obs.numpy()[:1], 20000, 0)

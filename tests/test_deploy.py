@@ -46,7 +46,8 @@ def test_kuberay_rayjob():
     assert re.match(r"python -m saferl\.cli train \S+", spec["entrypoint"])
     cluster = spec["rayClusterSpec"]
     req = (ROOT / "deploy" / "requirements-main.txt").read_text()
-    assert re.search(rf"^ray\[[a-z,]+\]=={re.escape(cluster['rayVersion'])}$", req, re.M), "rayVersion != the pinned ray"
+    assert re.search(rf"^ray\[[a-z,]+\]=={re.escape(cluster['rayVersion'])}$", req, re.M), \
+        "rayVersion != the pinned ray"
     head = cluster["headGroupSpec"]
     groups = cluster["workerGroupSpecs"]
     assert "rayStartParams" in head and groups

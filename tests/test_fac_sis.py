@@ -8,6 +8,7 @@ table, and runs on the local Ray cluster."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from pathlib import Path
 
@@ -120,7 +121,8 @@ def test_step_phases_fire_exactly_at_their_intervals_across_updates():
     zeta0 = dict(learner.index.values())
     pi0 = copy.deepcopy(learner.policy.state_dict())
     out = learner.update(minibatches(2), {"first_step": 1, "every": every})  # gradient steps 1, 2
-    assert learner.index.values() == zeta0 and all(torch.equal(v, pi0[k]) for k, v in learner.policy.state_dict().items())
+    assert learner.index.values() == zeta0 and all(torch.equal(v, pi0[k])
+                                                   for k, v in learner.policy.state_dict().items())
     assert out["updates/policy"] == 0
     out = learner.update(minibatches(46, seed=1), {"first_step": 3, "every": every})  # steps 3..48
     assert (out["updates/policy"], out["updates/multiplier"], out["updates/safety_index"]) == (16, 4, 2)
@@ -190,7 +192,8 @@ def test_fac_sis_on_ray_lowers_its_violation_rate(ray_session, run_root):
     assert learning["env_steps"].iloc[0] == cfg.learner_params().warmup_steps
     g = round(0.5 * 480) * len(learning)  # gradient steps on the coordinator's clock
     last = learning.iloc[-1]
-    assert (last["updates/policy"], last["updates/multiplier"], last["updates/safety_index"]) == (g // 3, g // 12, g // 24)
+    assert (last["updates/policy"], last["updates/multiplier"],
+            last["updates/safety_index"]) == (g // 3, g // 12, g // 24)
     # the violations rise while the policy learns to head for the goal, then fall as λ(s) and the
     # index catch up (measured on replayed transitions: a lagging, low-noise signal)
     rate = learning["fac/replay_violation_share"]
@@ -362,7 +365,7 @@ def test_index_moves_materially_within_a_short_budget():
     assert 0 < moved["paper"] <= 60 * 8e-6 * 1.01
     assert moved["rule"] >= 0.2, trajectories["rule"][-1]
     sigmas = [t["sigma"] for t in trajectories["rule"]]
-    assert all(b <= a + 1e-7 for a, b in zip(sigmas, sigmas[1:])) and sigmas[-1] < 0.3 - 0.1
+    assert all(b <= a + 1e-7 for a, b in itertools.pairwise(sigmas)) and sigmas[-1] < 0.3 - 0.1
     box = IndexParams()
     for t in trajectories["rule"]:
         assert box.k_range[0] <= t["k"] <= box.k_range[1] and box.n_range[0] <= t["n"] <= box.n_range[1]

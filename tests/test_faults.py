@@ -149,7 +149,7 @@ def test_learner_death_stops_with_the_resume_command(ray_session, run_root):
     try:
         coord.run(stop_after=1)
         kill(coord.learner)
-        with pytest.raises(RuntimeError, match="the learner actor died .*`saferl train --resume "):
+        with pytest.raises(RuntimeError, match=r"the learner actor died .*`saferl train --resume "):
             coord.run()
         assert coord.state.iteration == 1
     finally:

@@ -12,8 +12,12 @@ from saferl.actors import inference, np_policy
 from saferl.actors.env_host import EnvHost
 from saferl.cluster.session import train
 from saferl.config import ConfigError, load_config
-from saferl.learners.networks import (CholeskyTanhGaussianPolicy, DeterministicTanhPolicy, GaussianPolicy,
-                                      TanhGaussianPolicy)
+from saferl.learners.networks import (
+    CholeskyTanhGaussianPolicy,
+    DeterministicTanhPolicy,
+    GaussianPolicy,
+    TanhGaussianPolicy,
+)
 
 
 def policies() -> dict:
@@ -40,9 +44,9 @@ def test_server_forward_and_actions_match_numpy(kind):
 
 
 def test_config_refuses_gpus_without_a_server_and_servers_without_rollouts():
-    with pytest.raises(ConfigError, match="resources.inference_gpus"):
+    with pytest.raises(ConfigError, match=r"resources.inference_gpus"):
         load_config("ppo_lag/FunctionEnv-v0", ["resources.inference_gpus=0.5"])
-    with pytest.raises(ConfigError, match="resources.inference"):
+    with pytest.raises(ConfigError, match=r"resources.inference"):
         load_config("bptt_lag/FunctionEnv-v0", ["resources.inference=server"])
 
 

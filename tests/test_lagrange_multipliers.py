@@ -10,8 +10,16 @@ import math
 import numpy as np
 import pytest
 
-from saferl.learners.lagrange import (AdamLagrange, Lagrange, LagrangeParams, OmniSafeLagrangeParams,
-                                      OmniSafeOffPolicyLagrangeParams, PIDLagrange, dual_phase, make_multiplier)
+from saferl.learners.lagrange import (
+    AdamLagrange,
+    Lagrange,
+    LagrangeParams,
+    OmniSafeLagrangeParams,
+    OmniSafeOffPolicyLagrangeParams,
+    PIDLagrange,
+    dual_phase,
+    make_multiplier,
+)
 
 
 def adam_by_hand(costs, limit, lr, init, upper=1e3, b1=0.9, b2=0.999, eps=1e-8):
@@ -78,7 +86,8 @@ def test_off_policy_warmup_and_one_step_per_gradient_step():
     assert (p.kind, p.lr, p.init, p.per_gradient_step) == ("adam", 1e-5, 0.001, True)
     mult = make_multiplier(p)
     for _ in range(3):  # warm-up phases: λ reported, unchanged
-        assert dual_phase(mult, {"episode_cost": 100.0}, 25.0, steps=2000) == {"lagrange_multiplier": pytest.approx(0.001)}
+        assert (dual_phase(mult, {"episode_cost": 100.0}, 25.0, steps=2000)
+                == {"lagrange_multiplier": pytest.approx(0.001)})
     dual_phase(mult, {"episode_cost": 100.0}, 25.0, steps=2000)
     want = adam_by_hand([100.0] * 2000, 25.0, lr=1e-5, init=0.001)[-1]  # = 2000 OmniSafe updates
     assert mult.value == pytest.approx(want, rel=1e-4) and mult.value == pytest.approx(0.001 + 2000 * 1e-5, rel=1e-3)

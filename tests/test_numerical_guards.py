@@ -209,7 +209,8 @@ def test_shac_critic_fit_skips_nan_targets():
 def test_cgpo_subproblem_never_returns_a_nan_step():
     from saferl.learners.cgpo_math import solve_subproblem
 
-    for g, q, c in [([np.nan, 1.0], [1.0, 0.0], 0.1), ([1.0, 0.0], [np.inf, 0.0], 0.1), ([1.0, 0.0], [0.0, 1.0], np.nan)]:
+    for g, q, c in [([np.nan, 1.0], [1.0, 0.0], 0.1), ([1.0, 0.0], [np.inf, 0.0], 0.1),
+                    ([1.0, 0.0], [0.0, 1.0], np.nan)]:
         with pytest.raises(ValueError):  # refused, never a NaN δ (the learner skips before calling it)
             solve_subproblem(g, q, c, 1e-3)
     delta, _ = solve_subproblem([1e308, 1e308], [1e-308, 0.0], 1e308, 1e-3)  # extreme but finite

@@ -141,7 +141,8 @@ def test_sac_learns_the_pendulum(ray_session, run_root):
 def test_sac_resume_restores_buffer_and_learner(ray_session, run_root):
     cfg = load_config("sac/SafeGBPOPendulum-v0", ["total_env_steps=1920", "algo_params.warmup_steps=384",
                                                   "algo_params.hidden=[32]", "algo_params.batch_size=64",
-                                                  "schedule.checkpoint_every=4", "schedule.log_every=1", f"run_root={run_root}"])
+                                                  "schedule.checkpoint_every=4", "schedule.log_every=1",
+                                                  f"run_root={run_root}"])
     part = train(cfg, stop_after=4)
     saved = rundir.load_checkpoint(part, cfg)
     assert saved["replay"]["size"] == 4 * cfg.steps_per_iteration
@@ -179,7 +180,8 @@ def test_td3_critic_targets_are_clipped_double_q_with_smoothing():
     the smoothed target action) with the same smoothing noise."""
     learner = td3_learner(target_noise=0.3, noise_clip=0.4)
     with torch.no_grad():  # targets distinct from the online nets, so a mix-up would show
-        for p in [*learner.policy_target.parameters(), *learner.q_r_target.parameters(), *learner.q_c_target.parameters()]:
+        for p in [*learner.policy_target.parameters(), *learner.q_r_target.parameters(),
+                  *learner.q_c_target.parameters()]:
             p.add_(0.1 * torch.randn_like(p))
     b = random_minibatch()
     torch.manual_seed(5)
@@ -198,7 +200,8 @@ def test_td3_actor_and_targets_move_only_every_policy_delay_steps():
     learner.multiplier.value = 0.5
     snap = lambda m: flat_params(m).clone()  # noqa: E731
     for i in range(1, 7):
-        pol, pol_t, q_t, q = snap(learner.policy), snap(learner.policy_target), snap(learner.q_r_target), snap(learner.q_r)
+        pol, pol_t, q_t, q = (snap(learner.policy), snap(learner.policy_target), snap(learner.q_r_target),
+                              snap(learner.q_r))
         out = learner.step(random_minibatch())
         delayed = i % 3 == 0
         assert ("loss_pi" in out) == delayed

@@ -63,7 +63,8 @@ OMNISAFE_TASK_SECTIONS = {"policy_lr": 5e-6, "critic_lr": 1e-3, "lagrange": {"in
 
 
 def omnisafe_settings(algo: str, task: str) -> dict:
-    out = {**OMNISAFE_COMMON, **OMNISAFE[algo], "policy_lr": 3e-4, "critic_lr": 3e-4, "lagrange": dict(OMNISAFE_LAGRANGE)}
+    out = {**OMNISAFE_COMMON, **OMNISAFE[algo], "policy_lr": 3e-4, "critic_lr": 3e-4,
+           "lagrange": dict(OMNISAFE_LAGRANGE)}
     if "Goal1" in task or "Circle1" in task:
         out.update(policy_lr=5e-6, critic_lr=1e-3)
         out["lagrange"].update(OMNISAFE_TASK_SECTIONS["lagrange"])

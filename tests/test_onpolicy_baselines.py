@@ -225,7 +225,7 @@ def test_focops_gradient_matches_finite_differences_with_the_per_state_indicator
     old = torch.distributions.Normal(torch.tensor(w_k * obs + b_k), torch.full(obs.shape, math.exp(ls_k)))
     o, a = torch.tensor(obs), torch.tensor(act)
     dist = pol.dist(o)
-    loss, kl, keep = focops_loss(dist, old, dist.log_prob(a).sum(-1), old.log_prob(a).sum(-1),
+    loss, _kl, keep = focops_loss(dist, old, dist.log_prob(a).sum(-1), old.log_prob(a).sum(-1),
                                  torch.tensor(adv), lam, eta)
     loss.backward()
     grad = torch.cat([p.grad.reshape(-1) for p in pol.parameters()]).numpy()
@@ -300,7 +300,7 @@ def test_cup_projection_decreases_the_cost_surrogate_within_the_kl_bound():
     data = assemble([batch], CPU)
     obs, act = data["obs"].reshape(-1, 1), data["act"].reshape(-1, 1)
     logp_old = learner.policy.log_prob(obs, act).detach()  # π_k; the projection starts from π_½ = π_k here
-    _, ret_r, ret_c = learner.policy_advantages(data)
+    _, _ret_r, _ret_c = learner.policy_advantages(data)
     adv_c = learner._adv_c
     assert adv_c.mean().abs() < 1e-5  # centred
     half = copy.deepcopy(learner.policy)
@@ -466,7 +466,7 @@ def test_policy_lr_decays_linearly_and_resumes():
 
 def test_critic_norm_penalty_is_omnisafes_l2_term():
     """L_V + c Σ‖θ‖² over both critics' parameters (OmniSafe's use_critic_norm, c = 0.001)."""
-    host, env = env_spec()
+    _host, env = env_spec()
     learner = PPOLag(PPOLag.Params(hidden=[8], critic_norm_coef=0.001), env, 8.0, CPU, seed=0)
     z, ret_r, ret_c = torch.randn(32, 1), torch.randn(32), torch.randn(32)
     with torch.no_grad():

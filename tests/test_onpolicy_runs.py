@@ -10,7 +10,6 @@ import pytest
 
 from tests.inprocess import column, run_in_process
 
-
 # RCPO's multiplier is its slowest timescale (lr 0.01 in the shipped config): it needs λ > 1
 # before the penalised reward (1 − λ) r turns against the cost, which takes longer than this run.
 FASTER = {"rcpo": ["algo_params.lagrange.lr=0.05"]}

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from saferl.actors.env_host import EnvHost
-from saferl.learners.appo import (APPO, appo_loss, augmented_multiplier_step, multiplier_penalty,
-                                  penalty_weight)
+from saferl.learners.appo import APPO, appo_loss, augmented_multiplier_step, multiplier_penalty, penalty_weight
 from saferl.learners.base import EnvSpec
 from saferl.learners.networks import flat_params
 from saferl.learners.pdo import PDO, pdo_loss

@@ -55,7 +55,7 @@ def test_linearised_next_set(env64):
     nonlinear = env64.f(env64.physical(s), a, torch.zeros(5, env64.noise_dim, dtype=torch.float64))
     assert (nonlinear - z.center).abs().max() < 1e-5  # first order: O(1e-6) error
     torch.testing.assert_close(z.generators[0], lin.E * env64.noise_bound)
-    d, B, G = env64.next_set_affine(s)
+    d, B, _G = env64.next_set_affine(s)
     torch.testing.assert_close(d + a @ B.T, z.center)
     # at the linearisation point itself every realised next state (w ∈ W) lies in the set
     origin = torch.zeros(5, env64.dyn_dim, dtype=torch.float64)
@@ -79,7 +79,7 @@ def test_rci_is_invariant_under_the_linearisation(env64):
         Gm, beta = cp.Variable((G2.shape[1], G.shape[1])), cp.Variable(G2.shape[1])
         M = cp.hstack([Gm, cp.reshape(beta, (-1, 1), order="C")])
         cons = [a == ctrl.center.numpy() + Gc @ gam, cp.abs(gam) <= 1, cp.abs(a) <= 1,
-                G == G2 @ Gm, c2 - d[i] - B @ a == G2 @ beta]
+                G2 @ Gm == G, c2 - d[i] - B @ a == G2 @ beta]
         prob = cp.Problem(cp.Minimize(cp.max(cp.sum(cp.abs(M), axis=1))), cons)
         prob.solve()
         assert prob.value <= 1.0
@@ -128,7 +128,7 @@ def test_zero_action_rollout_and_gradients():
         assert torch.isfinite(actions.grad).all() and actions.grad.abs().sum() > 0
     vec = TorchVecEnv(SafeGBPOQuadrotor(), 3)
     obs = vec.reset(seed=1)
-    obs, rew, cost, term, trunc, _ = vec.step(np.zeros((3, 2), np.float32))
+    obs, rew, _cost, _term, trunc, _ = vec.step(np.zeros((3, 2), np.float32))
     assert obs.shape == (3, 8) and rew.dtype == np.float32 and not trunc.any()
 
 

@@ -53,7 +53,7 @@ def _binding(env, n, seed):
     return s.clone(), a.clone()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _binding_draw(env, n, seed):
     # about a fifth of the quadrotor's draws are active with an exact 64-row pruning: 8n leaves margin
     s, a = _states(env, 8 * n, seed, power=0.2), _actions(env, 8 * n, seed + 1)
@@ -251,7 +251,7 @@ def test_boundary_projection_jacobian_lemma_1(env64):
     eye = torch.eye(env64.act_dim, dtype=F64)
     seen = set()
     for i in range(s.shape[0]):
-        J = jacobian(lambda x: sg.project_polytope(P[i], p[i], x), a[i])
+        J = jacobian(lambda x: sg.project_polytope(P[i], p[i], x), a[i])  # noqa: B023  (called within the iteration)
         projected = bool(info["active"][i])
         seen.add(projected)
         if projected:
@@ -268,7 +268,7 @@ def test_ray_mask_jacobian_full_rank():
     P, p = sg.safe_action_polytope(env, s)
     c = sg.zonotopic_centre(P, p)
     for i in range(4):
-        J = jacobian(lambda x: sg.ray_map(P[i], p[i], x, c[i].detach(), True), a[i])
+        J = jacobian(lambda x: sg.ray_map(P[i], p[i], x, c[i].detach(), True), a[i])  # noqa: B023  (called within the iteration)
         assert torch.linalg.matrix_rank(J) == 2
 
 
@@ -276,7 +276,7 @@ def test_passthrough_identity_jacobian(env64):
     s, a = _binding(env64, 8, 12)
     for kind in sg.KINDS:
         def f(x):
-            return sg.passthrough(x, sg.safeguard(env64, s[:1], x, kind))
+            return sg.passthrough(x, sg.safeguard(env64, s[:1], x, kind))  # noqa: B023  (called within the iteration)
         x = a[:1].clone()
         J = jacobian(f, x).reshape(env64.act_dim, env64.act_dim)
         torch.testing.assert_close(J, torch.eye(env64.act_dim, dtype=F64))

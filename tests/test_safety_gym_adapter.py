@@ -156,7 +156,8 @@ import json, numpy as np
 from saferl.actors.env_host import make_vec_env
 from saferl.envs.safety_gym import make_env
 out = {}
-for task, base in [("SafetyPointGoal1-SIS-v0", "SafetyPointGoal1-v0"), ("SafetyPointPush1-SIS-v0", "SafetyPointPush1-v0"),
+for task, base in [("SafetyPointGoal1-SIS-v0", "SafetyPointGoal1-v0"),
+                   ("SafetyPointPush1-SIS-v0", "SafetyPointPush1-v0"),
                    ("SafetyPointPillarsGoal1-SIS-v0", "SafetyPointPillarsGoal1-v0")]:
     env, plain = make_env(base, seed=3, geometry=True), make_env(base, seed=3)
     o, p = env.reset(3), plain.reset(3)
@@ -171,10 +172,12 @@ for task, base in [("SafetyPointGoal1-SIS-v0", "SafetyPointGoal1-v0"), ("SafetyP
         rows.append([float(np.abs(o[:plain.obs_dim] - p).max()), float(np.abs(o[plain.obs_dim:] - tail).max())])
     task_obj = env._env.unwrapped.task
     vec = make_vec_env(task, 2)
-    out[task] = {"n": env.n_hazards, "obs_dim": env.obs_dim, "plain_dim": plain.obs_dim, "err": np.max(rows, 0).tolist(),
+    out[task] = {"n": env.n_hazards, "obs_dim": env.obs_dim, "plain_dim": plain.obs_dim,
+                 "err": np.max(rows, 0).tolist(),
                  "hazards": sum(int(g.num) for g in (getattr(task_obj, n, None) for n in ("hazards", "pillars"))
                                 if g is not None and g.is_constrained),
-                 "pillars": int(getattr(getattr(task_obj, "pillars", None), "num", 0)), "vec_n": vec.n_hazards, "vec_dim": vec.obs_dim,
+                 "pillars": int(getattr(getattr(task_obj, "pillars", None), "num", 0)),
+                 "vec_n": vec.n_hazards, "vec_dim": vec.obs_dim,
                  "moved": float(np.linalg.norm(g["robot_vel"]))}
 print(json.dumps(out))
 """
@@ -185,6 +188,7 @@ def test_geometry_tail_is_the_info_arrays_after_the_plain_observation() -> None:
     for task, r in res.items():
         assert r["n"] == r["hazards"] == r["vec_n"] > 0, task  # constrained obstacles only (hazards here)
         assert r["obs_dim"] == r["vec_dim"] == r["plain_dim"] + 4 + 3 * r["n"], task
-        assert r["err"][0] == 0.0 and r["err"][1] < 1e-5, (task, r["err"])  # plain part untouched; tail = info (float32)
+        # plain part untouched; tail = info (float32)
+        assert r["err"][0] == 0.0 and r["err"][1] < 1e-5, (task, r["err"])
         assert r["moved"] > 0, task
     assert res["SafetyPointPillarsGoal1-SIS-v0"]["n"] == res["SafetyPointPillarsGoal1-SIS-v0"]["pillars"] == 4

@@ -21,14 +21,12 @@ import pytest
 import torch
 
 from saferl.config import ConfigError, load_config
+from saferl.learners.base import EnvSpec
 from saferl.learners.networks import GaussianPolicy, flat_params
 from saferl.learners.quantile import QuantileCritic, cvar, quantile_huber_loss, return_atoms
-from saferl.learners.base import EnvSpec
 from saferl.learners.strpo import STRPO, UnsafeTRPO, exclusion_step, least_lambda2
 from saferl.learners.trust_region import fisher_vector_product
-
 from tests.test_trust_region import assert_resumes_identically, rollouts, spd
-
 
 # -- eq 8-9: the exclusion step ---------------------------------------------------------------------
 
@@ -68,7 +66,7 @@ def test_exclusion_step_with_adapted_lambda2_solves_eq8_like_cvxpy(float64, seed
 def test_least_lambda2_is_the_root_of_the_exclusion_equation():
     q, r, s, d1, d2 = 2.0, -0.5, 1.5, 0.01, 0.1
     lam = least_lambda2(q, r, s, d1, d2)
-    excl = lambda l: math.sqrt(2 * d1) * (r + l * s) / math.sqrt(q + 2 * l * r + l * l * s)  # noqa: E731
+    excl = lambda lam2: math.sqrt(2 * d1) * (r + lam2 * s) / math.sqrt(q + 2 * lam2 * r + lam2 * lam2 * s)  # noqa: E731
     assert excl(lam) == pytest.approx(d2, rel=1e-9)
     assert excl(0.99 * lam) < d2 < excl(1.01 * lam)
     assert least_lambda2(q, r, s, d1, math.sqrt(2 * d1 * s)) is None  # the supremum is not attained
@@ -336,9 +334,9 @@ def test_two_stages_on_ray_pipeline(ray_session, run_root):
 
 
 def test_bad_unsafe_policy_paths_are_refused(tmp_path, run_root):
-    with pytest.raises(ConfigError, match="algo_params.unsafe_policy: path .* does not exist"):
+    with pytest.raises(ConfigError, match=r"algo_params.unsafe_policy: path .* does not exist"):
         load_config("strpo/FunctionEnv-v0", ["algo_params.unsafe_policy=/nonexistent/run"]).learner_params()
-    with pytest.raises(ConfigError, match="algo_params.unsafe_policy: .* has no checkpoint"):
+    with pytest.raises(ConfigError, match=r"algo_params.unsafe_policy: .* has no checkpoint"):
         STRPO(STRPO.Params(unsafe_policy=str(tmp_path)), rollouts(steps=2)[2], 8.0, torch.device("cpu"), 0)
 
 

@@ -90,14 +90,14 @@ def test_a_tiny_study_end_to_end(ray_session, tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     runs = {r["variant"]: r for r in csv.DictReader(open(out / "runs.csv"))}
     assert set(runs) == {"adaptive", "fixed-1e-4"} and all(r["status"] == "ok" for r in runs.values())
-    for key, r in runs.items():
+    for _key, r in runs.items():
         metrics = list(csv.DictReader(open(Path(r["run_dir"]) / "metrics.csv")))
         assert len(metrics) == 10 and all(m["cgpo/reduction_ratio"] != "" for m in metrics)
         rads = [float(m["cgpo/radius"]) for m in metrics]
         assert float(r["median_radius"]) == pytest.approx(statistics.median(rads))
         rho = statistics.median(float(m["cgpo/reduction_ratio"]) for m in metrics)
         assert float(r["median_rho"]) == pytest.approx(rho) and math.isfinite(rho)
-    assert set(float(m) for m in [runs["fixed-1e-4"]["median_radius"]]) == {1e-4}
+    assert {float(m) for m in [runs["fixed-1e-4"]["median_radius"]]} == {1e-4}
     assert float(runs["fixed-1e-4"]["at_floor"]) == 1.0
     table = (out / "radius.md").read_text()
     assert "| adaptive δ̂ |" in table and "| fixed δ̂ = 1e-4 |" in table

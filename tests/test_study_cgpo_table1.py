@@ -130,7 +130,7 @@ def test_study_end_to_end_function_env(ray_session, run_root, tmp_path, capsys):
     with open(out / "runs.csv", newline="") as fh:
         runs = {r["algo"]: r for r in csv.DictReader(fh)}
     assert set(runs) == {"cgpo", "ppo_lag"}
-    for algo, r in runs.items():
+    for r in runs.values():
         assert r["status"] == "ok" and r["task"] == "FunctionEnv-v0" and r["seed"] == "0"
         assert int(r["total_env_steps"]) == 8000 and int(r["num_envs"]) == 8
         assert int(r["n_points"]) == 10  # one episode of every env per 800 steps
@@ -237,7 +237,8 @@ def test_deviating_tasks_are_marked_next_to_every_number(tmp_path):
     for line in ours:  # our HalfCheetah runs used another limit than the paper's
         assert all(c.endswith(other_limit) for c in line.strip("| ").split(" | ")[5:7]), line
     assert "| APPO | 5.95e+06 (task differs: reward reshaped) | 6.59 (task differs: reward reshaped) |" in table
-    assert "| CPO | 6.72e+06 (task differs: reward reshaped) | 5.96 (task differs: reward reshaped) | 1.98e+06 " in table
+    assert ("| CPO | 6.72e+06 (task differs: reward reshaped) | 5.96 (task differs: reward reshaped) "
+            "| 1.98e+06 ") in table
     assert "-† " + other_limit in table  # CPO on HalfCheetah: the paper's "-†", marked
     assert "50,000 env steps per run, not the paper's 5 seeds" in table
     with open(tmp_path / "runs.csv", newline="") as fh:

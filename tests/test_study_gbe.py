@@ -13,8 +13,8 @@ import torch
 
 from saferl.cli import main
 from saferl.cluster.studies.gbe import batch_gradients, relative_error, update_direction
-from saferl.learners.analytic import pre_squash_actions, zobg_gradient
 from saferl.envs.function_env import FunctionEnv
+from saferl.learners.analytic import pre_squash_actions, zobg_gradient
 from saferl.learners.networks import GaussianPolicy
 
 TINY = ["--seeds", "2", "--epochs", "6", "--stages", "2", "--envs", "32", "--delta", "0.001",

@@ -242,7 +242,8 @@ def _recording_client(monkeypatch) -> dict:
 
 def test_custom_package_joins_the_jobs_runtime_env(user_pkg, monkeypatch):
     sent = _recording_client(monkeypatch)
-    assert jobs.submit("http://10.9.9.9:8265", "ppo_lag/FunctionEnv-v0", CUSTOM, python=sys.executable) == "raysubmit_fake"
+    assert jobs.submit("http://10.9.9.9:8265", "ppo_lag/FunctionEnv-v0", CUSTOM,
+                       python=sys.executable) == "raysubmit_fake"
     assert sent["runtime_env"] == {"working_dir": str(jobs.REPO_ROOT), "excludes": jobs.EXCLUDES,
                                    "py_modules": [str(user_pkg.resolve())]}
     assert sent["entrypoint"].endswith(" --set task=saferl_test_submitpkg.envs:LineEnv --set env.cost_limit=5 "

@@ -36,8 +36,9 @@ def test_grid_and_random_space():
 
 
 def test_trial_resources_follow_the_config():
-    cfg = load_config("ppo_lag/FunctionEnv-v0", ["resources.num_env_hosts=3", "resources.envs_per_host=4", "steps_per_iteration=2400",
-                                                 "resources.num_gpus_per_learner=0.5", "resources.num_cpus_per_host=2"])
+    cfg = load_config("ppo_lag/FunctionEnv-v0", ["resources.num_env_hosts=3", "resources.envs_per_host=4",
+                                                 "steps_per_iteration=2400", "resources.num_gpus_per_learner=0.5",
+                                                 "resources.num_cpus_per_host=2"])
     assert sweep.trial_resources(cfg) == [{}, {"CPU": 1.0, "GPU": 0.5}] + [{"CPU": 2.0}] * 3
     cfg = load_config("mb_cgpo/SwimmerVelocity-v0", ["resources.num_gpus_per_host=0.25"])
     n = cfg.resources.num_env_hosts
@@ -47,7 +48,8 @@ def test_trial_resources_follow_the_config():
 def test_asha_scheduler_on_a_named_metric():
     spec = {"asha": "episode/return", "asha_grace": 50, "iterations": 10}
     asha = sweep.asha_scheduler(spec)
-    assert (asha._metric, asha._mode, asha._time_attr, asha._max_t) == ("episode/return", "max", "training_iteration", 11)
+    assert ((asha._metric, asha._mode, asha._time_attr, asha._max_t)
+            == ("episode/return", "max", "training_iteration", 11))
     assert asha._brackets[0]._rungs[-1][0] == 11  # grace capped at max_t
     assert sweep.asha_scheduler({**spec, "asha": "episode/cost"})._mode == "min"
     assert sweep.asha_scheduler({**spec, "asha": "episode/cost:max"})._mode == "max"
@@ -96,7 +98,7 @@ TINY = ["total_env_steps=400", "steps_per_iteration=200", "resources.envs_per_ho
 def _sweep(tmp_path, seeds: int, capsys) -> tuple:
     out = tmp_path / "sweep"
     args = ["sweep", "ppo_lag/FunctionEnv-v0", "--grid", "cost_limit=0.001,1000", "--seeds", str(seeds),
-            "--eval-episodes", "4", "--out", str(out), *sum((["--set", o] for o in TINY), [])]
+            "--eval-episodes", "4", "--out", str(out), *[a for o in TINY for a in ("--set", o)]]
     assert main(args) == 0
     trials = pd.read_csv(out / "trials.csv")
     runs = sorted(p.name for p in (out / "runs").iterdir())
@@ -137,7 +139,7 @@ def test_grid_on_ray_tune_and_resume(ray_session, tmp_path, monkeypatch, capsys)
 def test_grid_times_seeds_on_ray_tune_and_resume(ray_session, tmp_path, monkeypatch, capsys):
     """2 combinations × 2 seeds = 4 trials: mean ± std over the seeds in the table."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    trials, summary = _sweep(tmp_path, 2, capsys)
+    _trials, summary = _sweep(tmp_path, 2, capsys)
     assert (summary["cost_std"] > 0).all()  # two seeds, two different policies
 
 
@@ -155,7 +157,7 @@ def test_interrupted_sweep_resumes_its_runs_from_their_checkpoints(tmp_path):
     out = tmp_path / "sweep"
     sets = ["total_env_steps=2000", "steps_per_iteration=200", "schedule.checkpoint_every=2", *TINY[2:]]
     cmd = [sys.executable, "-m", "saferl.cli", "sweep", "ppo_lag/FunctionEnv-v0", "--grid", "cost_limit=0.001,1000",
-           "--eval-episodes", "2", "--max-concurrent", "1", "--out", str(out), *sum((["--set", o] for o in sets), [])]
+           "--eval-episodes", "2", "--max-concurrent", "1", "--out", str(out), *[a for o in sets for a in ("--set", o)]]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = out / "runs" / "c000-s0" / "checkpoints" / "ckpt_0000004.pt"

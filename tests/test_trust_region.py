@@ -75,7 +75,7 @@ def test_fvp_equals_explicit_fisher_matrix(float64):
     j_mu = torch.autograd.functional.jacobian(lambda th: outputs(th)[0], theta0)  # [S, A, P]
     fisher = torch.einsum("sap,a,saq->pq", j_mu, (-2 * ls0).exp(), j_mu) / obs.shape[0]
     offsets = np.cumsum([0] + [p.numel() for p in pol.parameters()])
-    i = [k for k, p in enumerate(pol.parameters()) if p is pol.log_std][0]
+    i = next(k for k, p in enumerate(pol.parameters()) if p is pol.log_std)
     ls = slice(offsets[i], offsets[i + 1])
     fisher[ls, ls] += 2 * torch.eye(pol.log_std.numel())
     torch.testing.assert_close(hessian, fisher, rtol=1e-8, atol=1e-10)
@@ -96,11 +96,11 @@ def test_cg_matches_direct_solve(float64):
     for n in (5, 20):
         a = torch.tensor(spd(n, rng))
         b = torch.tensor(rng.normal(size=n))
-        res = conjugate_gradient(lambda v: a @ v, b, iters=2 * n, tol=1e-12)
+        res = conjugate_gradient(lambda v: a @ v, b, iters=2 * n, tol=1e-12)  # noqa: B023  (called within the iteration)
         assert res.converged and not res.failed and res.iterations <= 2 * n
         torch.testing.assert_close(res.x, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
         assert res.residual == pytest.approx(0.0, abs=1e-10)
-        truncated = conjugate_gradient(lambda v: a @ v, b, iters=2)  # TRPO-style truncation
+        truncated = conjugate_gradient(lambda v: a @ v, b, iters=2)  # TRPO-style truncation  # noqa: B023  (called within the iteration)
         assert truncated.iterations == 2 and not truncated.converged and not truncated.failed
         assert truncated.residual == pytest.approx(torch.linalg.norm(b - a @ truncated.x).item(), rel=1e-8)
 
@@ -266,7 +266,8 @@ def test_trpo_lag_update_decreases_the_surrogate_within_the_trust_region():
     # (OmniSafe's Adam rule: its first step moves λ by lr in the sign of J_C − b)
     assert learner.phase("dual", {"episode_cost": 20.0}) == {"lagrange_multiplier": pytest.approx(0.5 + p.lagrange.lr)}
     # no episode ended: J_C is still the mean of the 50-episode window, so λ takes its next step
-    assert learner.phase("dual", {"episode_cost": None}) == {"lagrange_multiplier": pytest.approx(0.5 + 2 * p.lagrange.lr)}
+    assert (learner.phase("dual", {"episode_cost": None})
+            == {"lagrange_multiplier": pytest.approx(0.5 + 2 * p.lagrange.lr)})
 
 
 def assert_resumes_identically(cls, p) -> None:

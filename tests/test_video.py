@@ -46,7 +46,7 @@ def test_function_env_video_gif_and_mp4(ray_session, run_root, capsys):
     import imageio.v2 as imageio
 
     with imageio.get_reader(mp4, format="FFMPEG") as reader:
-        decoded = np.stack([f for f in reader.iter_data()])  # (its len() is inf: no list(reader))
+        decoded = np.stack(list(reader.iter_data()))  # (its len() is inf: no list(reader))
     assert mp4.name == "eval_ep0.mp4" and decoded.shape[0] == 30 and decoded.std() > 10
 
 

@@ -27,15 +27,34 @@ import importlib
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from saferl.cluster.studies.runner import (FINAL_FRACTION, add_run_arguments, by_seed, csv_list, failed_note,
-                                           final_performance, finish_return_and_cost, finish_study, format_mean_std,
-                                           parse_seeds, plan_job, planned_runs, plot_return_and_cost, read_curve,
-                                           record_plan, require_positive, save_figure, study_console_and_out, train_and_measure,
-                                           summarise, warn_if_no_episode, write_csv)
+from saferl.cluster.studies.runner import (
+    FINAL_FRACTION,
+    add_run_arguments,
+    by_seed,
+    csv_list,
+    failed_note,
+    final_performance,
+    finish_return_and_cost,
+    finish_study,
+    format_mean_std,
+    parse_seeds,
+    plan_job,
+    planned_runs,
+    plot_return_and_cost,
+    read_curve,
+    record_plan,
+    require_positive,
+    save_figure,
+    study_console_and_out,
+    summarise,
+    train_and_measure,
+    warn_if_no_episode,
+    write_csv,
+)
 
 # ``saferl benchmark NAME`` -> the module holding its PRESET (imported when the CLI is built)
 BENCHMARKS = {"onpolicy": "saferl.cluster.studies.benchmark_onpolicy",
@@ -301,7 +320,7 @@ def _plot(preset: Preset, out: Path, curves: list[tuple], records: list[dict], s
     for task in s["tasks"]:
         fig, (ax_r, ax_c) = plt.subplots(1, 2, figsize=(10, 3.8))
         for a, algo in enumerate(s["algos"]):
-            series = by_seed(curves, lambda t, al: (t, al) == (task, algo))
+            series = by_seed(curves, lambda t, al: (t, al) == (task, algo))  # noqa: B023  (called within the iteration)
             plot_return_and_cost(ax_r, ax_c, series, colors[a % len(colors)], preset.label(algo))
         finish_return_and_cost(ax_r, ax_c, next((r["cost_limit"] for r in records if r["task"] == task), None))
         save_figure(fig, out / f"curves_{task}.png", f"{task}: {preset.title.lower()} benchmark "

@@ -64,11 +64,33 @@ from pathlib import Path
 
 from saferl.cluster.studies.cgpo_radius import read_radius
 from saferl.cluster.studies.cgpo_table1 import conv_steps, vio_ratio
-from saferl.cluster.studies.runner import (FINAL_FRACTION, add_budget_arguments, add_run_arguments, by_seed, choose_keys, csv_list,
-                                           failed_note, final_performance, finish_return_and_cost, finish_study,
-                                           format_mean_std, parse_seeds, plan_job, planned_runs, plot_return_and_cost,
-                                           read_curve, record_plan, require_budget, require_task, train_and_measure,
-                                           save_figure, study_console_and_out, summarise, warn_if_no_episode, write_csv)
+from saferl.cluster.studies.runner import (
+    FINAL_FRACTION,
+    add_budget_arguments,
+    add_run_arguments,
+    by_seed,
+    choose_keys,
+    csv_list,
+    failed_note,
+    final_performance,
+    finish_return_and_cost,
+    finish_study,
+    format_mean_std,
+    parse_seeds,
+    plan_job,
+    planned_runs,
+    plot_return_and_cost,
+    read_curve,
+    record_plan,
+    require_budget,
+    require_task,
+    save_figure,
+    study_console_and_out,
+    summarise,
+    train_and_measure,
+    warn_if_no_episode,
+    write_csv,
+)
 
 HELP = "CGPO Fig. 10 / Fig. 6: CGPO on FoBG vs ZoBG gradients, and MB-CGPO on a non-differentiable task"
 
@@ -101,7 +123,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the differentiable task of fobg / zobg (default {DEFAULTS['task']})")
     p.add_argument("--nd-task", default=DEFAULTS["nd_task"],
                    help=f"the non-differentiable task of mb-cgpo / zobg-nd (default {DEFAULTS['nd_task']})")
-    add_budget_arguments(p, DEFAULTS, steps_note="the FunctionEnv configs' 640000", hosts_help="gradient workers per run")
+    add_budget_arguments(p, DEFAULTS, steps_note="the FunctionEnv configs' 640000",
+                         hosts_help="gradient workers per run")
     add_run_arguments(p, "cgpo-gradients", last_k="points")
 
 
@@ -267,7 +290,7 @@ def plot(out: Path, curves: list[tuple], rhos: list[tuple], records: list[dict],
         limit = None
         for key in keys:
             label = ARMS[key][0] + ("" if ARMS[key][4] == figure else f" on {s['task']} (reference)")
-            plot_return_and_cost(ax_r, ax_c, by_seed(curves, lambda arm, *_: arm == key), colors[key], label)
+            plot_return_and_cost(ax_r, ax_c, by_seed(curves, lambda arm, *_: arm == key), colors[key], label)  # noqa: B023  (called within the iteration)
             pts = [(x, p) for arm, _, x, p in rhos if arm == key and math.isfinite(p)]
             if pts:
                 ax_p.scatter([p[0] for p in pts], [min(max(p[1], -2.0), 4.0) for p in pts], s=6, alpha=0.4,
@@ -291,7 +314,8 @@ def run(args) -> Path:
     jobs = plan(s, out)  # every config validated before anything is created or started
     warn_if_no_episode(jobs[0], console)
     record_plan(out, console, {"command": command(s, out), **s,
-                               "runs": planned_runs(jobs, "arm", "algo", "task", "seed", "name", "config", "overrides")},
+                               "runs": planned_runs(jobs, "arm", "algo", "task", "seed", "name", "config",
+                                                    "overrides")},
                 f"study cgpo-gradients: {len(jobs)} runs ({len(s['arms'])} arms × {len(s['seeds'])} seeds, "
                 f"{s['steps']:,} env steps each)")
     t0 = time.perf_counter()

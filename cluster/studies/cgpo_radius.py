@@ -51,11 +51,33 @@ import statistics
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (FINAL_FRACTION, add_budget_arguments, add_run_arguments, by_seed, choose_keys, csv_list,
-                                           failed_note, final_performance, finish_return_and_cost, finish_study,
-                                           format_mean_std, parse_seeds, plan_job, planned_runs, plot_return_and_cost,
-                                           read_curve, record_plan, require_budget, require_task, train_and_measure,
-                                           save_figure, study_console_and_out, summarise, warn_if_no_episode, write_csv)
+from saferl.cluster.studies.runner import (
+    FINAL_FRACTION,
+    add_budget_arguments,
+    add_run_arguments,
+    by_seed,
+    choose_keys,
+    csv_list,
+    failed_note,
+    final_performance,
+    finish_return_and_cost,
+    finish_study,
+    format_mean_std,
+    parse_seeds,
+    plan_job,
+    planned_runs,
+    plot_return_and_cost,
+    read_curve,
+    record_plan,
+    require_budget,
+    require_task,
+    save_figure,
+    study_console_and_out,
+    summarise,
+    train_and_measure,
+    warn_if_no_episode,
+    write_csv,
+)
 
 HELP = "CGPO Fig. 7 / Fig. 14: adaptive vs fixed trust-region radius δ̂ and ablations of eq 18's settings"
 
@@ -246,7 +268,7 @@ def _plot(out: Path, curves: list[tuple], radii: list[tuple], records: list[dict
     first = s["seeds"][0]
     for (ax_r, ax_c, ax_d), keys in zip(axes, rows):
         for key in keys:
-            series = by_seed(curves, lambda variant, *_: variant == key)
+            series = by_seed(curves, lambda variant, *_: variant == key)  # noqa: B023  (called within the iteration)
             plot_return_and_cost(ax_r, ax_c, series, color[key], VARIANTS[key][0])
             pts = sorted((x, r) for v, seed, x, r, _ in radii if v == key and seed == first)
             if pts:

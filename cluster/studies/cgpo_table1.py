@@ -92,10 +92,25 @@ import csv
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (add_run_arguments, by_seed, csv_list, failed_note, finish_study,
-                                           format_mean_std, plan_job, planned_runs, plot_return_and_cost, read_curve,
-                                           record_plan, require_positive, run_jobs, save_figure, shipped_config,
-                                           study_console_and_out, write_csv)
+from saferl.cluster.studies.runner import (
+    add_run_arguments,
+    by_seed,
+    csv_list,
+    failed_note,
+    finish_study,
+    format_mean_std,
+    plan_job,
+    planned_runs,
+    plot_return_and_cost,
+    read_curve,
+    record_plan,
+    require_positive,
+    run_jobs,
+    save_figure,
+    shipped_config,
+    study_console_and_out,
+    write_csv,
+)
 
 HELP = ("CGPO paper Table 1: Conv. Steps and Vio. Ratio of PDO, APPO, CPO, CUP, BPTT-Lag, SHAC-Lag and CGPO "
         "on the Brax tasks")
@@ -389,7 +404,7 @@ def _plot(out: Path, curves: list[tuple], records: list[dict], args) -> None:
     for j, task in enumerate(tasks):
         limit = next((r["cost_limit"] for r in records if r["task"] == task), None)
         for a, algo in enumerate(algos):
-            series = by_seed(curves, lambda t, al: (t, al) == (task, algo))
+            series = by_seed(curves, lambda t, al: (t, al) == (task, algo))  # noqa: B023  (called within the iteration)
             plot_return_and_cost(axes[0][j], axes[1][j], series, colors[a % len(colors)], ALGO_LABELS.get(algo, algo))
         if limit is not None:
             axes[1][j].axhline(limit, color="k", linestyle="--", linewidth=1, label=f"cost limit {limit:g}")

@@ -346,7 +346,7 @@ def run_fobg_zobg(env, limit: float, args, log, dtype) -> tuple[list[dict], int]
             t0 = time.perf_counter()
             for epoch in range(args.epochs):
                 start, noise = _batch(env, seed, epoch, N, steps, dtype)
-                j_r, j_c, g, q_fo, costs, traj = batch_gradients(env, policy, start, noise, steps)
+                _j_r, j_c, g, q_fo, costs, traj = batch_gradients(env, policy, start, noise, steps)
                 obs = traj["obs"]
                 u = pre_squash_actions(policy, obs, noise)
                 q_zo = zobg_gradient(policy, obs, u, costs)
@@ -410,7 +410,8 @@ def gbe_abe_table(rows, args) -> str:
              f"Task {args.task}, T = {args.horizon or 'task horizon'}, {args.seeds} seeds × {args.epochs} updates, "
              f"N = {args.envs}. "
              "mean ± std over seeds of per-seed means; median and share > 1 over all updates.", "",
-             "| stage | epochs | J_C(θ) | GBE mean ± std | GBE median | ABE mean ± std | ABE median | ABE > 1 | GBE > 1 |",
+             "| stage | epochs | J_C(θ) | GBE mean ± std | GBE median | ABE mean ± std | ABE median "
+             "| ABE > 1 | GBE > 1 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for stage in range(args.stages):
         sel = [r for r in rows if r["stage"] == stage]
@@ -594,7 +595,8 @@ def run(args) -> Path:
             t0 = time.perf_counter()
             rows, skipped = run_gbe_abe(env, limit, args, log, dtype)
             if not rows:
-                raise ConfigError(f"study error: GBE/ABE: every batch of {args.task} was non-finite (try a shorter --horizon)")
+                raise ConfigError(f"study error: GBE/ABE: every batch of {args.task} was non-finite "
+                                  "(try a shorter --horizon)")
             _write_csv(out / "gbe_abe.csv", rows)
             (out / "gbe_abe.md").write_text(gbe_abe_table(rows, args))
             plot_gbe_abe(rows, args, out / "gbe_abe.png")
@@ -611,7 +613,8 @@ def run(args) -> Path:
             t0 = time.perf_counter()
             rows, skipped = run_fobg_zobg(env, limit, args, log, dtype)
             if not rows:
-                raise ConfigError(f"study error: FoBG/ZoBG: every batch of {args.task} was non-finite (try shorter --lengths)")
+                raise ConfigError(f"study error: FoBG/ZoBG: every batch of {args.task} was non-finite "
+                                  "(try shorter --lengths)")
             _write_csv(out / "fobg_zobg.csv", rows)
             (out / "fobg_zobg.md").write_text(fobg_zobg_tables(rows, args))
             plot_fobg_zobg(rows, args, out / "fobg_zobg.png")

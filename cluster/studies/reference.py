@@ -95,7 +95,8 @@ def reference_python(args, console) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from saferl.cluster.studies.runner import add_address_argument, add_out_argument
 
-    p.add_argument("--algo", default="ppo_lag", choices=sorted(REFERENCE_ALGOS), help="saferl algorithm (default ppo_lag)")
+    p.add_argument("--algo", default="ppo_lag", choices=sorted(REFERENCE_ALGOS),
+                   help="saferl algorithm (default ppo_lag)")
     p.add_argument("--task", default="SafetyPointGoal1-v0", help="a Safety-Gymnasium task both libraries have")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=600_000, help="total env steps of each side (default 600,000)")
@@ -123,8 +124,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings(args) -> dict:
-    from saferl.config import ConfigError, load_config
     from saferl.cluster.studies.runner import shipped_config
+    from saferl.config import ConfigError, load_config
 
     if args.algo not in REFERENCE_ALGOS:
         raise ConfigError(f"usage error: --algo {args.algo!r}: one of {', '.join(sorted(REFERENCE_ALGOS))}")
@@ -162,7 +163,7 @@ def ray_worker_niceness() -> int:
     ``RAY_worker_niceness`` says otherwise). The reference runs at the same niceness as saferl's
     actors: otherwise, on a busy machine, the scheduler hands it the cores and the comparison
     measures priorities instead of algorithms."""
-    return int(os.environ.get("RAY_worker_niceness", "15"))
+    return int(os.environ.get("RAY_worker_niceness", "15"))  # noqa: SIM112  (Ray spells it so)
 
 
 def reference_sets(s: dict) -> list[str]:
@@ -332,7 +333,7 @@ def start_ray_patiently(cfg, args, console, attempts: int = 8) -> bool:
             ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needs(cfg)[0])), logging_level="warning",
                      include_dashboard=False)
             return True
-        except Exception as err:  # noqa: BLE001 — Ray raises a bare Exception for this
+        except Exception as err:
             if "timed out during startup" not in str(err) or attempt == attempts:
                 raise
             ray.shutdown()
@@ -341,8 +342,8 @@ def start_ray_patiently(cfg, args, console, attempts: int = 8) -> bool:
 
 
 def run(args) -> Path:
-    from saferl.config import ConfigError
     from saferl.cluster.studies.runner import DONE_MARKER, run_jobs, study_console_and_out
+    from saferl.config import ConfigError
 
     console, out = study_console_and_out("reference", args)
     s = settings(args)

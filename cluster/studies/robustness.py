@@ -25,8 +25,15 @@ import os
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (add_address_argument, add_out_argument, csv_list, record_plan, save_figure,
-                                           study_console_and_out, write_csv)
+from saferl.cluster.studies.runner import (
+    add_address_argument,
+    add_out_argument,
+    csv_list,
+    record_plan,
+    save_figure,
+    study_console_and_out,
+    write_csv,
+)
 
 HELP = "sTRPO App. D: return and cost of trained policies under random-action attacks (attack rate α)"
 

@@ -56,9 +56,20 @@ import statistics
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (add_run_arguments, csv_list, failed_note, finish_study, plan_job,
-                                           planned_runs, plot_mean_std, record_plan, run_jobs, save_figure,
-                                           study_console_and_out, write_csv)
+from saferl.cluster.studies.runner import (
+    add_run_arguments,
+    csv_list,
+    failed_note,
+    finish_study,
+    plan_job,
+    planned_runs,
+    plot_mean_std,
+    record_plan,
+    run_jobs,
+    save_figure,
+    study_console_and_out,
+    write_csv,
+)
 
 HELP = "SafeGBPO paper, Tables 2-6: safeguards (boundary projection, ray mask) with SHAC, PPO and SAC"
 
@@ -332,7 +343,7 @@ def _plot(out: Path, curves: list[tuple], s: dict) -> None:
             for k, variant in enumerate(variants):
                 task = variant_task(base, variant)
                 series: dict[int, list] = {}
-                for t, v, a, seed, x, ret, _ in curves:
+                for t, _v, a, seed, x, ret, _ in curves:
                     if t == task and a == algo:
                         series.setdefault(seed, []).append((x, ret))
                 if series:

@@ -196,7 +196,8 @@ def sensitivity_table(rows: list[dict], defaults: dict) -> str:
         mark = " (default)" if (acc, v) == (defaults["acc_max"], defaults["v_max"]) else ""
         body += (f"| {acc:g}{mark} | {v:g} | " + " | ".join(
             f"{cells[lab]['success_rate']:.0%} ({cells[lab]['infeasible_rate']:.0%})" for lab in labels) + " |\n")
-    paper = "| paper | – | " + " | ".join(f"{PAPER_TABLE3[lab]:.0%} ({1 - PAPER_TABLE3[lab]:.0%})" for lab in labels) + " |\n"
+    paper = "| paper | – | " + " | ".join(
+        f"{PAPER_TABLE3[lab]:.0%} ({1 - PAPER_TABLE3[lab]:.0%})" for lab in labels) + " |\n"
     omega = sorted({r["omega_max"] for r in rows})
     return (f"\n## Sensitivity to the actuator constants\n\nSuccess rate (infeasible rate) per index; turn-rate "
             f"bound {', '.join(f'{o:g}' for o in omega)}; same trajectories and action grid. The last row is the "

@@ -71,12 +71,33 @@ import csv
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (DONE_MARKER, FINAL_FRACTION, add_run_arguments, by_seed, csv_list,
-                                           failed_note, final_performance, finish_return_and_cost, finish_study,
-                                           format_mean_std, parse_seeds, plan_job, planned_runs, plot_return_and_cost,
-                                           read_curve, record_plan, require_positive, require_task, run_jobs,
-                                           save_figure, start_ray, study_console_and_out, summarise, warn_if_no_episode,
-                                           write_csv)
+from saferl.cluster.studies.runner import (
+    DONE_MARKER,
+    FINAL_FRACTION,
+    add_run_arguments,
+    by_seed,
+    csv_list,
+    failed_note,
+    final_performance,
+    finish_return_and_cost,
+    finish_study,
+    format_mean_std,
+    parse_seeds,
+    plan_job,
+    planned_runs,
+    plot_return_and_cost,
+    read_curve,
+    record_plan,
+    require_positive,
+    require_task,
+    run_jobs,
+    save_figure,
+    start_ray,
+    study_console_and_out,
+    summarise,
+    warn_if_no_episode,
+    write_csv,
+)
 
 HELP = "sTRPO App. C: ablations (joint advantage, unsafe term, λ2, TRPO vs DTRPO π_unsafe, δ sweep) on one task"
 
@@ -347,7 +368,7 @@ def _plot(out: Path, curves: list[tuple], records: list[dict], s: dict) -> None:
     limit = next((r["cost_limit"] for r in records if r.get("stage") == 2), None)
     for (ax_r, ax_c), keys in zip(axes, rows):
         for key in keys:
-            series = by_seed(curves, lambda variant, *_: variant == key)
+            series = by_seed(curves, lambda variant, *_: variant == key)  # noqa: B023  (called within the iteration)
             plot_return_and_cost(ax_r, ax_c, series, color[key], VARIANTS[key][0])
         finish_return_and_cost(ax_r, ax_c, limit)
     save_figure(fig, out / "ablation.png", f"{s['task']}: sTRPO ablation (mean ± std over seeds)")

@@ -285,6 +285,7 @@ def table(records: list[dict], s: dict) -> str:
              "evaluation episodes); violations = steps outside the RCI set / state box, summed over training "
              "(and evaluation) episodes of all seeds; wall-clock = training time per step relative to the same "
              "algorithm unsafeguarded.", ""]
+    marked = False  # a row's Reward is over unconverged runs (the † footnote)
     for base in s["tasks"]:
         lines += [f"## {base}", "", "| Safeguard | Algorithm | # Steps | Reward [95% CI] | # Stuck | "
                   "Violations train (eval) | Wall-clock ratio |", "|---|---|---|---|---|---|---|"]
@@ -304,6 +305,7 @@ def table(records: list[dict], s: dict) -> str:
             reward = statistics.fmean(pooled)
             ci = bootstrap_ci(pooled)
             ci_text = (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "") + ("" if conv else " †")
+            marked = marked or not conv
             viol = sum(r["train_violations"] for r in rs)
             ev_viol = sum(r["eval_violations"] for r in rs)
             speed = statistics.fmean(r["s_per_1k_steps"] for r in rs)
@@ -312,7 +314,7 @@ def table(records: list[dict], s: dict) -> str:
                          f"{_fmt(reward, '.4g')}{ci_text} | {len(rs) - len(conv)}/{len(rs)} | {viol:g} ({ev_viol:g}) | "
                          f"{_fmt(ratio, '.2f')} |")
         lines.append("")
-    if any(line.endswith(" †") or " † |" in line for line in lines):
+    if marked:
         lines += ["† no run converged within its budget: Reward is over all runs.", ""]
     bad = [r for r in ok if r["variant"] != "none" and (r["train_violations"] or r["eval_violations"])]
     lines.append("Safeguarded runs with a violation: " + (", ".join(Path(r["run_dir"]).name for r in bad) or "none")

@@ -50,7 +50,8 @@ from pydantic import Field, model_validator
 
 from saferl.learners.cpo import EpisodeCosts
 from saferl.learners.lagrange import LagrangeParams
-from saferl.learners.ppo_lag import PPOLag, PPOLagParams, advantages, standardise
+from saferl.learners.onpolicy_base import advantages, standardise
+from saferl.learners.ppo_lag import PPOLag, PPOLagParams
 
 
 class APPOParams(PPOLagParams):

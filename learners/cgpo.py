@@ -61,7 +61,7 @@ from pydantic import Field, model_validator
 
 from saferl.learners.cgpo_math import RadiusParams, adapt_radius, reduction_ratio, solve_subproblem, toleration_ratio
 from saferl.learners.networks import flat_params, set_flat_params
-from saferl.learners.shac_lag import WindowLearner, WindowParams, combine
+from saferl.learners.window_base import WindowLearner, WindowParams, combine
 from saferl.learners.world_model import WorldModelParams
 
 CASES = {"a": 0, "b": 1, "c": 2}

@@ -51,9 +51,9 @@ import numpy as np
 import torch
 
 from saferl.learners import base
-from saferl.learners.ppo_lag import standardise
-from saferl.learners.trpo_lag import TrustRegionLearner, TrustRegionParams
+from saferl.learners.onpolicy_base import standardise
 from saferl.learners.trust_region import backtracking_line_search, conjugate_gradient, max_step
+from saferl.learners.trust_region_base import TrustRegionLearner, TrustRegionParams
 
 COST_GRAD_EPS = 1e-6  # ‖b‖² below this counts as "no cost gradient" (OmniSafe's threshold)
 

@@ -38,14 +38,8 @@ import torch
 from pydantic import Field
 
 from saferl.learners.lagrange import LagrangeParams
-from saferl.learners.ppo_lag import (
-    PPOLag,
-    PPOLagParams,
-    advantages,
-    lagrangian_advantage,
-    shuffled_minibatches,
-    to_floats,
-)
+from saferl.learners.onpolicy_base import advantages, lagrangian_advantage, shuffled_minibatches, to_floats
+from saferl.learners.ppo_lag import PPOLag, PPOLagParams
 from saferl.learners.trust_region import detached, mean_kl
 
 

@@ -58,7 +58,7 @@ from scipy.optimize import minimize
 
 from saferl.learners import base
 from saferl.learners.networks import CholeskyTanhGaussianPolicy, polyak
-from saferl.learners.sac_lag import OffPolicyLearner, OffPolicyParams
+from saferl.learners.offpolicy_base import OffPolicyLearner, OffPolicyParams
 
 
 class CVPOParams(OffPolicyParams):
@@ -149,7 +149,7 @@ def per_step_threshold(limit: float, gamma: float, horizon: int) -> float:
 
 @torch.no_grad()
 def particle_q(critic, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    """Every net of ``critic`` (``sac_lag.Critic``, Q(s, a) on [s, a]) at the K particle actions of
+    """Every net of ``critic`` (``offpolicy_base.Critic``, Q(s, a) on [s, a]) at the K particle actions of
     each state: obs [B, d], act [B, K, m] -> [n_nets, B, K]. The same sums as ``critic`` on the
     states repeated K times, but the first layer's state part W_s s + b is computed once per state
     and added to W_a a of each particle, and the ReLUs work in place."""

@@ -53,7 +53,7 @@ from pydantic import Field
 from saferl.batch import next_observations
 from saferl.learners import base
 from saferl.learners.networks import ACTIVATIONS, TanhGaussianPolicy, mlp, polyak
-from saferl.learners.sac_lag import OffPolicyLearner, OffPolicyParams
+from saferl.learners.offpolicy_base import OffPolicyLearner, OffPolicyParams
 from saferl.learners.safety_index import IndexParams, SafetyIndex
 
 STEP_PHASES = ("policy", "multiplier", "safety_index")

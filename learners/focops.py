@@ -42,7 +42,8 @@ from pydantic import Field
 
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams
-from saferl.learners.ppo_lag import PPOLag, advantages, assemble, flat, standardise
+from saferl.learners.onpolicy_base import advantages, assemble, flat, standardise
+from saferl.learners.ppo_lag import PPOLag
 from saferl.learners.trust_region import detached
 
 

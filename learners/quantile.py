@@ -40,7 +40,7 @@ class QuantileCritic(nn.Module):
 class CVaRValue(nn.Module):
     """V(s) = CVaR_α of a quantile critic's distribution: the mean of its ⌈αN⌉ largest quantiles
     (sorted, since a regression fit need not be monotone). Shaped [..., 1] like a value critic,
-    so ``ppo_lag.advantages`` computes eq 4's TD residual and its GAE with it."""
+    so ``onpolicy_base.advantages`` computes eq 4's TD residual and its GAE with it."""
 
     def __init__(self, quantiles: QuantileCritic, alpha: float):
         super().__init__()

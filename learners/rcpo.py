@@ -28,7 +28,8 @@ import torch
 from pydantic import Field
 
 from saferl.learners.lagrange import LagrangeParams
-from saferl.learners.ppo_lag import PPOLag, PPOLagParams, advantages, standardise
+from saferl.learners.onpolicy_base import advantages, standardise
+from saferl.learners.ppo_lag import PPOLag, PPOLagParams
 
 
 class RCPOParams(PPOLagParams):

@@ -75,16 +75,11 @@ from pydantic import Field, field_validator
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams
 from saferl.learners.networks import GaussianPolicy, flat_grad
-from saferl.learners.ppo_lag import flat, standardise
+from saferl.learners.onpolicy_base import flat, standardise
 from saferl.learners.quantile import CVaRValue, QuantileCritic, quantile_huber_loss, return_atoms
-from saferl.learners.trpo_lag import (
-    TRPOLag,
-    TRPOLagParams,
-    TrustRegionLearner,
-    TrustRegionParams,
-    natural_gradient_step,
-)
+from saferl.learners.trpo_lag import TRPOLag, TRPOLagParams
 from saferl.learners.trust_region import SearchResult, backtracking_line_search, conjugate_gradient, mean_kl
+from saferl.learners.trust_region_base import TrustRegionLearner, TrustRegionParams, natural_gradient_step
 
 # -- stage 1 ----------------------------------------------------------------------------------------
 

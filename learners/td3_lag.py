@@ -33,7 +33,7 @@ from pydantic import Field
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, OmniSafeOffPolicyLagrangeParams, make_multiplier
 from saferl.learners.networks import DeterministicTanhPolicy, polyak
-from saferl.learners.sac_lag import OffPolicyLearner, OffPolicyParams
+from saferl.learners.offpolicy_base import OffPolicyLearner, OffPolicyParams
 
 
 class TD3LagParams(OffPolicyParams):

@@ -1,9 +1,9 @@
 """TRPO (Schulman et al. 2015) and TRPO-Lagrangian (Ray, Achiam & Amodei 2019, "Benchmarking
 Safe Exploration in Deep RL"), on the PPO-Lag machinery.
 
-Per update, with reward and cost GAE from separate critics (``ppo_lag.advantages``):
+Per update, with reward and cost GAE from separate critics (``onpolicy_base.advantages``):
 
-    Â = (z(Â_R) − λ (Â_C − mean Â_C)) / (1 + λ)            (``ppo_lag.lagrangian_advantage``)
+    Â = (z(Â_R) − λ (Â_C − mean Â_C)) / (1 + λ)            (``onpolicy_base.lagrangian_advantage``)
     g = ∇_θ E[ρ Â]|_θk,   ρ = π_θ(u|s) / π_θk(u|s)
     x ≈ (H + d·I)⁻¹ g by conjugate gradient,  H = ∇² D̄_KL(π_θk ‖ π_θ) (Fisher-vector products)
     θ = θ_k + β^j √(2δ / xᵀHx) x,  the first j with D̄_KL ≤ δ(1 + tol) and E[ρ Â] improved
@@ -22,45 +22,12 @@ phase (λ stays at its initial value).
 """
 from __future__ import annotations
 
-import numpy as np
-import torch
 from pydantic import Field
 
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, OmniSafeLagrangeParams, dual_phase, make_multiplier
-from saferl.learners.networks import GaussianPolicy, flat_grad, flat_params, set_flat_params
-from saferl.learners.ppo_lag import ActorCritic, advantages, assemble, flat, lagrangian_advantage, to_floats
-from saferl.learners.trust_region import (
-    SearchResult,
-    backtracking_line_search,
-    conjugate_gradient,
-    detached,
-    fisher_vector_product,
-    max_step,
-    mean_kl,
-)
-
-
-class TrustRegionParams(base.Params):
-    hidden: list[int] = Field(default_factory=lambda: [64, 64])
-    critic_lr: float = Field(1e-3, gt=0, description="Adam step size of both critics (OmniSafe: 1e-3)")
-    gamma: float = Field(0.99, gt=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    cost_gamma: float = Field(0.99, gt=0, le=1)
-    cost_lam: float = Field(0.95, ge=0, le=1)
-    target_kl: float = Field(0.01, gt=0, description="δ, the trust-region radius in mean KL")
-    kl_tolerance: float = Field(0.5, ge=0, description="accept a step while KL ≤ δ(1 + tol); OmniSafe 1.5δ")
-    cg_iters: int = Field(15, gt=0)
-    cg_damping: float = Field(0.1, ge=0, description="d in (H + d·I) x = g")
-    fvp_subsample: int = Field(1, gt=0, description="use every k-th state in Fisher-vector products")
-    backtrack_coef: float = Field(0.8, gt=0, lt=1)
-    max_backtracks: int = Field(15, gt=0, description="candidate steps tried: 1, β, …, β^(n−1)")
-    critic_epochs: int = Field(10, gt=0)
-    minibatch_size: int = Field(128, gt=0, description="critic minibatch")
-    init_log_std: float = -0.5
-    normalise_obs: bool = True
-    init: str = Field("orthogonal", pattern="^(orthogonal|kaiming_uniform)$",
-                      description="network initialisation (learners/networks.mlp); kaiming_uniform is OmniSafe's")
+from saferl.learners.onpolicy_base import lagrangian_advantage
+from saferl.learners.trust_region_base import TrustRegionLearner, TrustRegionParams, natural_gradient_step
 
 
 class TRPOLagParams(TrustRegionParams):
@@ -68,123 +35,6 @@ class TRPOLagParams(TrustRegionParams):
     clip_critic_grad: bool = Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
     max_grad_norm: float = Field(40.0, gt=0, description="with clip_critic_grad (OmniSafe: 40)")
     lagrange: OmniSafeLagrangeParams = Field(default_factory=OmniSafeLagrangeParams)
-
-
-class PolicyAtK:
-    """The policy π_k on a flat batch: its parameters θ_k, the fixed π_k (distributions and
-    log-probabilities), ratio surrogates E[ρ A] and their gradients at θ_k, the Fisher-vector
-    product, and moving the policy to θ_k + step."""
-
-    def __init__(self, policy: GaussianPolicy, obs: torch.Tensor, act: torch.Tensor, damping: float,
-                 fvp_subsample: int = 1):
-        self.policy, self.obs, self.act = policy, obs, act
-        self.params = list(policy.parameters())
-        self.theta = flat_params(policy)
-        with torch.no_grad():
-            dist = policy.dist(obs)
-            self.old, self.logp = detached(dist), dist.log_prob(act).sum(-1)
-        self.fvp = fisher_vector_product(policy, obs[::fvp_subsample], damping)
-
-    def surrogate(self, adv: torch.Tensor) -> torch.Tensor:
-        """E[ρ A] at the policy's current parameters (differentiable)."""
-        return (torch.exp(self.policy.log_prob(self.obs, self.act) - self.logp) * adv).mean()
-
-    def gradient(self, adv: torch.Tensor) -> torch.Tensor:
-        """∇_θ E[ρ A] at the current parameters, flat."""
-        return flat_grad(self.surrogate(adv), self.params)
-
-    def move(self, step: torch.Tensor, fraction: float = 1.0) -> None:
-        set_flat_params(self.policy, self.theta + fraction * step)
-
-    @torch.no_grad()
-    def measure(self, adv: torch.Tensor, adv_c: torch.Tensor | None = None) -> tuple[float, float, float | None]:
-        """(−E[ρ Â], D̄_KL(π_k ‖ π), E[ρ Â_C] or None) at the current parameters."""
-        loss = -self.surrogate(adv).item()
-        kl = mean_kl(self.old, self.policy.dist(self.obs)).item()
-        return loss, kl, (self.surrogate(adv_c).item() if adv_c is not None else None)
-
-
-def natural_gradient_step(k: PolicyAtK, adv: torch.Tensor, p: TrustRegionParams) -> dict:
-    """One TRPO step on E[ρ Â] (Schulman et al. 2015, §6 and Appendix C); leaves the policy at
-    the accepted parameters (θ_k when CG failed or no candidate passed the search)."""
-    g = k.gradient(adv)
-    cg = conjugate_gradient(k.fvp, g, p.cg_iters)
-    stats = {"cg_iters": cg.iterations, "cg_residual": cg.residual, "cg_failed": float(cg.failed)}
-    loss_before = k.measure(adv)[0]
-    if cg.failed:
-        res = SearchResult(False, 0.0, 0, loss_before, 0.0, None)
-        step = torch.zeros_like(g)
-    else:
-        step = max_step(cg.x, cg.x @ k.fvp(cg.x), p.target_kl)
-
-        def evaluate(fraction: float):
-            k.move(step, fraction)
-            return k.measure(adv)
-
-        res = backtracking_line_search(evaluate, loss_before, p.target_kl, kl_tolerance=p.kl_tolerance,
-                                       backtrack_coef=p.backtrack_coef, max_tries=p.max_backtracks)
-    k.move(step, res.fraction)
-    loss, kl, _ = k.measure(adv)
-    return {**stats, "loss_pi": loss, "loss_pi_before": loss_before, "kl": kl,
-            "step_fraction": res.fraction, "search_tries": res.tries, "step_accepted": float(res.accepted),
-            "step_norm": (res.fraction * step).norm().item()}
-
-
-class TrustRegionLearner(ActorCritic):
-    """What TRPO, TRPO-Lag and CPO share: ``ppo_lag.ActorCritic``'s networks, batch preparation,
-    critic fitting after the policy step, and checkpointing. Subclasses implement
-    ``policy_step(prepared) -> metrics``."""
-
-    Params = TrustRegionParams
-
-    def fit_critics(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> float:
-        """``critic_epochs`` shuffled passes of minibatch critic steps; the mean minibatch loss."""
-        losses = [self.critic_step(z[idx], ret_r[idx], ret_c[idx]) for _ in range(self.p.critic_epochs)
-                  for idx in torch.randperm(z.shape[0], device=z.device).split(self.p.minibatch_size)]
-        return float(np.mean(to_floats(losses)))
-
-    def prepare(self, batches: list[dict]) -> dict:
-        """Assembled batch with flat obs/act, raw reward and cost GAE advantages and value targets."""
-        p = self.p
-        batch = assemble(batches, self.device)
-        norm = self.policy.normalised
-        adv_r, ret_r = advantages(self.v_r, norm, batch, "reward", p.gamma, p.lam)
-        adv_c, ret_c = advantages(self.v_c, norm, batch, "cost", p.cost_gamma, p.cost_lam)
-        return {"batch": batch, "obs": flat(batch, batch["obs"]), "act": flat(batch, batch["act"]),
-                "adv_r": adv_r, "adv_c": adv_c, "ret_r": ret_r, "ret_c": ret_c}
-
-    def policy_at_k(self, prep: dict) -> PolicyAtK:
-        return PolicyAtK(self.policy, prep["obs"], prep["act"], self.p.cg_damping, self.p.fvp_subsample)
-
-    def update(self, batches: list[dict]) -> dict:
-        skipped = self.skipped_updates
-        prep = self.prepare(batches)
-        out = self.policy_step(prep, batches)
-        out["loss_v"] = self.fit_critics(self.policy.normalised(prep["obs"]), prep["ret_r"], prep["ret_c"])
-        out["health/skipped_updates"] = self.skipped_updates - skipped  # critic steps refused for NaN/Inf
-        if self.policy.norm is not None:  # statistics for the next rollout, after this update
-            self.policy.norm.update(prep["obs"])
-        out["std"] = self.policy.log_std.exp().mean().item()
-        return out
-
-    def policy_step(self, prep: dict, batches: list[dict]) -> dict:
-        raise NotImplementedError
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, sd: dict) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"policy": self.policy.state_dict(), "v_r": self.v_r.state_dict(), "v_c": self.v_c.state_dict(),
-                "v_opt": self.v_opt.state_dict(), "rng": self.rng_state(), **self.extra_state()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for key in ("policy", "v_r", "v_c", "v_opt"):
-            getattr(self, key).load_state_dict(sd[key])
-        self.load_extra_state(sd)
-        self.set_rng_state(sd["rng"])
 
 
 class TRPOLag(TrustRegionLearner):

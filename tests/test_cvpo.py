@@ -32,7 +32,7 @@ from saferl.learners.cvpo import (
     solve_estep,
 )
 from saferl.learners.networks import CholeskyTanhGaussianPolicy, polyak
-from saferl.learners.sac_lag import Critic
+from saferl.learners.offpolicy_base import Critic
 
 
 def particle_values(seed: int, b: int = 12, k: int = 16):

@@ -22,8 +22,9 @@ from saferl.learners.cup import CUP, cup_projection_loss
 from saferl.learners.focops import FOCOPS, focops_loss
 from saferl.learners.lagrange import PIDLagrange
 from saferl.learners.networks import GaussianPolicy, flat_params, set_flat_params
+from saferl.learners.onpolicy_base import advantages, assemble, lagrangian_advantage
 from saferl.learners.pcpo import PCPO, pcpo_step, project_to_halfspace
-from saferl.learners.ppo_lag import CPPOPID, PPOLag, advantages, assemble, lagrangian_advantage
+from saferl.learners.ppo_lag import CPPOPID, PPOLag
 from saferl.learners.rcpo import RCPO, penalised_advantages
 from saferl.learners.trpo_lag import TRPO, TRPOLag
 from saferl.registry import get_algo

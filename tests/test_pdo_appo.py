@@ -16,8 +16,9 @@ from saferl.actors.env_host import EnvHost
 from saferl.learners.appo import APPO, appo_loss, augmented_multiplier_step, multiplier_penalty, penalty_weight
 from saferl.learners.base import EnvSpec
 from saferl.learners.networks import flat_params
+from saferl.learners.onpolicy_base import assemble, flat
 from saferl.learners.pdo import PDO, pdo_loss
-from saferl.learners.ppo_lag import PPOLag, assemble, flat
+from saferl.learners.ppo_lag import PPOLag
 from saferl.registry import get_algo
 
 CPU = torch.device("cpu")

@@ -14,7 +14,7 @@ from saferl.cluster import rundir
 from saferl.cluster.session import train
 from saferl.config import ConfigError, load_config
 from saferl.learners.networks import GaussianPolicy, flat_params, set_flat_params
-from saferl.learners.shac_lag import combine
+from saferl.learners.window_base import combine
 
 POLICY = dict(obs_dim=1, act_dim=1, hidden=[8, 8], init_log_std=-1.0, squash=True, normalise_obs=False)
 ARCH = {"policy": POLICY, "critic_hidden": None}

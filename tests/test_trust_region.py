@@ -17,7 +17,7 @@ from saferl.actors.env_host import EnvHost
 from saferl.learners.base import EnvSpec
 from saferl.learners.cpo import CPO, EpisodeCosts, cpo_step
 from saferl.learners.networks import GaussianPolicy, flat_params
-from saferl.learners.ppo_lag import advantages, assemble, lagrangian_advantage
+from saferl.learners.onpolicy_base import advantages, assemble, lagrangian_advantage
 from saferl.learners.trpo_lag import TRPOLag
 from saferl.learners.trust_region import backtracking_line_search, conjugate_gradient, fisher_vector_product
 

@@ -14,7 +14,8 @@ import torch
 from saferl.actors.env_host import EnvHost
 from saferl.learners.base import EnvSpec, clip_grad_norm
 from saferl.learners.networks import mlp, normal_entropy, normal_log_prob
-from saferl.learners.ppo_lag import PPOLag, adam, add_l2_gradient, assemble, flat, shuffled_minibatches, to_floats
+from saferl.learners.onpolicy_base import adam, add_l2_gradient, assemble, flat, shuffled_minibatches, to_floats
+from saferl.learners.ppo_lag import PPOLag
 
 CPU = torch.device("cpu")
 

@@ -1,0 +1,125 @@
+"""The on-policy family's base (PPO-Lag, TRPO-Lag, CPO, FOCOPS, CUP, sTRPO, ...): the actor-critic
+learner and the parts of its update as functions: host batches assembled into tensors, reward and
+cost advantages from separate critics (GAE, ``learners/gae.py``), the Lagrangian advantage with
+OmniSafe's scaling, the clipped surrogate, the critics' step, minibatches and Adam."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from saferl.batch import next_observations
+from saferl.learners import base
+from saferl.learners.gae import gae
+from saferl.learners.networks import GaussianPolicy, mlp
+
+
+def assemble(batches: list[dict], device: torch.device) -> dict:
+    """Concatenate host batches along the env axis; build next_obs [T, N, d] with the final
+    observation of ended episodes substituted (the stored next obs is already a reset).
+    ``valid`` [T, N] is False on the steps of episodes the hosts skipped for NaN/Inf data (zeroed,
+    terminated): GAE runs on the whole grid, then ``flat`` drops them from everything trained on."""
+    out = {}
+    for key in ("obs", "act", "logp", "reward", "cost", "terminated", "truncated", "valid"):
+        arrays = [b[key] if key != "valid" or key in b else np.ones(b["reward"].shape, bool) for b in batches]
+        out[key] = torch.as_tensor(np.concatenate(arrays, axis=1), device=device)
+    nxt = np.concatenate([next_observations(b) for b in batches], axis=1)
+    out["next_obs"] = torch.as_tensor(nxt, device=device)
+    out["end"] = out["terminated"] | out["truncated"]
+    return out
+
+
+def flat(batch: dict, x: torch.Tensor) -> torch.Tensor:
+    """[T, N, ...] -> [M, ...]: the valid steps, in row-major order (all of them in a batch
+    without a ``valid`` mask)."""
+    return x[batch["valid"]] if "valid" in batch else x.reshape(-1, *x.shape[2:])
+
+
+@torch.no_grad()
+def advantages(critic: torch.nn.Module, norm, batch: dict, signal: str, gamma: float, lam: float):
+    """GAE advantages and value targets of ``signal``, flat over the valid steps ([M] each)."""
+    v = critic(norm(batch["obs"])).squeeze(-1)
+    v_next = critic(norm(batch["next_obs"])).squeeze(-1) * (~batch["terminated"])
+    adv, ret = gae(batch[signal], v, v_next, batch["end"], gamma, lam)
+    return flat(batch, adv), flat(batch, ret)
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """The per-batch z-score (x − mean) / (std + 1e-8)."""
+    return (x - x.mean()) / (x.std() + 1e-8)
+
+
+def lagrangian_advantage(adv_r: torch.Tensor, adv_c: torch.Tensor, lam: float) -> torch.Tensor:
+    """Â = (z(Â_R) − λ (Â_C − mean Â_C)) / (1 + λ), z the per-batch z-score (OmniSafe's scaling)."""
+    return (standardise(adv_r) - lam * (adv_c - adv_c.mean())) / (1 + lam)
+
+
+def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float):
+    ratio = torch.exp(logp - logp_old)
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
+    return loss, ratio
+
+
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam with ``foreach``: torch's CPU default steps each parameter in a Python loop of a dozen
+    ops on tiny tensors; the foreach kernels do the same arithmetic per element, so the same floats."""
+    return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+@torch.no_grad()
+def add_l2_gradient(params: list, coef: float) -> None:
+    """grad += c · 2θ: the gradient of c Σ‖θ‖² as autograd forms it through Σ (θ²).sum() (the same
+    floats, as the sum with the loss's own gradient commutes), without 3 graph nodes per parameter."""
+    torch._foreach_add_([w.grad for w in params], torch._foreach_mul(torch._foreach_mul(params, 2.0), coef))
+
+
+def shuffled_minibatches(data: dict, size: int, device) -> list[dict]:
+    """One pass over ``data`` (tensors with the same first dimension) in the order of a
+    ``torch.randperm``, as minibatches of ``size`` rows: the rows are gathered once per pass and
+    the minibatches are views, not an index operation per tensor and minibatch."""
+    perm = torch.randperm(next(iter(data.values())).shape[0], device=device)
+    chunks = {k: v[perm].split(size) for k, v in data.items()}
+    return [dict(zip(chunks, rows)) for rows in zip(*chunks.values())]
+
+
+def to_floats(values: list) -> list:
+    """Per-minibatch statistics kept as 0-d tensors -> Python floats, in one transfer (no host
+    sync per minibatch); plain floats pass through."""
+    return torch.stack(values).tolist() if values and torch.is_tensor(values[0]) else values
+
+
+class ActorCritic(base.Learner):
+    """What the on-policy learners share: the Gaussian policy with running observation
+    statistics (``hidden``, ``init_log_std``, ``normalise_obs``, ``init``), reward and cost critics on the
+    normalised observation, and one Adam over both critics (``critic_lr``)."""
+
+    def __init__(self, params, env: base.EnvSpec, cost_limit, device, seed):
+        super().__init__(params, env, cost_limit, device, seed)
+        p = params
+        self.policy = GaussianPolicy(env.obs_dim, env.act_dim, p.hidden, p.init_log_std,
+                                     normalise_obs=p.normalise_obs, init=p.init).to(device)
+        self.v_r = mlp([env.obs_dim, *p.hidden, 1], init=p.init).to(device)
+        self.v_c = mlp([env.obs_dim, *p.hidden, 1], init=p.init).to(device)
+        self.v_opt = adam([*self.v_r.parameters(), *self.v_c.parameters()], lr=p.critic_lr)
+
+    def policy_state(self) -> dict:
+        return self.policy.export_numpy()
+
+    def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> torch.Tensor:
+        """One Adam step on L_V = E[(V_R(z) − R̂)²] + E[(V_C(z) − Ĉ)²] (+ ``critic_norm_coef`` Σ‖θ_V‖²,
+        gradient clipped at ``max_grad_norm`` with ``clip_critic_grad``, where the params have them);
+        returns L_V as a detached 0-d tensor (``to_floats``)."""
+        params = [*self.v_r.parameters(), *self.v_c.parameters()]
+        mse = ((self.v_r(z).squeeze(-1) - ret_r) ** 2).mean() + ((self.v_c(z).squeeze(-1) - ret_c) ** 2).mean()
+        clip = self.p.max_grad_norm if getattr(self.p, "clip_critic_grad", False) else None
+        coef = getattr(self.p, "critic_norm_coef", 0.0)
+        if not coef:
+            self.descend(self.v_opt, mse, params, clip)
+            return mse.detach()
+        with torch.no_grad():  # the penalty's value (w·w is w ** 2); its gradient is added by hand
+            loss = mse + coef * sum(s.sum() for s in torch._foreach_mul(params, params))
+
+        def backward():
+            mse.backward()
+            add_l2_gradient(params, coef)
+        self.descend(self.v_opt, loss, params, clip, backward=backward)  # the guard checks the whole L_V
+        return loss

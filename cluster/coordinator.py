@@ -12,12 +12,11 @@ One iteration:
 then every schedule phase whose interval divides the iteration count runs (e.g. ``dual`` for
 the Lagrange multiplier on the learner; with ``schedule.dual_before_update`` a sampling
 algorithm's dual phase runs between its rollouts and its update instead).
-All schedule state lives here and in checkpoints, never inside a learner's inner loop.
+All schedule state lives here and in checkpoints, never inside a learner's inner loop; what
+happens when an actor dies (restart, restore, retry) lives in ``cluster/faults.py``.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import os
 import sys
@@ -37,18 +36,12 @@ from saferl.actors.learner import LearnerActor
 from saferl.actors.replay import ReplayBuffer
 from saferl.actors.world_model import WorldModelActor
 from saferl.cluster import rundir
+from saferl.cluster.faults import ActorFaults, stream_seed
 from saferl.cluster.metrics import MetricsLogger, eta
 from saferl.config import ConfigError, RunConfig
 from saferl.learners.base import EnvSpec
 
 HEALTH_TIMEOUT_S = 5.0  # an actor that does not answer a ping in this long counts as not alive
-# Faults: a dead env host / gradient worker / world model is restarted by Ray
-# (resources.max_actor_restarts); the coordinator restores it and retries the iteration, at most
-# resources.iteration_attempts times, waiting up to resources.restart_timeout_s for restarts.
-# An actor died or is unreachable (ActorDiedError, ActorUnavailableError), or a batch it made was
-# lost with its node: the task consuming it fails fetching it, before running (ObjectLostError and
-# subclasses, raised as RayTaskError(ObjectReconstructionFailedError)), so the attempt can be retried.
-ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 
 
 @dataclass
@@ -118,11 +111,6 @@ def env_error(err: BaseException) -> ConfigError | None:
     return ConfigError(str(cause)) if isinstance(cause, EnvDataError) else None
 
 
-def _first_line(err: BaseException) -> str:
-    """Ray's errors span many lines (tracebacks); run-stopping messages carry the first."""
-    return str(err).strip().splitlines()[0]
-
-
 def _with_safeguard_failures(metrics: dict, summaries: list[dict]) -> dict:
     """``health/safeguard_failures``: safeguard solves that fell back so far, over the hosts' /
     workers' processes (a restarted one starts again from 0)."""
@@ -141,6 +129,9 @@ class Coordinator:
         # the dual phase between rollout and update when scheduled there
         self._phases_in_collect = {"world_model"} | ({"dual"} if cfg.schedule.dual_before_update else set())
         self._make_actors()
+        self.faults = ActorFaults(cfg, self.run_dir, self.state, console, hosts=self.hosts, learner=self.learner,
+                                  replay=self.replay, world_model=self.world_model, inference=self.inference,
+                                  gradient=not cfg.algo_spec.uses_env_hosts)
         if resume:
             try:
                 ray.get(self.learner.load_state_dict.remote(resume["learner"]))
@@ -237,7 +228,7 @@ class Coordinator:
         per_env = self.cfg.steps_per_iteration // self.n_envs
         if self.inference is None:
             return [h.rollout.options(num_returns=2).remote(policy, per_env) for h in self.hosts]
-        return inference.rollout(self.hosts, self.inference, policy, per_env, self._stream_seed())
+        return inference.rollout(self.hosts, self.inference, policy, per_env, stream_seed(self.cfg.seed, self.state))
 
     def _sample(self) -> tuple[dict, list]:
         """Rollouts, then the update on them. With ``schedule.dual_before_update`` the dual phase
@@ -361,142 +352,12 @@ class Coordinator:
         return self._gradients()
 
     # -- faults: restarted actors ----------------------------------------------------------------
-    def _restorable(self) -> list:
-        """The actors Ray restarts and the coordinator restores (not the learner or replay). The
-        inference server is counted but needs nothing back: it gets the weights every iteration."""
-        return [*self.hosts, *[a for a in (self.world_model, self.inference) if a is not None]]
-
-    def _pids(self) -> list[int]:
-        """The restorable actors' process ids; waits for restarting ones to answer again. A call
-        sent before a death was noticed fails and the next one waits. An actor on a lost node is
-        *unavailable* (unreachable, not yet known dead) until Ray notices the node is gone, seconds
-        later: those calls are retried until ``resources.restart_timeout_s``."""
-        res = self.cfg.resources
-        deadline, died, last = time.monotonic() + res.restart_timeout_s, 0, None
-        while died < 5 and time.monotonic() < deadline:
-            try:
-                return ray.get([a.pid.remote() for a in self._restorable()],
-                               timeout=max(deadline - time.monotonic(), 0.1))
-            except ray.exceptions.GetTimeoutError as err:
-                last = err
-                break
-            except ACTOR_ERRORS as err:
-                last = err
-                died += not isinstance(err, ray.exceptions.ActorUnavailableError)
-                time.sleep(0.5)
-        why = (f"was not restarted (its resources.max_actor_restarts={res.max_actor_restarts} used up?)" if died >= 5
-               else f"did not answer within resources.restart_timeout_s={res.restart_timeout_s:g}")
-        first_line = _first_line(last) if last else "timed out"
-        raise RuntimeError(f"an env host / gradient worker / world model died and {why}: {first_line}") from last
-
-    def _snapshot_state(self) -> dict | None:
-        """Gradient workers' episode state and the world model (weights, optimiser, data), held
-        here so a restarted one (or a failed attempt's survivors) can be put back; env hosts hold
-        nothing that needs it."""
-        if self.kind != "gradient":
-            return None
-        workers, world_model = self._actor_states()
-        return {"workers": workers, "world_model": world_model}
-
-    def _actor_states(self) -> tuple[list, dict | None]:
-        """The hosts' / gradient workers' states and the world model's (None without one)."""
-        refs = [w.get_state.remote() for w in self.hosts]
-        if self.world_model is not None:
-            refs.append(self.world_model.state_dict.remote())
-        out = ray.get(refs)
-        return out[:len(self.hosts)], (out[-1] if self.world_model is not None else None)
-
-    def _stream_seed(self) -> int:
-        """A seed for fresh env / sampling streams, from the run's seed, the iteration and the
-        restart count (reproducible, and new after every restart)."""
-        st = self.state
-        return int(np.random.SeedSequence([self.cfg.seed, st.iteration, st.restarts]).generate_state(1)[0])
-
-    def _recover(self, rollback: bool) -> None:
-        """Before each attempt: find restarted actors (a new process id), count them and restore
-        them; after a failed attempt (``rollback``) also put the survivors back."""
-        pids = self._pids()
-        if getattr(self, "_actor_pids", None) is None:  # the first iteration of this coordinator
-            self._actor_pids, self._snapshot = pids, self._snapshot_state()
-            return
-        restarted = [i for i, (old, new) in enumerate(zip(self._actor_pids, pids)) if old != new]
-        self._actor_pids = pids
-        if not restarted and not rollback:
-            return
-        st = self.state
-        st.restarts += len(restarted)
-        if restarted and self.console is not None:
-            self.console.print(f"it {st.iteration}: {len(restarted)} actor(s) restarted after dying; "
-                               "restored, retrying")
-        if self.cfg.algo_spec.uses_env_hosts:
-            # a restarted host came back reset with its creation seed: give it a fresh stream instead
-            seed = self._stream_seed()
-            ray.get([self.hosts[i].reset.remote(seed) for i in restarted if i < len(self.hosts)])
-            return
-        snap = self._snapshot  # the state after the last completed iteration
-        refs = [w.set_state.remote(sd) for w, sd in zip(self.hosts, snap["workers"])]
-        if self.world_model is not None:
-            refs.append(self.world_model.load_state_dict.remote(snap["world_model"]))
-        ray.get(refs)
-
-    def _restorable_states(self) -> tuple[list, dict | None]:
-        """The hosts' / gradient workers' states and the world model's, for a checkpoint. One that
-        died since the last iteration is restarted and restored first (``_recover``), so a kill while
-        checkpointing counts as a restart instead of failing the run."""
-        err = None
-        for _ in range(self.cfg.resources.iteration_attempts):
-            try:
-                self._recover(rollback=False)
-                return self._actor_states()
-            except ACTOR_ERRORS as e:
-                self._raise_if_unrestorable(e)
-                err = e
-        raise RuntimeError(f"checkpoint at iteration {self.state.iteration} failed "
-                           f"{self.cfg.resources.iteration_attempts} times (resources.iteration_attempts): "
-                           f"actors kept dying; last error: {_first_line(err)}") from err
-
-    def _raise_if_unrestorable(self, err: BaseException) -> None:
-        """The learner and replay buffer are not restarted (their state is the run's, saved only
-        in checkpoints): when one died (e.g. with its node), stop with the way to go on."""
-        dead = getattr(err, "actor_id", None)
-        if dead is None or isinstance(err, ray.exceptions.ActorUnavailableError):  # may come back
-            return
-        for name, actor in (("learner", self.learner), ("replay buffer", self.replay)):
-            if actor is not None and dead == actor._actor_id.hex():
-                raise RuntimeError(f"the {name} actor died (was its node lost?) and is not restarted: "
-                                   f"continue from the last checkpoint with `saferl train --resume {self.run_dir}`"
-                                   ) from err
-
-    def _collect_surviving_faults(self) -> tuple[dict, list]:
-        """One iteration's collection and update. When an env host, gradient worker or world
-        model dies, the attempt's partial batch is discarded (the learner's update depends on every
-        shard, so it never ran), the schedule state is put back, the restarted actor restored and
-        the iteration retried, at most ``resources.iteration_attempts`` times."""
-        err, attempts = None, self.cfg.resources.iteration_attempts
-        for _ in range(attempts):
-            saved = copy.deepcopy(self.state)
-            try:  # an actor may also die while being restored
-                self._recover(rollback=err is not None)
-                out = self._collect()
-            except ACTOR_ERRORS as e:
-                self._raise_if_unrestorable(e)
-                err = e
-                saved.restarts = self.state.restarts
-                vars(self.state).update(vars(saved))  # in place: callers hold self.state
-                continue
-            with contextlib.suppress(*ACTOR_ERRORS):  # died just now: the next iteration restores the last snapshot
-                self._snapshot = self._snapshot_state()
-            return out
-        raise RuntimeError(f"iteration {self.state.iteration + 1} failed {attempts} times "
-                           f"(resources.iteration_attempts): "
-                           f"actors kept dying; last error: {_first_line(err)}") from err
-
     def iterate(self) -> dict:
         t0 = time.perf_counter()
         st = self.state
         self._learner = (0.0, 0)
         try:
-            metrics, episodes = self._collect_surviving_faults()
+            metrics, episodes = self.faults.run(self._collect)
         except ray.exceptions.RayTaskError as err:
             one_line = env_error(err)
             if one_line is None:
@@ -555,7 +416,7 @@ class Coordinator:
         return max(1, it)
 
     def checkpoint(self) -> Path:
-        workers, world_model = self._restorable_states()  # first: it may count a restart
+        workers, world_model = self.faults.restorable_states()  # first: it may count a restart
         self._checkpointed = self.state.iteration
         payload = {"algo": self.cfg.algo, "task": self.cfg.task, "config": self.cfg.model_dump(mode="json"),
                    "schedule": asdict(self.state), "learner": ray.get(self.learner.state_dict.remote()),

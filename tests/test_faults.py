@@ -88,7 +88,7 @@ def test_gradient_worker_killed_is_restored(ray_session, run_root):
     coord.run(stop_after=2)
     before = ray.get([w.get_state.remote() for w in coord.hosts])
     kill(coord.hosts[1])
-    coord._recover(rollback=False)  # what the next iteration does first
+    coord.faults.recover(rollback=False)  # what the next iteration does first
     after = ray.get([w.get_state.remote() for w in coord.hosts])
     assert [s["episode"] for s in after] == [s["episode"] for s in before]  # restored, not restarted at -1
     assert coord.state.restarts == 1
@@ -112,7 +112,7 @@ def test_world_model_killed_is_restored(ray_session, run_root):
     n = len(ray.get(coord.world_model.state_dict.remote())["data"]["obs"])
     assert n > 0
     kill(coord.world_model)
-    coord._recover(rollback=False)
+    coord.faults.recover(rollback=False)
     assert len(ray.get(coord.world_model.state_dict.remote())["data"]["obs"]) == n  # its data is back
     run_with_kill(coord, coord.world_model)
 
@@ -136,7 +136,7 @@ def test_retry_settings_are_config_fields(ray_session, run_root):
         coord.hosts[0].rollout.remote({"uniform": True, "act_dim": coord.act_dim}, 50_000)
         t = time.perf_counter()  # the host answers after its long rollout: not within 0.5 s
         with pytest.raises(RuntimeError, match=r"did not answer within resources.restart_timeout_s=0.5: "):
-            coord._pids()
+            coord.faults.pids()
         assert time.perf_counter() - t < 5
     finally:
         coord.close()

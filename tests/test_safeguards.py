@@ -119,8 +119,8 @@ def test_reduced_polytope_is_the_full_one(cls, dtype, linearise):
     outside the RCI set: the same feasibility of random box actions, the same boundary
     projections (and their state gradients), emptiness and ray-mask outputs."""
     env, e64 = cls(dtype=dtype), cls(dtype=F64)
-    s = torch.cat([_states(e64, 32, 30), _states(e64, 32, 31, power=0.2),
-                   _states(e64, 32, 32, power=0.2) * 1.03, _states(e64, 16, 36, power=0.2) * 1.3])
+    s = torch.cat([_states(e64, 16, 30), _states(e64, 16, 31, power=0.2),
+                   _states(e64, 16, 32, power=0.2) * 1.03, _states(e64, 8, 36, power=0.2) * 1.3])
     s = s.to(dtype)  # (the last ones have S(s) = ∅ or tiny)
     n, tol = s.shape[0], sg._tol(dtype)
     P, p = sg.safe_action_polytope(env, s, linearise=linearise)

@@ -19,9 +19,10 @@ import numpy as np
 import ray
 
 from saferl.actors.env_host import EnvHost
-from saferl.cluster.coordinator import host_options
+from saferl.cluster.placement import host_options
 from saferl.config import REPO_ROOT, load_config
 from saferl.learners.networks import GaussianPolicy
+from saferl.metric_keys import EPISODE_COST, EPISODE_RETURN
 
 _PLAIN = """
 import pickle, sys, time
@@ -230,7 +231,7 @@ def bench_e2e(out_dir: Path, config: str = "ppo_lag/SafetyPointGoal1-v0", steps:
                 t = time.perf_counter()
                 for _ in range(iters):
                     row = coord.iterate()
-                    row.update(coord._episode_stats())
+                    row.update(coord.episode_stats())
                     rows.append(row)
                     say(f"it {row['iteration']}: {row['env_steps']} steps, {row['time/iteration_s']:.1f} s, "
                         f"learner {row.get('time/learner_s', 0):.1f} s, "
@@ -246,7 +247,7 @@ def bench_e2e(out_dir: Path, config: str = "ppo_lag/SafetyPointGoal1-v0", steps:
         if started:
             ray.shutdown()
     env_steps = rows[-1]["env_steps"]
-    last = [r for r in rows if "episode/return" in r][-1:] or [{}]
+    last = [r for r in rows if EPISODE_RETURN in r][-1:] or [{}]
     result = {"algo": cfg.algo, "task": cfg.task, "env_hosts": cfg.resources.num_env_hosts,
               "envs_per_host": cfg.resources.envs_per_host, "steps_per_iteration": cfg.steps_per_iteration,
               "iterations": iters, "env_steps": env_steps, "startup_s": round(startup, 2),
@@ -255,7 +256,7 @@ def bench_e2e(out_dir: Path, config: str = "ppo_lag/SafetyPointGoal1-v0", steps:
               "learner_s": round(sum(r.get("time/learner_s", 0.0) for r in rows), 2),
               "host_env_s": round(sum(r["time/host_env_s"] for r in rows), 2),
               "host_inference_s": round(sum(r["time/host_inference_s"] for r in rows), 2),
-              "final_return": last[0].get("episode/return"), "final_cost": last[0].get("episode/cost"),
+              "final_return": last[0].get(EPISODE_RETURN), "final_cost": last[0].get(EPISODE_COST),
               "cost_limit": cfg.limit, "peak_rss_mb": rss, "reference": ref,
               "ray_vs_reference": round(env_steps / wall / ref["steps_per_s"], 3) if ref else None}
     say(f"{cfg.algo} on {cfg.task}: {result['steps_per_s']:.0f} env steps/s end to end "
@@ -281,8 +282,8 @@ def _fmt(x) -> str:
 
 def _actor_rss(coord) -> dict:
     """Peak resident memory (MB) of each actor kind of a coordinator's run (max over its actors)."""
-    kinds = {"learner": [coord.learner], "replay_buffer": [coord.replay],
-             "gradient_worker" if coord.kind == "gradient" else "env_host": coord.hosts}
+    kinds = {"learner": [coord.loop.learner], "replay_buffer": [coord.loop.replay],
+             "gradient_worker" if coord.kind == "gradient" else "env_host": coord.loop.hosts}
     out = {}
     for kind, actors in kinds.items():
         actors = [a for a in actors if a is not None]
@@ -449,7 +450,7 @@ def bench_memory(out_dir: Path, runs: list[str], iterations: int = 2, console=No
                 try:
                     iters = iterations
                     if coord.kind == "offpolicy":
-                        warm = coord.offpolicy["warmup_steps"]
+                        warm = coord.loop.offpolicy["warmup_steps"]
                         while sum(coord.steps_of(i) for i in range(iters - iterations)) < warm:
                             iters += 1
                     t = time.perf_counter()
@@ -458,11 +459,11 @@ def bench_memory(out_dir: Path, runs: list[str], iterations: int = 2, console=No
                     wall = time.perf_counter() - t
                     rss = _actor_rss(coord)
                     extra = {}
-                    if coord.replay is not None:
-                        spec = ray.get(coord.hosts[0].spec.remote())
-                        extra["replay_capacity_mb"] = round(coord.offpolicy["capacity"] * 4 * (
+                    if coord.loop.replay is not None:
+                        spec = ray.get(coord.loop.hosts[0].spec.remote())
+                        extra["replay_capacity_mb"] = round(coord.loop.offpolicy["capacity"] * 4 * (
                             2 * spec["obs_dim"] + spec["act_dim"] + 3) / 2**20, 1)
-                        extra["replay_size"] = ray.get(coord.replay.add.remote())
+                        extra["replay_size"] = ray.get(coord.loop.replay.add.remote())
                     steps = coord.state.env_steps
                 finally:
                     coord.close()
@@ -509,7 +510,7 @@ def _kill_hosts(coord, every: float, rng, stop, log: list, say) -> None:
         pids = getattr(coord, "_actor_pids", None)
         if not pids:
             continue
-        i = rng.randrange(len(coord.hosts))
+        i = rng.randrange(len(coord.loop.hosts))
         try:
             alive = Path(f"/proc/{pids[i]}/cmdline").read_bytes().startswith(b"ray::EnvHost")
             if alive:
@@ -551,11 +552,11 @@ def bench_soak(out_dir: Path, config: str = "ppo_lag/FunctionEnv-v0", steps: int
         started = _connect(cfg)
         try:
             coord = Coordinator(cfg, rundir.new_run_dir(cfg), console=console)
-            kills, stop, attempts, collect = [], threading.Event(), [], coord._collect
-            coord._collect = lambda: (attempts.append(1), collect())[1]  # a kill mid-call fails an attempt
+            kills, stop, attempts, collect = [], threading.Event(), [], coord.collect
+            coord.collect = lambda: (attempts.append(1), collect())[1]  # a kill mid-call fails an attempt
             try:
                 here = ray.get_runtime_context().get_node_id()
-                if set(ray.get([h.node_id.remote() for h in coord.hosts])) != {here}:
+                if set(ray.get([h.node_id.remote() for h in coord.loop.hosts])) != {here}:
                     raise ConfigError("usage error: saferl bench soak kills env-host processes on this "
                                       "machine: run it on a local Ray (unset RAY_ADDRESS)")
                 killer = threading.Thread(target=_kill_hosts, daemon=True,

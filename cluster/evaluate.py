@@ -9,7 +9,7 @@ import ray
 
 from saferl.actors.env_host import EnvHost
 from saferl.cluster import rundir
-from saferl.cluster.coordinator import host_options
+from saferl.cluster.placement import host_options
 from saferl.cluster.session import connect
 from saferl.config import ConfigError
 from saferl.learners.base import EnvSpec

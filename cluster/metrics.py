@@ -13,15 +13,16 @@ import re
 from pathlib import Path
 
 from saferl.config import ConfigError, RunConfig
+from saferl.metric_keys import COST_LIMIT, EPISODE_COST, EPISODE_RETURN, LAGRANGE_MULTIPLIER
 
 # The fixed set published as Ray Gauges: row key -> gauge name. Ray's Prometheus export
 # prefixes each with ``ray_`` (e.g. ``ray_saferl_episode_return``); tags: run, algo, task.
 RAY_GAUGES = {
-    "episode/return": "saferl_episode_return",
-    "episode/cost": "saferl_episode_cost",
-    "cost_limit": "saferl_cost_limit",
+    EPISODE_RETURN: "saferl_episode_return",
+    EPISODE_COST: "saferl_episode_cost",
+    COST_LIMIT: "saferl_cost_limit",
     "episode/violation_rate": "saferl_violation_rate",
-    "lagrange_multiplier": "saferl_lagrange_multiplier",
+    LAGRANGE_MULTIPLIER: "saferl_lagrange_multiplier",
     "iteration": "saferl_iteration",
     "env_steps": "saferl_env_steps",
     "time/env_steps_per_s": "saferl_env_steps_per_s",

@@ -31,12 +31,13 @@ from saferl.cluster.studies.runner import (
     write_csv,
 )
 from saferl.config import ConfigError
+from saferl.metric_keys import EPISODE_COST, EPISODE_RETURN, LAGRANGE_MULTIPLIER
 
-RETURN, COST, THROUGHPUT = "episode/return", "episode/cost", "time/env_steps_per_s"
+RETURN, COST, THROUGHPUT = EPISODE_RETURN, EPISODE_COST, "time/env_steps_per_s"
 # metrics.csv columns plotted as multipliers / dual variables. cgpo/radius, cgpo/dual_lambda and
 # cgpo/dual_nu are CGPO's trust region δ̂ and its sub-problem's duals; CGPO's other cgpo/ columns
 # (case, ratio test, predicted and actual changes) are diagnostics, not multipliers.
-MULTIPLIER_NAMES = ("lagrange_multiplier", "cvpo/eta", "fac/sigma", "fac/k", "fac/n",
+MULTIPLIER_NAMES = (LAGRANGE_MULTIPLIER, "cvpo/eta", "fac/sigma", "fac/k", "fac/n",
                     "cgpo/radius", "cgpo/dual_lambda", "cgpo/dual_nu")
 NOT_GROUPING = ("seed", "name", "run_root", "logging")  # config keys a group's runs may differ in
 EVAL_FILE = "eval.json"  # written by `saferl eval RUN_DIR --save`

@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from saferl.config import ConfigError, RunConfig, load_config
+from saferl.metric_keys import EPISODE_COST, EPISODE_RETURN
 
 SPEC_FILE = "sweep.json"
 
@@ -149,8 +150,8 @@ def _trial(params: dict, spec: dict) -> None:
         import pandas as pd
 
         m = pd.read_csv(run_dir / "metrics.csv")
-        final = {"eval/return": float(m["episode/return"].dropna().iloc[-1]),
-                 "eval/cost": float(m["episode/cost"].dropna().iloc[-1]), "eval/violation_rate": math.nan}
+        final = {"eval/return": float(m[EPISODE_RETURN].dropna().iloc[-1]),
+                 "eval/cost": float(m[EPISODE_COST].dropna().iloc[-1]), "eval/violation_rate": math.nan}
     tune.report({**final, "cost_limit": cfg.limit, "finished": 1, "run_dir": str(run_dir)})
 
 

@@ -52,6 +52,7 @@ from saferl.learners.cpo import EpisodeCosts
 from saferl.learners.lagrange import LagrangeParams
 from saferl.learners.onpolicy_base import advantages, standardise
 from saferl.learners.ppo_lag import PPOLag, PPOLagParams
+from saferl.metric_keys import LAGRANGE_MULTIPLIER
 
 
 class APPOParams(PPOLagParams):
@@ -156,7 +157,7 @@ class APPO(PPOLag):
                                                           signals["episode_cost"] - self.cost_limit,
                                                           self.sigma, p.lagrange.upper)
         self.sigma = min(self.sigma * (1 + p.sigma_growth), p.sigma_max)
-        return {"lagrange_multiplier": self.multiplier.value, "appo/sigma": self.sigma}
+        return {LAGRANGE_MULTIPLIER: self.multiplier.value, "appo/sigma": self.sigma}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "sigma": self.sigma, "episodes": self.episodes.state_dict()}

@@ -59,6 +59,7 @@ from scipy.optimize import minimize
 from saferl.learners import base
 from saferl.learners.networks import CholeskyTanhGaussianPolicy, polyak
 from saferl.learners.offpolicy_base import OffPolicyLearner, OffPolicyParams
+from saferl.metric_keys import LAGRANGE_MULTIPLIER
 
 
 class CVPOParams(OffPolicyParams):
@@ -248,7 +249,7 @@ class CVPO(OffPolicyLearner):
         return {**super().update(batches, clock), "health/solver_failures": self.solver_failures - failures}
 
     def dual_metrics(self) -> dict:
-        return {"lagrange_multiplier": self.lam, "cvpo/eta": self.eta, "cvpo/beta_mean": self.beta_mean,
+        return {LAGRANGE_MULTIPLIER: self.lam, "cvpo/eta": self.eta, "cvpo/beta_mean": self.beta_mean,
                 "cvpo/beta_cov": self.beta_cov, "cvpo/eps1": self.eps1}
 
     def step(self, b: dict) -> dict:

@@ -55,6 +55,7 @@ from saferl.learners import base
 from saferl.learners.networks import ACTIVATIONS, TanhGaussianPolicy, mlp, polyak
 from saferl.learners.offpolicy_base import OffPolicyLearner, OffPolicyParams
 from saferl.learners.safety_index import IndexParams, SafetyIndex
+from saferl.metric_keys import LAGRANGE_MULTIPLIER
 
 STEP_PHASES = ("policy", "multiplier", "safety_index")
 
@@ -222,7 +223,7 @@ class FACSIS(OffPolicyLearner):
         return out
 
     def dual_metrics(self) -> dict:
-        return {"lagrange_multiplier": self.last_lambda, **{f"fac/{k}": v for k, v in self.index.values().items()},
+        return {LAGRANGE_MULTIPLIER: self.last_lambda, **{f"fac/{k}": v for k, v in self.index.values().items()},
                 **{f"updates/{k}": float(v) for k, v in self.counts.items()}}
 
     def state_dict(self) -> dict:

@@ -45,6 +45,7 @@ from saferl.learners.lagrange import LagrangeParams
 from saferl.learners.onpolicy_base import advantages, assemble, flat, standardise
 from saferl.learners.ppo_lag import PPOLag
 from saferl.learners.trust_region import detached
+from saferl.metric_keys import SKIPPED_UPDATES
 
 
 class FOCOPSParams(base.Params):
@@ -123,5 +124,5 @@ class FOCOPS(PPOLag):
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out.update(epochs=epochs_run, std=self.policy.log_std.exp().mean().item(), lagrange_multiplier=nu,
                    final_kl=stats["kl"][-1])
-        out["health/skipped_updates"] = self.skipped_updates - skipped  # NaN/Inf steps refused by ``descend``
+        out[SKIPPED_UPDATES] = self.skipped_updates - skipped  # NaN/Inf steps refused by ``descend``
         return out

@@ -33,6 +33,8 @@ from collections import deque
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from saferl.metric_keys import LAGRANGE_MULTIPLIER
+
 
 class LagrangeParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -196,4 +198,4 @@ def dual_phase(multiplier: Lagrange, signals: dict, limit: float, steps: int = 1
     if costs is None:
         costs = [] if signals.get("episode_cost") is None else [signals["episode_cost"]]
     lam = multiplier.update_from(costs, limit, steps)
-    return {} if lam is None else {"lagrange_multiplier": lam}
+    return {} if lam is None else {LAGRANGE_MULTIPLIER: lam}

@@ -12,6 +12,7 @@ from pydantic import Field
 from saferl.learners import base
 from saferl.learners.lagrange import dual_phase
 from saferl.learners.networks import ACTIVATIONS, init_field, mlp
+from saferl.metric_keys import LAGRANGE_MULTIPLIER, SKIPPED_UPDATES
 
 
 class OffPolicyParams(base.Params):
@@ -78,10 +79,10 @@ class OffPolicyLearner(base.Learner):
                 for k, v in out.items():
                     stats.setdefault(k, []).append(v)
         return {**{k: float(np.mean(v)) for k, v in stats.items()}, **self.dual_metrics(),
-                "health/skipped_updates": self.skipped_updates - skipped}
+                SKIPPED_UPDATES: self.skipped_updates - skipped}
 
     def dual_metrics(self) -> dict:
-        return {"lagrange_multiplier": self.multiplier.value}
+        return {LAGRANGE_MULTIPLIER: self.multiplier.value}
 
     def build_critics(self, n_reward: int, activation: str = "relu", lr: float | None = None) -> None:
         """``n_reward`` reward Q-networks and one cost Q-network, their targets, one Adam over both."""

@@ -41,6 +41,7 @@ from saferl.learners.onpolicy_base import (
     shuffled_minibatches,
     to_floats,
 )
+from saferl.metric_keys import SKIPPED_UPDATES
 
 
 class PPOLagParams(base.Params):
@@ -107,7 +108,7 @@ class PPOLag(ActorCritic):
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out.update(epochs=epochs_run, std=self.policy.log_std.exp().mean().item(),
                    lagrange_multiplier=lam, policy_lr=self.pi_opt.param_groups[0]["lr"], **extra)
-        out["health/skipped_updates"] = self.skipped_updates - skipped
+        out[SKIPPED_UPDATES] = self.skipped_updates - skipped
         return out
 
     def surrogate_loss(self, logp: torch.Tensor, logp_old: torch.Tensor,

@@ -33,6 +33,7 @@ from pydantic import Field
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, make_multiplier
 from saferl.learners.window_base import WindowLearner, WindowParams
+from saferl.metric_keys import LAGRANGE_MULTIPLIER
 
 
 class SHACLagParams(WindowParams):
@@ -66,15 +67,15 @@ class SHACLag(WindowLearner):
         grad_norm = direction.norm().item()  # ‖g − λq‖ (/h) before clipping (what clip_grad_norm_ returned)
         # NaN/Inf (e.g. λ q overflow): skipped
         self.step_grads(self.opt, self.policy.parameters(), self.p.max_grad_norm)
-        return {"grad_norm": grad_norm, "lagrange_multiplier": lam}
+        return {"grad_norm": grad_norm, LAGRANGE_MULTIPLIER: lam}
 
     def skip_policy_step(self, est: dict) -> dict:
-        return {"grad_norm": float("nan"), "lagrange_multiplier": self.multiplier.value if self.constrained else 0.0}
+        return {"grad_norm": float("nan"), LAGRANGE_MULTIPLIER: self.multiplier.value if self.constrained else 0.0}
 
     def phase_dual(self, signals: dict) -> dict:
         if not self.constrained or self.last_j_c is None:
             return {}
-        return {"lagrange_multiplier": self.multiplier.update(self.last_j_c, self.cost_limit)}
+        return {LAGRANGE_MULTIPLIER: self.multiplier.update(self.last_j_c, self.cost_limit)}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "opt": self.opt.state_dict(), "multiplier": self.multiplier.state_dict()}

@@ -80,6 +80,7 @@ from saferl.learners.quantile import CVaRValue, QuantileCritic, quantile_huber_l
 from saferl.learners.trpo_lag import TRPOLag, TRPOLagParams
 from saferl.learners.trust_region import SearchResult, backtracking_line_search, conjugate_gradient, mean_kl
 from saferl.learners.trust_region_base import TrustRegionLearner, TrustRegionParams, natural_gradient_step
+from saferl.metric_keys import LAGRANGE_MULTIPLIER
 
 # -- stage 1 ----------------------------------------------------------------------------------------
 
@@ -339,7 +340,7 @@ class STRPO(TRPOLag):
         k = self.policy_at_k(prep)
         g = k.gradient(adv)
         phi = self.exclusion_gradient(k) if self.unsafe is not None else None
-        stats = {"lagrange_multiplier": self.multiplier.value}
+        stats = {LAGRANGE_MULTIPLIER: self.multiplier.value}
         unsafe_before = None
         if phi is not None:
             unsafe_before = self.unsafe_kl(k)

@@ -28,6 +28,7 @@ from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, OmniSafeLagrangeParams, dual_phase, make_multiplier
 from saferl.learners.onpolicy_base import lagrangian_advantage
 from saferl.learners.trust_region_base import TrustRegionLearner, TrustRegionParams, natural_gradient_step
+from saferl.metric_keys import LAGRANGE_MULTIPLIER
 
 
 class TRPOLagParams(TrustRegionParams):
@@ -47,7 +48,7 @@ class TRPOLag(TrustRegionLearner):
     def policy_step(self, prep: dict, batches: list[dict]) -> dict:
         lam = self.multiplier.value
         adv = lagrangian_advantage(prep["adv_r"], prep["adv_c"], lam)
-        return {**natural_gradient_step(self.policy_at_k(prep), adv, self.p), "lagrange_multiplier": lam}
+        return {**natural_gradient_step(self.policy_at_k(prep), adv, self.p), LAGRANGE_MULTIPLIER: lam}
 
     def phase_dual(self, signals: dict) -> dict:
         """The multiplier's step on the episodes ended since the last dual phase (``lagrange.dual_phase``)."""

@@ -19,6 +19,7 @@ from saferl.learners.trust_region import (
     max_step,
     mean_kl,
 )
+from saferl.metric_keys import SKIPPED_UPDATES
 
 
 class TrustRegionParams(base.Params):
@@ -134,7 +135,7 @@ class TrustRegionLearner(ActorCritic):
         prep = self.prepare(batches)
         out = self.policy_step(prep, batches)
         out["loss_v"] = self.fit_critics(self.policy.normalised(prep["obs"]), prep["ret_r"], prep["ret_c"])
-        out["health/skipped_updates"] = self.skipped_updates - skipped  # critic steps refused for NaN/Inf
+        out[SKIPPED_UPDATES] = self.skipped_updates - skipped  # critic steps refused for NaN/Inf
         if self.policy.norm is not None:  # statistics for the next rollout, after this update
             self.policy.norm.update(prep["obs"])
         out["std"] = self.policy.log_std.exp().mean().item()

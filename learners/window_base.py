@@ -13,6 +13,7 @@ from pydantic import Field
 from saferl.learners import base
 from saferl.learners.analytic import TimeValue, td_lambda_targets
 from saferl.learners.networks import GaussianPolicy, polyak
+from saferl.metric_keys import SKIPPED_UPDATES
 
 
 class WindowParams(base.Params):
@@ -113,7 +114,7 @@ class WindowLearner(base.Learner):
         if np.isfinite(est["j_c"]):
             self.last_j_c = float(est["j_c"])
         return {"l_r": float(est["l_r"]), "l_c": float(est["l_c"]), "j_r": float(est["j_r"]),
-                "j_c": float(est["j_c"]), **metrics, "health/skipped_updates": self.skipped_updates - skipped}
+                "j_c": float(est["j_c"]), **metrics, SKIPPED_UPDATES: self.skipped_updates - skipped}
 
     def skip_policy_step(self, est: dict) -> dict:
         """What a policy step refused for non-finite g, q or Ĵ reports (the policy is untouched)."""

@@ -209,7 +209,7 @@ def _env_spec(cfg: RunConfig) -> dict:
             host.close()
     import ray
 
-    from saferl.cluster.coordinator import host_options
+    from saferl.cluster.placement import host_options
     from saferl.cluster.session import connect
 
     started = connect(cfg)

@@ -152,14 +152,14 @@ def _cfg(task: str, run_root: str, on_invalid: str, tmp_path) -> str:
 
 
 def test_abort_reaches_the_user_as_one_line(ray_session, run_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("saferl.cluster.coordinator.EnvHost", NanHost)
+    monkeypatch.setattr("saferl.cluster.iterations.EnvHost", NanHost)
     assert main(["train", _cfg("NanReward-v0", run_root, "abort", tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"env error: NanReward-v0 host 0 env 0 step {BAD_STEP}: reward is nan"
 
 
 def test_skip_episode_run_counts_and_trains_on_finite_data(ray_session, run_root, tmp_path, monkeypatch):
-    monkeypatch.setattr("saferl.cluster.coordinator.EnvHost", NanHost)
+    monkeypatch.setattr("saferl.cluster.iterations.EnvHost", NanHost)
     assert main(["train", _cfg("NanReward-v0", run_root, "skip_episode", tmp_path)]) == 0
     (metrics,) = list(__import__("pathlib").Path(run_root).rglob("metrics.csv"))
     rows = list(csv.DictReader(metrics.open()))

@@ -144,7 +144,7 @@ def test_trains_end_to_end_on_ray_with_the_package_shipped(pkg, ray_session, run
     """The env hosts (two actors) import the package through Ray's py_modules; the run trains,
     and its policy loads and evaluates here."""
     import saferl
-    from saferl.cluster.coordinator import host_options
+    from saferl.cluster.placement import host_options
 
     cfg = load_config(cfg_dict(f"{PKG}.envs:MyCostEnv", run_root))
     assert registry.TASK_RUNTIME_ENVS[cfg.task]["py_modules"] == [str(pkg.resolve())]

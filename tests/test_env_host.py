@@ -10,7 +10,7 @@ import ray
 from saferl.actors.env_host import EnvHost
 from saferl.batch import ROLLOUT_FIELDS
 from saferl.cli import main
-from saferl.cluster.coordinator import host_options
+from saferl.cluster.placement import host_options
 from saferl.cluster.session import train
 from saferl.config import load_config
 from saferl.learners.networks import GaussianPolicy

@@ -51,13 +51,13 @@ def test_env_host_killed_is_restarted(ray_session, run_root):
     coord = coordinator("ppo_lag/FunctionEnv-v0", run_root,
                         ["total_env_steps=10000", "steps_per_iteration=2000",
                          "resources.num_env_hosts=2", "resources.envs_per_host=10"])
-    run_with_kill(coord, coord.hosts[1])
+    run_with_kill(coord, coord.loop.hosts[1])
 
 
 def kill_during(coord: Coordinator, actor, iteration: int) -> list[int]:
     """Kill ``actor`` as iteration ``iteration`` (0-based) starts its calls; returns the
     iteration of every attempt, so a retry shows as a repeat."""
-    attempts, collect = [], coord._collect
+    attempts, collect = [], coord.collect
 
     def counted():
         attempts.append(coord.state.iteration)
@@ -65,7 +65,7 @@ def kill_during(coord: Coordinator, actor, iteration: int) -> list[int]:
             kill(actor)
         return collect()
 
-    coord._collect = counted
+    coord.collect = counted
     return attempts
 
 
@@ -73,7 +73,7 @@ def test_env_host_killed_mid_iteration(ray_session, run_root):
     coord = coordinator("ppo_lag/FunctionEnv-v0", run_root,
                         ["total_env_steps=40000", "steps_per_iteration=10000",
                          "resources.num_env_hosts=2", "resources.envs_per_host=10"])
-    attempts = kill_during(coord, coord.hosts[0], 2)
+    attempts = kill_during(coord, coord.loop.hosts[0], 2)
     try:
         coord.run()
         assert coord.state.iteration == coord.total_iterations() and coord.state.restarts == 1
@@ -86,17 +86,17 @@ def test_gradient_worker_killed_is_restored(ray_session, run_root):
     coord = coordinator("bptt_lag/FunctionEnv-v0", run_root,
                         ["total_env_steps=4800", "resources.num_env_hosts=2", "resources.envs_per_host=4"])
     coord.run(stop_after=2)
-    before = ray.get([w.get_state.remote() for w in coord.hosts])
-    kill(coord.hosts[1])
+    before = ray.get([w.get_state.remote() for w in coord.loop.hosts])
+    kill(coord.loop.hosts[1])
     coord.faults.recover(rollback=False)  # what the next iteration does first
-    after = ray.get([w.get_state.remote() for w in coord.hosts])
+    after = ray.get([w.get_state.remote() for w in coord.loop.hosts])
     assert [s["episode"] for s in after] == [s["episode"] for s in before]  # restored, not restarted at -1
     assert coord.state.restarts == 1
-    attempts = kill_during(coord, coord.hosts[0], 3)  # the survivor of a failed attempt is rolled back
+    attempts = kill_during(coord, coord.loop.hosts[0], 3)  # the survivor of a failed attempt is rolled back
     try:
         coord.run()
         assert coord.state.restarts == 2
-        last = ray.get([w.get_state.remote() for w in coord.hosts])
+        last = ray.get([w.get_state.remote() for w in coord.loop.hosts])
     finally:
         coord.close()
     assert attempts == [2, 3, 3, 4, 5], attempts
@@ -109,12 +109,12 @@ def test_world_model_killed_is_restored(ray_session, run_root):
                         ["total_env_steps=1120", "resources.envs_per_host=16", "schedule.log_every=1",
                          "algo_params.world_model.fit_steps=5", "algo_params.critic_iterations=1"])
     coord.run(stop_after=2)
-    n = len(ray.get(coord.world_model.state_dict.remote())["data"]["obs"])
+    n = len(ray.get(coord.loop.world_model.state_dict.remote())["data"]["obs"])
     assert n > 0
-    kill(coord.world_model)
+    kill(coord.loop.world_model)
     coord.faults.recover(rollback=False)
-    assert len(ray.get(coord.world_model.state_dict.remote())["data"]["obs"]) == n  # its data is back
-    run_with_kill(coord, coord.world_model)
+    assert len(ray.get(coord.loop.world_model.state_dict.remote())["data"]["obs"]) == n  # its data is back
+    run_with_kill(coord, coord.loop.world_model)
 
 
 def test_retry_settings_are_config_fields(ray_session, run_root):
@@ -130,10 +130,10 @@ def test_retry_settings_are_config_fields(ray_session, run_root):
     try:
         coord.run(stop_after=1)
         coord.cfg.resources.restart_timeout_s = 0.5  # not before: it also bounds the hosts' start-up
-        kill_during(coord, coord.hosts[1], 1)
+        kill_during(coord, coord.loop.hosts[1], 1)
         with pytest.raises(RuntimeError, match=r"iteration 2 failed 1 times \(resources.iteration_attempts\)"):
             coord.run()  # one attempt: the kill is not retried
-        coord.hosts[0].rollout.remote({"uniform": True, "act_dim": coord.act_dim}, 50_000)
+        coord.loop.hosts[0].rollout.remote({"uniform": True, "act_dim": coord.loop.spec["act_dim"]}, 50_000)
         t = time.perf_counter()  # the host answers after its long rollout: not within 0.5 s
         with pytest.raises(RuntimeError, match=r"did not answer within resources.restart_timeout_s=0.5: "):
             coord.faults.pids()
@@ -148,7 +148,7 @@ def test_learner_death_stops_with_the_resume_command(ray_session, run_root):
                         ["total_env_steps=8000", "steps_per_iteration=2000", "resources.envs_per_host=10"])
     try:
         coord.run(stop_after=1)
-        kill(coord.learner)
+        kill(coord.loop.learner)
         with pytest.raises(RuntimeError, match=r"the learner actor died .*`saferl train --resume "):
             coord.run()
         assert coord.state.iteration == 1

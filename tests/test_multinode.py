@@ -53,7 +53,7 @@ def test_env_hosts_spread_over_nodes(cluster, tmp_path):
     cfg = load_config("ppo_lag/FunctionEnv-v0", [
         "total_env_steps=2400", "steps_per_iteration=1200", "resources.num_env_hosts=3",
         "resources.envs_per_host=4", "resources.num_cpus_per_host=0.5", f"run_root={tmp_path}"])
-    nodes = run(cfg, tmp_path, lambda c: ray.get([h.node_id.remote() for h in c.hosts]))
+    nodes = run(cfg, tmp_path, lambda c: ray.get([h.node_id.remote() for h in c.loop.hosts]))
     # one host on each of the three nodes (Ray's default policy packs these half-CPU hosts on two)
     assert len(set(nodes)) == 3
 
@@ -65,8 +65,8 @@ def test_learner_and_gradient_workers_share_a_node(cluster, tmp_path):
     cfg = load_config("bptt_lag/FunctionEnv-v0", over + ["resources.num_cpus_per_host=0.5"])
 
     def placed(c):
-        table = placement_group_table(c.placement_group)
-        return table["strategy"], ray.get([h.node_id.remote() for h in c.hosts]), table
+        table = placement_group_table(c.loop.placement_group)
+        return table["strategy"], ray.get([h.node_id.remote() for h in c.loop.hosts]), table
 
     strategy, nodes, table = run(cfg, tmp_path, placed)
     assert strategy == "STRICT_PACK"
@@ -96,12 +96,12 @@ def test_run_survives_losing_a_node(cluster, tmp_path):
     try:
         total = coord.total_iterations()
         coord.run(stop_after=2)
-        learner_node = ray.get(coord.learner.node_id.remote())
-        host_nodes = ray.get([h.node_id.remote() for h in coord.hosts])
+        learner_node = ray.get(coord.loop.learner.node_id.remote())
+        host_nodes = ray.get([h.node_id.remote() for h in coord.loop.hosts])
         victim = next(n for n in worker_nodes if n in host_nodes and n != learner_node)
         c.remove_node(next(n for n in c.worker_nodes if n.node_id == victim))
         coord.run()  # the surviving nodes' 3 CPUs hold the learner (1) and the three hosts (1.5)
-        moved = ray.get([h.node_id.remote() for h in coord.hosts])
+        moved = ray.get([h.node_id.remote() for h in coord.loop.hosts])
         assert coord.state.iteration == total and coord.state.restarts >= 1
         ckpt = rundir.load_checkpoint(coord.run_dir, cfg)
     finally:

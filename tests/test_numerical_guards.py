@@ -315,7 +315,7 @@ def test_safeguard_failures_reach_the_host_summaries(monkeypatch):
     """The per-process count of fallen-back solves is what env hosts report, and the coordinator
     sums the hosts' reports into ``health/safeguard_failures``."""
     from saferl.actors.env_host import EnvHost
-    from saferl.cluster.coordinator import _with_safeguard_failures
+    from saferl.cluster.iterations import with_safeguard_failures as _with_safeguard_failures
     from saferl.envs import safeguards
 
     monkeypatch.setattr(safeguards, "SOLVER_FAILURES", safeguards.Counter({"zonotope_centre": 3}))

@@ -89,17 +89,17 @@ def test_ppo_lag_improves_return():
 def test_dual_schedule_moves_the_multiplier(ray_session, run_root, monkeypatch, limit, init, direction, before):
     """The dual phase every 2 iterations moves λ toward the limit; with ``dual_before_update`` an
     update uses the λ its own iteration's phase set (OmniSafe's order), without it the previous one."""
-    from saferl.cluster.coordinator import Coordinator
+    from saferl.cluster.iterations import KindIteration
 
     used = []  # the λ each update reports having used, before the phases' metrics are merged in
-    timed_update = Coordinator._timed_update
+    timed_update = KindIteration.timed_update
 
     def record(self, update, inputs, n_updates=1):
         out = timed_update(self, update, inputs, n_updates)
         used.append(out["lagrange_multiplier"])
         return out
 
-    monkeypatch.setattr(Coordinator, "_timed_update", record)
+    monkeypatch.setattr(KindIteration, "timed_update", record)
     cfg = load_config("ppo_lag/FunctionEnv-v0", [
         "total_env_steps=8000", f"cost_limit={limit}", f"algo_params.lagrange.init={init}",
         "algo_params.lagrange.lr=0.001", "schedule.phases.dual=2", f"schedule.dual_before_update={before}",

@@ -55,6 +55,7 @@ from saferl.cluster.studies.runner import (
     warn_if_no_episode,
     write_csv,
 )
+from saferl.metric_keys import EPISODE_COST, EPISODE_COUNT, EPISODE_RETURN
 
 # ``saferl benchmark NAME`` -> the module holding its PRESET (imported when the CLI is built)
 BENCHMARKS = {"onpolicy": "saferl.cluster.studies.benchmark_onpolicy",
@@ -151,7 +152,7 @@ def read_cumulative_cost(metrics_csv: Path) -> list[tuple[float, int, float, flo
     by_iteration: dict[int, tuple[float, int, float, float]] = {}
     with open(metrics_csv, newline="") as fh:
         for row in csv.DictReader(fh):
-            ret, cost, count = (row.get(k) or "" for k in ("episode/return", "episode/cost", "episode/count"))
+            ret, cost, count = (row.get(k) or "" for k in (EPISODE_RETURN, EPISODE_COST, EPISODE_COUNT))
             if ret == "" or cost == "" or count == "":
                 continue
             it = int(float(row.get("iteration") or len(by_iteration)))

@@ -91,6 +91,7 @@ from saferl.cluster.studies.runner import (
     warn_if_no_episode,
     write_csv,
 )
+from saferl.metric_keys import EPISODE_COUNT
 
 HELP = "CGPO Fig. 10 / Fig. 6: CGPO on FoBG vs ZoBG gradients, and MB-CGPO on a non-differentiable task"
 
@@ -173,7 +174,7 @@ def read_violations(metrics_csv: Path) -> tuple[float, int]:
     rows: dict[int, tuple[float, int]] = {}
     with open(metrics_csv, newline="") as fh:
         for row in csv.DictReader(fh):
-            rate, count = row.get("episode/violation_rate") or "", row.get("episode/count") or ""
+            rate, count = row.get("episode/violation_rate") or "", row.get(EPISODE_COUNT) or ""
             if rate and count:
                 n = int(float(count))
                 rows[int(float(row["iteration"]))] = (float(rate) * n, n)

@@ -45,6 +45,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from saferl.metric_keys import EPISODE_COST, EPISODE_COUNT, EPISODE_RETURN, LAGRANGE_MULTIPLIER
+
 HELP = "a saferl baseline next to OmniSafe 0.5 on the same task, seed and budget: one plot, one table"
 
 # saferl algorithm -> OmniSafe 0.5's algorithm name
@@ -226,14 +228,14 @@ def read_saferl(metrics_csv: Path) -> list[dict]:
     by_it: dict[int, dict] = {}
     with open(metrics_csv, newline="") as fh:
         for row in csv.DictReader(fh):
-            if (row.get("episode/return") or "") == "":
+            if (row.get(EPISODE_RETURN) or "") == "":
                 continue
             by_it[int(float(row["iteration"]))] = row
     rows = [by_it[k] for k in sorted(by_it)]
-    pts = [(float(r["env_steps"]), int(float(r.get("episode/count") or 1)), float(r["episode/return"]),
-            float(r["episode/cost"])) for r in rows]
+    pts = [(float(r["env_steps"]), int(float(r.get(EPISODE_COUNT) or 1)), float(r[EPISODE_RETURN]),
+            float(r[EPISODE_COST])) for r in rows]
     return [{"source": "saferl", "env_steps": st, "episode_return": ret, "episode_cost": cost,
-             "lagrange_multiplier": _float(r.get("lagrange_multiplier"))}
+             "lagrange_multiplier": _float(r.get(LAGRANGE_MULTIPLIER))}
             for (st, ret, cost), r in zip(windowed(pts), rows)]
 
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from saferl.cluster.metrics import eta
+from saferl.metric_keys import EPISODE_COST, EPISODE_RETURN
 
 DONE_MARKER = "study_done.json"
 HEARTBEAT_S = 30.0
@@ -36,7 +37,7 @@ def read_curve(metrics_csv: Path) -> tuple[list[float], list[float], list[float]
     by_iteration: dict[int, tuple[float, float, float]] = {}
     with open(metrics_csv, newline="") as fh:
         for row in csv.DictReader(fh):
-            ret, cost = row.get("episode/return") or "", row.get("episode/cost") or ""
+            ret, cost = row.get(EPISODE_RETURN) or "", row.get(EPISODE_COST) or ""
             if ret == "" or cost == "":
                 continue
             it = int(float(row.get("iteration") or len(by_iteration)))

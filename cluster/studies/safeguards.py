@@ -70,6 +70,7 @@ from saferl.cluster.studies.runner import (
     study_console_and_out,
     write_csv,
 )
+from saferl.metric_keys import EPISODE_COST, EPISODE_COUNT
 
 HELP = "SafeGBPO paper, Tables 2-6: safeguards (boundary projection, ray mask) with SHAC, PPO and SAC"
 
@@ -123,8 +124,8 @@ def training_violations(metrics_csv: Path) -> tuple[float, int]:
     rows: dict[int, tuple[float, int]] = {}
     with open(metrics_csv, newline="") as fh:
         for row in csv.DictReader(fh):
-            if row.get("episode/count"):
-                rows[int(float(row["iteration"]))] = (float(row["episode/cost"]), int(float(row["episode/count"])))
+            if row.get(EPISODE_COUNT):
+                rows[int(float(row["iteration"]))] = (float(row[EPISODE_COST]), int(float(row[EPISODE_COUNT])))
     return sum(c * n for c, n in rows.values()), sum(n for _, n in rows.values())
 
 

@@ -5,6 +5,7 @@ import ray
 
 from saferl import registry
 from saferl.actors.process import ActorProcess
+from saferl.batch import NumpyPolicy
 from saferl.learners.base import EnvSpec
 from saferl.learners.networks import pick_device
 
@@ -23,7 +24,7 @@ class LearnerActor(ActorProcess):
     def policy_state(self):
         return self.learner.policy_state()
 
-    def numpy_policy(self) -> dict:
+    def numpy_policy(self) -> NumpyPolicy:
         return self.learner.numpy_policy()
 
     def gradient_setup(self) -> dict:

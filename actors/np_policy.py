@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from saferl.batch import NumpyPolicy
+
 LOG_2PI = float(np.log(2.0 * np.pi))
 ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0),
                "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0)))}
 
 
-def normalise(state: dict, obs: np.ndarray) -> np.ndarray:
+def normalise(state: NumpyPolicy, obs: np.ndarray) -> np.ndarray:
     z = (obs - state["obs_mean"]) / np.sqrt(state["obs_var"] + 1e-8)
     return np.clip(z, -state["obs_clip"], state["obs_clip"])
 
 
-def mean_action(state: dict, obs: np.ndarray) -> np.ndarray:
+def mean_action(state: NumpyPolicy, obs: np.ndarray) -> np.ndarray:
     h = normalise(state, obs.astype(np.float32))
     layers = state["layers"]
     act = ACTIVATIONS[state.get("activation", "tanh")]
@@ -31,7 +33,7 @@ def mean_action(state: dict, obs: np.ndarray) -> np.ndarray:
     return h @ w.T + b
 
 
-def mean_and_log_std(state: dict, obs: np.ndarray, forward=mean_action):
+def mean_and_log_std(state: NumpyPolicy, obs: np.ndarray, forward=mean_action):
     """The Gaussian's mean and log σ: a state-independent log σ, or (``std_head``, SAC) the
     network's second half, clamped."""
     out = forward(state, obs)
@@ -41,7 +43,7 @@ def mean_and_log_std(state: dict, obs: np.ndarray, forward=mean_action):
     return mu, np.clip(log_std, *state["log_std_bounds"])
 
 
-def act(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: bool = False,
+def act(state: NumpyPolicy, obs: np.ndarray, rng: np.random.Generator, deterministic: bool = False,
         forward=mean_action):
     """Returns (env action, Gaussian sample u, log N(u; mean, std)). With ``squash`` the env
     action is tanh(u) and the log-prob is of u (learners that need it apply the correction).
@@ -66,7 +68,7 @@ def act(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: b
     return action.astype(np.float32), u.astype(np.float32), logp.astype(np.float32)
 
 
-def mean_and_tril(state: dict, obs: np.ndarray, forward=mean_action):
+def mean_and_tril(state: NumpyPolicy, obs: np.ndarray, forward=mean_action):
     """μ and the Cholesky factor L of a full-covariance Gaussian over u (CVPO's actor):
     the lower triangle row-major, its diagonal softplus(·) + ``min_diag``."""
     out = forward(state, obs)
@@ -79,7 +81,7 @@ def mean_and_tril(state: dict, obs: np.ndarray, forward=mean_action):
     return mu, tril
 
 
-def _act_cholesky(state: dict, obs: np.ndarray, rng: np.random.Generator, deterministic: bool, forward):
+def _act_cholesky(state: NumpyPolicy, obs: np.ndarray, rng: np.random.Generator, deterministic: bool, forward):
     mu, tril = mean_and_tril(state, obs, forward)
     eps = np.zeros_like(mu) if deterministic else rng.standard_normal(mu.shape).astype(np.float32)
     u = mu + np.einsum("bij,bj->bi", tril, eps)
@@ -94,7 +96,7 @@ def _pre_squash(a: np.ndarray):
     return u.astype(np.float32), np.zeros(a.shape[0], np.float32)
 
 
-def to_box(state: dict, action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+def to_box(state: NumpyPolicy, action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Squashed actions in [−1, 1] mapped onto the task's box (others are the env's to clip)."""
     if state.get("squash") or state.get("uniform"):
         return low + (action + 1.0) * 0.5 * (high - low)

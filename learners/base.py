@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from saferl.batch import NumpyPolicy
+
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -151,6 +153,6 @@ class Learner(abc.ABC):
         np.random.set_state(sd["numpy"])
         random.setstate(sd["python"])
 
-    def numpy_policy(self) -> dict:
+    def numpy_policy(self) -> NumpyPolicy:
         """Weights for numpy inference in env hosts (rollouts and evaluation)."""
         return self.policy.export_numpy()

@@ -10,6 +10,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from saferl.batch import NumpyPolicy
+
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}  # names np_policy also knows
 
 
@@ -40,6 +42,20 @@ def mlp(sizes: Sequence[int], activation=nn.Tanh, out_gain: float = 1.0, init: s
             nn.init.zeros_(lin.bias)
         layers += [lin] if last else [lin, activation()]
     return nn.Sequential(*layers)
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float32)
+
+
+def numpy_policy(net: nn.Sequential, activation: str, n_actions: int, **head) -> NumpyPolicy:
+    """``net``'s weights for numpy inference in env hosts (``saferl.batch.NumpyPolicy``): an
+    identity observation normaliser, a squashed action and log σ = 0, then ``head``'s keys over them."""
+    lin = [m for m in net if isinstance(m, nn.Linear)]
+    dim = lin[0].in_features
+    return {"layers": [(_f32(m.weight), _f32(m.bias)) for m in lin], "activation": activation,
+            "log_std": np.zeros(n_actions, np.float32), "squash": True, "obs_mean": np.zeros(dim, np.float32),
+            "obs_var": np.ones(dim, np.float32) - 1e-8, "obs_clip": np.inf, **head}
 
 
 class RunningNorm(nn.Module):
@@ -106,20 +122,13 @@ class GaussianPolicy(nn.Module):
             u = u + self.log_std.exp() * noise
         return torch.tanh(u) if self.squash else u
 
-    def export_numpy(self) -> dict:
+    def export_numpy(self) -> NumpyPolicy:
         """Weights for ``saferl.actors.np_policy`` (inference inside env hosts)."""
-        lin = [m for m in self.net if isinstance(m, nn.Linear)]
-        dim = lin[0].in_features
-        norm = self.norm
-        f32 = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
-        return {
-            "layers": [(f32(m.weight), f32(m.bias)) for m in lin],
-            "log_std": f32(self.log_std),
-            "obs_mean": f32(norm.mean) if norm is not None else np.zeros(dim, np.float32),
-            "obs_var": f32(norm.var) if norm is not None else np.ones(dim, np.float32) - 1e-8,
-            "obs_clip": float(norm.clip) if norm is not None else np.inf,
-            "squash": self.squash, "activation": self.activation,
-        }
+        state = numpy_policy(self.net, self.activation, self.log_std.numel(), log_std=_f32(self.log_std),
+                             squash=self.squash)
+        if self.norm is not None:
+            state.update(obs_mean=_f32(self.norm.mean), obs_var=_f32(self.norm.var), obs_clip=float(self.norm.clip))
+        return state
 
 
 class TanhGaussianPolicy(nn.Module):
@@ -145,15 +154,9 @@ class TanhGaussianPolicy(nn.Module):
         u = dist.rsample() if u is None else u
         return torch.tanh(u), tanh_log_prob(dist, u)
 
-    def export_numpy(self) -> dict:
-        f32 = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
-        lin = [m for m in self.net if isinstance(m, nn.Linear)]
-        dim = lin[0].in_features
-        return {"layers": [(f32(m.weight), f32(m.bias)) for m in lin], "activation": self.activation,
-                "std_head": True, "log_std_bounds": (self.LOG_STD_MIN, self.LOG_STD_MAX),
-                "log_std": np.zeros(self.act_dim, np.float32), "squash": True,
-                "obs_mean": np.zeros(dim, np.float32), "obs_var": np.ones(dim, np.float32) - 1e-8,
-                "obs_clip": np.inf}
+    def export_numpy(self) -> NumpyPolicy:
+        return numpy_policy(self.net, self.activation, self.act_dim, std_head=True,
+                            log_std_bounds=(self.LOG_STD_MIN, self.LOG_STD_MAX))
 
 
 class CholeskyTanhGaussianPolicy(nn.Module):
@@ -193,15 +196,9 @@ class CholeskyTanhGaussianPolicy(nn.Module):
         mu, tril = self.mean_and_tril(obs)
         return torch.distributions.MultivariateNormal(mu, scale_tril=tril)
 
-    def export_numpy(self) -> dict:
-        f32 = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
-        lin = [m for m in self.net if isinstance(m, nn.Linear)]
-        dim = lin[0].in_features
-        return {"layers": [(f32(m.weight), f32(m.bias)) for m in lin], "activation": "relu",
-                "cholesky_head": True, "act_dim": self.act_dim, "min_diag": self.MIN_DIAG,
-                "log_std": np.zeros(self.act_dim, np.float32), "squash": True,
-                "obs_mean": np.zeros(dim, np.float32), "obs_var": np.ones(dim, np.float32) - 1e-8,
-                "obs_clip": np.inf}
+    def export_numpy(self) -> NumpyPolicy:
+        return numpy_policy(self.net, "relu", self.act_dim, cholesky_head=True, act_dim=self.act_dim,
+                            min_diag=self.MIN_DIAG)
 
 
 class DeterministicTanhPolicy(nn.Module):
@@ -218,15 +215,9 @@ class DeterministicTanhPolicy(nn.Module):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(obs))
 
-    def export_numpy(self) -> dict:
-        f32 = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
-        lin = [m for m in self.net if isinstance(m, nn.Linear)]
-        dim = lin[0].in_features
-        return {"layers": [(f32(m.weight), f32(m.bias)) for m in lin], "activation": "relu",
-                "action_noise": float(self.exploration_noise), "act_dim": self.act_dim,
-                "log_std": np.zeros(self.act_dim, np.float32), "squash": True,
-                "obs_mean": np.zeros(dim, np.float32), "obs_var": np.ones(dim, np.float32) - 1e-8,
-                "obs_clip": np.inf}
+    def export_numpy(self) -> NumpyPolicy:
+        return numpy_policy(self.net, "relu", self.act_dim, action_noise=float(self.exploration_noise),
+                            act_dim=self.act_dim)
 
 
 def normal_log_prob(mu: torch.Tensor, std: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

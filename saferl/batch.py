@@ -1,8 +1,10 @@
-"""The rollout batch: the record an env host sends to a learner or the replay buffer.
+"""The records that cross between learners and env hosts, in both directions.
 
-numpy only, so that actors and learners both import it without importing each other. A batch
-is a plain dict (Ray pickles it without copying the arrays); ``RolloutBatch`` names its fields,
-their shapes and meaning, for T steps of N envs with observation size d and action size a.
+``RolloutBatch``: what an env host sends to a learner or the replay buffer. ``NumpyPolicy``: the
+policy a learner sends to env hosts (and the inference server) to act with. numpy only, so that
+actors, learners and the Safety-Gymnasium interpreter all import it without importing each other.
+Both are plain dicts (Ray pickles them without copying the arrays); the TypedDicts name their
+fields, shapes and meaning, for T steps of N envs with observation size d and action size a.
 """
 from __future__ import annotations
 
@@ -23,6 +25,25 @@ class RolloutBatch(TypedDict):
     last_obs: np.ndarray    # [N, d]: the observation after the last step
     final_idx: np.ndarray   # [E, 2] int64: (t, env) of each episode that ended in the batch
     final_obs: np.ndarray   # [E, d] float32: its final observation (obs[t + 1] is already the reset)
+
+
+class NumpyPolicy(TypedDict, total=False):
+    """The policy as ``actors/np_policy.py`` runs it: z = clip((o − obs_mean) / √(obs_var + 1e-8),
+    ±obs_clip), an MLP over z, then one action head. Keys after ``squash`` select the head."""
+    layers: list[tuple[np.ndarray, np.ndarray]]  # (W [out, in], b [out]) per linear layer
+    activation: str                 # between hidden layers: tanh | relu | elu
+    obs_mean: np.ndarray            # [d] float32 (zeros without a normaliser)
+    obs_var: np.ndarray             # [d] float32 (ones − 1e-8 without one)
+    obs_clip: float                 # inf without one
+    log_std: np.ndarray             # [a]: state-independent log σ (zeros when a head gives σ)
+    squash: bool                    # the env action is tanh(u)
+    std_head: bool                  # SAC: the output's second half is log σ(s) ...
+    log_std_bounds: tuple[float, float]  # ... clamped to these
+    cholesky_head: bool             # CVPO: the output is μ and the lower triangle of L(s)
+    min_diag: float                 # ... whose diagonal is softplus(·) + this
+    action_noise: float             # TD3 / DDPG: tanh(μ(s)) + N(0, σ²), clipped to [−1, 1]
+    act_dim: int                    # with a Cholesky head, action noise or ``uniform``
+    uniform: bool                   # off-policy warm-up: uniform actions in the box
 
 
 ROLLOUT_FIELDS = tuple(RolloutBatch.__annotations__)

@@ -90,7 +90,7 @@ def import_safety_gymnasium():
     return sys.modules["safety_gymnasium"]
 
 
-# Seed 004 (FAC-SIS) trains on point-robot Goal and Push tasks whose obstacles are pillars
+# The FAC-SIS paper trains on point-robot Goal and Push tasks whose obstacles are pillars
 # (static, physical, penalised on contact). Safety-Gymnasium registers none with constrained
 # pillars, so these are its level-0 Goal / Push tasks plus PILLARS constrained pillars, on level 1's
 # arena; the numbers are ours (the paper gives none).

@@ -1,4 +1,4 @@
-"""Seed 000, Table 1: Conv. Steps and Vio. Ratio of CGPO and its baselines on the Brax tasks.
+"""CGPO paper, Table 1: Conv. Steps and Vio. Ratio of CGPO and its baselines on the Brax tasks.
 
 The rows are the paper's: PDO, APPO, CPO, CUP (sampling algorithms, through the numpy protocol),
 BPTT-Lag, SHAC-Lag and CGPO (analytic gradients); ``--algos`` may add any other registered
@@ -121,7 +121,7 @@ ALGO_LABELS = {"pdo": "PDO", "appo": "APPO", "cpo": "CPO", "cup": "CUP", "ppo_la
                "bptt_lag": "BPTT-Lag", "shac_lag": "SHAC-Lag", "cgpo": "CGPO", "shac": "SHAC"}
 TASK_LABELS = {"BraxCartPole-v0": "CartPole", "BraxReacher-v0": "Reacher",
                "BraxHalfCheetahVel-v0": "HalfCheetah", "BraxAntVel-v0": "Ant"}
-# Seed 000, Table 1 (Conv. Steps, Vio. Ratio %; None = "-†"), tasks in PAPER_TASKS order.
+# CGPO paper, Table 1 (Conv. Steps, Vio. Ratio %; None = "-†"), tasks in PAPER_TASKS order.
 PAPER_TABLE1 = {
     "PDO": [(4.99e6, 12.01), (3.99e6, 64.42), (3.43e6, 74.58), (1.70e7, 51.84)],
     "APPO": [(5.95e6, 6.59), (4.22e6, 46.04), (3.58e6, 18.33), (1.08e7, 9.54)],
@@ -344,7 +344,7 @@ def _write_table(out: Path, records: list[dict], args, s: dict) -> None:
     budget = "each config's total_env_steps" if s["budget"] is None else f"{s['budget']:,} env steps"
     envs = "each config's" if s["envs"] is None else s["envs"]
     marks = {t: task_marks(t, {r["cost_limit"] for r in records if r["task"] == t}) for t in tasks}
-    lines = ["# Seed 000, Table 1: reproduction", "",
+    lines = ["# CGPO paper, Table 1: reproduction", "",
              f"{s['seeds']} seed(s) per cell (mean ± std over seeds); budget {budget} per run; envs {envs}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for algo in algos:
@@ -420,7 +420,7 @@ def _plot(out: Path, curves: list[tuple], records: list[dict], args) -> None:
             axes[row][j].grid(alpha=0.3)
             if axes[row][j].get_legend_handles_labels()[0]:
                 axes[row][j].legend(fontsize=7)
-    save_figure(fig, out / "curves.png", "Seed 000, Table 1 study\n(mean ± std over seeds)")
+    save_figure(fig, out / "curves.png", "CGPO paper, Table 1 study\n(mean ± std over seeds)")
 
 
 def run(args) -> Path:

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
+from saferl.checkpoint_files import checkpoint_path, checkpoints
 from saferl.config import ConfigError, RunConfig, load_config
-
-CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -56,14 +55,8 @@ def atomic_save(obj, path: Path) -> None:
         os.close(dir_fd)
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("ckpt_*.pt")
-             if (m := CKPT_RE.search(p.name))]
-    return [p for _, p in sorted(found)]
-
-
 def save_checkpoint(run_dir: Path, iteration: int, payload: dict, keep: int) -> Path:
-    path = Path(run_dir) / "checkpoints" / f"ckpt_{iteration:07d}.pt"
+    path = checkpoint_path(run_dir, iteration)
     atomic_save(payload, path)
     for old in checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)

@@ -266,7 +266,7 @@ class STRPOParams(TRPOLagParams):
 
 def load_unsafe_policy(path: str, env: base.EnvSpec, device) -> GaussianPolicy:
     """π_unsafe from a trpo_unsafe run directory (its newest checkpoint) or checkpoint file."""
-    from saferl.cluster.rundir import checkpoints  # the one place checkpoint files are listed
+    from saferl.checkpoint_files import checkpoints
     from saferl.config import ConfigError
 
     p = Path(path).expanduser()

@@ -63,7 +63,7 @@ class Run:
         """An existing run directory (its ``eval.json``, if ``saferl eval --save`` wrote one)."""
         import json
 
-        from saferl.cluster.evaluate import EVAL_FILE
+        from saferl.tools.evaluate import EVAL_FILE
 
         run_dir = Path(run_dir)
         path = run_dir / EVAL_FILE
@@ -111,7 +111,7 @@ def train_config(cfg: RunConfig, run_dir: str | Path | None = None, console=None
                             console=console, stop_after=stop_after)
         evaluation = None
         if eval_episodes > 0:
-            from saferl.cluster.evaluate import save_result
+            from saferl.tools.evaluate import save_result
 
             evaluation = evaluate_run(out, eval_episodes)
             save_result(out, evaluation, True)
@@ -143,7 +143,7 @@ def evaluate_run(run_dir: str | Path, episodes: int = 10, deterministic: bool = 
     """``saferl eval RUN_DIR``: return, cost and violation rate of the latest checkpoint over
     ``episodes`` episodes, on an env host of the run's task (in the Safety-Gymnasium interpreter
     for its tasks)."""
-    from saferl.cluster.evaluate import evaluate
+    from saferl.tools.evaluate import evaluate
 
     return evaluate(Path(run_dir), episodes, deterministic=deterministic)
 
@@ -182,7 +182,7 @@ class Policy:
         if self.config.task_spec.kind == "safety_gymnasium":
             return evaluate_run(self.run_dir, episodes, deterministic)
         from saferl.actors.env_host import EnvHost
-        from saferl.cluster.evaluate import _summary
+        from saferl.tools.evaluate import _summary
 
         cfg = self.config
         host = EnvHost(cfg.task, min(episodes, cfg.resources.envs_per_host), cfg.seed + 10_000, 0)
@@ -227,7 +227,7 @@ def _env_spec(cfg: RunConfig) -> dict:
 def load(run_dir: str | Path | Run) -> Policy:
     """The latest checkpoint's policy of a run directory (see :class:`Policy`)."""
     from saferl.cluster import rundir
-    from saferl.cluster.evaluate import numpy_policy_from_checkpoint
+    from saferl.tools.evaluate import numpy_policy_from_checkpoint
 
     run_dir = Path(run_dir.run_dir if isinstance(run_dir, Run) else run_dir)
     cfg = rundir.load_run_config(run_dir)

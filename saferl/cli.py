@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
     con.print(f"[bold green]done[/bold green]: results in {out}  "
               f"(metrics.csv, tb/, checkpoints/; `saferl eval {out} --episodes 10`)")
     if not args.no_report:
-        from saferl.cluster.report import write_run_report
+        from saferl.tools.report import write_run_report
 
         paths = write_run_report(out)
         con.print(f"report: {paths['html']}  curves: {paths['png']}")
@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from saferl.cluster.evaluate import render_videos
+    from saferl.tools.evaluate import render_videos
 
     if args.video:
         for path in render_videos(Path(args.run_dir), args.episodes or 1, args.format,
@@ -127,7 +127,7 @@ def cmd_eval(args) -> int:
     result = evaluate_run(Path(args.run_dir), args.episodes or 10, deterministic=not args.stochastic)
     print(json.dumps({k: v for k, v in result.items() if k not in ("returns", "costs")}, indent=2))
     if args.save:
-        from saferl.cluster.evaluate import save_result
+        from saferl.tools.evaluate import save_result
 
         print(f"saved {save_result(Path(args.run_dir), result, not args.stochastic)}", file=sys.stderr)
     return 0
@@ -147,7 +147,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from saferl.cluster.report import build_report
+    from saferl.tools.report import build_report
 
     paths = build_report(args.run_dirs, Path(args.out))
     print(f"wrote {paths['html']} ({paths['summary'].name}, {paths['curves'].name} next to it)")
@@ -201,7 +201,7 @@ def cmd_dashboard(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from saferl.cluster import bench
+    from saferl.tools import bench
 
     if args.bench == "rollout":
         bench.bench_rollout(out_dir=Path(args.out), task=args.task, steps=args.steps,
@@ -225,7 +225,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from saferl.cluster import studies
+    from saferl.tools import studies
 
     out = studies.load(args.study).run(args)
     _console().print(f"[bold green]done[/bold green]: study results in {out}")
@@ -233,7 +233,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from saferl.cluster.studies import benchmark
+    from saferl.tools.studies import benchmark
 
     out = benchmark.load(args.benchmark).run(args)
     _console().print(f"[bold green]done[/bold green]: benchmark results in {out}")
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     b.add_argument("--out", default="bench_results")
     b.set_defaults(fn=cmd_bench)
-    from saferl.cluster import studies
+    from saferl.tools import studies
 
     p = sub.add_parser("study", help="studies reproducing the papers' evidence (tables, plots, raw numbers)")
     ssub = p.add_subparsers(dest="study", required=True)
@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(s)
         s.set_defaults(fn=cmd_study)
 
-    from saferl.cluster.studies import benchmark  # the stdlib only at module level
+    from saferl.tools.studies import benchmark  # the stdlib only at module level
 
     p = sub.add_parser("benchmark", help="algorithm × task × seed benchmarks in OmniSafe's table format")
     bsub = p.add_subparsers(dest="benchmark", required=True)

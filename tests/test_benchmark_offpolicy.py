@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from saferl.cluster.studies import benchmark as shared
-from saferl.cluster.studies import benchmark_offpolicy as bench
-from saferl.cluster.studies import benchmark_onpolicy
 from saferl.config import load_config
+from saferl.tools.studies import benchmark as shared
+from saferl.tools.studies import benchmark_offpolicy as bench
+from saferl.tools.studies import benchmark_onpolicy
 from tests.test_benchmark_onpolicy import assert_final_cells
 
 

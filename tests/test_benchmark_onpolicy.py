@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from saferl.cluster.studies import benchmark_onpolicy as bench
-from saferl.cluster.studies.runner import format_mean_std
+from saferl.tools.studies import benchmark_onpolicy as bench
+from saferl.tools.studies.runner import format_mean_std
 from tests.conftest import needs_sg
 
 

@@ -216,7 +216,7 @@ def test_fac_sis_on_ray_lowers_its_violation_rate(ray_session, run_root):
 
 
 def test_feasibility_check_agrees_with_brute_force():
-    from saferl.cluster.studies.sis_feasibility import check
+    from saferl.tools.studies.sis_feasibility import check
 
     grid_n, weak = 7, {"acc_max": 2.0}  # a weaker brake than the default: φ_h infeasible in most episodes
     index = SafetyIndex(IndexParams(preset="handcrafted"), n_hazards=1)

@@ -154,7 +154,7 @@ def test_adam_multiplier_drives_a_cost_to_its_limit_in_closed_loop():
 
 def test_reproduces_the_multipliers_omnisafe_logged():
     """OmniSafe 0.5 PPOLag on SafetyPointGoal1-v0, seed 0, 2,000 steps per epoch (two 1000-step
-    episodes), run through ``cluster/studies/reference_omnisafe.py``: its first two epochs logged
+    episodes), run through ``saferl/tools/studies/reference_omnisafe.py``: its first two epochs logged
     Metrics/EpCost 159.5 and 157.0 (the 50-episode window) and Metrics/LagrangeMultiplier
     0.03599999 and 0.07098134. The default PPO-Lag multiplier fed the same episodes gives the same λ."""
     from saferl.learners.ppo_lag import PPOLag

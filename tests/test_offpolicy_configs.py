@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from saferl import registry
-from saferl.cluster.studies.benchmark_offpolicy import OFFPOLICY_ALGOS, OFFPOLICY_TASKS
 from saferl.config import CONFIG_DIR, load_config
+from saferl.tools.studies.benchmark_offpolicy import OFFPOLICY_ALGOS, OFFPOLICY_TASKS
 
 PAIRS = [(algo, task) for algo in OFFPOLICY_ALGOS for task in OFFPOLICY_TASKS]
 

@@ -62,7 +62,7 @@ def test_studies_print_runs_done_with_an_eta_that_ignores_kept_runs(tmp_path, mo
     earlier invocation (kept) take no time, so the ETA is estimated from the trained runs only."""
     from types import SimpleNamespace
 
-    from saferl.cluster.studies import runner
+    from saferl.tools.studies import runner
 
     clock_now = iter([0.0, 0.0, 100.0, 200.0])  # t0, after the kept run, after each trained run
     monkeypatch.setattr(runner.time, "monotonic", lambda: next(clock_now))

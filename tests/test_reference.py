@@ -7,10 +7,11 @@ import csv
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from saferl.cluster.studies import reference
+from saferl.tools.studies import reference
 
 FAKE_DRIVER = textwrap.dedent('''
     """Stands in for reference_omnisafe.py: records its argv, writes a curve like OmniSafe's."""
@@ -150,3 +151,14 @@ def test_reference_from_reuses_only_the_same_experiment(tmp_path):
     (earlier / "reference_done.json").unlink()
     with pytest.raises(ConfigError, match="no finished reference run"):
         reference.reuse_reference(earlier, tmp_path, s)
+
+
+def test_the_reference_install_recipe_points_at_files_that_exist():
+    """``--install`` builds OmniSafe's interpreter from the checkout's Safety-Gymnasium pins, and
+    the driver loads the task shims from the checkout's envs/."""
+    from saferl.tools.studies import reference, reference_omnisafe
+
+    steps = reference.install_steps(Path("/nonexistent/venv"))
+    requirement_files = [Path(a) for step in steps for a in step if a.endswith(".txt")]
+    assert requirement_files and all(f.is_file() for f in requirement_files), requirement_files
+    assert (reference_omnisafe.SAFERL_ENVS / "safety_gym.py").is_file()

@@ -23,8 +23,8 @@ import pandas as pd
 import pytest
 
 from saferl.cli import main
-from saferl.cluster import report
 from saferl.config import ConfigError, load_config
+from saferl.tools import report
 
 QUICK = ["total_env_steps=3000", "steps_per_iteration=500", "resources.envs_per_host=5", "logging.tensorboard=false"]
 RUNS = [("ppo_lag", 0), ("ppo_lag", 1), ("trpo_lag", 0)]

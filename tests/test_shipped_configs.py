@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from saferl import registry
-from saferl.cluster.studies.benchmark_onpolicy import ONPOLICY_ALGOS, SAFETY_GYM_TASKS
 from saferl.config import CONFIG_DIR, load_config
+from saferl.tools.studies.benchmark_onpolicy import ONPOLICY_ALGOS, SAFETY_GYM_TASKS
 
 PAIRS = [(algo, task) for algo in ONPOLICY_ALGOS for task in SAFETY_GYM_TASKS]
 

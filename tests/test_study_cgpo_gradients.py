@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from saferl.cluster.studies import cgpo_gradients as study
+from saferl.tools.studies import cgpo_gradients as study
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

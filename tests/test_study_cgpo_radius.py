@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from saferl.cluster.studies import cgpo_radius as study
+from saferl.tools.studies import cgpo_radius as study
 
 
 def settings(argv: list[str]) -> dict:

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from saferl.cluster.studies import cgpo_table1 as study
-from saferl.cluster.studies.cgpo_table1 import conv_steps, format_cell, read_curve, vio_ratio
+from saferl.tools.studies import cgpo_table1 as study
+from saferl.tools.studies.cgpo_table1 import conv_steps, format_cell, read_curve, vio_ratio
 
 # A run that improves, then settles at R ≈ 10 while its cost crosses the limit b = 8.
 STEPS = [100, 200, 300, 400, 500, 600]

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from saferl.cli import main
-from saferl.cluster.studies.gbe import batch_gradients, relative_error, update_direction
 from saferl.envs.function_env import FunctionEnv
 from saferl.learners.analytic import pre_squash_actions, zobg_gradient
 from saferl.learners.networks import GaussianPolicy
+from saferl.tools.studies.gbe import batch_gradients, relative_error, update_direction
 
 TINY = ["--seeds", "2", "--epochs", "6", "--stages", "2", "--envs", "32", "--delta", "0.001",
         "--lengths", "1", "5", "--step-sizes", "0.0001", "0.01", "--critic-iters", "30"]

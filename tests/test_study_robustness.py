@@ -77,7 +77,7 @@ def two_runs(ray_session, tmp_path_factory):
 
 
 def test_robustness_study_end_to_end(two_runs, tmp_path):
-    from saferl.cluster.evaluate import evaluate
+    from saferl.tools.evaluate import evaluate
 
     out = tmp_path / "study"
     rc = main(["study", "robustness", *map(str, two_runs), "--alphas", "0,0.5,1", "--episodes", "4",
@@ -122,7 +122,7 @@ def test_bad_input_is_one_clear_line(tmp_path, two_runs, capsys):
 
 
 def test_runs_of_one_algorithm_and_task_are_pooled_in_the_plot():
-    from saferl.cluster.studies.robustness import _groups
+    from saferl.tools.studies.robustness import _groups
 
     runs = [{"run": n, "algo": algo, "task": "T", "cost_limit": 8.0}
             for n, algo in (("ppo_lag/a", "ppo_lag"), ("ppo_lag/b", "ppo_lag"), ("cpo/c", "cpo"))]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from saferl.cluster.studies.safeguards import bootstrap_ci, shac_in_process, smooth, steps_to_band
+from saferl.tools.studies.safeguards import bootstrap_ci, shac_in_process, smooth, steps_to_band
 
 
 def test_steps_to_band_is_where_the_curve_stays_within_5_percent():
@@ -154,7 +154,7 @@ def test_elu_policy_acts_the_same_in_env_hosts():
 
 
 def test_the_not_converged_mark_is_explained_only_where_it_is_used():
-    from saferl.cluster.studies.safeguards import table
+    from saferl.tools.studies.safeguards import table
 
     def rec(variant, stuck):
         return {"status": "ok", "base": "SafeGBPOPendulum-v0", "variant": variant, "algo": "shac", "stuck": stuck,

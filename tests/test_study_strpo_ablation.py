@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from saferl.cluster.studies import strpo_ablation as study
-from saferl.cluster.studies.runner import final_performance, format_mean_std, read_curve
+from saferl.tools.studies import strpo_ablation as study
+from saferl.tools.studies.runner import final_performance, format_mean_std, read_curve
 
 
 def test_variants_overrides_and_stage1_kinds():

@@ -244,7 +244,7 @@ def wandb_records(path):
 
 
 def test_evaluate_a_gradient_run(ray_session, run_root):
-    from saferl.cluster.evaluate import evaluate
+    from saferl.tools.evaluate import evaluate
 
     cfg = load_config("bptt_lag/FunctionEnv-v0", ["total_env_steps=12800", f"run_root={run_root}"])
     result = evaluate(train(cfg), episodes=6)

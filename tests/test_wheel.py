@@ -72,7 +72,7 @@ def test_the_wheel_installs_every_subpackage_and_the_configs(tmp_path):
         return out.stdout
 
     probe = run(str(venv / "bin" / "python"), "-c", (
-        "import saferl, saferl.cluster.studies.benchmark as b; from saferl.config import CONFIG_DIR, load_config\n"
+        "import saferl, saferl.tools.studies.benchmark as b; from saferl.config import CONFIG_DIR, load_config\n"
         "cfg = load_config('ppo_lag/SafetyPointGoal1-v0')\n"
         "print(saferl.__file__, b.__file__, CONFIG_DIR, len(list(CONFIG_DIR.glob('**/*.yaml'))), sep='\\n')\n"
         "print(cfg.algo, cfg.task, cfg.learner_params().epochs, load_config('quickstart').task)"))

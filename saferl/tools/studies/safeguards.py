@@ -56,7 +56,8 @@ import statistics
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (
+from saferl.metric_keys import EPISODE_COST, EPISODE_COUNT
+from saferl.tools.studies.runner import (
     add_run_arguments,
     csv_list,
     failed_note,
@@ -70,7 +71,6 @@ from saferl.cluster.studies.runner import (
     study_console_and_out,
     write_csv,
 )
-from saferl.metric_keys import EPISODE_COST, EPISODE_COUNT
 
 HELP = "SafeGBPO paper, Tables 2-6: safeguards (boundary projection, ray mask) with SHAC, PPO and SAC"
 
@@ -246,8 +246,8 @@ def _plan(args, s: dict, out: Path) -> list[dict]:
 # per-run numbers and outputs
 # ---------------------------------------------------------------------------------------------
 def _measure(record: dict, job: dict, args) -> tuple[dict, list[tuple]]:
-    from saferl.cluster.evaluate import evaluate
-    from saferl.cluster.studies.runner import read_curve
+    from saferl.tools.evaluate import evaluate
+    from saferl.tools.studies.runner import read_curve
 
     record.update(base=job["base"], variant=job["variant"])
     path = Path(record["run_dir"]) / "metrics.csv"

@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (
+from saferl.tools.studies.runner import (
     add_address_argument,
     add_out_argument,
     csv_list,
@@ -196,7 +196,7 @@ def run(args) -> Path:
         f"study robustness: {len(runs)} run(s) × {len(alphas)} attack rates × {args.episodes} episodes")
     import ray
 
-    from saferl.cluster.evaluate import evaluate_attack_rates
+    from saferl.tools.evaluate import evaluate_attack_rates
 
     t0 = time.perf_counter()
     rows: list[dict] = []

@@ -22,7 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (
+from saferl.config import ConfigError
+from saferl.metric_keys import EPISODE_COST, EPISODE_RETURN, LAGRANGE_MULTIPLIER
+from saferl.tools.studies.runner import (
     final_performance,
     format_mean_std,
     plot_mean_std,
@@ -30,8 +32,6 @@ from saferl.cluster.studies.runner import (
     summarise,
     write_csv,
 )
-from saferl.config import ConfigError
-from saferl.metric_keys import EPISODE_COST, EPISODE_RETURN, LAGRANGE_MULTIPLIER
 
 RETURN, COST, THROUGHPUT = EPISODE_RETURN, EPISODE_COST, "time/env_steps_per_s"
 # metrics.csv columns plotted as multipliers / dual variables. cgpo/radius, cgpo/dual_lambda and

@@ -536,8 +536,8 @@ def bench_soak(out_dir: Path, config: str = "ppo_lag/FunctionEnv-v0", steps: int
 
     from saferl.cluster import rundir
     from saferl.cluster.coordinator import Coordinator
-    from saferl.cluster.evaluate import evaluate
     from saferl.config import CONFIG_DIR, ConfigError
+    from saferl.tools.evaluate import evaluate
 
     say = console.print if console else print
     if kill_every <= 0:

@@ -15,7 +15,7 @@ saferl config decays the policy's step size over ``lr_decay_updates`` updates, t
 run's iterations, as OmniSafe's ``linear_lr_decay`` spans its own ``total_steps``.
 
 The reference runs in its own interpreter (``--venv``, default ``.venv-omnisafe``), never imported
-by saferl: ``cluster/studies/reference_omnisafe.py`` is executed there as a script, concurrently
+by saferl: ``saferl/tools/studies/reference_omnisafe.py`` is executed there as a script, concurrently
 with the saferl run (``--sequential``: one after the other). ``--install`` builds that interpreter
 with ``INSTALL_STEPS`` (Python 3.11; the Safety-Gymnasium pins of deploy/requirements-sg.txt, torch,
 OmniSafe's other dependencies; ``safety-gymnasium``, ``gymnasium-robotics``, ``pettingzoo`` and
@@ -45,6 +45,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from saferl.config import REPO_ROOT
 from saferl.metric_keys import EPISODE_COST, EPISODE_COUNT, EPISODE_RETURN, LAGRANGE_MULTIPLIER
 
 HELP = "a saferl baseline next to OmniSafe 0.5 on the same task, seed and budget: one plot, one table"
@@ -56,7 +57,7 @@ REFERENCE_ALGOS = {"ppo_lag": "PPOLag", "trpo_lag": "TRPOLag", "sac_lag": "SACLa
 LAGRANGIAN = {"ppo_lag", "trpo_lag", "sac_lag", "td3_lag", "ddpg_lag", "cup", "focops", "rcpo"}
 DEFAULT_VENV = ".venv-omnisafe"
 DRIVER = Path(__file__).resolve().with_name("reference_omnisafe.py")
-ROOT = Path(__file__).resolve().parents[1]
+SG_REQUIREMENTS = REPO_ROOT / "deploy" / "requirements-sg.txt"  # the Safety-Gymnasium pins OmniSafe runs on
 EPISODE_WINDOW = 50  # OmniSafe's window_lens of Metrics/EpRet / EpCost (the logged running mean)
 CURVE_COLUMNS = ["source", "env_steps", "episode_return", "episode_cost", "lagrange_multiplier"]
 
@@ -65,7 +66,7 @@ def install_steps(venv: Path, python: str = "python3.11") -> list[list[str]]:
     """The recipe that builds the reference interpreter (argv lists, run in the repository root)."""
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     return [[python, "-m", "venv", str(venv)],
-            [*pip, "-r", str(ROOT / "deploy" / "requirements-sg.txt"), "torch", "tensorboard", "wandb", "moviepy",
+            [*pip, "-r", str(SG_REQUIREMENTS), "torch", "tensorboard", "wandb", "moviepy",
              "typer", "rich", "typing-extensions", "pyyaml", "matplotlib", "pandas", "seaborn", "gdown"],
             [*pip, "--no-deps", "safety-gymnasium==1.0.0", "gymnasium-robotics==1.2.2", "pettingzoo==1.23.1",
              "omnisafe==0.5.0"]]
@@ -84,9 +85,12 @@ def reference_python(args, console) -> str:
         if not args.install:
             raise ConfigError(f"usage error: no reference interpreter at {python}: pass --install to build "
                               f"{venv.name} (OmniSafe 0.5, needs network), or --venv / --reference-python")
+        if not SG_REQUIREMENTS.is_file():
+            raise ConfigError(f"install error: {SG_REQUIREMENTS} not found: --install builds the reference "
+                              "interpreter from a source checkout (deploy/ is not in the wheel)")
         for step in install_steps(venv):
             console.print("install: " + " ".join(step))
-            done = subprocess.run(step, cwd=ROOT, capture_output=True, text=True)
+            done = subprocess.run(step, cwd=REPO_ROOT, capture_output=True, text=True)
             if done.returncode:
                 lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()
                          and "is ignored: it is neither a file nor a directory" not in ln]
@@ -95,7 +99,7 @@ def reference_python(args, console) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from saferl.cluster.studies.runner import add_address_argument, add_out_argument
+    from saferl.tools.studies.runner import add_address_argument, add_out_argument
 
     p.add_argument("--algo", default="ppo_lag", choices=sorted(REFERENCE_ALGOS),
                    help="saferl algorithm (default ppo_lag)")
@@ -126,8 +130,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings(args) -> dict:
-    from saferl.cluster.studies.runner import shipped_config
     from saferl.config import ConfigError, load_config
+    from saferl.tools.studies.runner import shipped_config
 
     if args.algo not in REFERENCE_ALGOS:
         raise ConfigError(f"usage error: --algo {args.algo!r}: one of {', '.join(sorted(REFERENCE_ALGOS))}")
@@ -150,7 +154,7 @@ def settings(args) -> dict:
 
 
 def saferl_job(s: dict, out: Path) -> dict:
-    from saferl.cluster.studies.runner import plan_job
+    from saferl.tools.studies.runner import plan_job
 
     overrides = [f"total_env_steps={s['steps']}", f"steps_per_iteration={s['steps_per_iteration']}",
                  f"resources.num_env_hosts={s['hosts']}", f"resources.envs_per_host={s['envs']}",
@@ -288,7 +292,7 @@ def plot(path: Path, s: dict, curves: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saferl.cluster.studies.runner import save_figure
+    from saferl.tools.studies.runner import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for (src, curve), color in zip(curves.items(), ("tab:blue", "tab:orange")):
@@ -309,7 +313,7 @@ def plot(path: Path, s: dict, curves: dict) -> None:
 
 
 def write_outputs(out: Path, s: dict, curves: dict, walls: dict) -> None:
-    from saferl.cluster.studies.runner import write_csv
+    from saferl.tools.studies.runner import write_csv
 
     write_csv(out / "comparison.csv", CURVE_COLUMNS, [p for c in curves.values() for p in c])
     finals = {src: final_values(c, s["final_steps"]) for src, c in curves.items()}
@@ -324,7 +328,7 @@ def start_ray_patiently(cfg, args, console, attempts: int = 8) -> bool:
     import ray
 
     from saferl.cluster.session import connect
-    from saferl.cluster.studies.runner import needs
+    from saferl.tools.studies.runner import needs
 
     if ray.is_initialized():
         return False
@@ -344,8 +348,8 @@ def start_ray_patiently(cfg, args, console, attempts: int = 8) -> bool:
 
 
 def run(args) -> Path:
-    from saferl.cluster.studies.runner import DONE_MARKER, run_jobs, study_console_and_out
     from saferl.config import ConfigError
+    from saferl.tools.studies.runner import DONE_MARKER, run_jobs, study_console_and_out
 
     console, out = study_console_and_out("reference", args)
     s = settings(args)

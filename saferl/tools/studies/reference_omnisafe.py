@@ -25,7 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-SAFERL_ENVS = Path(__file__).resolve().parents[2] / "envs"
+_HERE = Path(__file__).resolve()
+# envs/ beside saferl/ in a source checkout, saferl/envs in an installed package
+SAFERL_ENVS = next((p / "envs" for p in _HERE.parents[2:4] if (p / "envs" / "__init__.py").is_file()),
+                   _HERE.parents[3] / "envs")
 COLUMNS = {"env_steps": "TotalEnvSteps", "episode_return": "Metrics/EpRet", "episode_cost": "Metrics/EpCost",
            "lagrange_multiplier": "Metrics/LagrangeMultiplier", "episode_length": "Metrics/EpLen"}
 

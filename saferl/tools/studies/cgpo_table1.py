@@ -92,7 +92,7 @@ import csv
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (
+from saferl.tools.studies.runner import (
     add_run_arguments,
     by_seed,
     csv_list,
@@ -362,7 +362,7 @@ def _write_table(out: Path, records: list[dict], args, s: dict) -> None:
     for task in tasks:
         if task in TASK_DEVIATIONS:
             lines += ["", f"{label(task)} ({TASK_DEVIATIONS[task]}): {TASK_DEVIATION_DETAILS[task]}."]
-    lines += ["", f"Metric settings (F.2; formulas in `saferl/cluster/studies/cgpo_table1.py`): window W = "
+    lines += ["", f"Metric settings (F.2; formulas in `saferl/tools/studies/cgpo_table1.py`): window W = "
               f"{args.conv_window} × budget, threshold τ = {args.conv_tol} × the run's return range, "
               f"safety-critical band w = {args.vio_band} × |b|, soft margin m = {args.margin} × |b|."]
     paper_cols = [PAPER_TASKS.index(t) for t in tasks if t in PAPER_TASKS]

@@ -31,7 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (
+from saferl.metric_keys import EPISODE_COST, EPISODE_COUNT, EPISODE_RETURN
+from saferl.tools.studies.runner import (
     FINAL_FRACTION,
     add_run_arguments,
     by_seed,
@@ -55,12 +56,11 @@ from saferl.cluster.studies.runner import (
     warn_if_no_episode,
     write_csv,
 )
-from saferl.metric_keys import EPISODE_COST, EPISODE_COUNT, EPISODE_RETURN
 
 # ``saferl benchmark NAME`` -> the module holding its PRESET (imported when the CLI is built)
-BENCHMARKS = {"onpolicy": "saferl.cluster.studies.benchmark_onpolicy",
-              "offpolicy": "saferl.cluster.studies.benchmark_offpolicy",
-              "reference": "saferl.cluster.studies.reference"}
+BENCHMARKS = {"onpolicy": "saferl.tools.studies.benchmark_onpolicy",
+              "offpolicy": "saferl.tools.studies.benchmark_offpolicy",
+              "reference": "saferl.tools.studies.reference"}
 
 
 def load(name: str):

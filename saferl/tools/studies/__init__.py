@@ -9,14 +9,14 @@ from __future__ import annotations
 import importlib
 
 STUDIES = {
-    "gbe": "saferl.cluster.studies.gbe",
-    "cgpo-table1": "saferl.cluster.studies.cgpo_table1",
-    "cgpo-radius": "saferl.cluster.studies.cgpo_radius",
-    "cgpo-gradients": "saferl.cluster.studies.cgpo_gradients",
-    "safeguards": "saferl.cluster.studies.safeguards",
-    "robustness": "saferl.cluster.studies.robustness",
-    "sis-feasibility": "saferl.cluster.studies.sis_feasibility",
-    "strpo-ablation": "saferl.cluster.studies.strpo_ablation",
+    "gbe": "saferl.tools.studies.gbe",
+    "cgpo-table1": "saferl.tools.studies.cgpo_table1",
+    "cgpo-radius": "saferl.tools.studies.cgpo_radius",
+    "cgpo-gradients": "saferl.tools.studies.cgpo_gradients",
+    "safeguards": "saferl.tools.studies.safeguards",
+    "robustness": "saferl.tools.studies.robustness",
+    "sis-feasibility": "saferl.tools.studies.sis_feasibility",
+    "strpo-ablation": "saferl.tools.studies.strpo_ablation",
 }
 
 

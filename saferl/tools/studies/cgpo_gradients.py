@@ -62,9 +62,10 @@ import statistics
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.cgpo_radius import read_radius
-from saferl.cluster.studies.cgpo_table1 import conv_steps, vio_ratio
-from saferl.cluster.studies.runner import (
+from saferl.metric_keys import EPISODE_COUNT
+from saferl.tools.studies.cgpo_radius import read_radius
+from saferl.tools.studies.cgpo_table1 import conv_steps, vio_ratio
+from saferl.tools.studies.runner import (
     FINAL_FRACTION,
     add_budget_arguments,
     add_run_arguments,
@@ -91,7 +92,6 @@ from saferl.cluster.studies.runner import (
     warn_if_no_episode,
     write_csv,
 )
-from saferl.metric_keys import EPISODE_COUNT
 
 HELP = "CGPO Fig. 10 / Fig. 6: CGPO on FoBG vs ZoBG gradients, and MB-CGPO on a non-differentiable task"
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 import functools
 
-from saferl.cluster.studies import benchmark as _b
+from saferl.tools.studies import benchmark as _b
 
 HELP = "on-policy algorithms × Safety-Gymnasium tasks: OmniSafe-style Reward/Cost table (mean ± std), curves"
 

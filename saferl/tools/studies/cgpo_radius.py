@@ -51,7 +51,7 @@ import statistics
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (
+from saferl.tools.studies.runner import (
     FINAL_FRACTION,
     add_budget_arguments,
     add_run_arguments,

@@ -71,7 +71,7 @@ import csv
 import time
 from pathlib import Path
 
-from saferl.cluster.studies.runner import (
+from saferl.tools.studies.runner import (
     DONE_MARKER,
     FINAL_FRACTION,
     add_run_arguments,

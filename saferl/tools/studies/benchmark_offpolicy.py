@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import functools
 
-from saferl.cluster.studies import benchmark as _b
+from saferl.tools.studies import benchmark as _b
 
 HELP = ("off-policy algorithms × CVPO's Safety-Gymnasium tasks: OmniSafe-style Reward/Cost table, "
         "reward vs cumulative cost (CVPO's Figure 4)")

@@ -39,7 +39,7 @@ import json
 import math
 from pathlib import Path
 
-from saferl.cluster.studies.runner import add_out_argument, save_figure, study_console_and_out, write_csv
+from saferl.tools.studies.runner import add_out_argument, save_figure, study_console_and_out, write_csv
 
 HELP = "FAC-SIS App. E.2-E.3: exhaustive feasibility of safety indexes (Table 3) and the learned index (Fig. 8)"
 COLUMNS = ["index", "sigma", "k", "n", "eta_d", "trajectories", "success_rate", "phi0_violation_rate",

@@ -31,7 +31,9 @@ FAKE_DRIVER = textwrap.dedent('''
         w.writerow(["env_steps", "episode_return", "episode_cost", "lagrange_multiplier", "episode_length"])
         for e in range(1, epochs + 1):
             w.writerow([e * int(args.steps_per_epoch), 10.0 * e, 40.0 - 5 * e, 0.1 * e, 100])
-    (out / "reference_done.json").write_text(json.dumps({"wall_s": 1.5}))
+    (out / "reference_done.json").write_text(json.dumps({  # what the real driver records
+        "algo": args.algo, "env": args.env, "seed": int(args.seed), "total_steps": int(args.total_steps),
+        "steps_per_epoch": int(args.steps_per_epoch), "set": args.set, "wall_s": 1.5}))
 ''')
 
 
@@ -162,3 +164,57 @@ def test_the_reference_install_recipe_points_at_files_that_exist():
     requirement_files = [Path(a) for step in steps for a in step if a.endswith(".txt")]
     assert requirement_files and all(f.is_file() for f in requirement_files), requirement_files
     assert (reference_omnisafe.SAFERL_ENVS / "safety_gym.py").is_file()
+
+
+def test_across_seeds_gives_each_seed_then_mean_and_sample_std():
+    f = lambda r, c, lam: {"return": r, "cost": c, "lambda": lam}  # noqa: E731
+    rows = reference.across_seeds({0: {"saferl": f(10.0, 40.0, 0.5), "omnisafe": f(12.0, 30.0, None)},
+                                   1: {"saferl": f(14.0, 20.0, 0.7), "omnisafe": f(16.0, 50.0, None)}})
+    by = {(r["source"], r["seed"]): r for r in rows}
+    assert by["saferl", "mean"]["return"] == 12.0 and by["saferl", "std"]["return"] == pytest.approx(8 ** 0.5)
+    assert by["omnisafe", "mean"]["cost"] == 40.0 and by["omnisafe", "std"]["lambda"] is None
+    assert [r["seed"] for r in rows if r["source"] == "saferl"] == [0, 1, "mean", "std"]
+    one = reference.across_seeds({3: {"saferl": f(1.0, 2.0, 0.1), "omnisafe": f(1.0, 2.0, 0.1)}})
+    assert [r["std"] if "std" in r else r["return"] for r in one if r["seed"] == "std"] == [None, None]
+
+
+@pytest.mark.parametrize("text", ["", "0,x", "1,1", "-1"])
+def test_bad_seeds_are_a_one_line_error(text):
+    from saferl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--seeds"):
+        reference.parse_seeds(text)
+
+
+def test_seeds_run_one_comparison_each_and_one_table(ray_session, tmp_path, monkeypatch):
+    """``--seeds 0,1``: each seed's comparison in OUT/seed<N> (the reference got that seed), then
+    seeds.md / seeds.csv / seeds.png across them; --reference-from reuses DIR/seed<N>."""
+    from saferl.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    driver = tmp_path / "fake_driver.py"
+    driver.write_text(FAKE_DRIVER)
+    out = tmp_path / "cmp"
+    argv = ["benchmark", "reference", "--algo", "ppo_lag", "--task", "FunctionEnv-v0", "--seeds", "0,1",
+            "--steps", "4000", "--steps-per-iteration", "2000", "--hosts", "1", "--envs", "4",
+            "--final-steps", "2000", "--reference-python", sys.executable, "--reference-driver", str(driver),
+            "--set", "algo_params.epochs=2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    for seed in (0, 1):
+        sent = json.loads((out / f"seed{seed}" / "reference" / "argv.json").read_text())
+        assert sent[sent.index("--seed") + 1] == str(seed)
+        assert json.loads((out / f"seed{seed}" / "reference.json").read_text())["seed"] == seed
+    with open(out / "seeds.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["source"], r["seed"]) for r in rows] == [
+        (src, k) for src in ("saferl", "omnisafe") for k in ("0", "1", "mean", "std")]
+    omni = {r["seed"]: r for r in rows if r["source"] == "omnisafe"}
+    assert float(omni["mean"]["return"]) == 20.0 and float(omni["std"]["return"]) == 0.0  # the fake is seed-free
+    saferl = {r["seed"]: r for r in rows if r["source"] == "saferl"}
+    assert saferl["0"]["return"] != saferl["1"]["return"]  # two seeds, two runs
+    assert "| OmniSafe PPOLag | mean | 20.00 | 30.00 | 0.200 |" in (out / "seeds.md").read_text()
+    assert (out / "seeds.png").stat().st_size > 10_000
+    again = tmp_path / "again"
+    assert main([*argv, "--out", str(again), "--reference-from", str(out)]) == 0
+    assert (again / "seed1" / "reference" / "reference_curve.csv").read_text() == (
+        out / "seed1" / "reference" / "reference_curve.csv").read_text()

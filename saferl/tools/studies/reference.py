@@ -6,6 +6,7 @@
     saferl benchmark reference --install                    build .venv-omnisafe first if it is missing
     saferl benchmark reference --reference-from runs/ref-a --out runs/ref-b
                                                             saferl's side again, OmniSafe's reused
+    saferl benchmark reference --seeds 0,1 --out runs/ref   one comparison per seed, one table across
 
 Both sides get the same task, seed, cost limit (the registry's), total env steps and steps per
 iteration (OmniSafe's ``steps_per_epoch``); each keeps its own hyper-parameters: saferl the shipped
@@ -29,6 +30,12 @@ Outputs in ``--out``:
     comparison.png   return, cost (with the limit) and λ against env steps, both sides in each panel
     reference.json   the settings
     runs/            saferl's run directory;  reference/  OmniSafe's log and its curve
+
+With ``--seeds``, each seed's outputs above are in ``seed<N>/``, and across the seeds:
+
+    seeds.md         final return, cost and λ of each side per seed, their mean and sample std
+    seeds.csv        the same rows
+    seeds.png        every seed's curves of both sides
 
 OmniSafe logs ``Metrics/EpRet`` and ``Metrics/EpCost`` as means over its last 50 finished episodes;
 saferl's curve is shown as that same 50-episode running mean (rebuilt from each iteration's
@@ -105,6 +112,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="saferl algorithm (default ppo_lag)")
     p.add_argument("--task", default="SafetyPointGoal1-v0", help="a Safety-Gymnasium task both libraries have")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None, metavar="LIST",
+                   help="several seeds, e.g. 0,1: one side-by-side run per seed in OUT/seed<N>, then one table "
+                        "and plot across them (seeds.md, seeds.csv, seeds.png); --reference-from DIR then "
+                        "reuses DIR/seed<N>")
     p.add_argument("--steps", type=int, default=600_000, help="total env steps of each side (default 600,000)")
     p.add_argument("--steps-per-iteration", type=int, default=None,
                    help="env steps per update (OmniSafe's steps_per_epoch; default the shipped config's)")
@@ -347,10 +358,117 @@ def start_ray_patiently(cfg, args, console, attempts: int = 8) -> bool:
     return False
 
 
+def parse_seeds(text: str) -> list[int]:
+    from saferl.config import ConfigError
+
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"usage error: --seeds {text!r}: a comma-separated list of integers, e.g. 0,1") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"usage error: --seeds {text!r}: distinct seeds ≥ 0, e.g. 0,1")
+    return seeds
+
+
+def across_seeds(per_seed: dict[int, dict]) -> list[dict]:
+    """One row per (source, seed) with its final values, then a mean and a sample-std row per source
+    (std only with 2+ seeds)."""
+    rows = []
+    for src in ("saferl", "omnisafe"):
+        finals = [(seed, f[src]) for seed, f in sorted(per_seed.items())]
+        rows += [{"source": src, "seed": seed, **{k: f[k] for k in ("return", "cost", "lambda")}} for seed, f in finals]
+        for stat in ("mean", "std"):
+            row = {"source": src, "seed": stat}
+            for k in ("return", "cost", "lambda"):
+                xs = [f[k] for _, f in finals if f[k] is not None]
+                if stat == "mean":
+                    row[k] = sum(xs) / len(xs) if xs else None
+                else:
+                    m = sum(xs) / len(xs) if xs else 0.0
+                    row[k] = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+            rows.append(row)
+    return rows
+
+
+def seeds_table(s: dict, rows: list[dict]) -> str:
+    fmt = lambda v, f=".2f": "-" if v is None else format(v, f)  # noqa: E731
+    seeds = sorted({r["seed"] for r in rows if isinstance(r["seed"], int)})
+    lines = [f"# {s['algo']} vs OmniSafe 0.5 {s['reference_algo']} on {s['task']}, seeds {', '.join(map(str, seeds))}",
+             "", f"{s['steps']:,} env steps per run; final values: means over the last {s['final_steps']:,} env "
+             f"steps of each run ({EPISODE_WINDOW}-episode running means); std: sample std over seeds.", "",
+             "| implementation | seed | final return | final cost | final λ |", "|---|---|---|---|---|"]
+    for r in rows:
+        label = f"saferl {s['algo']}" if r["source"] == "saferl" else f"OmniSafe {s['reference_algo']}"
+        lines.append(f"| {label} | {r['seed']} | {fmt(r['return'])} | {fmt(r['cost'])} | {fmt(r['lambda'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_seeds(path: Path, s: dict, curves: dict[int, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from saferl.tools.studies.runner import save_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for src, color in (("saferl", "tab:blue"), ("omnisafe", "tab:orange")):
+        label = f"saferl {s['algo']}" if src == "saferl" else f"OmniSafe {s['reference_algo']}"
+        for i, (seed, by_source) in enumerate(sorted(curves.items())):
+            curve = by_source[src]
+            x = [p["env_steps"] for p in curve]
+            style = {"color": color, "lw": 1, "ls": ("-", "--", ":", "-.")[i % 4],
+                     "label": f"{label}, seed {seed}"}
+            axes[0].plot(x, [p["episode_return"] for p in curve], **style)
+            axes[1].plot(x, [p["episode_cost"] for p in curve], **style)
+            lam = [(p["env_steps"], p["lagrange_multiplier"]) for p in curve if p["lagrange_multiplier"] is not None]
+            if lam:
+                axes[2].plot(*zip(*lam), **style)
+    axes[1].axhline(s["cost_limit"], color="k", ls="--", lw=1, label="cost limit")
+    for ax, name in zip(axes, ("episode return", "episode cost", "λ")):
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    save_figure(fig, path, f"{s['task']}: saferl {s['algo']} vs OmniSafe 0.5 {s['reference_algo']}, every seed")
+
+
+def run_seeds(args) -> Path:
+    """``--seeds``: one side-by-side run per seed (``run``), in OUT/seed<N>, then the table across them."""
+    import copy
+
+    from saferl.tools.studies.runner import study_console_and_out, write_csv
+
+    console, out = study_console_and_out("reference", args)
+    seeds = parse_seeds(args.seeds)
+    finals, curves = {}, {}
+    for k, seed in enumerate(seeds, 1):
+        console.print(f"seed {seed} ({k}/{len(seeds)})")
+        one = copy.copy(args)
+        one.seed, one.seeds, one.out = seed, None, str(out / f"seed{seed}")
+        if args.reference_from:
+            one.reference_from = str(Path(args.reference_from) / f"seed{seed}")
+        run(one)
+        saved = json.loads((out / f"seed{seed}" / "reference.json").read_text())
+        finals[seed] = saved["finals"]
+        with open(out / f"seed{seed}" / "comparison.csv", newline="") as fh:
+            points = [{**r, **{k: _float(r[k]) for k in CURVE_COLUMNS[1:]}} for r in csv.DictReader(fh)]
+        curves[seed] = {src: [p for p in points if p["source"] == src] for src in ("saferl", "omnisafe")}
+    s = {**saved, "seeds": seeds}
+    rows = across_seeds(finals)
+    write_csv(out / "seeds.csv", ["source", "seed", "return", "cost", "lambda"], rows)
+    (out / "seeds.md").write_text(seeds_table(s, rows))
+    plot_seeds(out / "seeds.png", s, curves)
+    console.print((out / "seeds.md").read_text(), markup=False)
+    return out
+
+
 def run(args) -> Path:
     from saferl.config import ConfigError
     from saferl.tools.studies.runner import DONE_MARKER, run_jobs, study_console_and_out
 
+    if getattr(args, "seeds", None):
+        return run_seeds(args)
     console, out = study_console_and_out("reference", args)
     s = settings(args)
     out.mkdir(parents=True, exist_ok=True)

@@ -74,19 +74,25 @@ def test_missing_reference_interpreter_is_a_one_line_error(tmp_path, capsys):
     assert rc == 2 and "--install" in err and "nowhere" in err and len(err.strip().splitlines()) == 1, err
 
 
+def fake_comparison_argv(tmp_path, monkeypatch, *extra: str) -> list[str]:
+    """``saferl benchmark reference`` of a 2-iteration PPO-Lag run on FunctionEnv, with the fake
+    reference driver standing in for OmniSafe."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    driver = tmp_path / "fake_driver.py"
+    driver.write_text(FAKE_DRIVER)
+    return ["benchmark", "reference", "--algo", "ppo_lag", "--task", "FunctionEnv-v0", "--steps", "4000",
+            "--steps-per-iteration", "2000", "--hosts", "1", "--envs", "4", "--final-steps", "2000",
+            "--reference-python", sys.executable, "--reference-driver", str(driver), "--set", "algo_params.epochs=2",
+            *extra]
+
+
 def test_side_by_side_run_with_a_fake_reference(ray_session, tmp_path, monkeypatch):
     """A real 2-iteration saferl PPO-Lag run on FunctionEnv next to the fake reference: one table,
     one curve file holding both, one plot; a second call keeps both runs."""
     from saferl.cli import main
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    driver = tmp_path / "fake_driver.py"
-    driver.write_text(FAKE_DRIVER)
     out = tmp_path / "cmp"
-    argv = ["benchmark", "reference", "--algo", "ppo_lag", "--task", "FunctionEnv-v0", "--seed", "1",
-            "--steps", "4000", "--steps-per-iteration", "2000", "--hosts", "1", "--envs", "4",
-            "--final-steps", "2000", "--reference-python", sys.executable, "--reference-driver", str(driver),
-            "--out", str(out), "--set", "algo_params.epochs=2"]
+    argv = fake_comparison_argv(tmp_path, monkeypatch, "--seed", "1", "--out", str(out))
     assert main(argv) == 0
     sent = json.loads((out / "reference" / "argv.json").read_text())
     assert sent[sent.index("--env") + 1] == "FunctionEnv-v0" and sent[sent.index("--seed") + 1] == "1"
@@ -191,14 +197,8 @@ def test_seeds_run_one_comparison_each_and_one_table(ray_session, tmp_path, monk
     seeds.md / seeds.csv / seeds.png across them; --reference-from reuses DIR/seed<N>."""
     from saferl.cli import main
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    driver = tmp_path / "fake_driver.py"
-    driver.write_text(FAKE_DRIVER)
     out = tmp_path / "cmp"
-    argv = ["benchmark", "reference", "--algo", "ppo_lag", "--task", "FunctionEnv-v0", "--seeds", "0,1",
-            "--steps", "4000", "--steps-per-iteration", "2000", "--hosts", "1", "--envs", "4",
-            "--final-steps", "2000", "--reference-python", sys.executable, "--reference-driver", str(driver),
-            "--set", "algo_params.epochs=2"]
+    argv = fake_comparison_argv(tmp_path, monkeypatch, "--seeds", "0,1")
     assert main([*argv, "--out", str(out)]) == 0
     for seed in (0, 1):
         sent = json.loads((out / f"seed{seed}" / "reference" / "argv.json").read_text())

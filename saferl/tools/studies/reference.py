@@ -297,6 +297,24 @@ def table(s: dict, finals: dict, walls: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _draw(axes, curve: list[dict], **style) -> None:
+    """One curve's return, cost and λ (where logged) on the three panels."""
+    x = [p["env_steps"] for p in curve]
+    axes[0].plot(x, [p["episode_return"] for p in curve], **style)
+    axes[1].plot(x, [p["episode_cost"] for p in curve], **style)
+    lam = [(p["env_steps"], p["lagrange_multiplier"]) for p in curve if p["lagrange_multiplier"] is not None]
+    if lam:
+        axes[2].plot(*zip(*lam), **style)
+
+
+def _label_panels(axes, s: dict) -> None:
+    axes[1].axhline(s["cost_limit"], color="k", ls="--", lw=1, label="cost limit")
+    for ax, name in zip(axes, ("episode return", "episode cost", "λ")):
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+
+
 def plot(path: Path, s: dict, curves: dict) -> None:
     import matplotlib
 
@@ -308,17 +326,8 @@ def plot(path: Path, s: dict, curves: dict) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for (src, curve), color in zip(curves.items(), ("tab:blue", "tab:orange")):
         label = f"saferl {s['algo']}" if src == "saferl" else f"OmniSafe {s['reference_algo']}"
-        x = [p["env_steps"] for p in curve]
-        axes[0].plot(x, [p["episode_return"] for p in curve], color=color, label=label)
-        axes[1].plot(x, [p["episode_cost"] for p in curve], color=color, label=label)
-        lam = [(p["env_steps"], p["lagrange_multiplier"]) for p in curve if p["lagrange_multiplier"] is not None]
-        if lam:
-            axes[2].plot(*zip(*lam), color=color, label=label)
-    axes[1].axhline(s["cost_limit"], color="k", ls="--", lw=1, label="cost limit")
-    for ax, name in zip(axes, ("episode return", "episode cost", "λ")):
-        ax.set_xlabel("env steps")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
+        _draw(axes, curve, color=color, label=label)
+    _label_panels(axes, s)
     axes[1].legend(fontsize=8)
     save_figure(fig, path, f"{s['task']}, seed {s['seed']}: saferl {s['algo']} vs OmniSafe 0.5 {s['reference_algo']}")
 
@@ -415,20 +424,9 @@ def plot_seeds(path: Path, s: dict, curves: dict[int, dict]) -> None:
     for src, color in (("saferl", "tab:blue"), ("omnisafe", "tab:orange")):
         label = f"saferl {s['algo']}" if src == "saferl" else f"OmniSafe {s['reference_algo']}"
         for i, (seed, by_source) in enumerate(sorted(curves.items())):
-            curve = by_source[src]
-            x = [p["env_steps"] for p in curve]
-            style = {"color": color, "lw": 1, "ls": ("-", "--", ":", "-.")[i % 4],
-                     "label": f"{label}, seed {seed}"}
-            axes[0].plot(x, [p["episode_return"] for p in curve], **style)
-            axes[1].plot(x, [p["episode_cost"] for p in curve], **style)
-            lam = [(p["env_steps"], p["lagrange_multiplier"]) for p in curve if p["lagrange_multiplier"] is not None]
-            if lam:
-                axes[2].plot(*zip(*lam), **style)
-    axes[1].axhline(s["cost_limit"], color="k", ls="--", lw=1, label="cost limit")
-    for ax, name in zip(axes, ("episode return", "episode cost", "λ")):
-        ax.set_xlabel("env steps")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
+            _draw(axes, by_source[src], color=color, lw=1, ls=("-", "--", ":", "-.")[i % 4],
+                  label=f"{label}, seed {seed}")
+    _label_panels(axes, s)
     axes[0].legend(fontsize=7)
     save_figure(fig, path, f"{s['task']}: saferl {s['algo']} vs OmniSafe 0.5 {s['reference_algo']}, every seed")
 

@@ -208,7 +208,8 @@ class FACSIS(OffPolicyLearner):
         if len(self.ep_violations) != len(batches):
             self.ep_violations = [np.zeros(b["reward"].shape[1], np.int64) for b in batches]
         for h, batch in enumerate(batches):
-            obs = torch.as_tensor(np.asarray(batch["obs"]), dtype=torch.float32, device=self.device)
+            # a copy: arrays from Ray's object store are read-only
+            obs = torch.as_tensor(np.array(batch["obs"], np.float32), device=self.device)
             nxt = torch.as_tensor(next_observations(batch), dtype=torch.float32, device=self.device)
             viol = (self.index.delta(obs, nxt) > 0).cpu().numpy()
             valid = np.asarray(batch["valid"]) if "valid" in batch else np.ones(viol.shape, bool)

@@ -90,6 +90,9 @@ class KindIteration(ABC):
         if resume.get("workers"):  # env hosts' / gradient workers' states, where they have one
             ray.get([w.set_state.remote(sd) for w, sd in zip(self.hosts, resume["workers"]) if sd is not None])
 
+    def learner_options(self) -> dict:
+        return {"num_cpus": 1, "num_gpus": self.cfg.resources.num_gpus_per_learner}
+
     def _make_learner(self, spec: dict, options: dict):
         self.spec = EnvSpec.of(spec).model_dump()
         cfg = self.cfg
@@ -122,7 +125,7 @@ class EnvHostIteration(KindIteration):
             self.inference = ray.remote(inference.InferenceServer).options(
                 num_cpus=1, num_gpus=res.inference_gpus, max_restarts=res.max_actor_restarts
             ).remote(spec["act_low"], spec["act_high"], cfg.device)
-        self.learner = self._make_learner(spec, {"num_cpus": 1, "num_gpus": res.num_gpus_per_learner})
+        self.learner = self._make_learner(spec, self.learner_options())
 
     def rollouts(self, policy) -> list:
         """Each host's (batch, summary) refs for this iteration."""
@@ -219,8 +222,7 @@ class GradientIteration(KindIteration):
     CGPO (eq 18) first proposes its step and every worker re-rolls its window with it."""
 
     def _env_spec(self) -> dict:
-        env = make_diff_env(self.cfg.task)
-        return {k: getattr(env, k) for k in EnvSpec.model_fields if hasattr(env, k)}
+        return EnvSpec.of_env(make_diff_env(self.cfg.task)).model_dump()
 
     def _make_actors(self) -> None:
         cfg, res = self.cfg, self.cfg.resources
@@ -228,7 +230,7 @@ class GradientIteration(KindIteration):
         # iteration: one placement group keeps them on one node when they fit there.
         opts = {"num_cpus": res.num_cpus_per_host, "num_gpus": res.num_gpus_per_host,
                 "max_restarts": res.max_actor_restarts}
-        group = [{"num_cpus": 1, "num_gpus": res.num_gpus_per_learner}]
+        group = [self.learner_options()]
         group += [opts] * (res.num_env_hosts + bool(cfg.algo_spec.world_model))
         placed, self.placement_group = colocate(group)
         self.learner = self._make_learner(self._env_spec(), placed[0])
@@ -281,8 +283,8 @@ class ModelBasedIteration(GradientIteration):
     phases_in_collect = frozenset({"world_model"})
 
     def _env_spec(self) -> dict:
-        vec = make_vec_env(self.cfg.task, 1)  # the real task may be non-differentiable
-        return {k: getattr(vec, k) for k in EnvSpec.model_fields if hasattr(vec, k)}
+        # the real task may be non-differentiable
+        return EnvSpec.of_env(make_vec_env(self.cfg.task, 1)).model_dump()
 
     def _make_workers(self, args: list, placed: list) -> None:
         cfg = self.cfg

@@ -52,6 +52,11 @@ class EnvSpec(BaseModel):
                   for k in ("act_low", "act_high")}
         return cls(**{**fields, **bounds})
 
+    @classmethod
+    def of_env(cls, env) -> EnvSpec:
+        """From an env object's attributes (a vector or differentiable env)."""
+        return cls.of({k: getattr(env, k) for k in cls.model_fields if hasattr(env, k)})
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -313,8 +313,7 @@ def _task_spec(cfg) -> dict:
         spec = EnvHost(cfg.task, 1, 0).spec()
     else:
         from saferl.actors.gradient_worker import make_diff_env
-        env = make_diff_env(cfg.task)
-        spec = {k: getattr(env, k) for k in EnvSpec.model_fields if hasattr(env, k)}
+        return EnvSpec.of_env(make_diff_env(cfg.task)).model_dump()
     return EnvSpec.of(spec).model_dump()
 
 

@@ -382,20 +382,15 @@ def parse_seeds(text: str) -> list[int]:
 def across_seeds(per_seed: dict[int, dict]) -> list[dict]:
     """One row per (source, seed) with its final values, then a mean and a sample-std row per source
     (std only with 2+ seeds)."""
-    rows = []
+    from saferl.tools.studies.runner import summarise
+
+    keys, rows = ("return", "cost", "lambda"), []
     for src in ("saferl", "omnisafe"):
         finals = [(seed, f[src]) for seed, f in sorted(per_seed.items())]
-        rows += [{"source": src, "seed": seed, **{k: f[k] for k in ("return", "cost", "lambda")}} for seed, f in finals]
-        for stat in ("mean", "std"):
-            row = {"source": src, "seed": stat}
-            for k in ("return", "cost", "lambda"):
-                xs = [f[k] for _, f in finals if f[k] is not None]
-                if stat == "mean":
-                    row[k] = sum(xs) / len(xs) if xs else None
-                else:
-                    m = sum(xs) / len(xs) if xs else 0.0
-                    row[k] = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
-            rows.append(row)
+        rows += [{"source": src, "seed": seed, **{k: f[k] for k in keys}} for seed, f in finals]
+        stats = {k: summarise([f[k] for _, f in finals]) for k in keys}
+        rows += [{"source": src, "seed": "mean", **{k: st[0] for k, st in stats.items()}},
+                 {"source": src, "seed": "std", **{k: st[1] for k, st in stats.items()}}]
     return rows
 
 
@@ -440,8 +435,8 @@ def run_seeds(args) -> Path:
     console, out = study_console_and_out("reference", args)
     seeds = parse_seeds(args.seeds)
     finals, curves = {}, {}
-    for k, seed in enumerate(seeds, 1):
-        console.print(f"seed {seed} ({k}/{len(seeds)})")
+    for i, seed in enumerate(seeds, 1):
+        console.print(f"seed {seed} ({i}/{len(seeds)})")
         one = copy.copy(args)
         one.seed, one.seeds, one.out = seed, None, str(out / f"seed{seed}")
         if args.reference_from:

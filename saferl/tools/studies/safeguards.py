@@ -154,7 +154,7 @@ def shac_in_process(config: str, overrides: list[str] | None = None, iterations:
 
     cfg = load_config(config, overrides or [])
     env = make_diff_env(cfg.task)
-    spec = EnvSpec.of({k: getattr(env, k) for k in EnvSpec.model_fields if hasattr(env, k)})
+    spec = EnvSpec.of_env(env)
     learner = cfg.algo_spec.load()(cfg.learner_params(), spec, cfg.limit, torch.device(device), cfg.seed)
     n = cfg.resources.num_env_hosts * cfg.resources.envs_per_host
     worker = GradientWorker(cfg.task, 0, n, n, cfg.seed, learner.arch, device)

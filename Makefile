@@ -2,7 +2,7 @@
 # when deploy/requirements-*.txt, deploy/setup.sh and pyproject.toml are unchanged).
 PY := .venv/bin/python
 
-.PHONY: setup run test test-slow bench docs lint
+.PHONY: setup run test test-slow bench docs lint typecheck
 setup:
 	@bash deploy/setup.sh
 
@@ -20,9 +20,14 @@ test-slow: setup
 bench: setup
 	$(PY) -m saferl.cli bench rollout
 
-# Lint (ruff; the rules and their reasons are in pyproject.toml's [tool.ruff]).
+# Lint (ruff; the rules and their reasons are in pyproject.toml's [tool.ruff]) and the type check.
 lint: setup
 	.venv/bin/ruff check .
+	bash deploy/typecheck.sh
+
+# mypy over the core modules listed in pyproject.toml's [tool.mypy].
+typecheck: setup
+	bash deploy/typecheck.sh
 
 # The documentation site from docs/ (strict: a broken link or missing page fails it).
 docs: setup

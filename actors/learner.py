@@ -1,6 +1,8 @@
 """Learner actor: hosts one algorithm's learner on the device Ray granted it."""
 from __future__ import annotations
 
+from typing import Any
+
 import ray
 
 from saferl import registry
@@ -47,17 +49,17 @@ class LearnerActor(ActorProcess):
         ``clock`` (off-policy): the first minibatch's global gradient step and the step phases'
         intervals, from the coordinator's schedule."""
         batches = ray.get(batches) if isinstance(batches[0], ray.ObjectRef) else batches
-        extras = {}
+        extras: dict[str, Any] = {}
         if clock is not None:
             extras["clock"] = clock
         if evaluations is not None:  # the workers' re-rolls of ``propose``'s step (CGPO)
             extras["evaluations"] = ray.get(evaluations) if isinstance(evaluations[0], ray.ObjectRef) else evaluations
         return self.learner.update(batches, **extras)
 
-    def episode_metrics(self, *batches: dict) -> list[dict]:
-        """Per-episode metrics the learner computes from the hosts' rollout batches (off-policy
-        learners whose ``offpolicy_setup`` sets ``episode_metrics``), one dict per finished episode."""
-        return self.learner.episode_metrics(list(batches))
+    def observe_rollouts(self, *batches: dict) -> list[dict]:
+        """This iteration's rollout batches, before its update (off-policy learners whose
+        ``offpolicy_setup`` sets ``observe_rollouts``): one dict of learner metrics per finished episode."""
+        return self.learner.observe_rollouts(list(batches))
 
     def phase(self, name: str, signals: dict) -> dict:
         return self.learner.phase(name, signals)

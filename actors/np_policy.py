@@ -9,13 +9,16 @@ is this module's in both cases.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from saferl.batch import NumpyPolicy
 
 LOG_2PI = float(np.log(2.0 * np.pi))
-ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0),
-               "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0)))}
+ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0),
+    "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0)))}
 
 
 def normalise(state: NumpyPolicy, obs: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ import ray
 ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 
 
-def first_line(err: BaseException) -> str:
+def first_line(err: BaseException | None) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
 
@@ -50,7 +50,8 @@ class ActorFaults:
         or world model dies, the attempt's partial batch is discarded (the learner's update depends
         on every shard, so it never ran), the schedule state is put back, the restarted actor
         restored and the iteration retried, at most ``resources.iteration_attempts`` times."""
-        err, attempts = None, self.cfg.resources.iteration_attempts
+        err: BaseException | None = None
+        attempts = self.cfg.resources.iteration_attempts
         for _ in range(attempts):
             saved = copy.deepcopy(self.state)
             try:  # an actor may also die while being restored
@@ -73,7 +74,7 @@ class ActorFaults:
         """The hosts' / gradient workers' states and the world model's, for a checkpoint. One that
         died since the last iteration is restarted and restored first (``recover``), so a kill while
         checkpointing counts as a restart instead of failing the run."""
-        err = None
+        err: BaseException | None = None
         for _ in range(self.cfg.resources.iteration_attempts):
             try:
                 self.recover(rollback=False)
@@ -107,6 +108,7 @@ class ActorFaults:
             ray.get([self.hosts[i].reset.remote(seed) for i in restarted if i < len(self.hosts)])
             return
         snap = self._snapshot  # the state after the last completed iteration
+        assert snap is not None  # taken with the first pids
         refs = [w.set_state.remote(sd) for w, sd in zip(self.hosts, snap["workers"])]
         if self.world_model is not None:
             refs.append(self.world_model.load_state_dict.remote(snap["world_model"]))
@@ -123,7 +125,8 @@ class ActorFaults:
         *unavailable* (unreachable, not yet known dead) until Ray notices the node is gone, seconds
         later: those calls are retried until ``resources.restart_timeout_s``."""
         res = self.cfg.resources
-        deadline, died, last = time.monotonic() + res.restart_timeout_s, 0, None
+        deadline, died = time.monotonic() + res.restart_timeout_s, 0
+        last: BaseException | None = None
         while died < 5 and time.monotonic() < deadline:
             try:
                 return ray.get([a.pid.remote() for a in self.restorable()],

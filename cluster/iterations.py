@@ -184,9 +184,10 @@ class OffPolicyIteration(EnvHostIteration):
         policy = {"uniform": True, "act_dim": self.spec["act_dim"]} if warm else self.learner.numpy_policy.remote()
         refs = self.rollouts(policy)
         size = self.replay.add.remote(*[b for b, _ in refs])
-        # per-episode learner metrics (FAC-SIS: safe-action violations), before this iteration's update
-        per_episode = (self.learner.episode_metrics.remote(*[b for b, _ in refs])
-                       if o.get("episode_metrics") else None)
+        # the learner sees this iteration's rollouts before its update (FAC-SIS: the index loss's
+        # on-policy transitions; per-episode safe-action violations)
+        per_episode = (self.learner.observe_rollouts.remote(*[b for b, _ in refs])
+                       if o.get("observe_rollouts") else None)
         replay_size = ray.get(size)  # a dead host fails the iteration before any update
         metrics = {}
         steps = self.steps_of(st.iteration)

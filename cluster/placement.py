@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group
@@ -33,7 +34,7 @@ def _in_placement_group() -> bool:
 def host_options(cfg: RunConfig) -> dict:
     # SPREAD: env hosts are the CPU-heavy part, so they go to as many nodes as there are; inside
     # a placement group (a `saferl sweep` trial's) they stay in it: its bundles hold them.
-    opts = {"num_cpus": cfg.resources.num_cpus_per_host}
+    opts: dict[str, Any] = {"num_cpus": cfg.resources.num_cpus_per_host}
     if not _in_placement_group():
         opts["scheduling_strategy"] = "SPREAD"
     if cfg.task_spec.kind == "safety_gymnasium":

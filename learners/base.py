@@ -16,14 +16,16 @@ and, per kind, what the coordinator asks before the first iteration: ``offpolicy
 (off-policy learners: buffer and update-to-data schedule) or ``gradient_setup()`` (gradient
 learners: network shapes and window length for the workers). Two optional parts, used when
 present: ``propose(results)`` (a step the workers re-roll before ``update`` commits it: CGPO's
-ratio test) and ``episode_metrics(batches)`` (per-episode metrics only the learner can compute:
-FAC-SIS's safe-action violations).
+ratio test) and ``observe_rollouts(batches)`` (an off-policy learner sees each iteration's rollouts
+before its update: FAC-SIS keeps them for its index loss and returns per-episode metrics only it can
+compute, the safe-action violations).
 """
 from __future__ import annotations
 
 import abc
 import math
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,6 +103,7 @@ def clip_grad_norm(params: list, max_norm: float) -> bool:
 
 class Learner(abc.ABC):
     Params = Params
+    policy: Any  # every learner's acting network (``export_numpy`` for env hosts)
     skipped_updates = 0  # optimiser steps refused for a NaN/Inf loss or gradient (``descend``)
     solver_failures = 0  # inner solves (e.g. CVPO's E-step dual) that failed and fell back
 

@@ -8,7 +8,8 @@ safety index φ of ``learners/safety_index.py`` (eq 11). Per minibatch (1-step t
     Q_φ(s, a) ← Δφ_ζ(s, s')                                  (the cost critic learns the one-step quantity)
     policy     J_π = E[α log π(ã|s) − min_j Q_Rj(s, ã) + λ_ξ(s) Q_φ(s, ã)]          (eq 3, App. B.1)
     multiplier J_λ = E[λ_ξ(s) max(Q_φ(s, ã), f)],  ascended (eq 12; λ_ξ(s) = min(softplus(·), λ_max))
-    index      J_ζ = E[λ_ξ(s) ReLU(Δφ_ζ(s, s'))],  descended (eq 4 weighted as eq 13; then σ, k ≥ 0, n ≥ 0.1)
+    index      J_ζ = E[λ_ξ(s) ReLU(Δφ_ζ(s, s'))],  descended (eq 4 weighted as eq 13; then σ, k ≥ 0, n ≥ 0.1),
+               s' reached by the current policy π_θ (eq 4's s' under π*, eq 13's Δφ^{π_θ})
 
 The policy (with α), multiplier and index steps run only at the gradient steps their intervals
 divide (Algorithm 1; Table 4: 3, 12, 24). Those intervals are ``schedule.step_phases`` of the
@@ -30,7 +31,7 @@ moving together while ζ has three scalars).
 
 **Logged violations.** ``episode/safe_action_violations`` is Fig. 4's quantity: per finished
 training episode, the number of steps with Δφ(s, s') > 0 under the index in force (the reference
-evaluator counts the same per episode); ``episode_metrics`` computes it from the hosts' rollout
+evaluator counts the same per episode); ``observe_rollouts`` computes it from the hosts' rollout
 batches. ``fac/replay_violation_share`` is the violating share of a replayed minibatch and
 ``fac/replay_violation_share_pi`` the share with Q_φ(s, π(s)) > 0.
 
@@ -39,10 +40,19 @@ Choices the paper leaves open, taken from the reference code where it has them: 
 far from every hazard, with Δφ ≪ 0, drive λ(s) to 0 everywhere before the network tells states
 apart). The reference code floors at −0.3; the default is −0.003, a floor small against the Δφ of
 a violating step on the point/hazard task (docs/results/facsis.md records why). λ(s) starts at 1.
-ζ is projected onto the reference code's box after each step (``learners/safety_index.py``). The index loss weights
-the ReLU of eq 4 by λ(s) as eq 13 does, and s' is the replayed next state (off-policy data
-stand in for π's own transitions). The index reads the observation's geometry tail, so the task
-must be registered with one (``EnvSpec.n_hazards`` > 0).
+ζ is projected onto the reference code's box after each step (``learners/safety_index.py``). The index reads the
+observation's geometry tail, so the task must be registered with one (``EnvSpec.n_hazards`` > 0).
+
+**Whose transitions the index loss uses.** Eq 4 takes s' under the optimal safe policy and eq 13 under
+the current π_θ; the reference code (an on-policy learner) takes its latest epoch's rollouts. On
+replayed transitions, most of them from earlier, worse policies, flattening φ lowers the loss
+everywhere and the index runs to the box's corner (docs/results/facsis.md). So by default
+(``index_data: rollouts``) each index step draws ``batch_size`` transitions uniformly from the latest
+iteration's rollouts, which the policy exported before that iteration's update produced (the learner
+sees them through ``observe_rollouts``). ``index_data: replay`` keeps the replayed minibatch. The
+ReLU of eq 4 stays (eq 13 omits it, but with a learned λ(s) that is positive everywhere the
+unrectified loss rewards making Δφ more negative where the constraint already holds); it is
+weighted by λ(s) as eq 13 does.
 """
 from __future__ import annotations
 
@@ -79,6 +89,9 @@ class FACParams(OffPolicyParams):
                                    "loss, so far-from-hazard states do not drive λ to 0 everywhere (module docstring)")
     init_lambda: float = Field(1.0, gt=0, description="λ(s) at initialisation (the output bias; paper: open)")
     learn_index: bool = Field(True, description="FAC-SIS; false: FAC with the fixed index")
+    index_data: str = Field("rollouts", pattern="^(rollouts|replay)$",
+                            description="the index loss's transitions: the latest rollouts (π_θ's own, eq 13) "
+                                        "or the replayed minibatch (module docstring)")
     safety_index: IndexParams = Field(default_factory=IndexParams)
 
 
@@ -141,6 +154,9 @@ class FACSIS(OffPolicyLearner):
         self.counts = dict.fromkeys(STEP_PHASES, 0)  # sub-updates run so far
         self.last_lambda = 0.0
         self.ep_violations: list[np.ndarray] = []  # per host, per env: Δφ > 0 steps of the running episode
+        # the latest iteration's valid transitions (s, s'), π_θ's own: the index loss's data. Not checkpointed:
+        # every iteration replaces them before its update.
+        self.rollout_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _anneal(self) -> None:
         p, frac = self.p, min(1.0, self.steps / self.p.lr_anneal_steps)
@@ -153,9 +169,21 @@ class FACSIS(OffPolicyLearner):
         """eq 10's clipped step through ``descend``: a NaN/Inf loss or gradient is skipped and counted."""
         return self.descend(opt, loss, params, self.p.grad_clip)
 
+    def index_pairs(self, b: dict, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(s, s', λ(s)) for the index loss: ``batch_size`` pairs drawn from the latest rollouts, or the
+        replayed minibatch ``b`` (``index_data``; the replayed minibatch also before any rollout is seen)."""
+        if self.p.index_data == "replay" or self.rollout_pairs is None:
+            return b["obs"], b["next_obs"], lam
+        obs, nxt = self.rollout_pairs
+        idx = torch.randint(len(obs), (self.p.batch_size,)).to(obs.device)
+        with torch.no_grad():
+            lam = self.multiplier_net(obs[idx])
+        return obs[idx], nxt[idx], lam
+
     def index_step(self, b: dict, lam: torch.Tensor) -> float:
         """One clipped step on J_ζ = E[λ(s) ReLU(Δφ_ζ(s, s'))] (eq 4 weighted as eq 13), then the projection."""
-        loss = (lam * torch.relu(self.index.delta(b["obs"], b["next_obs"]))).mean()
+        obs, nxt, lam = self.index_pairs(b, lam)
+        loss = (lam * torch.relu(self.index.delta(obs, nxt))).mean()
         if self._clipped_step(self.index_opt, loss, list(self.index.parameters())):
             self.index.project()
         return loss.item()
@@ -194,17 +222,17 @@ class FACSIS(OffPolicyLearner):
         return {**out, "alpha": alpha.item(), "fac/q_phi": q_phi.mean().item()}
 
     def offpolicy_setup(self) -> dict:
-        return {**super().offpolicy_setup(), "episode_metrics": True}
+        return {**super().offpolicy_setup(), "observe_rollouts": True}
 
     @torch.no_grad()
-    def episode_metrics(self, batches: list[dict]) -> list[dict]:
-        """Fig. 4's per-episode count of safe-action violations (Δφ(s, s') > 0 under the current
-        index) for every episode that ends in the hosts' rollout ``batches`` ([T, N] arrays, as
-        ``EnvHost.rollout`` returns them, one per host in a fixed order). Episodes span fragments:
-        each host's envs keep a running count. Episodes skipped for bad data (invalid steps) are
-        dropped, as the hosts drop them from their summaries; one dict per counted episode."""
-
-        out = []
+    def observe_rollouts(self, batches: list[dict]) -> list[dict]:
+        """Keep this iteration's valid transitions for the index loss, and return Fig. 4's
+        per-episode count of safe-action violations (Δφ(s, s') > 0 under the current index) for every
+        episode that ends in the hosts' rollout ``batches`` ([T, N] arrays, as ``EnvHost.rollout``
+        returns them, one per host in a fixed order). Episodes span fragments: each host's envs keep a
+        running count. Episodes skipped for bad data (invalid steps) are dropped, as the hosts drop
+        them from their summaries; one dict per counted episode."""
+        out, pairs = [], []
         if len(self.ep_violations) != len(batches):
             self.ep_violations = [np.zeros(b["reward"].shape[1], np.int64) for b in batches]
         for h, batch in enumerate(batches):
@@ -213,6 +241,8 @@ class FACSIS(OffPolicyLearner):
             nxt = torch.as_tensor(next_observations(batch), dtype=torch.float32, device=self.device)
             viol = (self.index.delta(obs, nxt) > 0).cpu().numpy()
             valid = np.asarray(batch["valid"]) if "valid" in batch else np.ones(viol.shape, bool)
+            keep = torch.as_tensor(np.array(valid, bool), device=self.device)
+            pairs.append((obs[keep], nxt[keep]))
             end = np.asarray(batch["terminated"]) | np.asarray(batch["truncated"])
             count = self.ep_violations[h]
             for t in range(viol.shape[0]):
@@ -221,6 +251,8 @@ class FACSIS(OffPolicyLearner):
                     if valid[t, i]:
                         out.append({"safe_action_violations": int(count[i])})
                     count[i] = 0
+        if pairs and sum(len(o) for o, _ in pairs):
+            self.rollout_pairs = (torch.cat([o for o, _ in pairs]), torch.cat([n for _, n in pairs]))
         return out
 
     def dual_metrics(self) -> dict:

@@ -166,7 +166,8 @@ class AdamLagrange(Lagrange):
 class PIDLagrange(Lagrange):
     def __init__(self, p: LagrangeParams):
         super().__init__(p)
-        self.integral, self.prev_cost = p.init / p.ki if p.ki > 0 else 0.0, None
+        self.integral = p.init / p.ki if p.ki > 0 else 0.0
+        self.prev_cost: float | None = None
 
     def update(self, cost: float, limit: float) -> float:
         p = self.p

@@ -371,6 +371,57 @@ def test_index_moves_materially_within_a_short_budget():
         assert box.k_range[0] <= t["k"] <= box.k_range[1] and box.n_range[0] <= t["n"] <= box.n_range[1]
 
 
+
+def _fragment(obs: torch.Tensor, nxt: torch.Tensor) -> dict:
+    """A one-step rollout fragment of ``len(obs)`` envs (as ``EnvHost.rollout`` returns one), no episode ending."""
+    zeros = np.zeros((1, len(obs)), np.float32)
+    return {"obs": obs[None].numpy(), "last_obs": nxt.numpy(), "final_idx": np.zeros((0, 2), np.int64),
+            "final_obs": np.zeros((0, obs.shape[1]), np.float32), "terminated": zeros.astype(bool),
+            "truncated": zeros.astype(bool), "valid": ~zeros.astype(bool), "reward": zeros, "cost": zeros}
+
+
+def test_index_settles_on_the_policys_own_transitions_and_collapses_on_the_replay():
+    """Eq 4 / eq 13 evaluate Δφ on the policy's own transitions, with the policy on the fastest
+    timescale. Here the policy is exact: before each index step it takes, in every state, the action
+    of a 9 × 9 grid that minimises Δφ under the index in force, and the learner observes those
+    transitions as its latest rollouts; the replayed minibatches hold uniform random actions (an early
+    buffer). By default (``index_data: rollouts``) the index makes the policy's constraint hold in all
+    but a handful of states (the paper's claim: J(φ) → 0), with k raised and n lowered from φ_h. Fed
+    the replay (``index_data: replay``) it runs to the box's corner (σ 0, k 0.5), the trivial
+    minimiser, and the policy's violations grow."""
+    steps, n = 24 * 150, 2048
+    env, g = PointHazardEnv(1), torch.Generator().manual_seed(3)
+    s = env.initial_state(n, g)
+    s[:, 1] += torch.rand(n, generator=g) * 1.5  # many near the hazard
+    s[:, 3] = torch.rand(n, generator=g) * 2
+    obs, grid = env.observe(s), torch.cartesian_prod(torch.linspace(-1, 1, 9), torch.linspace(-1, 1, 9))
+    nexts = torch.stack([env.observe(env.step(s, a.expand(n, 2))[0]) for a in grid])  # [A, n, d]
+    random = nexts[torch.randint(len(grid), (n,), generator=g), torch.arange(n)]
+    runs = {}
+    for data in ("rollouts", "replay"):
+        params = fac_params(index_lr=index_lr_for_travel(2.0, steps, steps, 24), lr_anneal_steps=steps, index_data=data)
+        learner, trajectory = FACSIS(params, spec(), 0.0, torch.device("cpu"), seed=0), []
+        for j in range(steps // 24):
+            with torch.no_grad():
+                deltas = torch.stack([learner.index.delta(obs, nxt) for nxt in nexts])
+                own = nexts[deltas.argmin(0), torch.arange(n)]
+            assert learner.observe_rollouts([_fragment(obs, own)]) == []
+            learner.steps = 24 * (j + 1) - 1
+            learner._anneal()
+            idx = torch.randint(n, (32,), generator=g)
+            b = {"obs": obs[idx], "next_obs": random[idx]}
+            learner.index_step(b, learner.multiplier_net(b["obs"]).detach())
+            with torch.no_grad():
+                violations = (learner.index.delta(obs, own) > 0).float().mean().item()
+            trajectory.append((violations, learner.index.values()))
+        runs[data] = trajectory
+    first, (last_share, last) = runs["rollouts"][0][0], runs["rollouts"][-1]
+    assert first > 0.02 and last_share < min(0.005, first / 10), (first, last_share)  # φ_h is not feasible here
+    assert last["k"] > 1.0 and last["n"] < 1.9, last  # moved away from φ_h, inside the box
+    first, (last_share, last) = runs["replay"][0][0], runs["replay"][-1]
+    assert last["sigma"] == 0.0 and last["k"] == pytest.approx(0.5) and last_share >= first, (first, last_share, last)
+
+
 # -- Fig. 4's quantity: safe-action violations per episode -------------------------------------------
 
 def _phi_by_hand(x, y, vx, vy, hx, hy, r=0.5, sigma=0.3, k=1.0, n=2.0):
@@ -424,11 +475,11 @@ def test_violations_per_episode_counted_by_hand_across_fragments():
     learner = FACSIS(fac_params(), spec(), 0.0, torch.device("cpu"), seed=0)
     counted = []
     for batch in batches:
-        counted += learner.episode_metrics([batch])
+        counted += learner.observe_rollouts([batch])
     assert [c["safe_action_violations"] for c in counted] == by_hand
     # resume: the running count of an episode in flight survives a checkpoint
     other = FACSIS(fac_params(), spec(), 0.0, torch.device("cpu"), seed=1)
     learner2 = FACSIS(fac_params(), spec(), 0.0, torch.device("cpu"), seed=0)
-    learner2.episode_metrics([batches[0]])
+    learner2.observe_rollouts([batches[0]])
     other.load_state_dict(copy.deepcopy(learner2.state_dict()))
-    assert [c["safe_action_violations"] for c in other.episode_metrics([batches[1]])] == by_hand[:2]
+    assert [c["safe_action_violations"] for c in other.observe_rollouts([batches[1]])] == by_hand[:2]

@@ -54,4 +54,4 @@ def test_the_learner_actor_uses_only_the_contract():
               and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Attribute)
               and node.func.value.attr == "learner"}
     assert reads == called, f"attributes read without a call: {sorted(reads - called)}"
-    assert called <= set(CONTRACT) | set(SETUP.values()) | {"numpy_policy", "propose", "episode_metrics"}
+    assert called <= set(CONTRACT) | set(SETUP.values()) | {"numpy_policy", "propose", "observe_rollouts"}

@@ -2,7 +2,7 @@
 # when deploy/requirements-*.txt, deploy/setup.sh and pyproject.toml are unchanged).
 PY := .venv/bin/python
 
-.PHONY: setup run test test-slow bench docs lint typecheck
+.PHONY: setup run test test-slow test-cluster bench docs lint typecheck
 setup:
 	@bash deploy/setup.sh
 
@@ -16,6 +16,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The real multi-process cluster (head + two worker nodes as `ray start` processes): slow, run by CI.
+test-cluster: setup
+	$(PY) -m pytest -q -m slow tests/test_cluster_processes.py
 
 bench: setup
 	$(PY) -m saferl.cli bench rollout

@@ -24,6 +24,12 @@ def init_field(default: str = "orthogonal"):
                  description="network initialisation (learners/networks.mlp); kaiming_uniform is OmniSafe's")
 
 
+def obs_clip_field(default: float = 10.0):
+    """The ``obs_clip`` entry of a learner's params: normalised observations are clipped to ±this
+    (``RunningNorm``; OmniSafe's normaliser clips at 1e6, i.e. not at all in practice)."""
+    return Field(default, gt=0, description="normalised observations clipped to ±obs_clip (OmniSafe: 1e6)")
+
+
 def mlp(sizes: Sequence[int], activation=nn.Tanh, out_gain: float = 1.0, init: str = "orthogonal") -> nn.Sequential:
     """``init`` orthogonal: weights orthogonal with gain √2, the last layer's ``out_gain``, zero
     biases (the CleanRL / PPO-paper convention: a policy starts near a zero mean).
@@ -93,10 +99,11 @@ class GaussianPolicy(nn.Module):
     actions for differentiable tasks), otherwise the env clips (the PPO/OmniSafe convention)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], init_log_std: float = -0.5,
-                 squash: bool = False, normalise_obs: bool = True, activation: str = "tanh", init: str = "orthogonal"):
+                 squash: bool = False, normalise_obs: bool = True, activation: str = "tanh", init: str = "orthogonal",
+                 obs_clip: float = 10.0):
         super().__init__()
         self.squash, self.activation = squash, activation
-        self.norm = RunningNorm(obs_dim) if normalise_obs else None
+        self.norm = RunningNorm(obs_dim, obs_clip) if normalise_obs else None
         self.net = mlp([obs_dim, *hidden, act_dim], activation=ACTIVATIONS[activation], out_gain=0.01, init=init)
         self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
 

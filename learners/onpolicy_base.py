@@ -89,14 +89,14 @@ def to_floats(values: list) -> list:
 
 class ActorCritic(base.Learner):
     """What the on-policy learners share: the Gaussian policy with running observation
-    statistics (``hidden``, ``init_log_std``, ``normalise_obs``, ``init``), reward and cost critics on the
+    statistics (``hidden``, ``init_log_std``, ``normalise_obs``, ``obs_clip``, ``init``), reward and cost critics on the
     normalised observation, and one Adam over both critics (``critic_lr``)."""
 
     def __init__(self, params, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
         p = params
         self.policy = GaussianPolicy(env.obs_dim, env.act_dim, p.hidden, p.init_log_std,
-                                     normalise_obs=p.normalise_obs, init=p.init).to(device)
+                                     normalise_obs=p.normalise_obs, init=p.init, obs_clip=p.obs_clip).to(device)
         self.v_r = mlp([env.obs_dim, *p.hidden, 1], init=p.init).to(device)
         self.v_c = mlp([env.obs_dim, *p.hidden, 1], init=p.init).to(device)
         self.v_opt = adam([*self.v_r.parameters(), *self.v_c.parameters()], lr=p.critic_lr)

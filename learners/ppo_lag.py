@@ -29,7 +29,7 @@ from pydantic import Field
 
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, OmniSafeLagrangeParams, dual_phase, make_multiplier
-from saferl.learners.networks import init_field, normal_entropy, normal_log_prob
+from saferl.learners.networks import init_field, normal_entropy, normal_log_prob, obs_clip_field
 from saferl.learners.onpolicy_base import (
     ActorCritic,
     adam,
@@ -60,6 +60,7 @@ class PPOLagParams(base.Params):
     max_grad_norm: float = Field(40.0, gt=0)
     init_log_std: float = -0.5
     normalise_obs: bool = True
+    obs_clip: float = obs_clip_field()
     init: str = init_field()
     critic_norm_coef: float = Field(0.0, ge=0, description="L2 penalty on the critics' parameters (OmniSafe: 0.001)")
     clip_critic_grad: bool = Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")

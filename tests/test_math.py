@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from saferl.actors import np_policy
+from saferl.learners.base import EnvSpec
 from saferl.learners.gae import gae
 from saferl.learners.lagrange import Lagrange, LagrangeParams, PIDLagrange
 from saferl.learners.networks import GaussianPolicy, RunningNorm
@@ -83,6 +85,25 @@ def test_numpy_inference_matches_torch_policy():
         np.testing.assert_allclose(logp, logp_t, atol=1e-4)
         np.testing.assert_allclose(np_policy.act(state, obs, None, deterministic=True)[0], det, atol=1e-5)
         np.testing.assert_allclose(action, np.tanh(u) if squash else u, atol=1e-6)
+
+
+def test_obs_clip_reaches_the_policy_and_the_hosts():
+    """``obs_clip`` (OmniSafe: 1e6) bounds the normalised observation in torch and in the hosts'
+    numpy copy alike; an observation 50 σ out is clipped at 10 by default and kept at 1e6."""
+    from saferl.learners.ppo_lag import PPOLag
+    from saferl.learners.trpo_lag import TRPOLag
+
+    spec = EnvSpec(obs_dim=3, act_dim=1, act_low=[-1], act_high=[1], max_episode_steps=10)
+    far = np.array([[50.0, 0.0, 0.0]], np.float32)  # stats: mean 0, var ≈ 1 at initialisation
+    for cls in (PPOLag, TRPOLag):
+        for clip, expect in ((None, 10.0), (1e6, 50.0)):
+            params = cls.Params() if clip is None else cls.Params(obs_clip=clip)
+            pol = cls(params, spec, 0.0, torch.device("cpu"), seed=0).policy
+            state = pol.export_numpy()
+            assert state["obs_clip"] == (10.0 if clip is None else clip)
+            z = pol.normalised(torch.tensor(far))[0, 0].item()
+            assert z == pytest.approx(expect, rel=1e-4)
+            assert np_policy.normalise(state, far)[0, 0] == pytest.approx(z, rel=1e-4)
 
 
 def test_network_initialisations():

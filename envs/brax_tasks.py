@@ -2,7 +2,7 @@
 
 | task (registry name)            | brax env / backend             | cost c_t                  | T   | limit |
 |---------------------------------|--------------------------------|---------------------------|-----|-------|
-| BraxCartPole-v0 (E.1)           | inverted_pendulum/positional   | −x_cart²                  | 300 | −50   |
+| BraxCartPole-v1 (E.1)           | inverted_pendulum/positional   | −x_cart²                  | 300 | −50   |
 | BraxReacher-v0 (E.2)            | reacher/generalized            | ‖fingertip position‖²     | 300 | 400   |
 | BraxHalfCheetahVel-v0 (E.3)     | halfcheetah/generalized        | ‖v_torso,xy‖              | 200 | 400   |
 | BraxAntVel-v0 (E.4)             | ant/generalized                | ‖v_torso,xy‖              | 300 | 1000  |
@@ -41,6 +41,14 @@ Choices the paper leaves open (all overridable by kwargs):
   gradient, so g = ∇J_R ≡ 0 and CGPO's sub-problem degenerates. Default ``reward="upright"``:
   r = 1 − (θ/0.2)², a smooth stand-in for "+1 while |θ| ≤ 0.2" (1 upright, 0 at Brax's
   termination angle, negative beyond). ``reward="brax"`` gives the literal constant 1.
+* CartPole's fallen pole. With no termination, a fallen pole comes to rest on the hinge's ±90°
+  joint limit, and from there a window's reward has almost no gradient with respect to the
+  actions (about 1 % of its norm from an upright start): analytic-gradient methods cannot recover
+  it, and once every env has fallen their updates stall. ``pole_reset`` (registered as
+  BraxCartPole-v1, 1.4 rad) puts a pole past that angle back upright at rest after the step, the
+  cart keeping its position and velocity: a continuing stand-in for Brax's termination within the
+  fixed horizon (the falling steps still pay their negative reward). BraxCartPole-v0 keeps the
+  resting pole.
 * CartPole cost. The paper writes c_t = −‖x_pos‖² with the constraint Σ c_t ≤ −50 over T = 300,
   i.e. Σ x² ≥ 50: the cart must stay *away* from the origin (mean |x| ≳ 0.41 on the [−1, 1] rail),
   which conflicts with balancing — the "contradiction between the constraints and the goal" of
@@ -236,13 +244,25 @@ class BraxCartPole(BraxTask):
     obs_dim = 4
     max_episode_steps = 300
 
-    task_options: ClassVar[dict[str, str]] = {"reward": "reward_kind"}
+    task_options: ClassVar[dict[str, str]] = {"reward": "reward_kind", "pole_reset": "pole_reset"}
 
-    def __init__(self, reward: str = "upright", backend: str | None = None,
+    def __init__(self, reward: str = "upright", pole_reset: float | None = None, backend: str | None = None,
                  grad_mode: str = "recompute"):
         if reward not in ("upright", "brax"):
             raise ValueError(f"reward must be 'upright' or 'brax', not {reward!r}")
-        super().__init__(backend=backend, grad_mode=grad_mode, reward=reward)
+        if pole_reset is not None and not 0.2 < pole_reset < math.pi / 2:
+            raise ValueError(f"pole_reset must lie in (0.2, π/2) rad (past Brax's termination angle, "
+                             f"before the hinge limit), not {pole_reset!r}")
+        super().__init__(backend=backend, grad_mode=grad_mode, reward=reward, pole_reset=pole_reset)
+
+    def jax_step(self, s, a):
+        """With ``pole_reset``: a pole past that angle is put back upright at rest after the step
+        (its reward and cost are the step's); the cart keeps its position and velocity."""
+        next_state, r, c = super().jax_step(s, a)
+        if self.pole_reset is None:
+            return next_state, r, c
+        upright = next_state.at[1].set(0.0).at[3].set(0.0)  # (x, θ, ẋ, θ̇): θ and θ̇ reset
+        return jnp.where(jnp.abs(next_state[1]) > self.pole_reset, upright, next_state), r, c
 
     def _setup(self, grad_mode):
         ctrl = self.brax.sys.actuator.ctrl_range

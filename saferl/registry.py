@@ -210,6 +210,10 @@ for _id, _cls, _limit, _steps in [
 ]:
     register_task(TaskSpec(_id, "torch", f"saferl.envs.brax_tasks:{_cls}", _limit, _steps,
                            differentiable=True))
+# CartPole whose fallen pole (past 1.4 rad, short of the ±π/2 hinge limit) is put back upright within
+# the fixed horizon: a continuing stand-in for Brax's termination (envs/brax_tasks.py: BraxCartPole).
+register_task(TaskSpec("BraxCartPole-v1", "torch", "saferl.envs.brax_tasks:BraxCartPole", -50.0, 300,
+                       differentiable=True, kwargs={"pole_reset": 1.4}))
 
 # FAC-SIS's custom point/hazard task (FAC-SIS paper, App. E.2): goal (0, 5), one hazard of radius 0.5,
 # 120 steps, three initial distributions (Table 1). Safety is state-wise (never enter the hazard),

@@ -8,6 +8,7 @@ marked slow and runs in a subprocess so x64 cannot leak into other tests.
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -164,6 +165,7 @@ def test_cartpole_through_torch_vec_env(cartpole):
 def test_brax_tasks_registered_with_paper_limits():
     expected = {  # name: (cost limit, horizon, obs_dim, act_dim) — CGPO paper, Table 4
         "BraxCartPole-v0": (-50.0, 300, 4, 1),
+        "BraxCartPole-v1": (-50.0, 300, 4, 1),
         "BraxReacher-v0": (400.0, 300, 11, 2),
         "BraxHalfCheetahVel-v0": (400.0, 200, 17, 6),
         "BraxAntVel-v0": (1000.0, 300, 27, 8),
@@ -383,10 +385,40 @@ def test_cgpo_runs_on_a_brax_task_through_two_gradient_workers(ray_session, run_
     from saferl.cluster.session import train
     from saferl.config import load_config
 
-    cfg = load_config("cgpo/BraxCartPole-v0", [
+    cfg = load_config("cgpo/BraxCartPole-v1", [
         "resources.num_env_hosts=2", "resources.envs_per_host=4", "algo_params.horizon=5",
         "total_env_steps=120", "schedule.log_every=1", f"run_root={run_root}"])
     m = pd.read_csv(train(cfg) / "metrics.csv")
     assert list(m["iteration"]) == [1, 2, 3]
     assert np.isfinite(m[["j_r", "j_c", "step_norm", "critic_loss"]].to_numpy()).all()
     assert (m["step_norm"] > 0).all()
+
+
+def test_cartpole_v1_puts_a_fallen_pole_back_upright_and_keeps_its_gradient():
+    """BraxCartPole-v1: a pole that passes 1.4 rad is put back upright at rest after that step, the
+    cart keeping its position and velocity. BraxCartPole-v0 lets it rest on the ±90° hinge limit,
+    where a 10-step window's reward has almost no gradient with respect to the actions; from the
+    same fallen start, under the same push, v1's gradient is many times larger (the pole is upright
+    again and tilting)."""
+    from saferl.actors.gradient_worker import make_diff_env
+
+    v0, v1 = make_diff_env("BraxCartPole-v0"), make_diff_env("BraxCartPole-v1")
+    tipping = torch.tensor([[0.3, 1.39, 0.5, 3.0], [0.0, 0.1, 0.0, 0.0]])  # (x, θ, ẋ, θ̇)
+    with torch.no_grad():
+        free, r0, c0 = v0.step(tipping, torch.zeros(2, 1))
+        reset, r1, c1 = v1.step(tipping, torch.zeros(2, 1))
+    assert free[0, 1] > 1.4 and reset[0, 1] == 0 and reset[0, 3] == 0  # crossed 1.4 rad: upright, at rest
+    torch.testing.assert_close(reset[0, [0, 2]], free[0, [0, 2]])  # the cart is the step's
+    torch.testing.assert_close(reset[1], free[1])  # an upright pole is untouched
+    torch.testing.assert_close((r1, c1), (r0, c0))  # the step's reward and cost
+    fallen = torch.tensor([[0.0, math.pi / 2, 0.0, 0.0]] * 4)
+    norms = {}
+    for name, env in (("v0", v0), ("v1", v1)):
+        actions = torch.full((10, 4, 1), 0.3, requires_grad=True)  # a push: the reset pole tilts again
+        state, total = fallen, 0.0
+        for a in actions:
+            state, r, _ = env.step(state, a)
+            total = total + r.sum()
+        total.backward()
+        norms[name] = actions.grad.norm().item()
+    assert norms["v1"] > 20 * norms["v0"], norms

@@ -22,7 +22,7 @@ from saferl.learners.ppo_lag import PPOLag
 from saferl.registry import get_algo
 
 CPU = torch.device("cpu")
-BRAX_TASKS = ("BraxCartPole-v0", "BraxReacher-v0", "BraxHalfCheetahVel-v0", "BraxAntVel-v0")
+BRAX_TASKS = ("BraxCartPole-v1", "BraxReacher-v0", "BraxHalfCheetahVel-v0", "BraxAntVel-v0")
 
 # A fixed minibatch: ratios on both sides of the clip range 1 ± 0.2, advantages of both signs.
 RATIO = torch.tensor([0.5, 1.0, 1.1, 1.5], dtype=torch.float64)

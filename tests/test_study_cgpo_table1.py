@@ -164,11 +164,11 @@ def test_table_and_plot_from_records(tmp_path):
 
     parser = argparse.ArgumentParser()
     study.add_arguments(parser)
-    args = parser.parse_args(["--tasks", "BraxCartPole-v0,FunctionEnv-v0", "--algos", "shac_lag,cgpo",
+    args = parser.parse_args(["--tasks", "BraxCartPole-v1,FunctionEnv-v0", "--algos", "shac_lag,cgpo",
                               "--seeds", "2"])
     s = study._settings(args)
     records, curves = [], []
-    for task, b in (("BraxCartPole-v0", -50.0), ("FunctionEnv-v0", 8.0)):
+    for task, b in (("BraxCartPole-v1", -50.0), ("FunctionEnv-v0", 8.0)):
         for algo, conv, vio in (("shac_lag", (2e6, 4e6), (50.0, 30.0)), ("cgpo", (1e6, None), (None, None))):
             for seed in (0, 1):
                 records.append({"task": task, "algo": algo, "seed": seed, "status": "ok", "cost_limit": b,
@@ -180,7 +180,7 @@ def test_table_and_plot_from_records(tmp_path):
     assert ("| Algorithms | CartPole Conv. Steps ↓ | CartPole Vio. Ratio (%) ↓ | FunctionEnv-v0 Conv. Steps ↓ "
             "| FunctionEnv-v0 Vio. Ratio (%) ↓ |") in table
     # CartPole's cells carry the task's deviation next to the number; FunctionEnv's (no paper task) none
-    mark = "(task differs: reward reshaped)"
+    mark = "(task differs: reward reshaped, fallen pole reset)"
     assert (f"| SHAC-Lag | 3.00e+06 ± 1.41e+06 {mark} | 40.00 ± 14.14 {mark} | 3.00e+06 ± 1.41e+06 "
             "| 40.00 ± 14.14 |") in table
     assert f"| CGPO | 1.00e+06 (1/2) {mark} | - {mark} | 1.00e+06 (1/2) | - |" in table
@@ -212,16 +212,17 @@ def test_deviating_tasks_are_marked_next_to_every_number(tmp_path):
 
     parser = argparse.ArgumentParser()
     study.add_arguments(parser)
-    tasks = "BraxCartPole-v0,BraxReacher-v0,BraxHalfCheetahVel-v0"
+    tasks = "BraxCartPole-v1,BraxReacher-v0,BraxHalfCheetahVel-v0"
     args = parser.parse_args(["--tasks", tasks, "--algos", "pdo,appo,cgpo"])
     s = study._settings(args)
-    limits = {"BraxCartPole-v0": -50.0, "BraxReacher-v0": 400.0, "BraxHalfCheetahVel-v0": 300.0}
+    limits = {"BraxCartPole-v1": -50.0, "BraxReacher-v0": 400.0, "BraxHalfCheetahVel-v0": 300.0}
     records = [{"task": t, "algo": a, "seed": 0, "status": "ok", "cost_limit": b, "conv_steps": 1e4,
                 "vio_ratio": 20.0} for t, b in limits.items() for a in ("pdo", "appo", "cgpo")]
     study._write_table(tmp_path, records, args, s)
     study._write_runs(tmp_path, records)
     table = (tmp_path / "table1.md").read_text()
-    reshaped, unreachable = "(task differs: reward reshaped)", "(limit unreachable under the written cost)"
+    reshaped = "(task differs: reward reshaped, fallen pole reset)"
+    unreachable = "(limit unreachable under the written cost)"
     other_limit = "(limit differs: 300 here, 400 in the paper)"
     ours_md, paper_md = table.split("## The paper's numbers")
     ours, paper = ([ln for ln in md.splitlines() if ln.startswith("| ") and "Algorithms" not in ln]
@@ -236,13 +237,12 @@ def test_deviating_tasks_are_marked_next_to_every_number(tmp_path):
         assert all(c.endswith(unreachable) for c in cells[2:4]), line
     for line in ours:  # our HalfCheetah runs used another limit than the paper's
         assert all(c.endswith(other_limit) for c in line.strip("| ").split(" | ")[5:7]), line
-    assert "| APPO | 5.95e+06 (task differs: reward reshaped) | 6.59 (task differs: reward reshaped) |" in table
-    assert ("| CPO | 6.72e+06 (task differs: reward reshaped) | 5.96 (task differs: reward reshaped) "
-            "| 1.98e+06 ") in table
+    assert f"| APPO | 5.95e+06 {reshaped} | 6.59 {reshaped} |" in table
+    assert f"| CPO | 6.72e+06 {reshaped} | 5.96 {reshaped} | 1.98e+06 " in table
     assert "-† " + other_limit in table  # CPO on HalfCheetah: the paper's "-†", marked
     assert "50,000 env steps per run, not the paper's 5 seeds" in table
     with open(tmp_path / "runs.csv", newline="") as fh:
         notes = {r["task"]: r["task_deviation"] for r in csv.DictReader(fh)}
-    assert notes == {"BraxCartPole-v0": "task differs: reward reshaped",
+    assert notes == {"BraxCartPole-v1": "task differs: reward reshaped, fallen pole reset",
                      "BraxReacher-v0": "limit unreachable under the written cost",
                      "BraxHalfCheetahVel-v0": "limit differs: 300 here, 400 in the paper"}

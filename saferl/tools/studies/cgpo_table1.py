@@ -115,11 +115,11 @@ from saferl.tools.studies.runner import (
 HELP = ("CGPO paper Table 1: Conv. Steps and Vio. Ratio of PDO, APPO, CPO, CUP, BPTT-Lag, SHAC-Lag and CGPO "
         "on the Brax tasks")
 
-PAPER_TASKS = ("BraxCartPole-v0", "BraxReacher-v0", "BraxHalfCheetahVel-v0", "BraxAntVel-v0")
+PAPER_TASKS = ("BraxCartPole-v1", "BraxReacher-v0", "BraxHalfCheetahVel-v0", "BraxAntVel-v0")
 PAPER_ALGOS = ("pdo", "appo", "cpo", "cup", "bptt_lag", "shac_lag", "cgpo")  # Table 1's rows, in its order
 ALGO_LABELS = {"pdo": "PDO", "appo": "APPO", "cpo": "CPO", "cup": "CUP", "ppo_lag": "PPO-Lag",
                "bptt_lag": "BPTT-Lag", "shac_lag": "SHAC-Lag", "cgpo": "CGPO", "shac": "SHAC"}
-TASK_LABELS = {"BraxCartPole-v0": "CartPole", "BraxReacher-v0": "Reacher",
+TASK_LABELS = {"BraxCartPole-v1": "CartPole", "BraxReacher-v0": "Reacher",
                "BraxHalfCheetahVel-v0": "HalfCheetah", "BraxAntVel-v0": "Ant"}
 # CGPO paper, Table 1 (Conv. Steps, Vio. Ratio %; None = "-†"), tasks in PAPER_TASKS order.
 PAPER_TABLE1 = {
@@ -134,18 +134,20 @@ PAPER_TABLE1 = {
 # Where a task here is not the paper's experiment (envs/brax_tasks.py gives the reasons): the mark
 # printed next to every number of that task, ours and the paper's.
 TASK_DEVIATIONS = {
-    "BraxCartPole-v0": "task differs: reward reshaped",
+    "BraxCartPole-v1": "task differs: reward reshaped, fallen pole reset",
     "BraxReacher-v0": "limit unreachable under the written cost",
 }
 TASK_DEVIATION_DETAILS = {
-    "BraxCartPole-v0": "Brax's inverted pendulum pays +1 per step and terminates once |θ| > 0.2; with the "
+    "BraxCartPole-v1": "Brax's inverted pendulum pays +1 per step and terminates once |θ| > 0.2; with the "
                        "paper's fixed horizon and no termination that reward has zero gradient, so the "
-                       "reward here is 1 − (θ/0.2)², a smooth stand-in",
+                       "reward here is 1 − (θ/0.2)², a smooth stand-in, and a pole past 1.4 rad is put back "
+                       "upright within the episode (a pole resting on the ±90° hinge limit gives analytic "
+                       "gradients about 100× too small to recover; BraxCartPole-v0 keeps that)",
     "BraxReacher-v0": "the written cost Σ_t ‖fingertip position‖² is at most 300 · 0.21² ≈ 13.2 over T = 300, so "
                       "the limit 400 never binds: every policy is feasible and Vio. Ratio has no safety-critical "
                       "update",
 }
-PAPER_LIMITS = {"BraxCartPole-v0": -50.0, "BraxReacher-v0": 400.0, "BraxHalfCheetahVel-v0": 400.0,
+PAPER_LIMITS = {"BraxCartPole-v1": -50.0, "BraxReacher-v0": 400.0, "BraxHalfCheetahVel-v0": 400.0,
                 "BraxAntVel-v0": 1000.0}  # Table 4
 DEFAULTS = {"seeds": 1, "budget": "50000", "envs": "16"}
 PAPER = {"seeds": 5, "budget": "config", "envs": "config"}

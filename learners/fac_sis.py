@@ -16,7 +16,11 @@ divide (Algorithm 1; Table 4: 3, 12, 24). Those intervals are ``schedule.step_ph
 config (``policy``, ``multiplier``, ``safety_index``): the coordinator owns the gradient-step
 clock and tells each update which phases are due. Every gradient is clipped to norm 1 (eq 10's
 β min(1, 1/‖G‖)) and every step size anneals linearly from its start to its end value over
-``lr_anneal_steps`` gradient steps (Table 4). ``learn_index: false`` is FAC with the fixed index
+``lr_anneal_steps`` gradient steps (Table 4). The clipped gradients then take Adam steps, as in the
+authors' reference code; eq 10 alone is clipped SGD, which ``index_optimizer: sgd`` gives ζ. The
+difference matters for ζ: Adam moves σ, k, n about β per step whatever the gradient's size, so the
+index keeps moving at full rate while any sampled transition still violates, whereas clipped SGD
+slows down as the violations become rare. ``learn_index: false`` is FAC with the fixed index
 (Table 2's φ0, φ_h, φ_F through ``safety_index.preset``).
 
 **Index step size.** Adam moves each of σ, k, n by at most about its step size per index step, so
@@ -89,6 +93,9 @@ class FACParams(OffPolicyParams):
                                    "loss, so far-from-hazard states do not drive λ to 0 everywhere (module docstring)")
     init_lambda: float = Field(1.0, gt=0, description="λ(s) at initialisation (the output bias; paper: open)")
     learn_index: bool = Field(True, description="FAC-SIS; false: FAC with the fixed index")
+    index_optimizer: str = Field("adam", pattern="^(adam|sgd)$",
+                                 description="ζ's step: adam (the reference code's) or sgd (eq 10's clipped step "
+                                             "ζ ← ζ − β min(1, 1/‖G‖) G; module docstring)")
     index_data: str = Field("rollouts", pattern="^(rollouts|replay)$",
                             description="the index loss's transitions: the latest rollouts (π_θ's own, eq 13) "
                                         "or the replayed minibatch (module docstring)")
@@ -148,7 +155,8 @@ class FACSIS(OffPolicyLearner):
         self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr[0])
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=p.alpha_lr[0])
         self.lam_opt = torch.optim.Adam(self.multiplier_net.parameters(), lr=p.multiplier_lr[0])
-        self.index_opt = torch.optim.Adam(self.index.parameters(), lr=p.index_lr[0])
+        index_opt = torch.optim.Adam if p.index_optimizer == "adam" else torch.optim.SGD
+        self.index_opt = index_opt(self.index.parameters(), lr=p.index_lr[0])
         self.target_entropy = -float(a)
         self.steps = 0  # gradient steps taken (the annealing clock)
         self.counts = dict.fromkeys(STEP_PHASES, 0)  # sub-updates run so far

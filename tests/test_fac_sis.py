@@ -372,6 +372,29 @@ def test_index_moves_materially_within_a_short_budget():
 
 
 
+def test_index_sgd_is_eq_10s_clipped_step():
+    """``index_optimizer: sgd``: ζ ← ζ − β min(1, 1/‖G‖) G (eq 10), then the box; Adam (the default)
+    moves each coordinate by about β whatever ‖G‖ (its first step is exactly β · sign)."""
+    data = minibatches(1, seed=3, b=256)[0]
+    b = {k: torch.as_tensor(data[k][0]) for k in ("obs", "next_obs")}
+    moves = {}
+    for opt in ("sgd", "adam"):
+        learner = FACSIS(fac_params(index_optimizer=opt, index_lr=(1e-3, 1e-3)), spec(), 0.0, torch.device("cpu"), 0)
+        lam = learner.multiplier_net(b["obs"]).detach()
+        zeta = torch.cat([prm.detach().flatten() for prm in learner.index.parameters()])
+        loss = (lam * torch.relu(learner.index.delta(b["obs"], b["next_obs"]))).mean()
+        grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(learner.index.parameters()))])
+        learner.index_step(b, lam)
+        after = torch.cat([prm.detach().flatten() for prm in learner.index.parameters()])
+        moves[opt] = (after - zeta, grad)
+    step, grad = moves["sgd"]
+    assert grad.norm() > 0
+    # float32 parameters near 1: their rounding is ~6e-8
+    torch.testing.assert_close(step, -1e-3 * grad / max(1.0, grad.norm().item()), rtol=1e-3, atol=1e-7)
+    step, grad = moves["adam"]
+    torch.testing.assert_close(step[grad != 0].abs(), torch.full_like(step[grad != 0], 1e-3), rtol=1e-3, atol=1e-7)
+
+
 def _fragment(obs: torch.Tensor, nxt: torch.Tensor) -> dict:
     """A one-step rollout fragment of ``len(obs)`` envs (as ``EnvHost.rollout`` returns one), no episode ending."""
     zeros = np.zeros((1, len(obs)), np.float32)

@@ -20,6 +20,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import ray
@@ -61,7 +62,12 @@ class KindIteration(ABC):
         res = cfg.resources
         self.n_envs = res.num_env_hosts * res.envs_per_host
         self.hosts: list = []
-        self.learner = self.replay = self.world_model = self.inference = self.placement_group = None
+        # Ray actor handles (typed Any: Ray's handles are not typed by method), None where the kind has none
+        self.learner: Any = None
+        self.replay: Any = None
+        self.world_model: Any = None
+        self.inference: Any = None
+        self.placement_group: Any = None
         self.learner_time: tuple[float, int] = (0.0, 0)  # this iteration's learner seconds, updates
         self._make_actors()
 

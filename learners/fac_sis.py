@@ -16,15 +16,21 @@ divide (Algorithm 1; Table 4: 3, 12, 24). Those intervals are ``schedule.step_ph
 config (``policy``, ``multiplier``, ``safety_index``): the coordinator owns the gradient-step
 clock and tells each update which phases are due. Every gradient is clipped to norm 1 (eq 10's
 β min(1, 1/‖G‖)) and every step size anneals linearly from its start to its end value over
-``lr_anneal_steps`` gradient steps (Table 4). The clipped gradients then take Adam steps, as in the
-authors' reference code; eq 10 alone is clipped SGD, which ``index_optimizer: sgd`` gives ζ. The
-difference matters for ζ: Adam moves σ, k, n about β per step whatever the gradient's size, so the
-index keeps moving at full rate while any sampled transition still violates, whereas clipped SGD
-slows down as the violations become rare. ``learn_index: false`` is FAC with the fixed index
-(Table 2's φ0, φ_h, φ_F through ``safety_index.preset``).
+``lr_anneal_steps`` gradient steps (Table 4).
 
-**Index step size.** Adam moves each of σ, k, n by at most about its step size per index step, so
-over a run of G gradient steps the index can travel at most Σ_t β_ζ(t) over the G / m_φ index steps
+**Which step each parameter takes.** Eq 10 is clipped SGD, ζ ← ζ − β min(1, 1/‖G‖) G, and that is
+ζ's step (``index_optimizer: sgd``, the default): its size follows the violations, so the index
+moves while the policy's transitions violate and stops when they no longer do. The networks' clipped
+gradients take Adam steps instead, as in the authors' reference code (plain SGD at Table 4's rates
+would barely move a network). ``index_optimizer: adam`` is the reference code's choice for ζ too:
+Adam moves σ, k, n by about β per step whatever the gradient's size, and its momentum carries
+them on after the violations stop; at the shipped step size that drives the index to the box's
+corner before the policy is safe (docs/results/facsis.md). ``learn_index: false`` is FAC with the
+fixed index (Table 2's φ0, φ_h, φ_F through ``safety_index.preset``).
+
+**Index step size.** An index step moves each of σ, k, n by at most its step size β (clipped SGD:
+β min(1, 1/‖G‖) ‖G‖ ≤ β; Adam: about β), so over a run of G gradient steps the index can travel at
+most Σ_t β_ζ(t) over the G / m_φ index steps
 (``index_travel_bound``). At Table 4's 8e-6 → 1e-6 that is 0.056 over 300k gradient steps and 0.375
 over 2M, while Table 2's synthesised index lies 0.20 (σ), 0.22 (k) and 0.85 (n) from φ_h: with
 Table 4's rate the index cannot reach the paper's regime within such budgets. The shipped configs
@@ -93,9 +99,9 @@ class FACParams(OffPolicyParams):
                                    "loss, so far-from-hazard states do not drive λ to 0 everywhere (module docstring)")
     init_lambda: float = Field(1.0, gt=0, description="λ(s) at initialisation (the output bias; paper: open)")
     learn_index: bool = Field(True, description="FAC-SIS; false: FAC with the fixed index")
-    index_optimizer: str = Field("adam", pattern="^(adam|sgd)$",
-                                 description="ζ's step: adam (the reference code's) or sgd (eq 10's clipped step "
-                                             "ζ ← ζ − β min(1, 1/‖G‖) G; module docstring)")
+    index_optimizer: str = Field("sgd", pattern="^(adam|sgd)$",
+                                 description="ζ's step: sgd (eq 10's clipped step ζ ← ζ − β min(1, 1/‖G‖) G) or "
+                                             "adam (the reference code's; module docstring)")
     index_data: str = Field("rollouts", pattern="^(rollouts|replay)$",
                             description="the index loss's transitions: the latest rollouts (π_θ's own, eq 13) "
                                         "or the replayed minibatch (module docstring)")

@@ -344,12 +344,14 @@ def test_index_moves_materially_within_a_short_budget():
     annealing (the index phase alone: λ(s) from the untrained multiplier net, replayed transitions
     near the hazard). With the step size the shipped rule gives for this budget (travel 2) ζ moves as
     far as Table 2's σ and k did; with Table 4's it cannot move by more than 60 × 8e-6. σ never
-    rises (∂J/∂σ ≥ 0, eq 40) and k, n stay in the projection box."""
+    rises (∂J/∂σ ≥ 0, eq 40) and k, n stay in the projection box. With Adam, whose steps are about
+    β whatever the gradient (clipped SGD, the default, moves less: its steps follow the violations)."""
     steps = 1440
     data = minibatches(60, seed=3)[0]
     trajectories = {}
     for name, index_lr in (("paper", (8e-6, 1e-6)), ("rule", index_lr_for_travel(2.0, steps, steps, 24))):
-        learner = FACSIS(fac_params(index_lr=index_lr, lr_anneal_steps=steps), spec(), 0.0, torch.device("cpu"), seed=0)
+        params = fac_params(index_lr=index_lr, lr_anneal_steps=steps, index_optimizer="adam")
+        learner = FACSIS(params, spec(), 0.0, torch.device("cpu"), seed=0)
         traj = [learner.index.values()]
         for j in range(steps // 24):
             learner.steps = 24 * (j + 1) - 1  # the annealing clock at gradient step 24 (j + 1)
@@ -395,6 +397,26 @@ def test_index_sgd_is_eq_10s_clipped_step():
     torch.testing.assert_close(step[grad != 0].abs(), torch.full_like(step[grad != 0], 1e-3), rtol=1e-3, atol=1e-7)
 
 
+def test_index_stops_when_the_violations_stop_under_eq_10_not_under_adam():
+    """40 index steps on violating transitions (random actions near the hazard), then 40 on
+    transitions that cannot violate (s' = s, so Δφ = φ(s) − max(φ(s), 0) ≤ 0): eq 10's clipped SGD
+    (the default) leaves ζ exactly where the violations left it; Adam's momentum carries it on."""
+    violating = minibatches(40, seed=5, b=64)[0]
+    drift = {}
+    for opt in ("sgd", "adam"):
+        learner = FACSIS(fac_params(index_optimizer=opt, index_lr=(1e-2, 1e-2)), spec(), 0.0, torch.device("cpu"), 0)
+        for j in range(40):
+            b = {k: torch.as_tensor(violating[k][j]) for k in ("obs", "next_obs")}
+            learner.index_step(b, learner.multiplier_net(b["obs"]).detach())
+        moved = learner.index.values()
+        assert moved != dict(zip(("sigma", "k", "n"), PRESETS["handcrafted"]))
+        for j in range(40):
+            obs = torch.as_tensor(violating["obs"][j])
+            learner.index_step({"obs": obs, "next_obs": obs}, learner.multiplier_net(obs).detach())
+        drift[opt] = max(abs(learner.index.values()[key] - moved[key]) for key in moved)
+    assert drift["sgd"] == 0.0 and drift["adam"] > 1e-3, drift
+
+
 def _fragment(obs: torch.Tensor, nxt: torch.Tensor) -> dict:
     """A one-step rollout fragment of ``len(obs)`` envs (as ``EnvHost.rollout`` returns one), no episode ending."""
     zeros = np.zeros((1, len(obs)), np.float32)
@@ -405,10 +427,11 @@ def _fragment(obs: torch.Tensor, nxt: torch.Tensor) -> dict:
 
 def test_index_settles_on_the_policys_own_transitions_and_collapses_on_the_replay():
     """Eq 4 / eq 13 evaluate Δφ on the policy's own transitions, with the policy on the fastest
-    timescale. Here the policy is exact: before each index step it takes, in every state, the action
-    of a 9 × 9 grid that minimises Δφ under the index in force, and the learner observes those
-    transitions as its latest rollouts; the replayed minibatches hold uniform random actions (an early
-    buffer). By default (``index_data: rollouts``) the index makes the policy's constraint hold in all
+    timescale. Here (with Adam, which moves ζ at its full rate) the policy is exact: before each
+    index step it takes, in every state, the action of a 9 × 9 grid that minimises Δφ under the
+    index in force, and the learner observes those transitions as its latest rollouts; the replayed
+    minibatches hold uniform random actions (an early buffer). By default (``index_data: rollouts``)
+    the index makes the policy's constraint hold in all
     but a handful of states (the paper's claim: J(φ) → 0), with k raised and n lowered from φ_h. Fed
     the replay (``index_data: replay``) it runs to the box's corner (σ 0, k 0.5), the trivial
     minimiser, and the policy's violations grow."""
@@ -422,7 +445,8 @@ def test_index_settles_on_the_policys_own_transitions_and_collapses_on_the_repla
     random = nexts[torch.randint(len(grid), (n,), generator=g), torch.arange(n)]
     runs = {}
     for data in ("rollouts", "replay"):
-        params = fac_params(index_lr=index_lr_for_travel(2.0, steps, steps, 24), lr_anneal_steps=steps, index_data=data)
+        params = fac_params(index_lr=index_lr_for_travel(2.0, steps, steps, 24), lr_anneal_steps=steps,
+                            index_data=data, index_optimizer="adam")
         learner, trajectory = FACSIS(params, spec(), 0.0, torch.device("cpu"), seed=0), []
         for j in range(steps // 24):
             with torch.no_grad():

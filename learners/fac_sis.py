@@ -240,13 +240,14 @@ class FACSIS(OffPolicyLearner):
 
     @torch.no_grad()
     def observe_rollouts(self, batches: list[dict]) -> list[dict]:
-        """Keep this iteration's valid transitions for the index loss, and return Fig. 4's
+        """Keep this iteration's valid transitions for the index loss (when it reads them), and return Fig. 4's
         per-episode count of safe-action violations (Δφ(s, s') > 0 under the current index) for every
         episode that ends in the hosts' rollout ``batches`` ([T, N] arrays, as ``EnvHost.rollout``
         returns them, one per host in a fixed order). Episodes span fragments: each host's envs keep a
         running count. Episodes skipped for bad data (invalid steps) are dropped, as the hosts drop
         them from their summaries; one dict per counted episode."""
         out, pairs = [], []
+        keep_pairs = self.p.learn_index and self.p.index_data == "rollouts"  # only the index loss reads them
         if len(self.ep_violations) != len(batches):
             self.ep_violations = [np.zeros(b["reward"].shape[1], np.int64) for b in batches]
         for h, batch in enumerate(batches):
@@ -255,8 +256,9 @@ class FACSIS(OffPolicyLearner):
             nxt = torch.as_tensor(next_observations(batch), dtype=torch.float32, device=self.device)
             viol = (self.index.delta(obs, nxt) > 0).cpu().numpy()
             valid = np.asarray(batch["valid"]) if "valid" in batch else np.ones(viol.shape, bool)
-            keep = torch.as_tensor(np.array(valid, bool), device=self.device)
-            pairs.append((obs[keep], nxt[keep]))
+            if keep_pairs:
+                keep = torch.as_tensor(np.array(valid, bool), device=self.device)
+                pairs.append((obs[keep], nxt[keep]))
             end = np.asarray(batch["terminated"]) | np.asarray(batch["truncated"])
             count = self.ep_violations[h]
             for t in range(viol.shape[0]):

@@ -1,15 +1,22 @@
 """Learner actor: hosts one algorithm's learner on the device Ray granted it."""
 from __future__ import annotations
 
+import sys
 from typing import Any
-
-import ray
 
 from saferl import registry
 from saferl.actors.process import ActorProcess
 from saferl.batch import NumpyPolicy
 from saferl.learners.base import EnvSpec
 from saferl.learners.networks import pick_device
+
+
+def _fetched(items: list) -> list:
+    """A list of Ray references fetched here (the data goes from the hosts straight to the learner),
+    values as they are. Ray is looked up, not imported: in a process without Ray (``saferl bench
+    learner``/``device`` on a machine without it) there are no references."""
+    ray = sys.modules.get("ray")
+    return ray.get(items) if ray is not None and isinstance(items[0], ray.ObjectRef) else items
 
 
 class LearnerActor(ActorProcess):
@@ -40,20 +47,19 @@ class LearnerActor(ActorProcess):
     def propose(self, results: list) -> dict | None:
         """The step the next ``update`` of these worker results takes, without taking it (CGPO's
         ratio test: the workers re-roll their windows with it first)."""
-        results = ray.get(results) if isinstance(results[0], ray.ObjectRef) else results
-        return self.learner.propose(results)
+        return self.learner.propose(_fetched(results))
 
     def update(self, batches: list, clock: dict | None = None, evaluations: list | None = None) -> dict:
         """``batches``: host batches or worker results, or Ray references to them (a list of
         references is resolved here, so the data goes from the hosts straight to the learner).
         ``clock`` (off-policy): the first minibatch's global gradient step and the step phases'
         intervals, from the coordinator's schedule."""
-        batches = ray.get(batches) if isinstance(batches[0], ray.ObjectRef) else batches
+        batches = _fetched(batches)
         extras: dict[str, Any] = {}
         if clock is not None:
             extras["clock"] = clock
         if evaluations is not None:  # the workers' re-rolls of ``propose``'s step (CGPO)
-            extras["evaluations"] = ray.get(evaluations) if isinstance(evaluations[0], ray.ObjectRef) else evaluations
+            extras["evaluations"] = _fetched(evaluations)
         return self.learner.update(batches, **extras)
 
     def observe_rollouts(self, *batches: dict) -> list[dict]:

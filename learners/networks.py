@@ -82,8 +82,9 @@ class RunningNorm(nn.Module):
 
     @torch.no_grad()
     def update_moments(self, n: int, mean, var) -> None:
-        mean = torch.tensor(np.asarray(mean), dtype=torch.float64, device=self.mean.device)
-        var = torch.tensor(np.asarray(var), dtype=torch.float64, device=self.mean.device)
+        # numpy moments (gradient workers') or tensors on any device (this learner's own batch)
+        mean = torch.as_tensor(mean, dtype=torch.float64).to(self.mean.device)
+        var = torch.as_tensor(var, dtype=torch.float64).to(self.mean.device)
         delta, total = mean - self.mean, self.count + n
         self.mean += delta * n / total
         self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total

@@ -11,6 +11,7 @@
     saferl sweep CONFIG --grid k=a,b --seeds N      Ray Tune sweep: table, plot, best combination
     saferl list                                     algorithms and tasks
     saferl bench rollout|gradients|e2e|learner|memory  throughput, end to end, memory
+    saferl bench device                             the same work on the CPU and each GPU (no Ray)
     saferl bench soak                               training while env hosts are SIGKILLed
     saferl study NAME                               reproduce a paper's table/figure
     saferl benchmark onpolicy                       OmniSafe-style Reward/Cost table of the on-policy
@@ -200,7 +201,19 @@ def cmd_dashboard(args) -> int:
         os._exit(0)  # TensorBoard's reload threads may not be daemons: a plain return can hang on exit
 
 
+def _specs(path: str | None) -> dict | None:
+    """``--specs``: env specs by task name (JSON), for tasks whose simulator this machine lacks."""
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--specs {path}: {err}") from err
+
+
 def cmd_bench(args) -> int:
+    if args.bench in ("learner", "device"):  # in one process, no Ray
+        return _bench_local(args)
     from saferl.tools import bench
 
     if args.bench == "rollout":
@@ -217,10 +230,22 @@ def cmd_bench(args) -> int:
         bench.bench_soak(out_dir=Path(args.out), config=args.config, steps=args.steps, kill_every=args.kill_every,
                          seed=args.seed, hosts=args.hosts, episodes=args.episodes, overrides=args.set,
                          console=_console())
-    elif args.bench == "learner":
-        bench.bench_learner(out_dir=Path(args.out), algos=args.algos, updates=args.updates, console=_console())
     else:
         bench.bench_memory(out_dir=Path(args.out), runs=args.runs, iterations=args.iterations, console=_console())
+    return 0
+
+
+def _bench_local(args) -> int:
+    from saferl.tools import bench_local
+
+    if args.bench == "learner":
+        bench_local.bench_learner(out_dir=Path(args.out), algos=args.algos, updates=args.updates,
+                                  device=args.device, specs=_specs(args.specs), console=_console())
+    else:
+        out = bench_local.bench_device(out_dir=Path(args.out), algos=args.algos, updates=args.updates,
+                                       batches=args.batches, tasks=args.tasks, envs=args.envs, horizon=args.horizon,
+                                       windows=args.windows, specs=_specs(args.specs), console=_console())
+        return int(any("error" in r for r in out["learner"]))
     return 0
 
 
@@ -330,6 +355,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--algos", nargs="+", default=["ppo_lag", "sac_lag", "cvpo", "cgpo"],
                    help="algorithms (their default configs) or configs as <algo>/<task>")
     b.add_argument("--updates", type=int, default=3, help="timed update calls per algorithm, after one warm-up")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    b.add_argument("--specs", metavar="JSON", help="env specs by task name, for tasks whose simulator is not here")
+    b.add_argument("--out", default="bench_results")
+    b.set_defaults(fn=cmd_bench)
+    b = bsub.add_parser("device", help="learner updates, inference, gradient windows on the CPU and each GPU; no Ray")
+    b.add_argument("--algos", nargs="+", default=["ppo_lag", "sac_lag", "cvpo", "cgpo"],
+                   help="algorithms (their default configs) or configs as <algo>/<task>")
+    b.add_argument("--updates", type=int, default=3, help="timed update calls per algorithm, after one warm-up")
+    b.add_argument("--batches", nargs="+", type=int, default=[64, 1024, 16384], help="observations per inference call")
+    b.add_argument("--tasks", nargs="+", default=["BraxCartPole-v1", "SafeGBPOPendulum-BP-v0"],
+                   help="differentiable tasks for the gradient-worker windows")
+    b.add_argument("--envs", nargs="+", type=int, default=[16, 256, 4096], help="envs of one gradient worker")
+    b.add_argument("--horizon", type=int, default=32, help="window length h")
+    b.add_argument("--windows", type=int, default=3, help="timed windows per setting, after the first")
+    b.add_argument("--specs", metavar="JSON", help="env specs by task name, for tasks whose simulator is not here")
     b.add_argument("--out", default="bench_results")
     b.set_defaults(fn=cmd_bench)
     b = bsub.add_parser("memory", help="peak resident memory per actor kind in short runs")

@@ -74,3 +74,36 @@ def test_bench_learner_reports_the_time_per_minibatch_step(tmp_path):
     steps = row["epochs"][0] * math.ceil(row["samples_per_update"] / mb)
     assert row["ms_per_minibatch_step"] == pytest.approx(row["s_per_update"] * 1e3 / steps, rel=0.05)
     assert "ms per minibatch step" in (tmp_path / "learner.md").read_text()
+
+
+def test_bench_device_runs_without_ray_and_reports_each_device(tmp_path):
+    """`saferl bench device` in a fresh interpreter where importing Ray fails: learner rows on
+    every device here (a spec from --specs stands in for the task's own), inference and
+    gradient-worker windows; a bad --specs file is a one-line error."""
+    import os
+    import subprocess
+    import sys
+
+    from saferl.tools.bench_local import devices_here
+
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps({"SafetyPointGoal1-v0": {"obs_dim": 5, "act_dim": 2, "act_low": [-1, -1],
+                                                         "act_high": [1, 1], "max_episode_steps": 100}}))
+    blocker = tmp_path / "noray"
+    (blocker / "ray").mkdir(parents=True)
+    (blocker / "ray" / "__init__.py").write_text("raise ImportError('no Ray on this machine')\n")
+    code = "import sys; from saferl.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", code, "bench", "device", "--algos", "ppo_lag", "--updates", "1",
+                          "--batches", "8", "--tasks", "FunctionEnv-v0", "--envs", "4", "--horizon", "4",
+                          "--windows", "1", "--specs", str(specs), "--out", str(tmp_path / "dev")],
+                         env={**os.environ, "PYTHONPATH": str(blocker)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "dev" / "device.json").read_text())
+    devices = devices_here()
+    assert [r["device"] for r in result["learner"]] == devices
+    assert all(r["samples_per_s"] > 0 and r["task"] == "SafetyPointGoal1-v0" for r in result["learner"])
+    assert [r["device"] for r in result["inference"]] == devices
+    assert [(r["device"], r["envs"]) for r in result["worker_windows"]] == [(d, 4) for d in devices]
+    specs.write_text("{not json")
+    assert main(["bench", "learner", "--algos", "ppo_lag", "--specs", str(specs), "--out", str(tmp_path)]) == 2

@@ -38,3 +38,26 @@ def test_gradient_worker_window_on_the_device(device):
                "v_r": TimeValue(3, [16], 240).state_dict(), "v_c": TimeValue(3, [16], 240).state_dict()}
     result, _ = worker.compute(weights, 0, 8)
     assert result["g"].shape == result["q"].shape and float(result["traj"]["cost"].sum()) == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_onpolicy_learner_updates_on_the_device(device):
+    """PPO-Lag's update with the running observation normaliser, whose moments come from the
+    learner's own batch (tensors on the device) — and from gradient workers as numpy arrays."""
+    import numpy as np
+
+    from saferl.actors.learner import LearnerActor
+    from saferl.config import load_config
+    from saferl.tools.bench_local import _learner_inputs, task_spec
+
+    cfg = load_config({"algo": "ppo_lag", "task": "FunctionEnv-v0", "steps_per_iteration": 256,
+                       "resources": {"num_env_hosts": 1, "envs_per_host": 4}})
+    spec = task_spec(cfg)
+    learner = LearnerActor(cfg.algo, cfg.algo_params, spec, cfg.limit, 0, device)
+    inputs, _, _ = _learner_inputs(cfg, spec, np.random.default_rng(0))
+    stats = learner.update(inputs)
+    assert np.isfinite(stats["loss_pi"]) and learner.learner.policy.norm.mean.device.type == device
+    norm = learner.learner.policy.norm
+    before = norm.mean.clone()
+    norm.update_moments(10, np.ones(spec["obs_dim"]), np.ones(spec["obs_dim"]))
+    assert (norm.mean > before).all()

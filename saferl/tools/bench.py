@@ -6,8 +6,6 @@ length the numbers include resets. Results: ``rollout.json`` and ``rollout.md`` 
 """
 from __future__ import annotations
 
-import json
-import math
 import pickle
 import subprocess
 import sys
@@ -15,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import ray
 
 from saferl.actors.env_host import EnvHost
@@ -23,6 +20,9 @@ from saferl.cluster.placement import host_options
 from saferl.config import REPO_ROOT, load_config
 from saferl.learners.networks import GaussianPolicy
 from saferl.metric_keys import EPISODE_COST, EPISODE_RETURN
+from saferl.tools.bench_local import gradient_weights
+from saferl.tools.bench_local import task_spec as _task_spec
+from saferl.tools.bench_local import write_table as _write
 
 _PLAIN = """
 import pickle, sys, time
@@ -94,31 +94,16 @@ def bench_rollout(out_dir: Path, task: str, steps: int, envs_per_host: list[int]
     return rows
 
 
-def _write(out_dir: Path, name: str, rows: list[dict], header: list[str], cells, say, title: str = "") -> None:
-    """``<name>.json`` (the rows) and ``<name>.md`` (a table) in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in cells(r)) + " |" for r in rows]
-    (out_dir / f"{name}.md").write_text((f"{title}\n\n" if title else "") + "\n".join(lines) + "\n")
-    say(f"results: {out_dir / (name + '.json')}, {out_dir / (name + '.md')}")
-
-
 def bench_gradients(out_dir: Path, task: str, workers: list[int], envs_per_worker: list[int], horizon: int,
                     windows: int, console=None) -> list[dict]:
     """``saferl bench gradients``: env steps differentiated per second by gradient-worker actors
     (forward + backward through the simulator, critics included) vs workers × envs per worker.
     The first window of each configuration (jit/compile, allocation) is timed separately."""
-    from saferl.actors.gradient_worker import GradientWorker, make_diff_env
-    from saferl.learners.analytic import TimeValue
+    from saferl.actors.gradient_worker import GradientWorker
 
     say = console.print if console else print
-    env = make_diff_env(task)
-    arch = {"policy": dict(obs_dim=env.obs_dim, act_dim=env.act_dim, hidden=[64, 64], squash=True),
-            "critic_hidden": [64, 64]}
-    policy = GaussianPolicy(**arch["policy"])
-    critic = TimeValue(env.obs_dim, [64, 64], env.max_episode_steps)
-    weights = ray.put({"policy": policy.state_dict(), "v_r": critic.state_dict(), "v_c": critic.state_dict()})
+    arch, weights = gradient_weights(task)
+    weights = ray.put(weights)
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=max(workers), logging_level="error", include_dashboard=False)
@@ -290,141 +275,6 @@ def _actor_rss(coord) -> dict:
         if actors:
             out[kind] = round(max(ray.get([a.max_rss.remote() for a in actors])) / 2**20, 1)
     return out
-
-
-# -- learner update throughput ------------------------------------------------------------------
-LEARNER_CONFIGS = {"ppo_lag": "ppo_lag/SafetyPointGoal1-v0", "sac_lag": "sac_lag/SafetyPointGoal1-v0",
-                   "cvpo": "cvpo/SafetyCarButton1-v0", "cgpo": "cgpo/BraxReacher-v0"}
-OFFPOLICY_MINIBATCHES = 50  # minibatches per timed off-policy update call (the rate does not depend on it)
-
-
-def _task_spec(cfg) -> dict:
-    """The task's env spec, read in the interpreter its env hosts use."""
-    from saferl.learners.base import EnvSpec
-
-    python = host_options(cfg).get("runtime_env", {}).get("py_executable") or sys.executable
-    if cfg.task_spec.kind == "safety_gymnasium" or python != sys.executable:
-        out = subprocess.run([python, "-c", "import json,sys; from saferl.actors.env_host import EnvHost;"
-                              "print(json.dumps(EnvHost(sys.argv[1], 1, 0).spec(), default=lambda x: x.tolist()))",
-                              cfg.task],
-                             capture_output=True, text=True, check=True, cwd=REPO_ROOT)
-        spec = json.loads(out.stdout.strip().splitlines()[-1])
-    elif cfg.algo_spec.uses_env_hosts:
-        spec = EnvHost(cfg.task, 1, 0).spec()
-    else:
-        from saferl.actors.gradient_worker import make_diff_env
-        return EnvSpec.of_env(make_diff_env(cfg.task)).model_dump()
-    return EnvSpec.of(spec).model_dump()
-
-
-def _synthetic_rollout(rng, T: int, n: int, d: int, a: int, episode: int) -> dict:
-    """A host batch [T, N] of random numbers with the rollout's fields and episode ends."""
-    t = np.arange(T)[:, None] + np.zeros((1, n), int)
-    trunc = (t + 1) % episode == 0
-    final_idx = np.argwhere(trunc)
-    return {"obs": rng.standard_normal((T, n, d), np.float32), "act": rng.standard_normal((T, n, a), np.float32),
-            "logp": rng.standard_normal((T, n)).astype(np.float32),
-            "reward": rng.standard_normal((T, n)).astype(np.float32),
-            "cost": (rng.random((T, n)) < 0.05).astype(np.float32), "terminated": np.zeros((T, n), bool),
-            "truncated": trunc, "last_obs": rng.standard_normal((n, d), np.float32),
-            "final_idx": final_idx.astype(np.int64), "final_obs": rng.standard_normal((len(final_idx), d), np.float32)}
-
-
-def _learner_inputs(cfg, spec: dict, rng) -> tuple[list, int, str]:
-    """(update input, samples in it, what a sample is) at the config's batch settings."""
-    res, kind = cfg.resources, cfg.algo_spec.kind
-    n, d, a = res.num_env_hosts * res.envs_per_host, spec["obs_dim"], spec["act_dim"]
-    if kind == "sampling":
-        T = cfg.steps_per_iteration // n
-        batches = [_synthetic_rollout(rng, T, res.envs_per_host, d, a, spec["max_episode_steps"])
-                   for _ in range(res.num_env_hosts)]
-        return batches, T * n, "env steps in the batch"
-    if kind == "offpolicy":
-        b, k = cfg.learner_params().batch_size, OFFPOLICY_MINIBATCHES
-        block = {"obs": rng.standard_normal((k, b, d), np.float32),
-                 "act": rng.uniform(-1, 1, (k, b, a)).astype(np.float32),
-                 "reward": rng.standard_normal((k, b)).astype(np.float32),
-                 "cost": (rng.random((k, b)) < 0.05).astype(np.float32),
-                 "discount": np.full((k, b), 0.99, np.float32), "next_obs": rng.standard_normal((k, b, d), np.float32)}
-        return [block], k * b, "transitions (minibatch rows)"
-    raise ValueError(kind)
-
-
-def bench_learner(out_dir: Path, algos: list[str], updates: int = 3, console=None) -> list[dict]:
-    """``saferl bench learner``: learner update throughput, in-process (no Ray, CPU), at each
-    algorithm's default config (network sizes, batch settings). Inputs are fixed: random host
-    batches (on-policy), random minibatch blocks (off-policy), or the shard results of in-process
-    gradient workers computed once (gradient algorithms). One warm-up update, then ``updates``
-    timed ones on the same input. On-policy learners with minibatches also get the time per
-    minibatch step (a policy and a critic step): s per update / (passes run × minibatches per pass)."""
-    import torch
-
-    say = console.print if console else print
-    rows, threads = [], torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a 1-CPU learner actor (Ray sets OMP_NUM_THREADS=1)
-    try:
-        rows = [_bench_one_learner(algo, updates, say) for algo in algos]
-    finally:
-        torch.set_num_threads(threads)
-    _write(out_dir, "learner", rows, ["algo", "config task", "hidden", "samples per update", "sample",
-                                      "s per update", "samples/s"],
-           lambda r: [r["algo"], r["task"], r["hidden"], r["samples_per_update"],
-                      r["sample"] + (f"; passes run: {r['epochs']}" if "epochs" in r else "")
-                      + (f"; {r['ms_per_minibatch_step']} ms per minibatch step"
-                         if "ms_per_minibatch_step" in r else ""),
-                      f"{r['s_per_update']:.3f}", f"{r['samples_per_s']:,.0f}"], say)
-    return rows
-
-
-def _bench_one_learner(algo: str, updates: int, say) -> dict:
-    import torch
-
-    from saferl.actors.learner import LearnerActor
-    from saferl.config import CONFIG_DIR
-
-    cfg = load_config(CONFIG_DIR / f"{LEARNER_CONFIGS.get(algo, algo)}.yaml")
-    spec = _task_spec(cfg)
-    torch.manual_seed(0)
-    learner = LearnerActor(cfg.algo, cfg.algo_params, spec, cfg.limit, cfg.seed, "cpu")
-    if cfg.algo_spec.kind == "gradient":
-        from saferl.actors.gradient_worker import GradientWorker
-        setup, res = learner.gradient_setup(), cfg.resources
-        n = res.num_env_hosts * res.envs_per_host
-        workers = [GradientWorker(cfg.task, i * res.envs_per_host, res.envs_per_host, n, cfg.seed,
-                                  setup["arch"], "cpu") for i in range(res.num_env_hosts)]
-        weights = learner.policy_state()
-        inputs = [w.compute(weights, 0, setup["horizon"], setup["stochastic"])[0] for w in workers]
-        samples, unit = n * setup["horizon"], "env steps (one window of every env)"
-    else:
-        inputs, samples, unit = _learner_inputs(cfg, spec, np.random.default_rng(0))
-        if cfg.algo_spec.kind == "sampling":  # actions and log-probs of the learner's own policy
-            from saferl.actors import np_policy
-            rng, policy = np.random.default_rng(1), learner.numpy_policy()
-            for b in inputs:
-                T, n, d = b["obs"].shape
-                _, u, logp = np_policy.act(policy, b["obs"].reshape(T * n, d), rng)
-                b["act"], b["logp"] = u.reshape(T, n, -1).astype(np.float32), logp.reshape(T, n).astype(np.float32)
-    learner.update(inputs)  # warm-up
-    t, epochs = time.perf_counter(), []
-    for _ in range(updates):
-        epochs.append(learner.update(inputs).get("epochs"))
-    dt = (time.perf_counter() - t) / updates
-    hidden = cfg.algo_params.get("hidden")
-    row = {"algo": cfg.algo, "task": cfg.task, "hidden": hidden, "samples_per_update": samples,
-           "sample": unit, "s_per_update": round(dt, 4), "samples_per_s": round(samples / dt, 1),
-           "threads": torch.get_num_threads()}
-    if epochs[0] is not None:  # on-policy: passes over the batch run (early stop at target_kl)
-        row["epochs"] = [int(e) for e in epochs]
-        mb = getattr(learner.learner.p, "minibatch_size", None)
-        if mb:  # one policy step and one critic step per minibatch
-            steps = sum(row["epochs"]) / updates * math.ceil(samples / mb)
-            row["ms_per_minibatch_step"] = round(dt * 1e3 / steps, 3)
-    if cfg.algo_spec.kind == "offpolicy":
-        row["minibatch_size"] = samples // OFFPOLICY_MINIBATCHES
-        row["minibatches_per_s"] = round(OFFPOLICY_MINIBATCHES / dt, 1)
-    say(f"{cfg.algo:>8} ({cfg.task}, hidden {hidden}): {samples} samples per update in {dt:.3f} s "
-        f"-> {samples / dt:,.0f} samples/s")
-    return row
 
 
 # -- memory -------------------------------------------------------------------------------------

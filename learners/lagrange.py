@@ -191,6 +191,38 @@ def make_multiplier(p: LagrangeParams) -> Lagrange:
     return {"pid": PIDLagrange, "adam": AdamLagrange}.get(p.kind, Lagrange)(p)
 
 
+class LagrangianLearner:
+    """Mixin of the learners with one Lagrange multiplier λ (the ``*_lag`` baselines and the
+    algorithms built on them, SHAC-Lag, BPTT-Lag), the one place that owns it: ``init_multiplier``
+    builds λ from ``params.lagrange``, ``phase_dual`` is the coordinator's ``dual`` phase, and
+    ``extra_state`` / ``load_extra_state`` (the family bases' checkpoint hook) hold its state. Learners that count
+    their gradient steps (``COUNTS_GRADIENT_STEPS``: the off-policy family) add them to
+    ``dual_steps_due``, which ``per_gradient_step`` turns into as many steps of λ."""
+
+    cost_limit: float
+    multiplier: Lagrange
+    dual_steps_due: int = 0
+
+    def init_multiplier(self, p: LagrangeParams) -> None:
+        if p.per_gradient_step and not getattr(self, "COUNTS_GRADIENT_STEPS", False):
+            raise ValueError(f"lagrange.per_gradient_step: {type(self).__name__} takes no gradient steps "
+                             "between dual phases to count (an off-policy learner's option)")
+        self.multiplier, self.dual_steps_due = make_multiplier(p), 0
+
+    def phase_dual(self, signals: dict) -> dict:
+        """λ's step on the episodes ended since the last dual phase (``dual_phase``); with
+        ``per_gradient_step``, one per gradient step since then."""
+        steps, self.dual_steps_due = self.dual_steps_due, 0
+        return dual_phase(self.multiplier, signals, self.cost_limit, steps)
+
+    def extra_state(self) -> dict:
+        return {"multiplier": self.multiplier.state_dict(), "dual_steps_due": self.dual_steps_due}
+
+    def load_extra_state(self, sd: dict) -> None:
+        self.multiplier.load_state_dict(sd["multiplier"])
+        self.dual_steps_due = int(sd.get("dual_steps_due", 0))
+
+
 def dual_phase(multiplier: Lagrange, signals: dict, limit: float, steps: int = 1) -> dict:
     """A learner's ``phase_dual``: the multiplier's step on the phase's signals
     (``episode_costs``: the costs of the episodes ended since the last phase; ``episode_cost``,

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 
 from saferl.learners import base
-from saferl.learners.lagrange import dual_phase
+from saferl.learners.lagrange import LagrangianLearner
 from saferl.learners.networks import ACTIVATIONS, init_field, mlp
 from saferl.metric_keys import LAGRANGE_MULTIPLIER, SKIPPED_UPDATES
 
@@ -46,9 +46,11 @@ class Critic(torch.nn.Module):
 class OffPolicyLearner(base.Learner):
     """What SAC-Lag and TD3/DDPG-Lag share: the coordinator's setup, the minibatch loop over
     ``step``, clipped gradient steps, the dual phase on the multiplier, and checkpoints of
-    ``MODULES``. Subclasses set ``policy``, ``multiplier`` and ``MODULES`` and define ``step``."""
+    ``MODULES``. Subclasses set ``policy`` and ``MODULES`` and define ``step``; those with a
+    multiplier λ also derive from ``lagrange.LagrangianLearner``."""
 
     MODULES: tuple[str, ...] = ()
+    COUNTS_GRADIENT_STEPS = True  # into a LagrangianLearner's dual_steps_due (per_gradient_step)
 
     def offpolicy_setup(self) -> dict:
         p = self.p
@@ -65,7 +67,8 @@ class OffPolicyLearner(base.Learner):
         stats: dict[str, list] = {}
         skipped = self.skipped_updates
         g = clock["first_step"] if clock else None
-        self.dual_steps_due = getattr(self, "dual_steps_due", 0) + sum(int(b["obs"].shape[0]) for b in batches)
+        if isinstance(self, LagrangianLearner):
+            self.dual_steps_due += sum(int(b["obs"].shape[0]) for b in batches)
         for block in batches:
             # a copy: Ray's arrays are read-only
             data = {k: torch.tensor(v, device=self.device) for k, v in block.items()}
@@ -113,18 +116,19 @@ class OffPolicyLearner(base.Learner):
     def _descend(self, opt, loss, params) -> None:
         self.descend(opt, loss, params, self.p.max_grad_norm)
 
-    def phase_dual(self, signals: dict) -> dict:
-        """The multiplier's step (``lagrange.dual_phase``); with ``per_gradient_step``, one per
-        gradient step since the previous dual phase."""
-        steps, self.dual_steps_due = getattr(self, "dual_steps_due", 0), 0
-        return dual_phase(self.multiplier, signals, self.cost_limit, steps)
-
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k).state_dict() for k in self.MODULES}, "rng": self.rng_state(),
-                "dual_steps_due": getattr(self, "dual_steps_due", 0)}
+                **self.extra_state()}
 
     def load_state_dict(self, sd: dict) -> None:
         for k in self.MODULES:
             getattr(self, k).load_state_dict(sd[k])
         self.set_rng_state(sd["rng"])
-        self.dual_steps_due = int(sd.get("dual_steps_due", 0))
+        self.load_extra_state(sd)
+
+    def extra_state(self) -> dict:
+        """What a subclass keeps beyond ``MODULES`` (a Lagrangian learner: its multiplier)."""
+        return {}
+
+    def load_extra_state(self, sd: dict) -> None:
+        pass

@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from saferl.learners import base
-from saferl.learners.lagrange import LagrangeParams, OmniSafeLagrangeParams, dual_phase, make_multiplier
+from saferl.learners.lagrange import LagrangeParams, LagrangianLearner, OmniSafeLagrangeParams
 from saferl.learners.networks import init_field, normal_entropy, normal_log_prob, obs_clip_field
 from saferl.learners.onpolicy_base import (
     ActorCritic,
@@ -69,13 +69,13 @@ class PPOLagParams(base.Params):
     lagrange: OmniSafeLagrangeParams = Field(default_factory=OmniSafeLagrangeParams)
 
 
-class PPOLag(ActorCritic):
+class PPOLag(LagrangianLearner, ActorCritic):
     Params = PPOLagParams
 
     def __init__(self, params: PPOLagParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
         self.pi_opt = adam(self.policy.parameters(), lr=params.policy_lr)
-        self.multiplier = make_multiplier(params.lagrange)
+        self.init_multiplier(params.lagrange)
         self.updates = 0  # updates done: the clock of the linear policy-lr decay
 
     def update(self, batches: list[dict]) -> dict:
@@ -156,18 +156,15 @@ class PPOLag(ActorCritic):
         the observation statistics move (CUP's projection); returns metrics. None in PPO-Lag."""
         return {}
 
-    def phase_dual(self, signals: dict) -> dict:
-        """The multiplier's step on the episodes ended since the last dual phase (``lagrange.dual_phase``)."""
-        return dual_phase(self.multiplier, signals, self.cost_limit)
-
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "v_r": self.v_r.state_dict(), "v_c": self.v_c.state_dict(),
                 "pi_opt": self.pi_opt.state_dict(), "v_opt": self.v_opt.state_dict(),
-                "multiplier": self.multiplier.state_dict(), "rng": self.rng_state(), "updates": self.updates}
+                **self.extra_state(), "rng": self.rng_state(), "updates": self.updates}
 
     def load_state_dict(self, sd: dict) -> None:
-        for key in ("policy", "v_r", "v_c", "pi_opt", "v_opt", "multiplier"):
+        for key in ("policy", "v_r", "v_c", "pi_opt", "v_opt"):
             getattr(self, key).load_state_dict(sd[key])
+        self.load_extra_state(sd)
         self.set_rng_state(sd["rng"])
         self.updates = int(sd.get("updates", 0))
 

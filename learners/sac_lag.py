@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 
 from saferl.learners import base
-from saferl.learners.lagrange import LagrangeParams, OmniSafeOffPolicyLagrangeParams, make_multiplier
+from saferl.learners.lagrange import LagrangeParams, LagrangianLearner, OmniSafeOffPolicyLagrangeParams
 from saferl.learners.networks import TanhGaussianPolicy, polyak
 from saferl.learners.offpolicy_base import OffPolicyLearner, OffPolicyParams
 
@@ -47,7 +47,7 @@ class SACLagParams(OffPolicyParams):
     lagrange: OmniSafeOffPolicyLagrangeParams = Field(default_factory=OmniSafeOffPolicyLagrangeParams)
 
 
-class SACLag(OffPolicyLearner):
+class SACLag(LagrangianLearner, OffPolicyLearner):
     Params = SACLagParams
 
     def __init__(self, params: SACLagParams, env: base.EnvSpec, cost_limit, device, seed):
@@ -58,7 +58,7 @@ class SACLag(OffPolicyLearner):
         self.log_alpha = torch.tensor(float(np.log(p.init_alpha)), device=device, requires_grad=True)
         self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=p.alpha_lr)
-        self.multiplier = make_multiplier(p.lagrange)
+        self.init_multiplier(p.lagrange)
         self.target_entropy = -float(a)
         self.steps = 0  # gradient steps taken: the actor, α and targets move when it is a multiple of policy_delay
 
@@ -83,7 +83,7 @@ class SACLag(OffPolicyLearner):
         return {"loss_q": loss_q, "loss_pi": loss_pi.item(), "alpha": alpha.item(),
                 "entropy": -logp.mean().item(), "q_r": q_r.mean().item(), "q_c": q_c.mean().item()}
 
-    MODULES = ("policy", "q_r", "q_c", "q_r_target", "q_c_target", "pi_opt", "q_opt", "alpha_opt", "multiplier")
+    MODULES = ("policy", "q_r", "q_c", "q_r_target", "q_c_target", "pi_opt", "q_opt", "alpha_opt")
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "log_alpha": self.log_alpha.detach().clone(), "steps": self.steps}

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field
 
 from saferl.learners import base
-from saferl.learners.lagrange import LagrangeParams, make_multiplier
+from saferl.learners.lagrange import LagrangeParams, LagrangianLearner
 from saferl.learners.window_base import WindowLearner, WindowParams
 from saferl.metric_keys import LAGRANGE_MULTIPLIER
 
@@ -45,14 +45,14 @@ class SHACLagParams(WindowParams):
     lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(lr=0.05))
 
 
-class SHACLag(WindowLearner):
+class SHACLag(LagrangianLearner, WindowLearner):
     Params = SHACLagParams
     constrained = True
 
     def __init__(self, params: SHACLagParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
         self.opt = torch.optim.Adam(self.policy.parameters(), lr=params.lr, betas=params.betas)
-        self.multiplier = make_multiplier(params.lagrange)
+        self.init_multiplier(params.lagrange)
 
     def policy_step(self, est: dict) -> dict:
         """Adam along the ascent direction of L_R − λ L_C (per step: divided by h, ``loss_per_step``)."""
@@ -78,12 +78,12 @@ class SHACLag(WindowLearner):
         return {LAGRANGE_MULTIPLIER: self.multiplier.update(self.last_j_c, self.cost_limit)}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "opt": self.opt.state_dict(), "multiplier": self.multiplier.state_dict()}
+        return {**super().state_dict(), "opt": self.opt.state_dict(), **self.extra_state()}
 
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
         self.opt.load_state_dict(sd["opt"])
-        self.multiplier.load_state_dict(sd["multiplier"])
+        self.load_extra_state(sd)
 
 
 class SHAC(SHACLag):

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field
 
 from saferl.learners import base
-from saferl.learners.lagrange import LagrangeParams, OmniSafeOffPolicyLagrangeParams, make_multiplier
+from saferl.learners.lagrange import LagrangeParams, LagrangianLearner, OmniSafeOffPolicyLagrangeParams
 from saferl.learners.networks import DeterministicTanhPolicy, polyak
 from saferl.learners.offpolicy_base import OffPolicyLearner, OffPolicyParams
 
@@ -56,9 +56,9 @@ class DDPGLagParams(TD3LagParams):
     policy_delay: int = Field(1, ge=1)
 
 
-class TD3Lag(OffPolicyLearner):
+class TD3Lag(LagrangianLearner, OffPolicyLearner):
     Params = TD3LagParams
-    MODULES = ("policy", "policy_target", "q_r", "q_c", "q_r_target", "q_c_target", "pi_opt", "q_opt", "multiplier")
+    MODULES = ("policy", "policy_target", "q_r", "q_c", "q_r_target", "q_c_target", "pi_opt", "q_opt")
 
     def __init__(self, params: TD3LagParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
@@ -68,7 +68,7 @@ class TD3Lag(OffPolicyLearner):
         self.build_critics(p.n_critics)
         self.policy_target = copy.deepcopy(self.policy)
         self.pi_opt = torch.optim.Adam(self.policy.parameters(), lr=p.policy_lr)
-        self.multiplier = make_multiplier(p.lagrange)
+        self.init_multiplier(p.lagrange)
         self.steps = 0  # gradient steps taken: the actor and targets move when it is a multiple of policy_delay
 
     def target_action(self, next_obs: torch.Tensor) -> torch.Tensor:

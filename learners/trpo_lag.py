@@ -25,7 +25,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from saferl.learners import base
-from saferl.learners.lagrange import LagrangeParams, OmniSafeLagrangeParams, dual_phase, make_multiplier
+from saferl.learners.lagrange import LagrangeParams, LagrangianLearner, OmniSafeLagrangeParams
 from saferl.learners.onpolicy_base import lagrangian_advantage
 from saferl.learners.trust_region_base import TrustRegionLearner, TrustRegionParams, natural_gradient_step
 from saferl.metric_keys import LAGRANGE_MULTIPLIER
@@ -38,27 +38,18 @@ class TRPOLagParams(TrustRegionParams):
     lagrange: OmniSafeLagrangeParams = Field(default_factory=OmniSafeLagrangeParams)
 
 
-class TRPOLag(TrustRegionLearner):
+class TRPOLag(LagrangianLearner, TrustRegionLearner):
     Params = TRPOLagParams
 
     def __init__(self, params: TRPOLagParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
-        self.multiplier = make_multiplier(params.lagrange)
+        self.init_multiplier(params.lagrange)
 
     def policy_step(self, prep: dict, batches: list[dict]) -> dict:
         lam = self.multiplier.value
         adv = lagrangian_advantage(prep["adv_r"], prep["adv_c"], lam)
         return {**natural_gradient_step(self.policy_at_k(prep), adv, self.p), LAGRANGE_MULTIPLIER: lam}
 
-    def phase_dual(self, signals: dict) -> dict:
-        """The multiplier's step on the episodes ended since the last dual phase (``lagrange.dual_phase``)."""
-        return dual_phase(self.multiplier, signals, self.cost_limit)
-
-    def extra_state(self) -> dict:
-        return {"multiplier": self.multiplier.state_dict()}
-
-    def load_extra_state(self, sd: dict) -> None:
-        self.multiplier.load_state_dict(sd["multiplier"])
 
 
 class TRPOParams(TRPOLagParams):

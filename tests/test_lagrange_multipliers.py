@@ -163,3 +163,29 @@ def test_reproduces_the_multipliers_omnisafe_logged():
     got = [dual_phase(mult, {"episode_costs": eps}, 25.0)["lagrange_multiplier"]
            for eps in ([159.5, 159.5], [154.5, 154.5])]  # window means 159.5, then 157.0
     assert got == pytest.approx([0.03599999, 0.07098134], abs=1e-7)
+
+
+def test_every_algorithm_with_a_dual_phase_keeps_its_multiplier_in_the_one_mixin():
+    """The learners the coordinator's ``dual`` phase steps all derive from ``LagrangianLearner``
+    (λ built, stepped and checkpointed in one place), and no other learner has a ``phase_dual``
+    (the unconstrained variants derive from their Lagrangian version, with λ never stepped)."""
+    from saferl import registry
+    from saferl.learners.lagrange import LagrangianLearner
+
+    for name, spec in registry.ALGORITHMS.items():
+        cls = spec.load()
+        if "dual" in spec.phases:
+            assert issubclass(cls, LagrangianLearner), name
+        assert issubclass(cls, LagrangianLearner) == hasattr(cls, "phase_dual"), name
+
+
+def test_per_gradient_step_on_a_learner_without_gradient_steps_to_count_is_refused():
+    """``per_gradient_step`` counts the off-policy learners' gradient steps; an on-policy learner
+    has none between dual phases, so λ would never move: a one-line error, not a silent no-op."""
+    from saferl.learners.base import EnvSpec
+    from saferl.learners.ppo_lag import PPOLag
+
+    spec = EnvSpec(obs_dim=3, act_dim=1, act_low=[-1.0], act_high=[1.0], max_episode_steps=10)
+    params = PPOLag.Params(lagrange={"per_gradient_step": True})
+    with pytest.raises(ValueError, match=r"^lagrange.per_gradient_step: PPOLag takes no gradient steps"):
+        PPOLag(params, spec, 0.0, "cpu", 0)

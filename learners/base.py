@@ -10,7 +10,9 @@ actor was granted a GPU). ``Learner`` declares the contract every algorithm impl
                             global gradient step and the step phases' intervals), ``evaluations``
                             (CGPO: the workers' re-rolls of ``propose``'s step)
     phase(name, signals)    a scheduled phase (e.g. ``dual``), run when the coordinator says
-    state_dict() / load_state_dict()   everything needed to resume bit-for-bit
+    state_dict() / load_state_dict()   everything needed to resume bit-for-bit: the networks and
+                            optimisers named in ``MODULES`` and the RNG states here; a subclass or
+                            mixin with more to keep extends both through ``super()``
 
 and, per kind, what the coordinator asks before the first iteration: ``offpolicy_setup()``
 (off-policy learners: buffer and update-to-data schedule) or ``gradient_setup()`` (gradient
@@ -141,13 +143,21 @@ class Learner(abc.ABC):
     def update(self, batches: list, **extras) -> dict:
         """One update; returns its statistics (the iteration's metrics row)."""
 
-    @abc.abstractmethod
+    # -- checkpoints: the one idiom. The state of ``MODULES`` (networks and optimisers, by
+    # attribute name; None ones skipped) and the RNG states; a subclass (or mixin) with more to
+    # keep extends both methods through ``super()``.
+    MODULES: tuple[str, ...] = ()
+
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue bit-for-bit (RNG states included)."""
+        return {**{k: m.state_dict() for k in self.MODULES if (m := getattr(self, k)) is not None},
+                "rng": self.rng_state()}
 
-    @abc.abstractmethod
     def load_state_dict(self, sd: dict) -> None:
-        ...
+        for k in self.MODULES:
+            if (m := getattr(self, k)) is not None:
+                m.load_state_dict(sd[k])
+        self.set_rng_state(sd["rng"])
 
     def phase(self, name: str, signals: dict) -> dict:
         """Phase ``name`` (its method ``phase_<name>``) on the coordinator's signals."""

@@ -223,8 +223,9 @@ class CPO(TrustRegionLearner):
                 "step_accepted": float(res is not None and res.accepted),
                 "step_norm": (fraction * step).norm().item()}
 
-    def extra_state(self) -> dict:
-        return {"episodes": self.episodes.state_dict()}
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "episodes": self.episodes.state_dict()}
 
-    def load_extra_state(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
         self.episodes.load_state_dict(sd["episodes"])

@@ -33,6 +33,7 @@ from collections import deque
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from saferl.learners.base import Learner
 from saferl.metric_keys import LAGRANGE_MULTIPLIER
 
 
@@ -191,11 +192,11 @@ def make_multiplier(p: LagrangeParams) -> Lagrange:
     return {"pid": PIDLagrange, "adam": AdamLagrange}.get(p.kind, Lagrange)(p)
 
 
-class LagrangianLearner:
+class LagrangianLearner(Learner):
     """Mixin of the learners with one Lagrange multiplier λ (the ``*_lag`` baselines and the
     algorithms built on them, SHAC-Lag, BPTT-Lag), the one place that owns it: ``init_multiplier``
     builds λ from ``params.lagrange``, ``phase_dual`` is the coordinator's ``dual`` phase, and
-    ``extra_state`` / ``load_extra_state`` (the family bases' checkpoint hook) hold its state. Learners that count
+    ``state_dict`` / ``load_state_dict`` add its state to the learner's. Learners that count
     their gradient steps (``COUNTS_GRADIENT_STEPS``: the off-policy family) add them to
     ``dual_steps_due``, which ``per_gradient_step`` turns into as many steps of λ."""
 
@@ -215,10 +216,12 @@ class LagrangianLearner:
         steps, self.dual_steps_due = self.dual_steps_due, 0
         return dual_phase(self.multiplier, signals, self.cost_limit, steps)
 
-    def extra_state(self) -> dict:
-        return {"multiplier": self.multiplier.state_dict(), "dual_steps_due": self.dual_steps_due}
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "multiplier": self.multiplier.state_dict(),
+                "dual_steps_due": self.dual_steps_due}
 
-    def load_extra_state(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
         self.multiplier.load_state_dict(sd["multiplier"])
         self.dual_steps_due = int(sd.get("dual_steps_due", 0))
 

@@ -49,7 +49,6 @@ class OffPolicyLearner(base.Learner):
     ``MODULES``. Subclasses set ``policy`` and ``MODULES`` and define ``step``; those with a
     multiplier λ also derive from ``lagrange.LagrangianLearner``."""
 
-    MODULES: tuple[str, ...] = ()
     COUNTS_GRADIENT_STEPS = True  # into a LagrangianLearner's dual_steps_due (per_gradient_step)
 
     def offpolicy_setup(self) -> dict:
@@ -116,19 +115,4 @@ class OffPolicyLearner(base.Learner):
     def _descend(self, opt, loss, params) -> None:
         self.descend(opt, loss, params, self.p.max_grad_norm)
 
-    def state_dict(self) -> dict:
-        return {**{k: getattr(self, k).state_dict() for k in self.MODULES}, "rng": self.rng_state(),
-                **self.extra_state()}
 
-    def load_state_dict(self, sd: dict) -> None:
-        for k in self.MODULES:
-            getattr(self, k).load_state_dict(sd[k])
-        self.set_rng_state(sd["rng"])
-        self.load_extra_state(sd)
-
-    def extra_state(self) -> dict:
-        """What a subclass keeps beyond ``MODULES`` (a Lagrangian learner: its multiplier)."""
-        return {}
-
-    def load_extra_state(self, sd: dict) -> None:
-        pass

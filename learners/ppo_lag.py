@@ -71,6 +71,7 @@ class PPOLagParams(base.Params):
 
 class PPOLag(LagrangianLearner, ActorCritic):
     Params = PPOLagParams
+    MODULES = ("policy", "v_r", "v_c", "pi_opt", "v_opt")
 
     def __init__(self, params: PPOLagParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
@@ -157,15 +158,10 @@ class PPOLag(LagrangianLearner, ActorCritic):
         return {}
 
     def state_dict(self) -> dict:
-        return {"policy": self.policy.state_dict(), "v_r": self.v_r.state_dict(), "v_c": self.v_c.state_dict(),
-                "pi_opt": self.pi_opt.state_dict(), "v_opt": self.v_opt.state_dict(),
-                **self.extra_state(), "rng": self.rng_state(), "updates": self.updates}
+        return {**super().state_dict(), "updates": self.updates}
 
     def load_state_dict(self, sd: dict) -> None:
-        for key in ("policy", "v_r", "v_c", "pi_opt", "v_opt"):
-            getattr(self, key).load_state_dict(sd[key])
-        self.load_extra_state(sd)
-        self.set_rng_state(sd["rng"])
+        super().load_state_dict(sd)
         self.updates = int(sd.get("updates", 0))
 
 

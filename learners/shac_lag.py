@@ -47,6 +47,7 @@ class SHACLagParams(WindowParams):
 
 class SHACLag(LagrangianLearner, WindowLearner):
     Params = SHACLagParams
+    MODULES = (*WindowLearner.MODULES, "opt")
     constrained = True
 
     def __init__(self, params: SHACLagParams, env: base.EnvSpec, cost_limit, device, seed):
@@ -77,13 +78,6 @@ class SHACLag(LagrangianLearner, WindowLearner):
             return {}
         return {LAGRANGE_MULTIPLIER: self.multiplier.update(self.last_j_c, self.cost_limit)}
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "opt": self.opt.state_dict(), **self.extra_state()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        super().load_state_dict(sd)
-        self.opt.load_state_dict(sd["opt"])
-        self.load_extra_state(sd)
 
 
 class SHAC(SHACLag):

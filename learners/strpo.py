@@ -307,11 +307,11 @@ class STRPO(TRPOLag):
                                   "(saferl train runs stage 1 itself when it is unset)")
             self.unsafe = load_unsafe_policy(params.unsafe_policy, env, device)
 
-    def extra_state(self) -> dict:
-        return {**super().extra_state(), "case_counts": dict(self.case_counts)}
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "case_counts": dict(self.case_counts)}
 
-    def load_extra_state(self, sd: dict) -> None:
-        super().load_extra_state(sd)
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
         self.case_counts = {**dict.fromkeys(CASES, 0), **sd.get("case_counts", {})}
 
     def joint_advantage(self, adv_r: torch.Tensor, adv_c: torch.Tensor) -> torch.Tensor:

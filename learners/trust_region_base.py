@@ -109,6 +109,7 @@ class TrustRegionLearner(ActorCritic):
     """What TRPO, TRPO-Lag and CPO share: ``onpolicy_base.ActorCritic``'s networks, batch preparation,
     critic fitting after the policy step, and checkpointing. Subclasses implement
     ``policy_step(prepared) -> metrics``."""
+    MODULES = ("policy", "v_r", "v_c", "v_opt")
 
     Params = TrustRegionParams
 
@@ -145,18 +146,3 @@ class TrustRegionLearner(ActorCritic):
     def policy_step(self, prep: dict, batches: list[dict]) -> dict:
         raise NotImplementedError
 
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, sd: dict) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"policy": self.policy.state_dict(), "v_r": self.v_r.state_dict(), "v_c": self.v_c.state_dict(),
-                "v_opt": self.v_opt.state_dict(), "rng": self.rng_state(), **self.extra_state()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for key in ("policy", "v_r", "v_c", "v_opt"):
-            getattr(self, key).load_state_dict(sd[key])
-        self.load_extra_state(sd)
-        self.set_rng_state(sd["rng"])

@@ -51,6 +51,7 @@ def combine(results: list[dict]) -> dict:
 class WindowLearner(base.Learner):
     """Policy, time critics and the update skeleton; subclasses define ``policy_step``."""
     Params = WindowParams
+    MODULES = ("policy", "critics", "critic_opt", "targets")  # the critics: None without them
 
     def __init__(self, params: WindowParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
@@ -62,7 +63,7 @@ class WindowLearner(base.Learner):
                                     activation=p.activation),
                      "critic_hidden": p.critic_hidden if use_critics else None, "gamma": p.gamma}
         self.policy = GaussianPolicy(**self.arch["policy"]).to(device)
-        self.critics = None
+        self.critics, self.critic_opt = None, None
         if use_critics:
             self.critics = torch.nn.ModuleList(
                 TimeValue(env.obs_dim, p.critic_hidden, env.max_episode_steps) for _ in range(2)).to(device)
@@ -161,21 +162,8 @@ class WindowLearner(base.Learner):
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        sd = {"policy": self.policy.state_dict(), "last_j_c": self.last_j_c, "rng": self.rng_state()}
-        if self.critics is not None:
-            sd["critics"], sd["critic_opt"] = self.critics.state_dict(), self.critic_opt.state_dict()
-        if self.targets is not None:
-            sd["targets"] = self.targets.state_dict()
-        sd["critic_fits"] = self.critic_fits
-        return sd
+        return {**super().state_dict(), "last_j_c": self.last_j_c, "critic_fits": self.critic_fits}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.policy.load_state_dict(sd["policy"])
-        self.last_j_c = sd["last_j_c"]
-        if self.critics is not None:
-            self.critics.load_state_dict(sd["critics"])
-            self.critic_opt.load_state_dict(sd["critic_opt"])
-        if self.targets is not None:
-            self.targets.load_state_dict(sd["targets"])
-        self.critic_fits = sd.get("critic_fits", 0)
-        self.set_rng_state(sd["rng"])
+        super().load_state_dict(sd)
+        self.last_j_c, self.critic_fits = sd["last_j_c"], sd.get("critic_fits", 0)

@@ -3,6 +3,7 @@ the learner actor reaches learners only through it, and a learner missing a part
 when it is built, not halfway through a run."""
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -28,16 +29,41 @@ def test_every_registered_learner_implements_the_contract(name):
 
 
 def test_a_learner_missing_part_of_the_contract_is_refused_when_built():
-    class NoState(Learner):
+    class NoUpdate(Learner):
+        def policy_state(self):
+            return {}
+
+    env = EnvSpec(obs_dim=1, act_dim=1, act_low=[-1], act_high=[1], max_episode_steps=5)
+    with pytest.raises(TypeError, match="update"):
+        NoUpdate(Learner.Params(), env, 1.0, torch.device("cpu"), 0)
+
+
+def test_the_one_checkpoint_idiom_keeps_the_modules_and_the_rng_and_restores_them():
+    """``MODULES`` (None ones skipped) and the RNG states, without a ``state_dict`` of its own."""
+    class Tiny(Learner):
+        MODULES = ("net", "opt", "absent")
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.net, self.absent = torch.nn.Linear(2, 1), None
+            self.opt = torch.optim.Adam(self.net.parameters(), lr=0.1)
+
         def policy_state(self):
             return {}
 
         def update(self, batches, **extras):
+            self.descend(self.opt, self.net(torch.randn(4, 2)).pow(2).mean(), self.net.parameters())
             return {}
 
-    env = EnvSpec(obs_dim=1, act_dim=1, act_low=[-1], act_high=[1], max_episode_steps=5)
-    with pytest.raises(TypeError, match="load_state_dict"):
-        NoState(Learner.Params(), env, 1.0, torch.device("cpu"), 0)
+    env = EnvSpec(obs_dim=2, act_dim=1, act_low=[-1], act_high=[1], max_episode_steps=5)
+    a, b = (Tiny(Learner.Params(), env, 1.0, torch.device("cpu"), s) for s in (0, 1))
+    a.update([])
+    sd = copy.deepcopy(a.state_dict())  # a checkpoint: written out at once
+    assert set(sd) == {"net", "opt", "rng"}
+    a.update([])
+    b.load_state_dict(sd)  # the weights, Adam's moments and the random stream of the checkpoint
+    b.update([])
+    assert torch.equal(a.net.weight, b.net.weight) and not torch.equal(a.net.weight, sd["net"]["weight"])
 
 
 def test_the_learner_actor_uses_only_the_contract():

@@ -265,6 +265,17 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+
+def _learner_bench_args(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options ``bench learner`` and ``bench device`` share."""
+    b.add_argument("--algos", nargs="+", default=["ppo_lag", "sac_lag", "cvpo", "cgpo"],
+                   help="algorithms (their default configs) or configs as <algo>/<task>")
+    b.add_argument("--updates", type=int, default=3, help="timed update calls per algorithm, after one warm-up")
+    b.add_argument("--specs", metavar="JSON", help="env specs by task name, for tasks whose simulator is not here")
+    b.add_argument("--out", default="bench_results")
+    b.set_defaults(fn=cmd_bench)
+    return b
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="saferl", description="Distributed safe RL on Ray.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -351,27 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-reference", action="store_true", help="skip the one-process reference")
     b.add_argument("--out", default="bench_results")
     b.set_defaults(fn=cmd_bench)
-    b = bsub.add_parser("learner", help="learner update throughput (samples/s) on fixed synthetic batches, no Ray")
-    b.add_argument("--algos", nargs="+", default=["ppo_lag", "sac_lag", "cvpo", "cgpo"],
-                   help="algorithms (their default configs) or configs as <algo>/<task>")
-    b.add_argument("--updates", type=int, default=3, help="timed update calls per algorithm, after one warm-up")
+    b = _learner_bench_args(bsub.add_parser(
+        "learner", help="learner update throughput (samples/s) on fixed synthetic batches, no Ray"))
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    b.add_argument("--specs", metavar="JSON", help="env specs by task name, for tasks whose simulator is not here")
-    b.add_argument("--out", default="bench_results")
-    b.set_defaults(fn=cmd_bench)
-    b = bsub.add_parser("device", help="learner updates, inference, gradient windows on the CPU and each GPU; no Ray")
-    b.add_argument("--algos", nargs="+", default=["ppo_lag", "sac_lag", "cvpo", "cgpo"],
-                   help="algorithms (their default configs) or configs as <algo>/<task>")
-    b.add_argument("--updates", type=int, default=3, help="timed update calls per algorithm, after one warm-up")
+    b = _learner_bench_args(bsub.add_parser(
+        "device", help="learner updates, inference, gradient windows on the CPU and each GPU; no Ray"))
     b.add_argument("--batches", nargs="+", type=int, default=[64, 1024, 16384], help="observations per inference call")
     b.add_argument("--tasks", nargs="+", default=["BraxCartPole-v1", "SafeGBPOPendulum-BP-v0"],
                    help="differentiable tasks for the gradient-worker windows")
     b.add_argument("--envs", nargs="+", type=int, default=[16, 256, 4096], help="envs of one gradient worker")
     b.add_argument("--horizon", type=int, default=32, help="window length h")
     b.add_argument("--windows", type=int, default=3, help="timed windows per setting, after the first")
-    b.add_argument("--specs", metavar="JSON", help="env specs by task name, for tasks whose simulator is not here")
-    b.add_argument("--out", default="bench_results")
-    b.set_defaults(fn=cmd_bench)
     b = bsub.add_parser("memory", help="peak resident memory per actor kind in short runs")
     b.add_argument("--runs", nargs="+", default=list(MEMORY_RUNS), help="configs (configs/<algo>/<task>)")
     b.add_argument("--iterations", type=int, default=2, help="iterations per run")

@@ -42,7 +42,7 @@ from pydantic import Field
 
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams
-from saferl.learners.networks import obs_clip_field
+from saferl.learners.networks import init_field, obs_clip_field
 from saferl.learners.onpolicy_base import advantages, assemble, flat, standardise
 from saferl.learners.ppo_lag import PPOLag
 from saferl.learners.trust_region import detached
@@ -66,8 +66,7 @@ class FOCOPSParams(base.Params):
     init_log_std: float = -0.5
     normalise_obs: bool = True
     obs_clip: float = obs_clip_field()
-    init: str = Field("orthogonal", pattern="^(orthogonal|kaiming_uniform)$",
-                      description="network initialisation (learners/networks.mlp); kaiming_uniform is OmniSafe's")
+    init: str = init_field()
     # ν: initial 0, step α 0.01, ν_max 2 (the paper's values); ``upper`` is ν_max.
     lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(init=0.0, lr=0.01, upper=2.0))
 

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from saferl.learners import base
-from saferl.learners.networks import GaussianPolicy, flat_grad, flat_params, obs_clip_field, set_flat_params
+from saferl.learners.networks import GaussianPolicy, flat_grad, flat_params, init_field, obs_clip_field, set_flat_params
 from saferl.learners.onpolicy_base import ActorCritic, advantages, assemble, flat, to_floats
 from saferl.learners.trust_region import (
     SearchResult,
@@ -41,8 +41,7 @@ class TrustRegionParams(base.Params):
     init_log_std: float = -0.5
     normalise_obs: bool = True
     obs_clip: float = obs_clip_field()
-    init: str = Field("orthogonal", pattern="^(orthogonal|kaiming_uniform)$",
-                      description="network initialisation (learners/networks.mlp); kaiming_uniform is OmniSafe's")
+    init: str = init_field()
 
 
 class PolicyAtK:

@@ -153,6 +153,10 @@ class RunConfig(Strict):
         if unknown:
             raise ValueError(f"schedule.step_phases: {self.algo} has no step phase {sorted(unknown)}; "
                              f"it has {list(algo.step_phases) or 'none'}")
+        lagrange = self.algo_params.get("lagrange")
+        if isinstance(lagrange, dict) and lagrange.get("per_gradient_step") and algo.kind != "offpolicy":
+            raise ValueError(f"algo_params.lagrange.per_gradient_step: {self.algo} is {algo.kind}; only "
+                             "off-policy learners count the gradient steps between dual phases")
         if self.schedule.dual_before_update and (algo.kind != "sampling" or "dual" not in algo.phases):
             raise ValueError(f"schedule.dual_before_update: only for sampling algorithms with a dual phase; "
                              f"{self.algo} is {algo.kind} with phases {list(algo.phases) or 'none'}")

@@ -160,3 +160,13 @@ def test_dual_before_update_needs_a_sampling_algorithm_with_a_dual_phase():
     for name in ("ppo/FunctionEnv-v0", "sac_lag/SafeGBPOPendulum-v0"):
         with pytest.raises(ConfigError, match=r"schedule.dual_before_update: only for sampling algorithms"):
             load_config(name, ["schedule.dual_before_update=true"])
+
+
+def test_per_gradient_step_only_for_off_policy_learners():
+    """λ's step per gradient step counts the off-policy learners' steps; elsewhere there are none
+    to count, so λ would never move: refused when the config loads, naming the field."""
+    on = ["algo_params.lagrange.per_gradient_step=true"]
+    assert load_config("sac_lag/SafeGBPOPendulum-v0", on).learner_params().lagrange.per_gradient_step
+    for name in ("ppo_lag/FunctionEnv-v0", "shac_lag/FunctionEnv-v0"):
+        with pytest.raises(ConfigError, match=r"^config error: algo_params.lagrange.per_gradient_step: \w+ is "):
+            load_config(name, on)

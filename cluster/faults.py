@@ -158,6 +158,9 @@ class ActorFaults:
         if dead is None or isinstance(err, ray.exceptions.ActorUnavailableError):  # may come back
             return
         for name, actor in (("learner", self.learner), ("replay buffer", self.replay)):
+            if actor is not None and dead == actor._actor_id.hex() and getattr(err, "actor_init_failed", False):
+                cause = next((ln.strip() for ln in reversed(str(err).splitlines()) if ln.strip()), "")
+                raise RuntimeError(f"the {name} actor failed to start: {cause}") from err
             if actor is not None and dead == actor._actor_id.hex():
                 raise RuntimeError(f"the {name} actor died (was its node lost?) and is not restarted: "
                                    f"continue from the last checkpoint with `saferl train --resume "

@@ -154,3 +154,14 @@ def test_learner_death_stops_with_the_resume_command(ray_session, run_root):
         assert coord.state.iteration == 1
     finally:
         coord.close()
+
+
+def test_a_learner_that_fails_to_start_says_why(ray_session, run_root):
+    """A learner whose construction raises is not reported as a lost node: the cause, one line."""
+    with pytest.raises(RuntimeError, match=r"^the learner actor failed to start: .*algo_params.unsafe_policy: "
+                                           r"sTRPO needs a stage-1 policy"):
+        coord = coordinator("strpo/FunctionEnv-v0", run_root, ["total_env_steps=2000", "steps_per_iteration=1000"])
+        try:
+            coord.run()
+        finally:
+            coord.close()

@@ -86,6 +86,12 @@ class ActorFaults:
                            f"{self.cfg.resources.iteration_attempts} times (resources.iteration_attempts): "
                            f"actors kept dying; last error: {first_line(err)}") from err
 
+    @property
+    def actor_pids(self) -> list | None:
+        """The restorable actors' process ids (env hosts or gradient workers first, in order) as of
+        the last attempt's start; None before the first (``saferl bench soak`` kills by them)."""
+        return self._actor_pids
+
     def recover(self, rollback: bool) -> None:
         """Before each attempt: find restarted actors (a new process id), count them and restore
         them; after a failed attempt (``rollback``) also put the survivors back."""

@@ -51,11 +51,12 @@ def test_bench_e2e_learner_memory_write_results(ray_session, tmp_path):
 @pytest.mark.slow  # the kills are covered by test_faults.py, the result files by the tests above
 def test_bench_soak_survives_kills_and_evaluates(ray_session, tmp_path):
     out = tmp_path / "bench"
-    assert main(["bench", "soak", "--steps", "8000", "--kill-every", "1.5", "--episodes", "2", "--out", str(out)]) == 0
+    # long enough for a kill on a fast machine: 12 iterations of 2,000 steps
+    assert main(["bench", "soak", "--steps", "24000", "--kill-every", "1.5", "--episodes", "2", "--out", str(out)]) == 0
     [row] = json.loads((out / "soak.json").read_text())
-    assert row["iterations"] == row["iterations_planned"] == 4 and row["env_steps"] == 8000
+    assert row["iterations"] == row["iterations_planned"] == 12 and row["env_steps"] == 24000
     assert row["kills_sent"] >= 1 and 1 <= row["restarts"] <= row["kills_sent"]
-    assert row["metrics_rows_ok"] and row["checkpoint_iteration"] == 4
+    assert row["metrics_rows_ok"] and row["checkpoint_iteration"] == 12
     assert row["checkpoint_restarts"] == row["restarts"] and row["eval_episodes"] == 2
     assert "| kill every s |" in (out / "soak.md").read_text()
     assert main(["bench", "soak", "--kill-every", "0", "--out", str(out)]) == 2  # one-line usage error

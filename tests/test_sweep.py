@@ -155,25 +155,26 @@ def test_interrupted_sweep_resumes_its_runs_from_their_checkpoints(tmp_path):
     import time
 
     out = tmp_path / "sweep"
-    sets = ["total_env_steps=2000", "steps_per_iteration=200", "schedule.checkpoint_every=2", *TINY[2:]]
+    sets = ["total_env_steps=6000", "steps_per_iteration=200", "schedule.checkpoint_every=2", *TINY[2:]]
     cmd = [sys.executable, "-m", "saferl.cli", "sweep", "ppo_lag/FunctionEnv-v0", "--grid", "cost_limit=0.001,1000",
            "--eval-episodes", "2", "--max-concurrent", "1", "--out", str(out), *[a for o in sets for a in ("--set", o)]]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ckpt = out / "runs" / "c000-s0" / "checkpoints" / "ckpt_0000004.pt"
+    ckpts = out / "runs" / "c000-s0" / "checkpoints"  # only the latest few are kept: any from iteration 4 on
     deadline = time.monotonic() + 900
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while (not any(int(p.stem[5:]) >= 4 for p in ckpts.glob("ckpt_*.pt")) and proc.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and f"saferl sweep --resume {out}" in err, err[-2000:]
     before = pd.read_csv(out / "runs" / "c000-s0" / "metrics.csv")
-    assert 4 <= len(before) < 10 and not (out / "runs" / "c001-s0").exists()
+    assert 4 <= len(before) < 30 and not (out / "runs" / "c001-s0").exists()
 
     assert subprocess.run([sys.executable, "-m", "saferl.cli", "sweep", "--resume", str(out)], env=env,
                           capture_output=True, timeout=900).returncode == 0
     after = pd.read_csv(out / "runs" / "c000-s0" / "metrics.csv")
-    assert after["env_steps"].iloc[-1] == 2000 and after.iloc[:4].equals(before.iloc[:4])
+    assert after["env_steps"].iloc[-1] == 6000 and after.iloc[:4].equals(before.iloc[:4])
     assert after["iteration"].tolist()[:4] == [1, 2, 3, 4]  # not started over
     trials = pd.read_csv(out / "trials.csv")
     assert (trials["status"] == "finished").all() and len(trials) == 2

@@ -356,7 +356,7 @@ def _kill_hosts(coord, every: float, rng, stop, log: list, say) -> None:
     import signal
 
     while not stop.wait(every):
-        pids = getattr(coord, "_actor_pids", None)
+        pids = coord.faults.actor_pids
         if not pids:
             continue
         i = rng.randrange(len(coord.loop.hosts))

@@ -164,13 +164,14 @@ class ActorFaults:
         if dead is None or isinstance(err, ray.exceptions.ActorUnavailableError):  # may come back
             return
         for name, actor in (("learner", self.learner), ("replay buffer", self.replay)):
-            if actor is not None and dead == actor._actor_id.hex() and getattr(err, "actor_init_failed", False):
+            if actor is None or dead != actor._actor_id.hex():
+                continue
+            if getattr(err, "actor_init_failed", False):  # its constructor raised: say why
                 cause = next((ln.strip() for ln in reversed(str(err).splitlines()) if ln.strip()), "")
                 raise RuntimeError(f"the {name} actor failed to start: {cause}") from err
-            if actor is not None and dead == actor._actor_id.hex():
-                raise RuntimeError(f"the {name} actor died (was its node lost?) and is not restarted: "
-                                   f"continue from the last checkpoint with `saferl train --resume "
-                                   f"{self.run_dir}`") from err
+            raise RuntimeError(f"the {name} actor died (was its node lost?) and is not restarted: "
+                               f"continue from the last checkpoint with `saferl train --resume "
+                               f"{self.run_dir}`") from err
 
     def _snapshot_state(self) -> dict | None:
         """Gradient workers' episode state and the world model (weights, optimiser, data), held

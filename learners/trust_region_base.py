@@ -108,9 +108,8 @@ class TrustRegionLearner(ActorCritic):
     """What TRPO, TRPO-Lag and CPO share: ``onpolicy_base.ActorCritic``'s networks, batch preparation,
     critic fitting after the policy step, and checkpointing. Subclasses implement
     ``policy_step(prepared) -> metrics``."""
-    MODULES = ("policy", "v_r", "v_c", "v_opt")
-
     Params = TrustRegionParams
+    MODULES = ("policy", "v_r", "v_c", "v_opt")
 
     def fit_critics(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> float:
         """``critic_epochs`` shuffled passes of minibatch critic steps; the mean minibatch loss."""

@@ -45,9 +45,10 @@ class Critic(torch.nn.Module):
 
 class OffPolicyLearner(base.Learner):
     """What SAC-Lag and TD3/DDPG-Lag share: the coordinator's setup, the minibatch loop over
-    ``step``, clipped gradient steps, the dual phase on the multiplier, and checkpoints of
-    ``MODULES``. Subclasses set ``policy`` and ``MODULES`` and define ``step``; those with a
-    multiplier λ also derive from ``lagrange.LagrangianLearner``."""
+    ``step``, clipped gradient steps, the count of gradient steps a multiplier's
+    ``per_gradient_step`` reads, and checkpoints of ``MODULES``. Subclasses set ``policy`` and
+    ``MODULES`` and define ``step``; those with a multiplier λ also derive from
+    ``lagrange.LagrangianLearner``, which owns λ's dual phase and state."""
 
     COUNTS_GRADIENT_STEPS = True  # into a LagrangianLearner's dual_steps_due (per_gradient_step)
 
@@ -114,5 +115,3 @@ class OffPolicyLearner(base.Learner):
 
     def _descend(self, opt, loss, params) -> None:
         self.descend(opt, loss, params, self.p.max_grad_norm)
-
-

@@ -143,4 +143,3 @@ class TrustRegionLearner(ActorCritic):
 
     def policy_step(self, prep: dict, batches: list[dict]) -> dict:
         raise NotImplementedError
-

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -252,16 +251,7 @@ def test_appo_resume_is_exact():
     torch.testing.assert_close(flat_params(twin.policy), flat_params(learner.policy), rtol=0, atol=0)
 
 
-# -- runs on the local Ray cluster -----------------------------------------------------------------
-
-def curve(algo: str, run_root: str, limit: float, steps: int, extra=()) -> pd.DataFrame:
-    from saferl.cluster.session import train
-    from saferl.config import load_config
-
-    cfg = load_config(f"{algo}/FunctionEnv-v0", [f"total_env_steps={steps}", f"cost_limit={limit}",
-                                                 f"run_root={run_root}", "logging.tensorboard=false", *extra])
-    return pd.read_csv(train(cfg) / "metrics.csv")
-
+# -- runs over many iterations (learner and env host in this process) ---------------------------
 
 # PDO's shipped dual step (0.05) needs λ > 1 before the cost term outweighs the reward (= cost
 # here); a faster one fits the seconds-long test.
@@ -283,8 +273,16 @@ def test_cost_comes_down_toward_the_limit(algo):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["pdo", "appo"])
-def test_cost_settles_near_the_limit(ray_session, run_root, algo):
-    """30 iterations at limit 6: the last five episode costs lie within 3 of the limit."""
-    df = curve(algo, run_root, 6.0, 60000)
-    cost = df["episode/cost"].dropna()
-    assert (cost.iloc[-5:] - 6.0).abs().max() < 3.0, cost.tolist()
+def test_cost_oscillates_around_the_limit(algo):
+    """Limit 6, the shipped dual steps, 80 iterations (160,000 env steps; learner and env host in
+    this process). A primal-dual method does not settle within this budget: λ lags the cost, so
+    the cost overshoots below the limit, λ falls, the cost rises past it again (a period of
+    30-60 iterations here). What its guarantees are about is the average: over iterations 20-79
+    the cost lies on both sides of the limit and its mean is within 2 of it."""
+    from tests.inprocess import column, run_in_process
+
+    cost = column(run_in_process(f"{algo}/FunctionEnv-v0", 6.0, 80), "cost")
+    assert cost[:3].mean() > 14.0, cost.round(2).tolist()  # a random policy's cost ≈ 19
+    late = cost[20:]
+    assert late.min() < 6.0 < late.max(), late.round(2).tolist()
+    assert abs(late.mean() - 6.0) < 2.0, late.round(2).tolist()

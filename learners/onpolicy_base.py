@@ -61,8 +61,10 @@ def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Ten
 
 def adam(params, lr: float) -> torch.optim.Adam:
     """Adam with ``foreach``: torch's CPU default steps each parameter in a Python loop of a dozen
-    ops on tiny tensors; the foreach kernels do the same arithmetic per element, so the same floats."""
-    return torch.optim.Adam(params, lr=lr, foreach=True)
+    ops on tiny tensors; the foreach kernels do the same arithmetic per element, so the same floats.
+    On a GPU also ``capturable`` (step counts on the device), so a CUDA graph can hold its step."""
+    params = list(params)
+    return torch.optim.Adam(params, lr=lr, foreach=True, capturable=bool(params) and params[0].is_cuda)
 
 
 @torch.no_grad()
@@ -104,22 +106,28 @@ class ActorCritic(base.Learner):
     def policy_state(self) -> dict:
         return self.policy.export_numpy()
 
-    def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> torch.Tensor:
-        """One Adam step on L_V = E[(V_R(z) − R̂)²] + E[(V_C(z) − Ĉ)²] (+ ``critic_norm_coef`` Σ‖θ_V‖²,
-        gradient clipped at ``max_grad_norm`` with ``clip_critic_grad``, where the params have them);
-        returns L_V as a detached 0-d tensor (``to_floats``)."""
+    def critic_objective(self, z: torch.Tensor, ret_r: torch.Tensor,
+                         ret_c: torch.Tensor) -> tuple[torch.Tensor, list, float | None, object]:
+        """L_V = E[(V_R(z) − R̂)²] + E[(V_C(z) − Ĉ)²] (+ ``critic_norm_coef`` Σ‖θ_V‖², where the
+        params have it) for one step: (L_V, the critics' parameters, the clip (``max_grad_norm``
+        with ``clip_critic_grad``, else None), the backward to use (None: ``L_V.backward()``))."""
         params = [*self.v_r.parameters(), *self.v_c.parameters()]
         mse = ((self.v_r(z).squeeze(-1) - ret_r) ** 2).mean() + ((self.v_c(z).squeeze(-1) - ret_c) ** 2).mean()
         clip = self.p.max_grad_norm if getattr(self.p, "clip_critic_grad", False) else None
         coef = getattr(self.p, "critic_norm_coef", 0.0)
         if not coef:
-            self.descend(self.v_opt, mse, params, clip)
-            return mse.detach()
+            return mse, params, clip, None
         with torch.no_grad():  # the penalty's value (w·w is w ** 2); its gradient is added by hand
             loss = mse + coef * sum(s.sum() for s in torch._foreach_mul(params, params))
 
         def backward():
             mse.backward()
             add_l2_gradient(params, coef)
-        self.descend(self.v_opt, loss, params, clip, backward=backward)  # the guard checks the whole L_V
-        return loss
+        return loss, params, clip, backward  # the guard checks the whole L_V
+
+    def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> torch.Tensor:
+        """One guarded Adam step on ``critic_objective``; returns L_V as a detached 0-d tensor
+        (``to_floats``)."""
+        loss, params, clip, backward = self.critic_objective(z, ret_r, ret_c)
+        self.descend(self.v_opt, loss, params, clip, backward=backward)
+        return loss.detach()

@@ -18,16 +18,20 @@ Optional OmniSafe features: an L2 penalty ``critic_norm_coef`` Σ‖θ_V‖² ad
 gradient clipped at ``max_grad_norm`` (``clip_critic_grad``), and the policy's Adam step size
 decayed linearly from ``policy_lr`` to 0 over ``lr_decay_updates`` updates (OmniSafe's
 ``linear_lr_decay``: update k uses policy_lr (1 − k/N)). Early stop of the epochs when the sampled KL
-exceeds ``target_kl``. The parts (batch assembly, critics, the clipped surrogate) are functions
+exceeds ``target_kl``. On a GPU each minibatch's policy and critic steps replay as one CUDA graph
+(``cuda_graph``; the same floats, ``learners/cuda_graph.py``). The parts (batch assembly, critics, the clipped surrogate) are functions
 so TRPO-Lag, CPO and sTRPO can reuse them.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 import torch
 from pydantic import Field
 
 from saferl.learners import base
+from saferl.learners.cuda_graph import GraphedStep, guarded_step_on_device
 from saferl.learners.lagrange import LagrangeParams, LagrangianLearner, OmniSafeLagrangeParams
 from saferl.learners.networks import init_field, normal_entropy, normal_log_prob, obs_clip_field
 from saferl.learners.onpolicy_base import (
@@ -67,6 +71,8 @@ class PPOLagParams(base.Params):
     lr_decay_updates: int = Field(0, ge=0, description="decay policy_lr linearly to 0 over this many updates "
                                   "(OmniSafe's linear_lr_decay: total_env_steps / steps_per_iteration); 0: constant")
     lagrange: OmniSafeLagrangeParams = Field(default_factory=OmniSafeLagrangeParams)
+    cuda_graph: bool = Field(True, description="on a GPU, run each minibatch's policy and critic steps as one "
+                             "CUDA graph, captured once per update (no effect on the CPU)")
 
 
 class PPOLag(LagrangianLearner, ActorCritic):
@@ -124,25 +130,47 @@ class PPOLag(LagrangianLearner, ActorCritic):
         """Up to ``epochs`` shuffled passes over ``data`` (per-sample tensors, among them the
         normalised observations ``z`` and the value targets ``ret_r``, ``ret_c``): per minibatch
         (the same keys, ``minibatch_size`` rows) a clipped-gradient policy step on
-        ``minibatch_loss(mb) -> (loss, extra stats)`` and a critic step; after each pass the
-        ``epoch_kl()`` early stop at ``target_kl``. Returns the stats lists (floats) and the passes
-        run. Minibatch statistics stay 0-d tensors until the end, so the loop never waits on the
-        device."""
+        ``minibatch_loss(mb) -> (loss, extra stats)`` and a critic step (``minibatch_step``); after
+        each pass the ``epoch_kl()`` early stop at ``target_kl``. Returns the stats lists (floats)
+        and the passes run. Minibatch statistics stay 0-d tensors until the end, so the loop never
+        waits on the device."""
         p = self.p
+        step = self.minibatch_step(minibatch_loss)
         stats: dict[str, list] = {"loss_pi": [], "loss_v": [], "kl": []}
         for epoch in range(p.epochs):  # noqa: B007  (the epochs run are returned)
             for mb in shuffled_minibatches(data, p.minibatch_size, self.device):
-                loss_pi, extra = minibatch_loss(mb)
-                self.descend(self.pi_opt, loss_pi, self.policy.parameters(), p.max_grad_norm)
-                stats["loss_v"].append(self.critic_step(mb["z"], mb["ret_r"], mb["ret_c"]))
-                stats["loss_pi"].append(loss_pi.detach())
-                for k, v in extra.items():
+                for k, v in step(mb).items():
                     stats.setdefault(k, []).append(v)
             with torch.no_grad():
                 stats["kl"].append(epoch_kl())
             if stats["kl"][-1] > p.target_kl:
                 break
-        return {k: to_floats(v) for k, v in stats.items()}, epoch + 1
+        stats = {k: to_floats(v) for k, v in stats.items()}
+        self.skipped_updates += int(sum(stats.pop("skipped", [])))
+        return stats, epoch + 1
+
+    def minibatch_step(self, minibatch_loss):
+        """``mb -> stats`` (0-d tensors): the guarded policy step on ``minibatch_loss(mb)`` and the
+        critic step. On a GPU with ``cuda_graph``, ``device_step`` as one CUDA graph captured for
+        this update (``learners/cuda_graph.py``); otherwise ``eager_step``."""
+        if self.device.type == "cuda" and getattr(self.p, "cuda_graph", False):
+            return GraphedStep(partial(self.device_step, minibatch_loss))
+        return partial(self.eager_step, minibatch_loss)
+
+    def eager_step(self, minibatch_loss, mb: dict) -> dict:
+        loss_pi, extra = minibatch_loss(mb)
+        self.descend(self.pi_opt, loss_pi, self.policy.parameters(), self.p.max_grad_norm)
+        return {"loss_pi": loss_pi.detach(), "loss_v": self.critic_step(mb["z"], mb["ret_r"], mb["ret_c"]), **extra}
+
+    def device_step(self, minibatch_loss, mb: dict) -> dict:
+        """``eager_step`` without host reads (the same floats): the NaN/Inf guard runs on the device
+        and its refusals come back as the ``skipped`` statistic."""
+        loss_pi, extra = minibatch_loss(mb)
+        ok_pi = guarded_step_on_device(self.pi_opt, list(self.policy.parameters()), loss_pi, self.p.max_grad_norm)
+        loss_v, params, clip, backward = self.critic_objective(mb["z"], mb["ret_r"], mb["ret_c"])
+        ok_v = guarded_step_on_device(self.v_opt, params, loss_v, clip, backward)
+        return {"loss_pi": loss_pi.detach(), "loss_v": loss_v.detach(), "skipped": (~ok_pi).int() + (~ok_v).int(),
+                **extra}
 
     def policy_advantages(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Â for the clipped surrogate, reward value targets R̂, cost value targets Ĉ), each flat [M].

@@ -240,11 +240,13 @@ def _bench_local(args) -> int:
 
     if args.bench == "learner":
         bench_local.bench_learner(out_dir=Path(args.out), algos=args.algos, updates=args.updates,
-                                  device=args.device, specs=_specs(args.specs), console=_console())
+                                  device=args.device, specs=_specs(args.specs), overrides=args.set,
+                                  console=_console())
     else:
         out = bench_local.bench_device(out_dir=Path(args.out), algos=args.algos, updates=args.updates,
                                        batches=args.batches, tasks=args.tasks, envs=args.envs, horizon=args.horizon,
-                                       windows=args.windows, specs=_specs(args.specs), console=_console())
+                                       windows=args.windows, specs=_specs(args.specs), overrides=args.set,
+                                       console=_console())
         return int(any("error" in r for r in out["learner"]))
     return 0
 
@@ -272,6 +274,8 @@ def _learner_bench_args(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="algorithms (their default configs) or configs as <algo>/<task>")
     b.add_argument("--updates", type=int, default=3, help="timed update calls per algorithm, after one warm-up")
     b.add_argument("--specs", metavar="JSON", help="env specs by task name, for tasks whose simulator is not here")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every benchmarked config, e.g. algo_params.cuda_graph=false")
     b.add_argument("--out", default="bench_results")
     b.set_defaults(fn=cmd_bench)
     return b

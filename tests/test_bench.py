@@ -69,9 +69,10 @@ def test_bench_learner_reports_the_time_per_minibatch_step(tmp_path):
     from saferl.config import load_config
 
     assert main(["bench", "learner", "--algos", "ppo_lag/FunctionEnv-v0", "--updates", "1",
-                 "--out", str(tmp_path)]) == 0
+                 "--set", "algo_params.minibatch_size=100", "--out", str(tmp_path)]) == 0
     [row] = json.loads((tmp_path / "learner.json").read_text())
-    mb = load_config("ppo_lag/FunctionEnv-v0").learner_params().minibatch_size
+    mb = load_config("ppo_lag/FunctionEnv-v0", ["algo_params.minibatch_size=100"]).learner_params().minibatch_size
+    assert mb == 100 != load_config("ppo_lag/FunctionEnv-v0").learner_params().minibatch_size  # --set applied
     steps = row["epochs"][0] * math.ceil(row["samples_per_update"] / mb)
     assert row["ms_per_minibatch_step"] == pytest.approx(row["s_per_update"] * 1e3 / steps, rel=0.05)
     assert "ms per minibatch step" in (tmp_path / "learner.md").read_text()

@@ -7,15 +7,18 @@ reference loop written with torch.distributions, autograd and ``clip_grad_norm_`
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 
 from saferl.actors.env_host import EnvHost
 from saferl.learners.base import EnvSpec, clip_grad_norm
+from saferl.learners.cuda_graph import guarded_step_on_device
 from saferl.learners.networks import mlp, normal_entropy, normal_log_prob
 from saferl.learners.onpolicy_base import adam, add_l2_gradient, assemble, flat, shuffled_minibatches, to_floats
 from saferl.learners.ppo_lag import PPOLag
+from saferl.metric_keys import SKIPPED_UPDATES
 
 CPU = torch.device("cpu")
 
@@ -153,3 +156,77 @@ def test_ppo_lag_update_is_the_plain_loop_bitwise(max_grad_norm, entropy_coef):
         reference_update(plain, [batch])
         for a, b in ((fast.policy, plain.policy), (fast.v_r, plain.v_r), (fast.v_c, plain.v_c)):
             assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# -- the step a CUDA graph holds (learners/cuda_graph.py), run eagerly on the CPU ------------------
+
+def small_ppo_lag(**kw) -> tuple[PPOLag, EnvHost]:
+    host = EnvHost("FunctionEnv-v0", 4, 0)
+    params = PPOLag.Params(**{"hidden": [16, 16], "epochs": 3, "minibatch_size": 64, "critic_norm_coef": 0.001,
+                              "clip_critic_grad": True, **kw})
+    return PPOLag(params, EnvSpec.of(host.spec()), 8.0, CPU, seed=0), host
+
+
+def same_state(a: PPOLag, b: PPOLag) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(x, y) for k in ("policy", "v_r", "v_c")
+               for x, y in zip(sa[k].values(), sb[k].values())) and str(sa["pi_opt"]) == str(sb["pi_opt"]) \
+        and str(sa["v_opt"]) == str(sb["v_opt"])
+
+
+@pytest.mark.parametrize("max_grad_norm", [40.0, 0.05])
+def test_device_step_is_the_eager_step_bitwise(max_grad_norm):
+    """PPO-Lag's updates through ``device_step`` (guard on the device, step always taken and undone
+    when not finite) equal ``eager_step``'s (guard read on the host): parameters, Adam moments and
+    statistics, over two updates; a max_grad_norm of 0.05 clips every step."""
+    eager, host = small_ppo_lag(max_grad_norm=max_grad_norm)
+    device = copy.deepcopy(eager)
+    device.minibatch_step = lambda loss: functools.partial(device.device_step, loss)
+    for _ in range(2):
+        batch, _ = host.rollout(eager.numpy_policy(), 50)
+        torch.manual_seed(1)
+        a = eager.update([batch])
+        torch.manual_seed(1)
+        b = device.update([batch])
+        assert same_state(eager, device) and a == b
+
+
+def test_device_step_undoes_a_non_finite_step():
+    """A NaN loss: the parameters and Adam's state stay as they were (a fresh optimiser's state
+    stays equivalent to none: zeros), the step reports False, and a later finite step equals the
+    eager path's."""
+    learner, _ = small_ppo_lag()
+    z = torch.randn(64, learner.env.obs_dim)
+    params = list(learner.policy.parameters())
+    before = [p.clone() for p in params]
+    nan = learner.policy.mean_std(z)[0].sum() * float("nan")
+    assert not guarded_step_on_device(learner.pi_opt, params, nan, 40.0)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert all(float(t.abs().sum()) == 0 for s in learner.pi_opt.state.values() for t in s.values())
+    twin = copy.deepcopy(learner)
+    twin.pi_opt = adam(twin.policy.parameters(), twin.p.policy_lr)  # never stepped: no state
+    loss = learner.policy.mean_std(z)[0].pow(2).mean()
+    assert guarded_step_on_device(learner.pi_opt, params, loss, 40.0)
+    twin.descend(twin.pi_opt, twin.policy.mean_std(z)[0].pow(2).mean(), twin.policy.parameters(), 40.0)
+    assert all(torch.equal(p, q) for p, q in zip(params, twin.policy.parameters()))
+    assert str(learner.pi_opt.state_dict()["state"]) == str(twin.pi_opt.state_dict()["state"])
+
+
+def test_device_step_counts_refused_steps_like_the_eager_step():
+    """One minibatch's advantages set to NaN: both paths refuse its policy step, count it in
+    ``health/skipped_updates`` and end with the same parameters."""
+    eager, host = small_ppo_lag(epochs=1)
+    device = copy.deepcopy(eager)
+    device.minibatch_step = lambda loss: functools.partial(device.device_step, loss)
+    batch, _ = host.rollout(eager.numpy_policy(), 50)
+    out = []
+    for learner in (eager, device):
+        advantages = learner.policy_advantages
+
+        def poisoned(b, advantages=advantages):
+            adv, ret_r, ret_c = advantages(b)
+            return torch.where(torch.arange(len(adv)) == 7, float("nan"), adv), ret_r, ret_c
+        learner.policy_advantages = poisoned
+        torch.manual_seed(1)
+        out.append(learner.update([batch]))
+    assert out[0][SKIPPED_UPDATES] == out[1][SKIPPED_UPDATES] == 1 and same_state(eager, device)

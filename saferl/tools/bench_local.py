@@ -18,7 +18,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -54,16 +53,15 @@ def task_spec(cfg, specs: dict | None = None) -> dict:
     if not cfg.algo_spec.uses_env_hosts:
         from saferl.actors.gradient_worker import make_diff_env
         return EnvSpec.of_env(make_diff_env(cfg.task)).model_dump()
-    from saferl.cluster.placement import host_options
+    if cfg.task_spec.kind == "safety_gymnasium":  # built in its own interpreter, as its env hosts are
+        from saferl.cluster.placement import sg_python
 
-    python = host_options(cfg).get("runtime_env", {}).get("py_executable") or sys.executable
-    if cfg.task_spec.kind == "safety_gymnasium" or python != sys.executable:
-        out = subprocess.run([python, "-c", "import json,sys; from saferl.actors.env_host import EnvHost;"
+        out = subprocess.run([sg_python(cfg), "-c", "import json,sys; from saferl.actors.env_host import EnvHost;"
                               "print(json.dumps(EnvHost(sys.argv[1], 1, 0).spec(), default=lambda x: x.tolist()))",
                               cfg.task],
                              capture_output=True, text=True, check=True, cwd=REPO_ROOT)
         spec = json.loads(out.stdout.strip().splitlines()[-1])
-    else:
+    else:  # here, without Ray: a machine with only the learner's packages can still benchmark it
         from saferl.actors.env_host import EnvHost
         spec = EnvHost(cfg.task, 1, 0).spec()
     return EnvSpec.of(spec).model_dump()
@@ -103,7 +101,7 @@ def _learner_inputs(cfg, spec: dict, rng) -> tuple[list, int, str]:
 
 
 def bench_learner(out_dir: Path, algos: list[str], updates: int = 3, device: str = "cpu",
-                  specs: dict | None = None, console=None) -> list[dict]:
+                  specs: dict | None = None, overrides: tuple[str, ...] = (), console=None) -> list[dict]:
     """``saferl bench learner``: learner update throughput, in-process (no Ray), at each
     algorithm's default config (network sizes, batch settings). Inputs are fixed: random host
     batches (on-policy), random minibatch blocks (off-policy), or the shard results of in-process
@@ -112,7 +110,7 @@ def bench_learner(out_dir: Path, algos: list[str], updates: int = 3, device: str
     minibatch step (a policy and a critic step): s per update / (passes run × minibatches per pass)."""
     say = console.print if console else print
     with _one_thread():
-        rows = [_bench_one_learner(algo, updates, say, device, specs) for algo in algos]
+        rows = [_bench_one_learner(algo, updates, say, device, specs, overrides) for algo in algos]
     write_table(out_dir, "learner", rows, ["algo", "config task", "device", "hidden", "samples per update",
                                            "sample", "s per update", "samples/s"],
                 lambda r: [r["algo"], r["task"], r["device"], r["hidden"], r["samples_per_update"],
@@ -136,13 +134,14 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _bench_one_learner(algo: str, updates: int, say, device: str = "cpu", specs: dict | None = None) -> dict:
+def _bench_one_learner(algo: str, updates: int, say, device: str = "cpu", specs: dict | None = None,
+                       overrides: tuple[str, ...] = ()) -> dict:
     import torch
 
     from saferl.actors.learner import LearnerActor
     from saferl.config import CONFIG_DIR
 
-    cfg = load_config(CONFIG_DIR / f"{LEARNER_CONFIGS.get(algo, algo)}.yaml")
+    cfg = load_config(CONFIG_DIR / f"{LEARNER_CONFIGS.get(algo, algo)}.yaml", list(overrides))
     spec = task_spec(cfg, specs)
     torch.manual_seed(0)
     learner = LearnerActor(cfg.algo, cfg.algo_params, spec, cfg.limit, cfg.seed, device)
@@ -289,10 +288,10 @@ def bench_worker_windows(out_dir: Path, devices: list[str], tasks: list[str], en
     return rows
 
 
-def _learner_row(algo: str, updates: int, say, device: str, specs: dict | None) -> dict:
+def _learner_row(algo: str, updates: int, say, device: str, specs: dict | None, overrides: tuple[str, ...]) -> dict:
     """``_bench_one_learner``'s row, or the error that stopped it (the other rows still run)."""
     try:
-        return _bench_one_learner(algo, updates, say, device, specs)
+        return _bench_one_learner(algo, updates, say, device, specs, overrides)
     except Exception as err:  # noqa: BLE001 -- reported in the table and the exit status
         say(f"{algo} on {device} failed: {err!r}")
         return {"algo": algo, "device": device, "error": f"failed: {type(err).__name__}: {err}"[:200]}
@@ -300,7 +299,7 @@ def _learner_row(algo: str, updates: int, say, device: str, specs: dict | None) 
 
 def bench_device(out_dir: Path, algos: list[str], updates: int, batches: list[int], tasks: list[str],
                  envs: list[int], horizon: int, windows: int, devices: list[str] | None = None,
-                 specs: dict | None = None, console=None) -> dict:
+                 specs: dict | None = None, overrides: tuple[str, ...] = (), console=None) -> dict:
     """``saferl bench device``: learner updates, inference and gradient-worker windows on each
     device (torch on one thread for the CPU rows, as in a 1-CPU actor); ``device.json`` holds the
     machine and every table's rows."""
@@ -309,7 +308,7 @@ def bench_device(out_dir: Path, algos: list[str], updates: int, batches: list[in
     out = {"machine": machine(), "learner": [], "inference": [], "worker_windows": []}
     say(f"machine: {out['machine']}")
     with _one_thread():
-        out["learner"] = [_learner_row(a, updates, say, device, specs) for device in devices for a in algos]
+        out["learner"] = [_learner_row(a, updates, say, device, specs, overrides) for device in devices for a in algos]
     write_table(out_dir, "learner", out["learner"], ["algo", "device", "samples per update", "s per update",
                                                      "samples/s", "ms per minibatch step"],
                 lambda r: [r["algo"], r["device"], r.get("samples_per_update", ""),

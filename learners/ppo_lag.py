@@ -19,8 +19,8 @@ gradient clipped at ``max_grad_norm`` (``clip_critic_grad``), and the policy's A
 decayed linearly from ``policy_lr`` to 0 over ``lr_decay_updates`` updates (OmniSafe's
 ``linear_lr_decay``: update k uses policy_lr (1 − k/N)). Early stop of the epochs when the sampled KL
 exceeds ``target_kl``. On a GPU each minibatch's policy and critic steps replay as one CUDA graph
-(``cuda_graph``; the same floats, ``learners/cuda_graph.py``). The parts (batch assembly, critics, the clipped surrogate) are functions
-so TRPO-Lag, CPO and sTRPO can reuse them.
+(``cuda_graph``; the same floats, ``learners/cuda_graph.py``). The parts (batch assembly, critics,
+the clipped surrogate) are functions so TRPO-Lag, CPO and sTRPO can reuse them.
 """
 from __future__ import annotations
 

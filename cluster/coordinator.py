@@ -10,6 +10,7 @@ and in checkpoints, never inside a learner's inner loop; what happens when an ac
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from ray.util.placement_group import remove_placement_group
 
 from saferl.actors.env_host import EnvDataError
 from saferl.cluster import rundir
-from saferl.cluster.faults import ActorFaults
+from saferl.cluster.faults import ActorFaults, first_line
 from saferl.cluster.iterations import make_iteration
 from saferl.cluster.metrics import MetricsLogger, eta
 from saferl.config import ConfigError, RunConfig
@@ -46,6 +47,21 @@ def env_error(err: BaseException) -> ConfigError | None:
     while isinstance(cause, ray.exceptions.RayTaskError) and cause.cause is not None:
         cause = cause.cause
     return ConfigError(str(cause)) if isinstance(cause, EnvDataError) else None
+
+
+def task_error(err: ray.exceptions.RayTaskError, run_dir: Path, iteration: int) -> ConfigError:
+    """Any other failure inside an actor's call (a learner's update, a host's rollout) as one line
+    naming the call and the exception; the full remote traceback goes to ``RUN_DIR/error.log``."""
+    inner = err.cause or err  # Ray hands the original exception of the innermost call
+    trace = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # without the terminal colours
+    calls = re.findall(r"ray::([\w.]+)\(", trace)
+    call = calls[-1] if calls else "an actor call"
+    log = Path(run_dir) / "error.log"
+    log.write_text(f"iteration {iteration}\n{trace}\n")
+    resume = (f"; `saferl train --resume {run_dir}` continues from its last checkpoint"
+              if rundir.checkpoints(run_dir) else "; no checkpoint was written yet")
+    return ConfigError(f"run error: iteration {iteration}: {call} failed: "
+                       f"{type(inner).__name__}: {first_line(inner)} (traceback: {log}{resume})")
 
 
 class Coordinator:
@@ -104,10 +120,7 @@ class Coordinator:
         try:
             metrics, episodes = self.faults.run(self.collect)
         except ray.exceptions.RayTaskError as err:
-            one_line = env_error(err)
-            if one_line is None:
-                raise
-            raise one_line from None
+            raise (env_error(err) or task_error(err, self.run_dir, st.iteration + 1)) from None
         steps = self.steps_of(st.iteration)
         st.iteration += 1
         st.env_steps += steps

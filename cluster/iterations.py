@@ -173,7 +173,10 @@ class SamplingIteration(EnvHostIteration):
 
 class OffPolicyIteration(EnvHostIteration):
     """Uniform actions until ``warmup_steps``; then utd × (steps this iteration) minibatches,
-    drawn after this iteration's transitions are in (Ray runs an actor's calls in order)."""
+    drawn after this iteration's transitions are in (Ray runs an actor's calls in order). With
+    ``schedule.pipeline`` the next iteration's rollouts are launched before this update, with the
+    weights from before it, so the hosts step while the learner trains; they are the next
+    iteration's data (``pending``, kept in checkpoints, so a resumed run continues the same way)."""
 
     def _make_actors(self) -> None:
         super()._make_actors()
@@ -183,12 +186,26 @@ class OffPolicyIteration(EnvHostIteration):
         self.offpolicy = o = ray.get(self.learner.offpolicy_setup.remote())
         self.replay = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
             o["capacity"], o["n_step"], o["gamma"], cfg.seed)
+        self.pending: list | None = None  # (batch, summary) refs of the next iteration's rollouts
+        self.iterations = max(1, math.ceil(cfg.total_env_steps / cfg.steps_per_iteration))
+
+    def launch(self, env_steps: int) -> list:
+        """Rollouts of an iteration starting at ``env_steps``, with the learner's current weights
+        (uniform actions before ``warmup_steps``)."""
+        if env_steps < self.offpolicy["warmup_steps"]:
+            return self.rollouts({"uniform": True, "act_dim": self.spec["act_dim"]})
+        return self.rollouts(self.learner.numpy_policy.remote())
 
     def collect(self) -> tuple[dict, list]:
+        refs, self.pending = self.pending or self.launch(self.state.env_steps), None
+        try:
+            return self._collect(refs)
+        except BaseException:
+            self.pending = None  # a retried iteration collects afresh
+            raise
+
+    def _collect(self, refs: list) -> tuple[dict, list]:
         st, o = self.state, self.offpolicy
-        warm = st.env_steps < o["warmup_steps"]
-        policy = {"uniform": True, "act_dim": self.spec["act_dim"]} if warm else self.learner.numpy_policy.remote()
-        refs = self.rollouts(policy)
         size = self.replay.add.remote(*[b for b, _ in refs])
         # the learner sees this iteration's rollouts before its update (FAC-SIS: the index loss's
         # on-policy transitions; per-episode safe-action violations)
@@ -197,6 +214,8 @@ class OffPolicyIteration(EnvHostIteration):
         replay_size = ray.get(size)  # a dead host fails the iteration before any update
         metrics = {}
         steps = self.steps_of(st.iteration)
+        if self.cfg.schedule.pipeline and st.iteration + 1 < self.iterations:
+            self.pending = self.launch(st.env_steps + steps)  # asked of the learner before this update
         if st.env_steps + steps >= o["warmup_steps"]:
             n = max(1, round(o["utd"] * steps))
             sample = self.replay.sample.remote(n, o["batch_size"])
@@ -213,14 +232,17 @@ class OffPolicyIteration(EnvHostIteration):
         return metrics, episodes
 
     def checkpoint_state(self) -> dict:
-        if not self.offpolicy["replay_in_checkpoint"]:
-            return {}
-        return {"replay": ray.get(self.replay.state_dict.remote())}
+        out = {"pending": [tuple(ray.get(list(r))) for r in self.pending]} if self.pending else {}
+        if self.offpolicy["replay_in_checkpoint"]:
+            out["replay"] = ray.get(self.replay.state_dict.remote())
+        return out
 
     def load_checkpoint_state(self, resume: dict) -> None:
         super().load_checkpoint_state(resume)
         if resume.get("replay") is not None:
             ray.get(self.replay.load_state_dict.remote(resume["replay"]))
+        if resume.get("pending"):
+            self.pending = [(ray.put(b), ray.put(s)) for b, s in resume["pending"]]
 
 
 # -- gradient workers: analytic gradients, through the simulator or a world model ---------------------

@@ -69,6 +69,10 @@ class Schedule(Strict):
         False, description="sampling algorithms: run the dual phase on this iteration's episodes before the "
         "policy update, as OmniSafe and the Safety Gym reference code do; false: after it, so λ reaches the "
         "next update")
+    pipeline: bool = Field(
+        False, description="off-policy algorithms: the env hosts collect the next iteration's transitions while "
+        "the learner updates on this one's (acting with the weights from before this update: a policy lag of one "
+        "iteration); false: rollout and update alternate")
     log_every: int = Field(1, gt=0)
     checkpoint_every: int = Field(10, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
@@ -160,6 +164,9 @@ class RunConfig(Strict):
         if self.schedule.dual_before_update and (algo.kind != "sampling" or "dual" not in algo.phases):
             raise ValueError(f"schedule.dual_before_update: only for sampling algorithms with a dual phase; "
                              f"{self.algo} is {algo.kind} with phases {list(algo.phases) or 'none'}")
+        if self.schedule.pipeline and algo.kind != "offpolicy":
+            raise ValueError(f"schedule.pipeline: only for off-policy algorithms (their replay decouples "
+                             f"collection from updates); {self.algo} is {algo.kind}")
         missing = [k for k in algo.step_phases if k not in self.schedule.step_phases]
         if missing:  # unlisted, they would all run every gradient step: the timescales would collapse
             raise ValueError(f"schedule.step_phases: {self.algo} needs an interval in gradient steps for each of "

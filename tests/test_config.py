@@ -170,3 +170,10 @@ def test_per_gradient_step_only_for_off_policy_learners():
     for name in ("ppo_lag/FunctionEnv-v0", "shac_lag/FunctionEnv-v0"):
         with pytest.raises(ConfigError, match=r"^config error: algo_params.lagrange.per_gradient_step: \w+ is "):
             load_config(name, on)
+
+
+def test_pipeline_is_for_off_policy_algorithms():
+    assert load_config("sac_lag/PointHazard-D1-v0", ["schedule.pipeline=true"]).schedule.pipeline
+    for name in ("ppo_lag/FunctionEnv-v0", "cgpo/FunctionEnv-v0"):
+        with pytest.raises(ConfigError, match=r"schedule.pipeline: only for off-policy algorithms"):
+            load_config(name, ["schedule.pipeline=true"])

@@ -165,3 +165,28 @@ def test_a_learner_that_fails_to_start_says_why(ray_session, run_root):
             coord.run()
         finally:
             coord.close()
+
+
+def test_an_exception_inside_an_actor_call_is_one_line(ray_session, run_root):
+    """An exception raised inside a remote call (here a learner-like update whose result another
+    call consumed) stops the run with one line naming the call and the exception; the remote
+    traceback goes to RUN_DIR/error.log, and the line says how to resume."""
+    @ray.remote
+    def update(_):
+        raise ValueError("minibatch_size 4096 exceeds the batch\nsecond line")
+
+    @ray.remote
+    def consume(x):
+        return x
+
+    coord = coordinator("ppo_lag/FunctionEnv-v0", run_root, ["total_env_steps=8000", "steps_per_iteration=2000"])
+    try:
+        coord.run(stop_after=1)  # ends with a checkpoint
+        coord.loop.collect = lambda: ray.get(consume.remote(update.remote(0)))
+        with pytest.raises(ConfigError, match=r"^run error: iteration 2: \S*update failed: ValueError: minibatch_size "
+                                              r"4096 exceeds the batch \(traceback: \S*error.log; `saferl train "
+                                              r"--resume \S*` continues from its last checkpoint\)$"):
+            coord.run()
+        assert "second line" in (coord.run_dir / "error.log").read_text()
+    finally:
+        coord.close()

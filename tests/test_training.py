@@ -141,6 +141,11 @@ def assert_same_state(a, b, where="learner"):
                                                "algo_params.warmup_steps=480", "algo_params.hidden=[32,32]",
                                                "algo_params.batch_size=32", "schedule.step_phases.safety_index=4"],
                  marks=pytest.mark.slow),
+    # schedule.pipeline: the next iteration's rollouts in flight at the checkpoint (kept in it), the
+    # switch from uniform warm-up actions to the policy, the replay buffer
+    ("sac_lag/PointHazard-D1-v0", ["total_env_steps=1920", "steps_per_iteration=480", "algo_params.warmup_steps=480",
+                                   "algo_params.hidden=[16,16]", "algo_params.batch_size=32", "schedule.pipeline=true",
+                                   "schedule.log_every=1"]),
     # the adaptive trust-region radius and the gradient workers' episodes
     # (12 iterations of 2 × 16 envs × h = 10 steps: past the first episode end at T = 100)
     pytest.param("cgpo/FunctionEnv-v0", ["total_env_steps=3840", "resources.envs_per_host=16"],

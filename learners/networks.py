@@ -26,8 +26,9 @@ def init_field(default: str = "orthogonal"):
 
 def obs_clip_field(default: float = 10.0):
     """The ``obs_clip`` entry of a learner's params: normalised observations are clipped to ±this
-    (``RunningNorm``; OmniSafe's normaliser clips at 1e6, i.e. not at all in practice)."""
-    return Field(default, gt=0, description="normalised observations clipped to ±obs_clip (OmniSafe: 1e6)")
+    (``RunningNorm``; OmniSafe's env wrapper ``ObsNormalize`` clips at 5, which the configs that
+    follow OmniSafe set)."""
+    return Field(default, gt=0, description="normalised observations clipped to ±obs_clip (OmniSafe: 5)")
 
 
 def mlp(sizes: Sequence[int], activation=nn.Tanh, out_gain: float = 1.0, init: str = "orthogonal") -> nn.Sequential:

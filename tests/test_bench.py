@@ -29,6 +29,7 @@ def test_bench_e2e_learner_memory_write_results(ray_session, tmp_path):
     assert row["reference"]["steps"] == 4000 and row["reference"]["steps_per_s"] > 0
     assert {"s_per_100k_steps", "final_return", "final_cost", "learner_s"} <= set(row)
     assert set(row["peak_rss_mb"]) == {"learner", "env_host"}
+    assert [p["env_steps"] for p in row["curve"]] == [2000, 4000] and row["curve"][-1]["return"] == row["final_return"]
     assert "one process, no Ray" in (out / "e2e.md").read_text()
 
     assert main(["bench", "learner", "--algos", "ppo_lag/FunctionEnv-v0", "sac_lag/PointHazard-D1-v0",

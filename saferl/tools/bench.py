@@ -243,7 +243,10 @@ def bench_e2e(out_dir: Path, config: str = "ppo_lag/SafetyPointGoal1-v0", steps:
               "host_inference_s": round(sum(r["time/host_inference_s"] for r in rows), 2),
               "final_return": last[0].get(EPISODE_RETURN), "final_cost": last[0].get(EPISODE_COST),
               "cost_limit": cfg.limit, "peak_rss_mb": rss, "reference": ref,
-              "ray_vs_reference": round(env_steps / wall / ref["steps_per_s"], 3) if ref else None}
+              "ray_vs_reference": round(env_steps / wall / ref["steps_per_s"], 3) if ref else None,
+              # per iteration: what the run learned, to compare settings by more than their speed
+              "curve": [{"env_steps": r["env_steps"], "return": r.get(EPISODE_RETURN), "cost": r.get(EPISODE_COST),
+                         "iteration_s": round(r["time/iteration_s"], 3)} for r in rows]}
     say(f"{cfg.algo} on {cfg.task}: {result['steps_per_s']:.0f} env steps/s end to end "
         f"({result['s_per_100k_steps']:.0f} s per 100k steps; learner {result['learner_s']:.1f} s of {wall:.1f} s)")
     _write(out_dir, "e2e", [result], ["setup", "env steps", "wall s", "s / 100k steps", "env steps/s",

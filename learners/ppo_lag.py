@@ -72,7 +72,8 @@ class PPOLagParams(base.Params):
                                   "(OmniSafe's linear_lr_decay: total_env_steps / steps_per_iteration); 0: constant")
     lagrange: OmniSafeLagrangeParams = Field(default_factory=OmniSafeLagrangeParams)
     cuda_graph: bool = Field(True, description="on a GPU, run each minibatch's policy and critic steps as one "
-                             "CUDA graph, captured once per update (no effect on the CPU)")
+                             "CUDA graph, captured once per update (no effect on the CPU); a subclass whose "
+                             "minibatch loss reads the host (.item(), validated distributions) sets it false")
 
 
 class PPOLag(LagrangianLearner, ActorCritic):

@@ -149,6 +149,8 @@ class EnvHost(ActorProcess):
         and not ``valid``, so GAE and replay never see the bad values;
         and, separately, a small summary: finished episodes' return/cost/length and timings
         (the coordinator reads only the summary; the batch goes straight to the learner)."""
+        if policy.get("obs_norm_per_step"):
+            return self._rollout_normalising(policy, num_steps)
         self.begin_rollout(num_steps)
         for _ in range(num_steps):
             t0 = time.perf_counter()
@@ -156,6 +158,32 @@ class EnvHost(ActorProcess):
             self._frag["inference_s"] += time.perf_counter() - t0
             self.advance(out)
         return self.end_rollout()
+
+    def _rollout_normalising(self, policy: dict, num_steps: int) -> tuple[dict, dict]:
+        """``rollout`` with the observation statistics updated at every step (the policy's
+        ``obs_norm_per_step``; OmniSafe's ObsNormalize): each step's observations are merged into
+        them before the policy acts, and the batch holds the observations as normalised then
+        (``raw_obs``: as observed). Final and last observations are normalised with the statistics
+        of their step, without being merged (the last ones are merged when acted on next)."""
+        stats = np_policy.StepStatistics(policy)
+        self.begin_rollout(num_steps)
+        frag = self._frag
+        z = np.zeros_like(frag["buf"]["obs"])
+        for t in range(num_steps):
+            t0 = time.perf_counter()
+            acting = stats.push(self.obs)
+            z[t] = np_policy.normalise(acting, self.obs)
+            out = self._act(acting, self.obs)
+            frag["inference_s"] += time.perf_counter() - t0
+            ended = len(frag["final_obs"])
+            self.advance(out)
+            for j in range(ended, len(frag["final_obs"])):
+                frag["final_obs"][j] = np_policy.normalise(acting, frag["final_obs"][j])
+        batch, summary = self.end_rollout()
+        z[~batch["valid"]] = 0.0  # skipped episodes' steps, zeroed as their raw observations are
+        batch["raw_obs"], batch["obs"] = batch["obs"], z
+        batch["last_obs"] = np_policy.normalise(acting, batch["last_obs"]).astype(np.float32)
+        return batch, summary
 
     # The same rollout driven step by step from outside (``saferl.actors.inference``: one server
     # acts for every host): begin_rollout -> advance(actions) × T -> end_rollout.

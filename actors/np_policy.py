@@ -26,6 +26,31 @@ def normalise(state: NumpyPolicy, obs: np.ndarray) -> np.ndarray:
     return np.clip(z, -state["obs_clip"], state["obs_clip"])
 
 
+class StepStatistics:
+    """Observation statistics updated at every step of a rollout (``obs_norm_per_step``), as
+    OmniSafe's ``ObsNormalize`` pushes each observation into its running moments before normalising
+    it. They start from the policy's (the learner's, up to its last update) and merge each step's
+    observations by the learner's rule (``RunningNorm.update_moments``), so after a rollout they
+    are what the learner's update on the same observations gives, up to rounding."""
+
+    def __init__(self, policy: NumpyPolicy):
+        self.policy: NumpyPolicy = dict(policy)  # type: ignore[assignment]
+        self.mean = np.asarray(policy["obs_mean"], np.float64)
+        self.var = np.asarray(policy["obs_var"], np.float64)
+        self.count = float(policy["obs_count"])
+
+    def push(self, obs: np.ndarray) -> NumpyPolicy:
+        """Merge ``obs`` [n, d] into the moments; returns the policy with them, to act on ``obs``."""
+        x = np.asarray(obs, np.float64).reshape(-1, self.mean.shape[0])
+        n, total = x.shape[0], self.count + x.shape[0]
+        delta = x.mean(0) - self.mean
+        self.mean = self.mean + delta * n / total
+        self.var = (self.var * self.count + x.var(0) * n + delta ** 2 * self.count * n / total) / total
+        self.count = total
+        self.policy["obs_mean"], self.policy["obs_var"] = self.mean.astype(np.float32), self.var.astype(np.float32)
+        return self.policy
+
+
 def mean_action(state: NumpyPolicy, obs: np.ndarray) -> np.ndarray:
     h = normalise(state, obs.astype(np.float32))
     layers = state["layers"]

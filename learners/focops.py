@@ -42,7 +42,7 @@ from pydantic import Field
 
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams
-from saferl.learners.networks import init_field, obs_clip_field
+from saferl.learners.networks import init_field, obs_clip_field, obs_norm_per_step_field
 from saferl.learners.onpolicy_base import advantages, assemble, flat, standardise
 from saferl.learners.ppo_lag import PPOLag
 from saferl.learners.trust_region import detached
@@ -66,6 +66,7 @@ class FOCOPSParams(base.Params):
     init_log_std: float = -0.5
     normalise_obs: bool = True
     obs_clip: float = obs_clip_field()
+    obs_norm_per_step: bool = obs_norm_per_step_field()
     init: str = init_field()
     # ν: initial 0, step α 0.01, ν_max 2 (the paper's values); ``upper`` is ν_max.
     lagrange: LagrangeParams = Field(default_factory=lambda: LagrangeParams(init=0.0, lr=0.01, upper=2.0))
@@ -92,7 +93,7 @@ class FOCOPS(PPOLag):
 
     Params = FOCOPSParams
 
-    def update(self, batches: list[dict]) -> dict:
+    def train_on(self, batches: list[dict]) -> dict:
         p, dev = self.p, self.device
         batch = assemble(batches, dev)
         norm = self.policy.normalised

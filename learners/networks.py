@@ -1,6 +1,7 @@
 """Networks shared by the learners: MLPs, the Gaussian policy, running observation statistics."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Sequence
@@ -29,6 +30,13 @@ def obs_clip_field(default: float = 10.0):
     (``RunningNorm``; OmniSafe's env wrapper ``ObsNormalize`` clips at 5, which the configs that
     follow OmniSafe set)."""
     return Field(default, gt=0, description="normalised observations clipped to ±obs_clip (OmniSafe: 5)")
+
+
+def obs_norm_per_step_field():
+    """The ``obs_norm_per_step`` entry of a learner's params (``GaussianPolicy.norm_per_step``)."""
+    return Field(False, description="env hosts update the observation statistics at every step of a rollout and "
+                 "the learner trains on the observations as they normalised them (OmniSafe's ObsNormalize); "
+                 "false: the statistics are fixed within a rollout and updated after each update")
 
 
 def mlp(sizes: Sequence[int], activation=nn.Tanh, out_gain: float = 1.0, init: str = "orthogonal") -> nn.Sequential:
@@ -102,10 +110,11 @@ class GaussianPolicy(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], init_log_std: float = -0.5,
                  squash: bool = False, normalise_obs: bool = True, activation: str = "tanh", init: str = "orthogonal",
-                 obs_clip: float = 10.0):
+                 obs_clip: float = 10.0, norm_per_step: bool = False):
         super().__init__()
         self.squash, self.activation = squash, activation
         self.norm = RunningNorm(obs_dim, obs_clip) if normalise_obs else None
+        self.norm_per_step = norm_per_step and normalise_obs
         self.net = mlp([obs_dim, *hidden, act_dim], activation=ACTIVATIONS[activation], out_gain=0.01, init=init)
         self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
 
@@ -136,8 +145,23 @@ class GaussianPolicy(nn.Module):
         state = numpy_policy(self.net, self.activation, self.log_std.numel(), log_std=_f32(self.log_std),
                              squash=self.squash)
         if self.norm is not None:
-            state.update(obs_mean=_f32(self.norm.mean), obs_var=_f32(self.norm.var), obs_clip=float(self.norm.clip))
+            state.update(obs_mean=_f32(self.norm.mean), obs_var=_f32(self.norm.var), obs_clip=float(self.norm.clip),
+                         obs_count=float(self.norm.count), obs_norm_per_step=self.norm_per_step)
         return state
+
+    @contextlib.contextmanager
+    def given_normalised(self, raw_obs: torch.Tensor):
+        """Within: observations are taken as already normalised (env hosts normalised them as they
+        collected them, ``norm_per_step``), so every ``normalised`` is the identity and the
+        statistics stay put; on leaving, they absorb ``raw_obs`` (the valid steps' raw
+        observations), as ``RunningNorm.update`` after an update does."""
+        norm, self.norm = self.norm, None
+        try:
+            yield
+        finally:
+            self.norm = norm
+        if norm is not None:
+            norm.update(raw_obs.to(norm.mean.device))
 
 
 class TanhGaussianPolicy(nn.Module):

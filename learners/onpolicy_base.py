@@ -98,13 +98,28 @@ class ActorCritic(base.Learner):
         super().__init__(params, env, cost_limit, device, seed)
         p = params
         self.policy = GaussianPolicy(env.obs_dim, env.act_dim, p.hidden, p.init_log_std,
-                                     normalise_obs=p.normalise_obs, init=p.init, obs_clip=p.obs_clip).to(device)
+                                     normalise_obs=p.normalise_obs, init=p.init, obs_clip=p.obs_clip,
+                                     norm_per_step=p.obs_norm_per_step).to(device)
         self.v_r = mlp([env.obs_dim, *p.hidden, 1], init=p.init).to(device)
         self.v_c = mlp([env.obs_dim, *p.hidden, 1], init=p.init).to(device)
         self.v_opt = adam([*self.v_r.parameters(), *self.v_c.parameters()], lr=p.critic_lr)
 
     def policy_state(self) -> dict:
         return self.policy.export_numpy()
+
+    def update(self, batches: list[dict]) -> dict:
+        """``train_on(batches)``. Batches from hosts that normalised the observations as they
+        collected them (``obs_norm_per_step``: they carry ``raw_obs``) are taken as they are, and the
+        statistics absorb the valid steps' raw observations afterwards."""
+        if not (batches and "raw_obs" in batches[0]):
+            return self.train_on(batches)
+        raw = torch.as_tensor(np.concatenate([b["raw_obs"][b["valid"]] for b in batches]))
+        with self.policy.given_normalised(raw):
+            return self.train_on(batches)
+
+    def train_on(self, batches: list[dict]) -> dict:
+        """One update on host batches (the family's algorithms implement it)."""
+        raise NotImplementedError
 
     def critic_objective(self, z: torch.Tensor, ret_r: torch.Tensor,
                          ret_c: torch.Tensor) -> tuple[torch.Tensor, list, float | None, object]:

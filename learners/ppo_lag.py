@@ -33,7 +33,13 @@ from pydantic import Field
 from saferl.learners import base
 from saferl.learners.cuda_graph import GraphedStep, guarded_step_on_device
 from saferl.learners.lagrange import LagrangeParams, LagrangianLearner, OmniSafeLagrangeParams
-from saferl.learners.networks import init_field, normal_entropy, normal_log_prob, obs_clip_field
+from saferl.learners.networks import (
+    init_field,
+    normal_entropy,
+    normal_log_prob,
+    obs_clip_field,
+    obs_norm_per_step_field,
+)
 from saferl.learners.onpolicy_base import (
     ActorCritic,
     adam,
@@ -65,6 +71,7 @@ class PPOLagParams(base.Params):
     init_log_std: float = -0.5
     normalise_obs: bool = True
     obs_clip: float = obs_clip_field()
+    obs_norm_per_step: bool = obs_norm_per_step_field()
     init: str = init_field()
     critic_norm_coef: float = Field(0.0, ge=0, description="L2 penalty on the critics' parameters (OmniSafe: 0.001)")
     clip_critic_grad: bool = Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
@@ -86,7 +93,7 @@ class PPOLag(LagrangianLearner, ActorCritic):
         self.init_multiplier(params.lagrange)
         self.updates = 0  # updates done: the clock of the linear policy-lr decay
 
-    def update(self, batches: list[dict]) -> dict:
+    def train_on(self, batches: list[dict]) -> dict:
         p, dev = self.p, self.device
         if p.lr_decay_updates:
             for group in self.pi_opt.param_groups:

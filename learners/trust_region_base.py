@@ -8,7 +8,15 @@ import torch
 from pydantic import Field
 
 from saferl.learners import base
-from saferl.learners.networks import GaussianPolicy, flat_grad, flat_params, init_field, obs_clip_field, set_flat_params
+from saferl.learners.networks import (
+    GaussianPolicy,
+    flat_grad,
+    flat_params,
+    init_field,
+    obs_clip_field,
+    obs_norm_per_step_field,
+    set_flat_params,
+)
 from saferl.learners.onpolicy_base import ActorCritic, advantages, assemble, flat, to_floats
 from saferl.learners.trust_region import (
     SearchResult,
@@ -41,6 +49,7 @@ class TrustRegionParams(base.Params):
     init_log_std: float = -0.5
     normalise_obs: bool = True
     obs_clip: float = obs_clip_field()
+    obs_norm_per_step: bool = obs_norm_per_step_field()
     init: str = init_field()
 
 
@@ -130,7 +139,7 @@ class TrustRegionLearner(ActorCritic):
     def policy_at_k(self, prep: dict) -> PolicyAtK:
         return PolicyAtK(self.policy, prep["obs"], prep["act"], self.p.cg_damping, self.p.fvp_subsample)
 
-    def update(self, batches: list[dict]) -> dict:
+    def train_on(self, batches: list[dict]) -> dict:
         skipped = self.skipped_updates
         prep = self.prepare(batches)
         out = self.policy_step(prep, batches)

@@ -8,7 +8,7 @@ fields, shapes and meaning, for T steps of N envs with observation size d and ac
 """
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import numpy as np
 
@@ -25,6 +25,9 @@ class RolloutBatch(TypedDict):
     last_obs: np.ndarray    # [N, d]: the observation after the last step
     final_idx: np.ndarray   # [E, 2] int64: (t, env) of each episode that ended in the batch
     final_obs: np.ndarray   # [E, d] float32: its final observation (obs[t + 1] is already the reset)
+    # With the policy's ``obs_norm_per_step``: obs, last_obs and final_obs are normalised as the host
+    # acted on them (statistics updated every step), and the raw observations come here:
+    raw_obs: NotRequired[np.ndarray]  # [T, N, d] float32 (only then)
 
 
 class NumpyPolicy(TypedDict, total=False):
@@ -35,6 +38,8 @@ class NumpyPolicy(TypedDict, total=False):
     obs_mean: np.ndarray            # [d] float32 (zeros without a normaliser)
     obs_var: np.ndarray             # [d] float32 (ones − 1e-8 without one)
     obs_clip: float                 # inf without one
+    obs_count: float                # observations behind obs_mean / obs_var
+    obs_norm_per_step: bool         # hosts update the statistics every step (np_policy.StepStatistics)
     log_std: np.ndarray             # [a]: state-independent log σ (zeros when a head gives σ)
     squash: bool                    # the env action is tanh(u)
     std_head: bool                  # SAC: the output's second half is log σ(s) ...
@@ -46,7 +51,7 @@ class NumpyPolicy(TypedDict, total=False):
     uniform: bool                   # off-policy warm-up: uniform actions in the box
 
 
-ROLLOUT_FIELDS = tuple(RolloutBatch.__annotations__)
+ROLLOUT_FIELDS = tuple(k for k in RolloutBatch.__annotations__ if k != "raw_obs")
 STEP_FIELDS = ROLLOUT_FIELDS[:8]  # the [T, N, ...] fields, written step by step
 
 

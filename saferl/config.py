@@ -175,6 +175,9 @@ class RunConfig(Strict):
         res = self.resources
         if res.inference_gpus and res.inference != "server":
             raise ValueError("resources.inference_gpus: GPUs for inference need resources.inference: server")
+        if res.inference == "server" and self.algo_params.get("obs_norm_per_step"):
+            raise ValueError("algo_params.obs_norm_per_step: the hosts' per-step statistics need them to act "
+                             "themselves; not with resources.inference: server")
         if res.inference == "server" and not algo.uses_env_hosts:
             raise ValueError(f"resources.inference: {self.algo} computes gradients in its workers; "
                              "it has no rollouts to serve")

@@ -177,3 +177,10 @@ def test_pipeline_is_for_off_policy_algorithms():
     for name in ("ppo_lag/FunctionEnv-v0", "cgpo/FunctionEnv-v0"):
         with pytest.raises(ConfigError, match=r"schedule.pipeline: only for off-policy algorithms"):
             load_config(name, ["schedule.pipeline=true"])
+
+
+def test_per_step_normaliser_needs_hosts_that_act():
+    per_step = "algo_params.obs_norm_per_step=true"
+    assert load_config("ppo_lag/FunctionEnv-v0", [per_step]).learner_params().obs_norm_per_step
+    with pytest.raises(ConfigError, match=r"algo_params.obs_norm_per_step: .*not with resources.inference: server"):
+        load_config("ppo_lag/FunctionEnv-v0", [per_step, "resources.inference=server"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import ray
 
 from saferl.actors.env_host import EnvHost
@@ -76,3 +77,31 @@ def test_ppo_lag_on_safety_gymnasium_trains_and_evaluates(ray_session, run_root,
     result = json.loads(capsys.readouterr().out)
     assert result["episodes"] == 2 and result["cost_limit"] == 25.0
     assert 0.0 <= result["violation_rate"] <= 1.0 and result["iteration"] == 2
+
+
+def test_per_step_normalising_rollout_uses_the_statistics_of_every_step():
+    """``obs_norm_per_step`` (OmniSafe's ObsNormalize): each step's observations are merged into
+    the statistics before the policy acts on them, so obs[t] is normalised with the moments of all
+    observations up to and including step t (and the policy's prior, 1e-4 of a sample); the raw
+    ones come as ``raw_obs``, the last observations are normalised with the final statistics."""
+    host = EnvHost("PointHazard-D1-v0", 4, seed=0)
+    spec = host.spec()
+    policy = GaussianPolicy(spec["obs_dim"], spec["act_dim"], [8], norm_per_step=True).export_numpy()
+    assert policy["obs_norm_per_step"] and policy["obs_count"] == pytest.approx(1e-4)
+    batch, _ = host.rollout(policy, 30)
+    raw, z = batch["raw_obs"], batch["obs"]
+    assert raw.shape == z.shape == (30, 4, spec["obs_dim"]) and batch["valid"].all()
+
+    def normalised(obs, seen):  # the prior (mean 0, var 1, 1e-4 samples) merged with all seen at once
+        n, c0 = len(seen), 1e-4
+        m, v = seen.mean(0), seen.var(0)
+        mean, var = m * n / (c0 + n), (c0 + v * n + m ** 2 * c0 * n / (c0 + n)) / (c0 + n)
+        return np.clip((obs - mean) / np.sqrt(var + 1e-8), -10, 10)
+
+    for t in (0, 1, 10, 29):
+        np.testing.assert_allclose(z[t], normalised(raw[t], raw[:t + 1].reshape(-1, spec["obs_dim"]).astype(float)),
+                                   atol=1e-4)
+    np.testing.assert_allclose(batch["last_obs"], normalised(host.obs, raw.reshape(-1, spec["obs_dim"]).astype(float)),
+                               atol=1e-4)
+    plain, _ = EnvHost("PointHazard-D1-v0", 4, seed=0).rollout({**policy, "obs_norm_per_step": False}, 30)
+    assert "raw_obs" not in plain and np.array_equal(plain["obs"][0], raw[0])  # same start, raw kept as obs

@@ -255,3 +255,14 @@ def test_evaluate_a_gradient_run(ray_session, run_root):
     result = evaluate(train(cfg), episodes=6)
     assert result["episodes"] == 6 and result["cost_limit"] == 8.0 and result["iteration"] == 2
     assert result["cost_mean"] == pytest.approx(result["return_mean"])  # FunctionEnv: r ≡ c
+
+
+def test_per_step_normaliser_through_ray(ray_session, run_root):
+    """``obs_norm_per_step`` end to end: the hosts normalise as they collect, the learner's
+    statistics count every valid step once (1e-4 is the prior)."""
+    cfg = load_config("ppo_lag/FunctionEnv-v0", ["total_env_steps=4000", "algo_params.obs_norm_per_step=true",
+                                                  f"run_root={run_root}"])
+    run = train(cfg)
+    count = rundir.load_checkpoint(run, cfg)["learner"]["policy"]["norm.count"]
+    assert float(count) == pytest.approx(4000 + 1e-4)
+    assert np.isfinite(metrics(run)["loss_pi"]).all()

@@ -230,3 +230,29 @@ def test_device_step_counts_refused_steps_like_the_eager_step():
         torch.manual_seed(1)
         out.append(learner.update([batch]))
     assert out[0][SKIPPED_UPDATES] == out[1][SKIPPED_UPDATES] == 1 and same_state(eager, device)
+
+
+@pytest.mark.parametrize("algo", ["ppo_lag", "trpo_lag", "focops"])
+def test_batches_normalised_per_step_are_trained_on_as_collected(algo):
+    """``obs_norm_per_step``: the learner trains on the observations as the host normalised them
+    (the same update as a learner without a normaliser fed them), and its statistics then absorb
+    the raw observations, as after any update."""
+    from saferl.registry import get_algo
+
+    cls = get_algo(algo).load()
+    host = EnvHost("PointHazard-D1-v0", 4, 0)
+    learner = cls(cls.Params(hidden=[16, 16], obs_norm_per_step=True), EnvSpec.of(host.spec()), 2.0, CPU, seed=0)
+    batch, _ = host.rollout(learner.numpy_policy(), 60)
+    assert "raw_obs" in batch
+    plain = copy.deepcopy(learner)
+    plain.policy.norm = None
+    expected = copy.deepcopy(learner.policy.norm)
+    expected.update(torch.as_tensor(batch["raw_obs"].reshape(-1, batch["raw_obs"].shape[-1])))
+    torch.manual_seed(1)
+    a = learner.update([batch])
+    torch.manual_seed(1)
+    b = plain.update([{k: v for k, v in batch.items() if k != "raw_obs"}])
+    assert a == b
+    assert all(torch.equal(x, y) for x, y in zip(learner.policy.net.state_dict().values(),
+                                                 plain.policy.net.state_dict().values()))
+    assert all(torch.equal(getattr(learner.policy.norm, k), getattr(expected, k)) for k in ("mean", "var", "count"))

@@ -177,7 +177,8 @@ class RunConfig(Strict):
             raise ValueError("resources.inference_gpus: GPUs for inference need resources.inference: server")
         if res.inference == "server" and self.algo_params.get("obs_norm_per_step"):
             raise ValueError("algo_params.obs_norm_per_step: the hosts' per-step statistics need them to act "
-                             "themselves; not with resources.inference: server")
+                             "themselves; not with resources.inference: server "
+                             "(set algo_params.obs_norm_per_step=false to serve inference)")
         if res.inference == "server" and not algo.uses_env_hosts:
             raise ValueError(f"resources.inference: {self.algo} computes gradients in its workers; "
                              "it has no rollouts to serve")

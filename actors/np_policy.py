@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from saferl.batch import NumpyPolicy
+from saferl.batch import NumpyPolicy, merge_moments
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -30,7 +30,7 @@ class StepStatistics:
     """Observation statistics updated at every step of a rollout (``obs_norm_per_step``), as
     OmniSafe's ``ObsNormalize`` pushes each observation into its running moments before normalising
     it. They start from the policy's (the learner's, up to its last update) and merge each step's
-    observations by the learner's rule (``RunningNorm.update_moments``), so after a rollout they
+    observations by the learner's rule (``saferl.batch.merge_moments``), so after a rollout they
     are what the learner's update on the same observations gives, up to rounding."""
 
     def __init__(self, policy: NumpyPolicy):
@@ -42,11 +42,8 @@ class StepStatistics:
     def push(self, obs: np.ndarray) -> NumpyPolicy:
         """Merge ``obs`` [n, d] into the moments; returns the policy with them, to act on ``obs``."""
         x = np.asarray(obs, np.float64).reshape(-1, self.mean.shape[0])
-        n, total = x.shape[0], self.count + x.shape[0]
-        delta = x.mean(0) - self.mean
-        self.mean = self.mean + delta * n / total
-        self.var = (self.var * self.count + x.var(0) * n + delta ** 2 * self.count * n / total) / total
-        self.count = total
+        self.mean, self.var, self.count = merge_moments(self.mean, self.var, self.count, x.shape[0], x.mean(0),
+                                                        x.var(0))
         self.policy["obs_mean"], self.policy["obs_var"] = self.mean.astype(np.float32), self.var.astype(np.float32)
         return self.policy
 

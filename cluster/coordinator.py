@@ -164,10 +164,7 @@ class Coordinator:
 
     # -- the run ---------------------------------------------------------------------------------
     def total_iterations(self) -> int:
-        steps = it = 0
-        while steps < self.cfg.total_env_steps:
-            steps, it = steps + self.steps_of(it), it + 1
-        return max(1, it)
+        return self.loop.total_iterations()
 
     def checkpoint(self) -> Path:
         workers, world_model = self.faults.restorable_states()  # first: it may count a restart

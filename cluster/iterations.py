@@ -83,6 +83,13 @@ class KindIteration(ABC):
         """Env steps of iteration ``iteration`` (0-based)."""
         return self.cfg.steps_per_iteration
 
+    def total_iterations(self) -> int:
+        """Iterations to the budget (the last one may pass it)."""
+        steps = it = 0
+        while steps < self.cfg.total_env_steps:
+            steps, it = steps + self.steps_of(it), it + 1
+        return max(1, it)
+
     def actors(self) -> list:
         return [a for a in [*self.hosts, self.learner, self.world_model, self.replay, self.inference]
                 if a is not None]
@@ -187,7 +194,7 @@ class OffPolicyIteration(EnvHostIteration):
         self.replay = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
             o["capacity"], o["n_step"], o["gamma"], cfg.seed)
         self.pending: list | None = None  # (batch, summary) refs of the next iteration's rollouts
-        self.iterations = max(1, math.ceil(cfg.total_env_steps / cfg.steps_per_iteration))
+        self.iterations = self.total_iterations()
 
     def launch(self, env_steps: int) -> list:
         """Rollouts of an iteration starting at ``env_steps``, with the learner's current weights

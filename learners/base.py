@@ -94,13 +94,25 @@ def clip_grad_norm(params: list, max_norm: float) -> bool:
     grads = [p.grad for p in params]
     if not grads:
         return True
-    factor = max_norm / (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) + 1e-6)
+    factor = clip_factor(total_norm(grads), max_norm)
     f = factor.item()
     if not f > 0:
         return False
     if f < 1:
         torch._foreach_mul_(grads, factor)
     return True
+
+
+def total_norm(grads: list) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together, as ``clip_grad_norm_`` takes it (0-d, on their device)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+@torch.no_grad()
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_``'s factor max_norm / (norm + 1e-6), at most 1 (a product with 1 changes
+    nothing); NaN for a NaN norm, 0 for an infinite one."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
 
 class Learner(abc.ABC):

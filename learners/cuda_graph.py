@@ -13,12 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-
-@torch.no_grad()
-def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """``clip_grad_norm_``'s factor max_norm / (norm + 1e-6), at most 1 (a product with 1 changes
-    nothing, so the gradients can always be multiplied)."""
-    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+from saferl.learners.base import clip_factor, total_norm
 
 
 def guarded_step_on_device(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor,
@@ -33,7 +28,7 @@ def guarded_step_on_device(opt: torch.optim.Optimizer, params: list, loss: torch
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
     with torch.no_grad():
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        norm = total_norm(grads)
         ok = torch.isfinite(loss.detach()) & torch.isfinite(norm)
         if max_grad_norm is not None:
             torch._foreach_mul_(grads, clip_factor(norm, max_grad_norm))

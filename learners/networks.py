@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from saferl.batch import NumpyPolicy
+from saferl.batch import NumpyPolicy, merge_moments
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}  # names np_policy also knows
 
@@ -94,10 +94,7 @@ class RunningNorm(nn.Module):
         # numpy moments (gradient workers') or tensors on any device (this learner's own batch)
         mean = torch.as_tensor(mean, dtype=torch.float64).to(self.mean.device)
         var = torch.as_tensor(var, dtype=torch.float64).to(self.mean.device)
-        delta, total = mean - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
-        self.count = total
+        self.mean, self.var, self.count = merge_moments(self.mean, self.var, self.count, n, mean, var)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.mean.to(x.dtype)) / torch.sqrt(self.var.to(x.dtype) + 1e-8)

@@ -72,3 +72,12 @@ def next_observations(batch: dict) -> np.ndarray:
     if len(batch["final_idx"]):
         nxt[batch["final_idx"][:, 0], batch["final_idx"][:, 1]] = batch["final_obs"]
     return nxt
+
+
+def merge_moments(mean, var, count, n, batch_mean, batch_var):
+    """The running mean and (population) variance of ``count`` observations merged with ``n`` more
+    of mean ``batch_mean`` and variance ``batch_var`` (parallel Welford; numpy arrays or torch
+    tensors): (mean, var, count). The one rule for a ``NumpyPolicy``'s obs_mean / obs_var /
+    obs_count, used by the learner's normaliser and by env hosts that update them every step."""
+    delta, total = batch_mean - mean, count + n
+    return mean + delta * n / total, (var * count + batch_var * n + delta ** 2 * count * n / total) / total, total

@@ -225,7 +225,8 @@ def cmd_bench(args) -> int:
                               windows=args.windows, console=_console())
     elif args.bench == "e2e":
         bench.bench_e2e(out_dir=Path(args.out), config=args.config, steps=args.steps, overrides=args.set,
-                        reference=not args.no_reference, console=_console())
+                        reference=not args.no_reference, match=args.match,
+                        reference_python=args.reference_python, console=_console())
     elif args.bench == "soak":
         bench.bench_soak(out_dir=Path(args.out), config=args.config, steps=args.steps, kill_every=args.kill_every,
                          seed=args.seed, hosts=args.hosts, episodes=args.episodes, overrides=args.set,
@@ -364,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=100_000, help="env steps to train (batch settings stay the config's)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     b.add_argument("--no-reference", action="store_true", help="skip the one-process reference")
+    b.add_argument("--match", action="store_true",
+                   help="then OmniSafe 0.5 on the same task, seed and budget at its own settings, in the same table "
+                        "(needs the reference interpreter: saferl benchmark reference --install)")
+    b.add_argument("--reference-python", help="OmniSafe's interpreter for --match (default .venv-omnisafe's)")
     b.add_argument("--out", default="bench_results")
     b.set_defaults(fn=cmd_bench)
     b = _learner_bench_args(bsub.add_parser(

@@ -30,7 +30,13 @@ def test_bench_e2e_learner_memory_write_results(ray_session, tmp_path):
     assert {"s_per_100k_steps", "final_return", "final_cost", "learner_s"} <= set(row)
     assert set(row["peak_rss_mb"]) == {"learner", "env_host"}
     assert [p["env_steps"] for p in row["curve"]] == [2000, 4000] and row["curve"][-1]["return"] == row["final_return"]
-    assert "one process, no Ray" in (out / "e2e.md").read_text()
+    assert row["stepping_limit"]["steps"] == 2000 and row["stepping_limit"]["steps_per_s"] > 0
+    assert row["of_limit"] == round(row["steps_per_s"] / row["stepping_limit"]["steps_per_s"], 3)
+    shares = row["shares"]
+    assert set(shares) == {"env", "inference", "learner", "ray_and_other"} and all(v >= 0 for v in shares.values())
+    assert abs(sum(shares.values()) - 1) < 0.01 and shares["learner"] > 0  # alternating: the parts are the wall
+    table = (out / "e2e.md").read_text()
+    assert "one process, no Ray" in table and "stepping limit" in table and "Ray and other" in table
 
     assert main(["bench", "learner", "--algos", "ppo_lag/FunctionEnv-v0", "sac_lag/PointHazard-D1-v0",
                  "cgpo/FunctionEnv-v0", "--updates", "1", "--out", str(out)]) == 0
@@ -110,3 +116,28 @@ def test_bench_device_runs_without_ray_and_reports_each_device(tmp_path):
     assert [(r["device"], r["envs"]) for r in result["worker_windows"]] == [(d, 4) for d in devices]
     specs.write_text("{not json")
     assert main(["bench", "learner", "--algos", "ppo_lag", "--specs", str(specs), "--out", str(tmp_path)]) == 2
+
+
+def test_bench_e2e_match_refuses_before_running(tmp_path, capsys):
+    out = tmp_path / "bench"
+    # OmniSafe has no FunctionEnv, no CGPO; nothing runs and nothing is written
+    assert main(["bench", "e2e", "--config", "ppo_lag/FunctionEnv-v0", "--match", "--out", str(out)]) == 2
+    assert "--match: FunctionEnv-v0 is not a Safety-Gymnasium task" in capsys.readouterr().err
+    assert main(["bench", "e2e", "--config", "cgpo/BraxReacher-v0", "--match", "--out", str(out)]) == 2
+    assert "--match: OmniSafe 0.5 has no cgpo" in capsys.readouterr().err
+    assert main(["bench", "e2e", "--match", "--reference-python", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert f"no reference interpreter at {tmp_path / 'none'}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_omnisafe_timing_reads_its_timers(tmp_path):
+    from saferl.tools.bench import omnisafe_timing
+
+    progress = tmp_path / "progress.csv"  # the columns OmniSafe's logger writes, two epochs
+    progress.write_text("Train/Epoch,Time/Rollout,Time/Update,Time/Evaluate,Time/Epoch,TotalEnvSteps\n"
+                        "0,10.0,30.0,2.0,42.5,2000\n1,12.0,34.0,2.0,48.5,4000\n")
+    t = omnisafe_timing(progress, 4000)
+    assert t == {"steps": 4000, "epochs": 2, "train_s": 87.0, "rollout_s": 22.0, "update_s": 64.0,
+                 "steps_per_s": round(4000 / 87.0, 1)}
+    progress.write_text("Time/Rollout,Time/Update,Time/Epoch\n10.0,30.0,40.5\n")  # on-policy: no Time/Evaluate
+    assert omnisafe_timing(progress, 2000)["train_s"] == 40.5

@@ -6,6 +6,8 @@ length the numbers include resets. Results: ``rollout.json`` and ``rollout.md`` 
 """
 from __future__ import annotations
 
+import csv
+import json
 import pickle
 import subprocess
 import sys
@@ -193,49 +195,156 @@ def _reference(cfg, python: str, iters: int, say) -> dict:
             "steps_per_s": round(steps / (rollout_s + update_s), 1)}
 
 
+def _stepping_limit(cfg, say) -> dict:
+    """Env steps/s of the config's hosts × envs stepping an untrained policy, no learner: the
+    ceiling an end-to-end run can approach (one iteration's steps per env, resets included)."""
+    options, hosts, n = host_options(cfg), cfg.resources.num_env_hosts, cfg.resources.envs_per_host
+    per_env = max(1, cfg.steps_per_iteration // (hosts * n))
+    probe = ray.remote(EnvHost).options(**options).remote(cfg.task, 1, cfg.seed)
+    policy = _policy(ray.get(probe.spec.remote()))
+    ray.kill(probe)
+    sps = _ray(options, cfg.task, hosts, n, per_env, policy)
+    say(f"stepping limit: {hosts} hosts × {n} envs, {per_env} steps each, untrained policy: {sps:.0f} env steps/s")
+    return {"steps": hosts * n * per_env, "steps_per_s": round(sps, 1)}
+
+
+def _match_python(cfg, python: str | None) -> str:
+    """The interpreter ``--match`` runs OmniSafe in, checked before anything runs."""
+    from saferl.config import ConfigError
+    from saferl.tools.studies.reference import DEFAULT_VENV, REFERENCE_ALGOS
+
+    if cfg.algo not in REFERENCE_ALGOS:
+        raise ConfigError(f"usage error: --match: OmniSafe 0.5 has no {cfg.algo} "
+                          f"(one of {', '.join(sorted(REFERENCE_ALGOS))})")
+    if cfg.task_spec.kind != "safety_gymnasium":
+        raise ConfigError(f"usage error: --match: {cfg.task} is not a Safety-Gymnasium task, which OmniSafe needs")
+    python = python or str(REPO_ROOT / DEFAULT_VENV / "bin" / "python")
+    if not Path(python).is_file():
+        raise ConfigError(f"usage error: --match: no reference interpreter at {python}: build it with "
+                          "`saferl benchmark reference --install`, or pass --reference-python")
+    return python
+
+
+def omnisafe_timing(progress_csv: Path, steps: int) -> dict:
+    """Seconds OmniSafe spent per its own timers (progress.csv: ``Time/Epoch``, ``Time/Rollout``
+    with its inference, ``Time/Update``; ``Time/Evaluate``'s test episodes are not training and
+    are left out) and its env steps/s over the epochs."""
+    with open(progress_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    total = lambda key: sum(float(r.get(key) or 0.0) for r in rows)  # noqa: E731
+    train_s = total("Time/Epoch") - total("Time/Evaluate")
+    return {"steps": steps, "epochs": len(rows), "train_s": round(train_s, 2),
+            "rollout_s": round(total("Time/Rollout"), 2), "update_s": round(total("Time/Update"), 2),
+            "steps_per_s": round(steps / train_s, 1)}
+
+
+def _omnisafe(cfg, steps: int, python: str, out_dir: Path, say) -> dict:
+    """OmniSafe 0.5 training the same task, seed and budget at its own settings (the shipped
+    configs follow them key by key), one env and one torch thread, after saferl's run."""
+    from saferl.config import ConfigError
+    from saferl.tools.studies.reference import DRIVER, REFERENCE_ALGOS, reference_argv
+
+    s = {"algo": cfg.algo, "reference_algo": REFERENCE_ALGOS[cfg.algo], "task": cfg.task, "seed": cfg.seed,
+         "steps": steps, "steps_per_iteration": cfg.steps_per_iteration, "threads": 1, "cost_limit": cfg.limit,
+         "reference_set": []}
+    ref_dir = out_dir / "omnisafe"
+    say(f"OmniSafe {s['reference_algo']}: {steps} steps (log: {ref_dir / 'log.txt'})")
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    with open(ref_dir / "log.txt", "w") as log:
+        done = subprocess.run(reference_argv(python, str(DRIVER), s, ref_dir), stdout=log, stderr=subprocess.STDOUT,
+                              cwd=REPO_ROOT)
+    if done.returncode:
+        raise ConfigError(f"run error: --match: OmniSafe failed (exit {done.returncode}; log: {ref_dir / 'log.txt'})")
+    meta = json.loads((ref_dir / "reference_done.json").read_text())
+    result = {"algo": s["reference_algo"], **omnisafe_timing(Path(meta["progress_csv"]), steps)}
+    say(f"OmniSafe {result['algo']}: {result['steps_per_s']:.0f} env steps/s (rollout {result['rollout_s']:.1f} s, "
+        f"update {result['update_s']:.1f} s)")
+    return result
+
+
+def wall_shares(row: dict) -> dict:
+    """Where a Ray run's wall-clock went, from its own timers: env stepping and numpy inference
+    (per host: hosts step in parallel), learner updates, and the rest (Ray calls, batch
+    transfer, buffer writes, dual steps). Pipelined runs overlap hosts and learner, so their
+    shares can add up past 1; the rest is then 0."""
+    hosts, wall = row["env_hosts"], row["wall_s"]
+    shares = {"env": row["host_env_s"] / hosts / wall, "inference": row["host_inference_s"] / hosts / wall,
+              "learner": row["learner_s"] / wall}
+    shares["ray_and_other"] = max(0.0, 1 - sum(shares.values()))
+    return {k: round(v, 3) for k, v in shares.items()}
+
+
 def bench_e2e(out_dir: Path, config: str = "ppo_lag/SafetyPointGoal1-v0", steps: int = 100_000,
-              overrides: list[str] | None = None, reference: bool = True, console=None) -> dict:
-    """``saferl bench e2e``: wall-clock of a training run (the shipped config's batch settings:
-    hosts × envs, steps per iteration; updates and dual steps included) per 100k env steps, the
-    return/cost reached, and the same work done in one process without Ray (``_reference``).
-    The Ray run's clock starts after actor creation; creation is reported separately."""
-    from saferl.cluster.coordinator import Coordinator
+              overrides: list[str] | None = None, reference: bool = True, match: bool = False,
+              reference_python: str | None = None, console=None) -> dict:
+    """``saferl bench e2e``: wall-clock of a training run (the config's batch settings: hosts ×
+    envs, steps per iteration; updates and dual steps included) per 100k env steps, the
+    return/cost reached, where the wall-clock went, the stepping limit of the same hosts (measured
+    first), and the same work done in one process without Ray (``_reference``). ``match``: also
+    OmniSafe 0.5 at its own settings on the same task, seed and budget (``_omnisafe``), so one
+    table holds the limit, saferl and the reference library. The Ray run's clock starts after
+    actor creation; creation is reported separately."""
     from saferl.config import CONFIG_DIR
 
     say = console.print if console else print
     path = Path(config) if Path(config).is_file() else CONFIG_DIR / f"{config}.yaml"
     cfg = load_config(path, [f"total_env_steps={steps}", *(overrides or [])])
+    python_ref = _match_python(cfg, reference_python) if match else None
     started = _connect(cfg)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            t = time.perf_counter()
-            coord = Coordinator(cfg, Path(tmp) / "run")
-            startup = time.perf_counter() - t
-            try:
-                iters, rows = coord.total_iterations(), []
-                t = time.perf_counter()
-                for _ in range(iters):
-                    row = coord.iterate()
-                    row.update(coord.episode_stats())
-                    rows.append(row)
-                    say(f"it {row['iteration']}: {row['env_steps']} steps, {row['time/iteration_s']:.1f} s, "
-                        f"learner {row.get('time/learner_s', 0):.1f} s, "
-                        f"return {row.get('episode/return', float('nan')):.2f}, "
-                        f"cost {row.get('episode/cost', float('nan')):.1f}")
-                wall = time.perf_counter() - t
-                rss = _actor_rss(coord)
-            finally:
-                coord.close()
+        limit = _stepping_limit(cfg, say)
+        rows, startup, wall, rss = _train(cfg, say)
         python = host_options(cfg).get("runtime_env", {}).get("py_executable") or sys.executable
-        ref = _reference(cfg, python, iters, say) if reference else None
+        ref = _reference(cfg, python, len(rows), say) if reference else None
     finally:
         if started:
             ray.shutdown()
+    result = _e2e_result(cfg, rows, startup, wall, rss, limit, ref)
+    if python_ref:
+        result["omnisafe"] = _omnisafe(cfg, result["env_steps"], python_ref, out_dir, say)
+        result["vs_omnisafe"] = round(result["steps_per_s"] / result["omnisafe"]["steps_per_s"], 2)
+    say(f"{cfg.algo} on {cfg.task}: {result['steps_per_s']:.0f} env steps/s end to end "
+        f"({result['s_per_100k_steps']:.0f} s per 100k steps; learner {result['learner_s']:.1f} s of {wall:.1f} s; "
+        f"{result['of_limit']:.0%} of the stepping limit)")
+    _write(out_dir, "e2e", [result], E2E_HEADER, lambda r: e2e_rows(r)[0], say, title=e2e_title(cfg, path, overrides))
+    with open(out_dir / "e2e.md", "a") as fh:
+        fh.writelines("| " + " | ".join(cells) + " |\n" for cells in e2e_rows(result)[1:])
+        if ref or python_ref:
+            fh.write("\n¹ without Ray the rollout time includes the policy's inference.\n")
+    return result
+
+
+def _train(cfg, say) -> tuple[list[dict], float, float, dict]:
+    """The Ray run: per-iteration rows, actor start-up s, iterations' wall s, actors' peak RSS."""
+    from saferl.cluster.coordinator import Coordinator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        coord = Coordinator(cfg, Path(tmp) / "run")
+        startup = time.perf_counter() - t
+        try:
+            rows = []
+            t = time.perf_counter()
+            for _ in range(coord.total_iterations()):
+                row = coord.iterate()
+                row.update(coord.episode_stats())
+                rows.append(row)
+                say(f"it {row['iteration']}: {row['env_steps']} steps, {row['time/iteration_s']:.1f} s, "
+                    f"learner {row.get('time/learner_s', 0):.1f} s, "
+                    f"return {row.get('episode/return', float('nan')):.2f}, "
+                    f"cost {row.get('episode/cost', float('nan')):.1f}")
+            wall = time.perf_counter() - t
+            return rows, startup, wall, _actor_rss(coord)
+        finally:
+            coord.close()
+
+
+def _e2e_result(cfg, rows: list[dict], startup: float, wall: float, rss: dict, limit: dict, ref: dict | None) -> dict:
     env_steps = rows[-1]["env_steps"]
     last = [r for r in rows if EPISODE_RETURN in r][-1:] or [{}]
     result = {"algo": cfg.algo, "task": cfg.task, "env_hosts": cfg.resources.num_env_hosts,
               "envs_per_host": cfg.resources.envs_per_host, "steps_per_iteration": cfg.steps_per_iteration,
-              "iterations": iters, "env_steps": env_steps, "startup_s": round(startup, 2),
+              "iterations": len(rows), "env_steps": env_steps, "startup_s": round(startup, 2),
               "wall_s": round(wall, 2), "s_per_100k_steps": round(wall / env_steps * 1e5, 1),
               "steps_per_s": round(env_steps / wall, 1),
               "learner_s": round(sum(r.get("time/learner_s", 0.0) for r in rows), 2),
@@ -244,24 +353,46 @@ def bench_e2e(out_dir: Path, config: str = "ppo_lag/SafetyPointGoal1-v0", steps:
               "final_return": last[0].get(EPISODE_RETURN), "final_cost": last[0].get(EPISODE_COST),
               "cost_limit": cfg.limit, "peak_rss_mb": rss, "reference": ref,
               "ray_vs_reference": round(env_steps / wall / ref["steps_per_s"], 3) if ref else None,
+              "stepping_limit": limit, "of_limit": round(env_steps / wall / limit["steps_per_s"], 3),
               # per iteration: what the run learned, to compare settings by more than their speed
               "curve": [{"env_steps": r["env_steps"], "return": r.get(EPISODE_RETURN), "cost": r.get(EPISODE_COST),
                          "iteration_s": round(r["time/iteration_s"], 3)} for r in rows]}
-    say(f"{cfg.algo} on {cfg.task}: {result['steps_per_s']:.0f} env steps/s end to end "
-        f"({result['s_per_100k_steps']:.0f} s per 100k steps; learner {result['learner_s']:.1f} s of {wall:.1f} s)")
-    _write(out_dir, "e2e", [result], ["setup", "env steps", "wall s", "s / 100k steps", "env steps/s",
-                                      "learner s", "final return", "final cost"],
-           lambda r: [f"saferl on Ray ({r['env_hosts']} hosts × {r['envs_per_host']} envs)", r["env_steps"],
-                      f"{r['wall_s']:.1f}", f"{r['s_per_100k_steps']:.0f}", f"{r['steps_per_s']:.0f}",
-                      f"{r['learner_s']:.1f}", _fmt(r["final_return"]), _fmt(r["final_cost"])], say,
-           title=f"{cfg.algo} on {cfg.task}, {cfg.steps_per_iteration} steps per iteration")
-    if ref:
-        with open(out_dir / "e2e.md", "a") as fh:
-            fh.write(f"| one process, no Ray ({cfg.resources.num_env_hosts * cfg.resources.envs_per_host} envs, "
-                     f"sequential) | {ref['steps']} | {ref['rollout_s'] + ref['update_s']:.1f} | "
-                     f"{(ref['rollout_s'] + ref['update_s']) / ref['steps'] * 1e5:.0f} | {ref['steps_per_s']:.0f} | "
-                     f"{ref['update_s']:.1f} | – | – |\n")
+    result["shares"] = wall_shares(result)
     return result
+
+
+E2E_HEADER = ["setup", "env steps", "wall s", "env steps/s", "of the stepping limit", "env stepping",
+              "inference", "learner", "Ray and other", "final return", "final cost"]
+
+
+def e2e_title(cfg, path: Path, overrides: list[str] | None) -> str:
+    sets = [o for o in overrides or [] if not o.startswith("total_env_steps=")]
+    return (f"{cfg.algo} on {cfg.task} ({path.name}), {cfg.steps_per_iteration} steps per iteration"
+            + (f" ({', '.join(sets)})" if sets else "") + "; shares: of each setup's wall-clock")
+
+
+def e2e_rows(r: dict) -> list[list[str]]:
+    """The table's rows: saferl on Ray (first: ``write_table``'s), the stepping limit, one process
+    without Ray, OmniSafe."""
+    pct = lambda x: f"{x:.0%}"  # noqa: E731
+    lim, sh = r["stepping_limit"]["steps_per_s"], r["shares"]
+    rows = [[f"saferl on Ray ({r['env_hosts']} hosts × {r['envs_per_host']} envs)", str(r["env_steps"]),
+             f"{r['wall_s']:.1f}", f"{r['steps_per_s']:.0f}", pct(r["of_limit"]), pct(sh["env"]),
+             pct(sh["inference"]), pct(sh["learner"]), pct(sh["ray_and_other"]), _fmt(r["final_return"]),
+             _fmt(r["final_cost"])],
+            [f"stepping limit (the same hosts, untrained policy, no learner; {r['stepping_limit']['steps']} steps)",
+             str(r["stepping_limit"]["steps"]), "–", f"{lim:.0f}", "100%", "–", "–", "–", "–", "–", "–"]]
+    if ref := r.get("reference"):
+        wall = ref["rollout_s"] + ref["update_s"]
+        rows.append([f"one process, no Ray ({r['env_hosts'] * r['envs_per_host']} envs, sequential)", str(ref["steps"]),
+                     f"{wall:.1f}", f"{ref['steps_per_s']:.0f}", pct(ref["steps_per_s"] / lim),
+                     pct(ref["rollout_s"] / wall) + " ¹", "¹", pct(ref["update_s"] / wall), "–", "–", "–"])
+    if om := r.get("omnisafe"):
+        rows.append([f"OmniSafe 0.5 {om['algo']} (its settings, 1 env, 1 thread)", str(om["steps"]),
+                     f"{om['train_s']:.1f}", f"{om['steps_per_s']:.0f}", pct(om["steps_per_s"] / lim),
+                     pct(om["rollout_s"] / om["train_s"]) + " ¹", "¹", pct(om["update_s"] / om["train_s"]),
+                     pct(max(0.0, 1 - (om["rollout_s"] + om["update_s"]) / om["train_s"])), "–", "–"])
+    return rows
 
 
 def _fmt(x) -> str:

@@ -38,7 +38,11 @@ print(n * steps / dt)
 """
 
 
-def _policy(spec: dict) -> dict:
+def _policy(options: dict, task: str) -> dict:
+    """An untrained [64, 64] Gaussian policy (numpy) for ``task``, sized by a probe host's spec."""
+    probe = ray.remote(EnvHost).options(**options).remote(task, 1, 0)
+    spec = ray.get(probe.spec.remote())
+    ray.kill(probe)
     return GaussianPolicy(spec["obs_dim"], spec["act_dim"], [64, 64]).export_numpy()
 
 
@@ -72,9 +76,7 @@ def bench_rollout(out_dir: Path, task: str, steps: int, envs_per_host: list[int]
         ray.init(num_cpus=max(hosts), logging_level="error", include_dashboard=False)
     rows = []
     try:
-        probe = ray.remote(EnvHost).options(**options).remote(task, 1, 0)
-        policy = _policy(ray.get(probe.spec.remote()))
-        ray.kill(probe)
+        policy = _policy(options, task)
         with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as fh:
             pickle.dump(policy, fh)
         for n in envs_per_host:
@@ -200,10 +202,7 @@ def _stepping_limit(cfg, say) -> dict:
     ceiling an end-to-end run can approach (one iteration's steps per env, resets included)."""
     options, hosts, n = host_options(cfg), cfg.resources.num_env_hosts, cfg.resources.envs_per_host
     per_env = max(1, cfg.steps_per_iteration // (hosts * n))
-    probe = ray.remote(EnvHost).options(**options).remote(cfg.task, 1, cfg.seed)
-    policy = _policy(ray.get(probe.spec.remote()))
-    ray.kill(probe)
-    sps = _ray(options, cfg.task, hosts, n, per_env, policy)
+    sps = _ray(options, cfg.task, hosts, n, per_env, _policy(options, cfg.task))
     say(f"stepping limit: {hosts} hosts × {n} envs, {per_env} steps each, untrained policy: {sps:.0f} env steps/s")
     return {"steps": hosts * n * per_env, "steps_per_s": round(sps, 1)}
 
@@ -306,9 +305,10 @@ def bench_e2e(out_dir: Path, config: str = "ppo_lag/SafetyPointGoal1-v0", steps:
     say(f"{cfg.algo} on {cfg.task}: {result['steps_per_s']:.0f} env steps/s end to end "
         f"({result['s_per_100k_steps']:.0f} s per 100k steps; learner {result['learner_s']:.1f} s of {wall:.1f} s; "
         f"{result['of_limit']:.0%} of the stepping limit)")
-    _write(out_dir, "e2e", [result], E2E_HEADER, lambda r: e2e_rows(r)[0], say, title=e2e_title(cfg, path, overrides))
+    table = e2e_rows(result)  # write_table gives one line per result: the first; the others appended
+    _write(out_dir, "e2e", [result], E2E_HEADER, lambda r: table[0], say, title=e2e_title(cfg, path, overrides))
     with open(out_dir / "e2e.md", "a") as fh:
-        fh.writelines("| " + " | ".join(cells) + " |\n" for cells in e2e_rows(result)[1:])
+        fh.writelines("| " + " | ".join(cells) + " |\n" for cells in table[1:])
         if ref or python_ref:
             fh.write("\n¹ without Ray the rollout time includes the policy's inference.\n")
     return result

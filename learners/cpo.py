@@ -30,7 +30,10 @@ cases, numbered as in OmniSafe's CPO:
 
 then a backtracking line search (``trust_region.backtracking_line_search``) accepts the first
 fraction with D̄_KL ≤ δ(1 + tol), a cost-surrogate increase ≤ max(−c, 0) and, in the feasible
-cases 2-4, a reward-surrogate improvement (OmniSafe's acceptance rule).
+cases 2-4, a reward-surrogate improvement (OmniSafe's acceptance rule). D̄_KL and the Fisher
+matrix H are of the joint action distribution, or averaged over action dimensions with
+``kl_action_dims: mean`` (OmniSafe's measure, which the OmniSafe-following configs take with
+tol = 0; ``learners/trpo_lag.py`` says what it changes).
 
 The constraint value. ``cost_limit`` d is per episode (undiscounted episode cost), while the
 surrogate E[ρ Â_C] is a per-step average; as in OmniSafe, c = (J_C − d) / L with L the mean

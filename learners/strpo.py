@@ -263,6 +263,13 @@ class STRPOParams(TRPOLagParams):
             raise ValueError(f"path {v} does not exist")
         return v
 
+    @field_validator("kl_action_dims")
+    @classmethod
+    def _joint_kl(cls, v: str) -> str:
+        if v != "sum":  # eq 7-10's KLs, to π_k and to π_unsafe, are of the joint action distribution
+            raise ValueError("sTRPO measures its KLs on the joint action distribution: 'sum' only")
+        return v
+
 
 def load_unsafe_policy(path: str, env: base.EnvSpec, device) -> GaussianPolicy:
     """π_unsafe from a trpo_unsafe run directory (its newest checkpoint) or checkpoint file."""

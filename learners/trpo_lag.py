@@ -17,6 +17,12 @@ default with OmniSafe 0.5's TRPOLag rule (``omnisafe/configs/on-policy/TRPOLag.y
 (``lagrange.kind: lagrange | pid`` name the alternatives). TRPO is the same learner with no dual
 phase (λ stays at its initial value).
 
+D̄_KL is the KL of the joint action distribution (the paper's) unless ``kl_action_dims: mean``
+averages it over the n action dimensions as OmniSafe 0.5's TRPO, CPO and PCPO do in their
+Fisher-vector product and line search: the same δ then bounds the joint KL by n·δ. The
+OmniSafe-following configs take that and tol = 0 (OmniSafe rejects KL > δ); the learner's defaults
+are the paper's measure and OpenAI baselines' tol = 0.5.
+
 π_k's log-probabilities are recomputed by the learner (not the hosts' float32 ``logp``), so
 ρ = 1 exactly at θ_k and the line search compares like with like.
 """

@@ -21,10 +21,19 @@ from dataclasses import dataclass
 import torch
 
 
-def mean_kl(old: torch.distributions.Normal, new: torch.distributions.Normal) -> torch.Tensor:
-    """D̄_KL(π_old ‖ π_new): the KL of the action distributions summed over action dimensions,
-    averaged over the sampled states (TRPO's D̄_KL^{ρ_old}, Schulman et al. 2015 eq 12)."""
-    return torch.distributions.kl_divergence(old, new).sum(-1).mean()
+def mean_kl(old: torch.distributions.Normal, new: torch.distributions.Normal,
+            action_dims: str = "sum") -> torch.Tensor:
+    """D̄_KL(π_old ‖ π_new) averaged over the sampled states (TRPO's D̄_KL^{ρ_old}, Schulman et
+    al. 2015 eq 12). ``action_dims="sum"``: the KL of the joint action distribution (the
+    paper's); ``"mean"``: averaged over the action dimensions too, as OmniSafe 0.5's TRPO, CPO and
+    PCPO measure it (``kl_divergence(...).mean()`` over an [N, n] tensor), which is the joint KL
+    divided by n: a trust region n times wider for the same δ."""
+    kl = torch.distributions.kl_divergence(old, new)
+    if action_dims == "mean":
+        return kl.mean()
+    if action_dims != "sum":
+        raise ValueError(f"kl_action_dims: 'sum' or 'mean', not {action_dims!r}")
+    return kl.sum(-1).mean()
 
 
 def detached(dist: torch.distributions.Normal) -> torch.distributions.Normal:
@@ -32,21 +41,22 @@ def detached(dist: torch.distributions.Normal) -> torch.distributions.Normal:
     return torch.distributions.Normal(dist.loc.detach(), dist.scale.detach())
 
 
-def fisher_vector_product(policy: torch.nn.Module, obs: torch.Tensor, damping: float = 0.0
-                          ) -> Callable[[torch.Tensor], torch.Tensor]:
+def fisher_vector_product(policy: torch.nn.Module, obs: torch.Tensor, damping: float = 0.0,
+                          action_dims: str = "sum") -> Callable[[torch.Tensor], torch.Tensor]:
     """v ↦ (H + damping·I) v, H = ∇²_θ D̄_KL(π_θk ‖ π_θ)|_θ=θk (Schulman et al. 2015, Appendix C.1).
 
     At θ = θ_k the KL's gradient vanishes and its Hessian is the Fisher information matrix, so
     H v = ∇_θ((∇_θ D̄_KL)ᵀ v): one extra backward pass per product, H never built. The damping
     (Tikhonov) term keeps CG well posed when H is near singular. ``policy.dist(obs)`` must give
     a diagonal Gaussian; π_old is the policy at the parameters it has when this is called.
+    ``action_dims``: the KL whose Hessian this is (``mean_kl``).
     """
     params = list(policy.parameters())  # the order of networks.flat_params
     with torch.no_grad():
         old = detached(policy.dist(obs))
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        grad = _flat_grad(mean_kl(old, policy.dist(obs)), params, create_graph=True)
+        grad = _flat_grad(mean_kl(old, policy.dist(obs), action_dims), params, create_graph=True)
         return _flat_grad(grad @ v, params) + damping * v
 
     return fvp

@@ -3,6 +3,8 @@ policy at θ_k and the natural-gradient step with its line search (the math in
 ``learners/trust_region.py``), and the learner that fits the critics after the policy step."""
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from pydantic import Field
@@ -38,7 +40,11 @@ class TrustRegionParams(base.Params):
     cost_gamma: float = Field(0.99, gt=0, le=1)
     cost_lam: float = Field(0.95, ge=0, le=1)
     target_kl: float = Field(0.01, gt=0, description="δ, the trust-region radius in mean KL")
-    kl_tolerance: float = Field(0.5, ge=0, description="accept a step while KL ≤ δ(1 + tol); OmniSafe 1.5δ")
+    kl_action_dims: Literal["sum", "mean"] = Field(
+        "sum", description="the KL of the trust region, the Fisher-vector product and the line search: of the "
+        "joint action distribution (sum, the paper's) or averaged over action dimensions (mean, OmniSafe 0.5's)")
+    kl_tolerance: float = Field(0.5, ge=0, description="accept a step while KL ≤ δ(1 + tol); OpenAI baselines' "
+                                "TRPO 1.5δ, OmniSafe's δ")
     cg_iters: int = Field(15, gt=0)
     cg_damping: float = Field(0.1, ge=0, description="d in (H + d·I) x = g")
     fvp_subsample: int = Field(1, gt=0, description="use every k-th state in Fisher-vector products")
@@ -59,14 +65,14 @@ class PolicyAtK:
     product, and moving the policy to θ_k + step."""
 
     def __init__(self, policy: GaussianPolicy, obs: torch.Tensor, act: torch.Tensor, damping: float,
-                 fvp_subsample: int = 1):
-        self.policy, self.obs, self.act = policy, obs, act
+                 fvp_subsample: int = 1, kl_action_dims: str = "sum"):
+        self.policy, self.obs, self.act, self.kl_action_dims = policy, obs, act, kl_action_dims
         self.params = list(policy.parameters())
         self.theta = flat_params(policy)
         with torch.no_grad():
             dist = policy.dist(obs)
             self.old, self.logp = detached(dist), dist.log_prob(act).sum(-1)
-        self.fvp = fisher_vector_product(policy, obs[::fvp_subsample], damping)
+        self.fvp = fisher_vector_product(policy, obs[::fvp_subsample], damping, kl_action_dims)
 
     def surrogate(self, adv: torch.Tensor) -> torch.Tensor:
         """E[ρ A] at the policy's current parameters (differentiable)."""
@@ -83,7 +89,7 @@ class PolicyAtK:
     def measure(self, adv: torch.Tensor, adv_c: torch.Tensor | None = None) -> tuple[float, float, float | None]:
         """(−E[ρ Â], D̄_KL(π_k ‖ π), E[ρ Â_C] or None) at the current parameters."""
         loss = -self.surrogate(adv).item()
-        kl = mean_kl(self.old, self.policy.dist(self.obs)).item()
+        kl = mean_kl(self.old, self.policy.dist(self.obs), self.kl_action_dims).item()
         return loss, kl, (self.surrogate(adv_c).item() if adv_c is not None else None)
 
 
@@ -137,7 +143,8 @@ class TrustRegionLearner(ActorCritic):
                 "adv_r": adv_r, "adv_c": adv_c, "ret_r": ret_r, "ret_c": ret_c}
 
     def policy_at_k(self, prep: dict) -> PolicyAtK:
-        return PolicyAtK(self.policy, prep["obs"], prep["act"], self.p.cg_damping, self.p.fvp_subsample)
+        return PolicyAtK(self.policy, prep["obs"], prep["act"], self.p.cg_damping, self.p.fvp_subsample,
+                         self.p.kl_action_dims)
 
     def train_on(self, batches: list[dict]) -> dict:
         skipped = self.skipped_updates

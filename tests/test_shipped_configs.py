@@ -54,3 +54,25 @@ def test_the_omnisafe_configs_initialise_as_omnisafe(algo):
     for task in SAFETY_GYM_TASKS:
         assert load_config(f"{algo}/{task}").learner_params().init == "kaiming_uniform", task
     assert load_config(f"{algo}/FunctionEnv-v0").learner_params().init == "orthogonal"
+
+
+OMNISAFE_NORMALISER = ("ppo_lag", "trpo_lag", "cpo", "pcpo", "trpo")
+
+
+@pytest.mark.parametrize("algo", OMNISAFE_NORMALISER)
+def test_the_omnisafe_configs_normalise_observations_as_omnisafe(algo):
+    """The configs that take OmniSafe's settings merge each step's observations into the statistics
+    before acting (its ObsNormalize, clip 5); FunctionEnv keeps the statistics of the last update."""
+    for task in SAFETY_GYM_TASKS:
+        p = load_config(f"{algo}/{task}").learner_params()
+        assert (p.normalise_obs, p.obs_clip, p.obs_norm_per_step) == (True, 5.0, True), task
+    assert not load_config(f"{algo}/FunctionEnv-v0").learner_params().obs_norm_per_step
+
+
+@pytest.mark.parametrize("algo", ["trpo_lag", "trpo", "cpo", "pcpo"])
+def test_the_omnisafe_trust_regions_measure_kl_as_omnisafe(algo):
+    """OmniSafe's second-order methods average the KL over action dimensions and reject a step
+    whose KL exceeds δ; their configs do the same on every Safety-Gymnasium task."""
+    for task in SAFETY_GYM_TASKS:
+        p = load_config(f"{algo}/{task}").learner_params()
+        assert (p.kl_action_dims, p.kl_tolerance, p.target_kl) == ("mean", 0.0, 0.01), task

@@ -20,6 +20,7 @@ from saferl.learners.networks import GaussianPolicy, flat_params
 from saferl.learners.onpolicy_base import advantages, assemble, lagrangian_advantage
 from saferl.learners.trpo_lag import TRPOLag
 from saferl.learners.trust_region import backtracking_line_search, conjugate_gradient, fisher_vector_product
+from saferl.learners.trust_region_base import PolicyAtK, natural_gradient_step
 
 
 def spd(n: int, rng: np.random.Generator, cond: float = 50.0) -> np.ndarray:
@@ -87,6 +88,58 @@ def test_fvp_equals_explicit_fisher_matrix(float64):
         v = torch.randn(theta0.numel(), generator=gen)
         torch.testing.assert_close(fvp(v), hessian @ v + damping * v, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(flat_params(pol), theta0)  # the product leaves θ alone
+    # OmniSafe's measure, the KL averaged over the 2 action dimensions: half the joint KL's Hessian
+    fvp_mean = fisher_vector_product(pol, obs, damping, "mean")
+    torch.testing.assert_close(fvp_mean(v), hessian @ v / 2 + damping * v, rtol=1e-8, atol=1e-10)
+
+
+def test_omnisafe_kl_measure_gives_omnisafes_trpo_step(float64):
+    """``kl_action_dims: mean`` with tolerance 0 takes the step OmniSafe 0.5's TRPO takes, computed
+    here independently: its Fisher is the Hessian of the KL averaged over action dimensions (explicit
+    here, solved directly), the full step √(2δ / xᵀ(H + dI)x)·x, and its line search accepts the
+    first of 1, 0.8, 0.8², … at which that averaged KL is ≤ δ and the surrogate did not fall. The
+    accepted step's joint KL is then above δ: a trust region n times wider."""
+    torch.manual_seed(3)
+    pol = GaussianPolicy(3, 2, [4], init_log_std=0.0)
+    obs, act, adv = torch.randn(64, 3), torch.randn(64, 2), torch.randn(64)
+    theta0 = flat_params(pol).clone()
+    names = [n for n, _ in pol.named_parameters()]
+    shapes = [q.shape for q in pol.parameters()]
+
+    def dist(theta):
+        params, i = {}, 0
+        for n, sh in zip(names, shapes):
+            params[n] = theta[i:i + sh.numel()].view(sh)
+            i += sh.numel()
+        mu = torch.func.functional_call(pol.net, {k[4:]: v for k, v in params.items() if k.startswith("net.")},
+                                        (pol.normalised(obs),))
+        return torch.distributions.Normal(mu, params["log_std"].exp().expand_as(mu))
+
+    old = dist(theta0)
+    old = torch.distributions.Normal(old.loc.detach(), old.scale.detach())
+    logp_old = old.log_prob(act).sum(-1)
+
+    def kl_mean(theta):
+        return torch.distributions.kl_divergence(old, dist(theta)).mean()
+
+    def surrogate(theta):
+        return (torch.exp(dist(theta).log_prob(act).sum(-1) - logp_old) * adv).mean()
+
+    delta, damping = 0.01, 0.1
+    g = torch.autograd.functional.jacobian(surrogate, theta0)
+    h = torch.autograd.functional.hessian(kl_mean, theta0) + damping * torch.eye(theta0.numel())
+    x = torch.linalg.solve(h, g)
+    full = torch.sqrt(2 * delta / (x @ h @ x)) * x
+    frac = next(0.8 ** i for i in range(15) if kl_mean(theta0 + 0.8 ** i * full) <= delta
+                and surrogate(theta0 + 0.8 ** i * full) >= surrogate(theta0))
+
+    p = TRPOLag.Params(target_kl=delta, cg_damping=damping, kl_tolerance=0.0, kl_action_dims="mean",
+                       cg_iters=theta0.numel())
+    out = natural_gradient_step(PolicyAtK(pol, obs, act, damping, 1, "mean"), adv, p)
+    torch.testing.assert_close(flat_params(pol), theta0 + frac * full, rtol=1e-6, atol=1e-9)
+    assert out["step_fraction"] == pytest.approx(frac) and out["kl"] <= delta
+    joint = torch.distributions.kl_divergence(old, dist(flat_params(pol))).sum(-1).mean().item()
+    assert joint == pytest.approx(2 * out["kl"]) and joint > delta
 
 
 # -- conjugate gradient ---------------------------------------------------------------------------
@@ -345,3 +398,27 @@ def test_registered_with_their_phases():
     assert get_algo("cpo").phases == ()  # the constraint is handled inside CPO's step
     assert {get_algo(a).kind for a in ("trpo", "trpo_lag", "cpo")} == {"sampling"}
     assert get_algo("cpo").load() is CPO and get_algo("trpo_lag").load() is TRPOLag
+
+
+def test_omnisafe_trust_region_holds_over_many_updates():
+    """TRPO-Lag with OmniSafe's trust region on a 2-D action task, 25 updates on fresh rollouts:
+    every step is accepted inside δ in OmniSafe's averaged KL, and the joint KL of the steps,
+    measured here on each batch, is above δ (the paper's measure keeps it below)."""
+    host = EnvHost("PointHazard-D1-v0", 8, 0)
+    env = EnvSpec.of(host.spec())
+    p = TRPOLag.Params(hidden=[32, 32], kl_action_dims="mean", kl_tolerance=0.0, critic_epochs=2)
+    learner = TRPOLag(p, env, cost_limit=5.0, device=torch.device("cpu"), seed=0)
+    kl, joint = [], []
+    for _ in range(25):
+        batch, _ = host.rollout(learner.policy.export_numpy(), 120)
+        old = copy.deepcopy(learner.policy)
+        out = learner.update([batch])
+        assert out["step_accepted"] == 1.0
+        obs = torch.as_tensor(batch["obs"]).reshape(-1, env.obs_dim)
+        with torch.no_grad():
+            d_old, d_new = old.dist(obs), policy_before_norm_update(learner, old).dist(obs)
+        kl.append(out["kl"])
+        joint.append(torch.distributions.kl_divergence(d_old, d_new).sum(-1).mean().item())
+    assert max(kl) <= p.target_kl and np.median(kl) > 0.5 * p.target_kl, kl
+    np.testing.assert_allclose(joint, 2 * np.array(kl), rtol=1e-4)
+    assert np.median(joint) > p.target_kl

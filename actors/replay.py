@@ -42,17 +42,65 @@ def n_step_transitions(batch: dict, n: int, gamma: float) -> dict:
     return {k: np.asarray(v, np.float32).reshape(T * N, *np.shape(v)[2:])[keep] for k, v in out.items()}
 
 
+class CostNormaliser:
+    """OmniSafe's ``CostNormalize`` (its ``Normalizer`` with clip 5), for the costs the critics learn
+    from: the costs of each env step, of all envs together, are merged into a running mean and
+    unbiased variance, then each is replaced by (c − mean) / max(std, 0.01), clipped to ±5, with the
+    statistics that include it (the raw cost while fewer than two costs are merged). Episode costs,
+    and so the multiplier, stay raw, as OmniSafe's ``original_cost``."""
+    CLIP, STD_FLOOR = 5.0, 0.01
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0  # m2: sum of squared deviations
+
+    def __call__(self, cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Costs [T, N] of T successive env steps, normalised step by step; invalid (skipped) steps
+        are left out of the statistics."""
+        c = np.where(valid, cost, 0.0).astype(np.float64)
+        n = self.count + np.cumsum(valid.sum(1))
+        total = self.count * self.mean + np.cumsum(c.sum(1))
+        squares = self.m2 + self.count * self.mean ** 2 + np.cumsum((c ** 2).sum(1))
+        mean = total / np.maximum(n, 1)
+        var = np.maximum(squares - n * mean ** 2, 0.0) / np.maximum(n - 1, 1)
+        z = np.clip((cost - mean[:, None]) / np.maximum(np.sqrt(var), self.STD_FLOOR)[:, None], -self.CLIP, self.CLIP)
+        out = np.where((n > 1)[:, None], z, cost)
+        if len(n):
+            self.count, self.mean = int(n[-1]), float(mean[-1])
+            self.m2 = float(max(squares[-1] - n[-1] * mean[-1] ** 2, 0.0))
+        return out.astype(np.float32)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.count, self.mean, self.m2 = sd["count"], sd["mean"], sd["m2"]
+
+
 class ReplayBuffer(ActorProcess):
-    def __init__(self, capacity: int, n_step: int, gamma: float, seed: int):
+    def __init__(self, capacity: int, n_step: int, gamma: float, seed: int, cost_normalize: bool = False):
         self.capacity, self.n_step, self.gamma = capacity, n_step, gamma
         self.rng = np.random.default_rng(seed)
         self.data: dict[str, np.ndarray] = {}
         self.pos = self.size = 0
+        self.cost_norm = CostNormaliser() if cost_normalize else None
 
     def add(self, *batches: dict) -> int:
+        """The hosts' rollout batches of one iteration (the same env steps, side by side)."""
+        if self.cost_norm is not None:
+            batches = self._normalise_costs(batches)
         for batch in batches:
             self._put(n_step_transitions(batch, self.n_step, self.gamma))
         return self.size
+
+    def _normalise_costs(self, batches: tuple[dict, ...]) -> list[dict]:
+        """Every host's envs at step t count as one vector env's step t, as in OmniSafe with
+        ``vector_env_nums`` envs."""
+        valid = [b["valid"] if "valid" in b else np.ones(b["cost"].shape, bool) for b in batches]
+        if len({b["cost"].shape[0] for b in batches}) > 1:  # fragments of different lengths: one by one
+            return [{**b, "cost": self.cost_norm(b["cost"], v)} for b, v in zip(batches, valid)]
+        z = self.cost_norm(np.concatenate([b["cost"] for b in batches], 1), np.concatenate(valid, 1))
+        cuts = np.cumsum([b["cost"].shape[1] for b in batches])[:-1]
+        return [{**b, "cost": zi} for b, zi in zip(batches, np.split(z, cuts, axis=1))]
 
     def _put(self, tr: dict) -> None:
         if not self.data:
@@ -73,7 +121,8 @@ class ReplayBuffer(ActorProcess):
 
     def state_dict(self) -> dict:
         return {"data": {k: v[:self.size] for k, v in self.data.items()}, "pos": self.pos,
-                "size": self.size, "rng": self.rng.bit_generator.state}
+                "size": self.size, "rng": self.rng.bit_generator.state,
+                **({"cost_norm": self.cost_norm.state_dict()} if self.cost_norm is not None else {})}
 
     def load_state_dict(self, sd: dict) -> None:
         self.data = {}
@@ -83,3 +132,5 @@ class ReplayBuffer(ActorProcess):
                 self.data[k][:sd["size"]] = v
         self.pos, self.size = sd["pos"], sd["size"]
         self.rng.bit_generator.state = sd["rng"]
+        if self.cost_norm is not None and "cost_norm" in sd:
+            self.cost_norm.load_state_dict(sd["cost_norm"])

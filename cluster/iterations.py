@@ -192,7 +192,7 @@ class OffPolicyIteration(EnvHostIteration):
         self.step_every = {k: cfg.schedule.step_phases.get(k, 1) for k in cfg.algo_spec.step_phases}
         self.offpolicy = o = ray.get(self.learner.offpolicy_setup.remote())
         self.replay = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
-            o["capacity"], o["n_step"], o["gamma"], cfg.seed)
+            o["capacity"], o["n_step"], o["gamma"], cfg.seed, o["cost_normalize"])
         self.pending: list | None = None  # (batch, summary) refs of the next iteration's rollouts
         self.iterations = self.total_iterations()
 

@@ -28,6 +28,13 @@ class OffPolicyParams(base.Params):
                                        "costs capacity × transition size on disk)")
 
 
+def cost_normalize_field():
+    """The ``cost_normalize`` entry of a Lagrangian off-policy learner's params (``replay.CostNormaliser``).
+    Not for learners whose constraint is on Q_C itself (CVPO, FAC), which need costs in their units."""
+    return Field(False, description="the critics learn from costs normalised per env step as OmniSafe's "
+                 "CostNormalize (running mean/std, clip 5); the multiplier still reads raw episode costs")
+
+
 class Critic(torch.nn.Module):
     """``n`` Q-networks Q(s, a) evaluated together: [n, B]."""
 
@@ -55,7 +62,8 @@ class OffPolicyLearner(base.Learner):
     def offpolicy_setup(self) -> dict:
         p = self.p
         return {"capacity": p.buffer_capacity, "n_step": p.n_step, "gamma": p.gamma, "batch_size": p.batch_size,
-                "utd": p.utd, "warmup_steps": p.warmup_steps, "replay_in_checkpoint": p.replay_in_checkpoint}
+                "utd": p.utd, "warmup_steps": p.warmup_steps, "replay_in_checkpoint": p.replay_in_checkpoint,
+                "cost_normalize": getattr(p, "cost_normalize", False)}  # the Lagrangian learners' option
 
     def policy_state(self) -> dict:
         return self.policy.export_numpy()

@@ -31,7 +31,7 @@ from pydantic import Field
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, LagrangianLearner, OmniSafeOffPolicyLagrangeParams
 from saferl.learners.networks import TanhGaussianPolicy, polyak
-from saferl.learners.offpolicy_base import OffPolicyLearner, OffPolicyParams
+from saferl.learners.offpolicy_base import OffPolicyLearner, OffPolicyParams, cost_normalize_field
 
 
 class SACLagParams(OffPolicyParams):
@@ -44,6 +44,7 @@ class SACLagParams(OffPolicyParams):
     tau: float = Field(0.005, gt=0, le=1, description="polyak rate of the target critics")
     max_grad_norm: float = Field(40.0, gt=0)
     policy_delay: int = Field(1, ge=1, description="critic steps per actor/α/target update (OmniSafe: 2)")
+    cost_normalize: bool = cost_normalize_field()
     lagrange: OmniSafeOffPolicyLagrangeParams = Field(default_factory=OmniSafeOffPolicyLagrangeParams)
 
 

@@ -33,7 +33,7 @@ from pydantic import Field
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams, LagrangianLearner, OmniSafeOffPolicyLagrangeParams
 from saferl.learners.networks import DeterministicTanhPolicy, polyak
-from saferl.learners.offpolicy_base import OffPolicyLearner, OffPolicyParams
+from saferl.learners.offpolicy_base import OffPolicyLearner, OffPolicyParams, cost_normalize_field
 
 
 class TD3LagParams(OffPolicyParams):
@@ -47,6 +47,7 @@ class TD3LagParams(OffPolicyParams):
     noise_clip: float = Field(0.5, ge=0, description="c: the smoothing noise is clipped to [−c, c]")
     policy_delay: int = Field(2, ge=1, description="critic steps per actor and target update")
     max_grad_norm: float = Field(40.0, gt=0)
+    cost_normalize: bool = cost_normalize_field()
     lagrange: OmniSafeOffPolicyLagrangeParams = Field(default_factory=OmniSafeOffPolicyLagrangeParams)
 
 

@@ -142,10 +142,11 @@ def test_sac_resume_restores_buffer_and_learner(ray_session, run_root):
     cfg = load_config("sac/SafeGBPOPendulum-v0", ["total_env_steps=1920", "algo_params.warmup_steps=384",
                                                   "algo_params.hidden=[32]", "algo_params.batch_size=64",
                                                   "schedule.checkpoint_every=4", "schedule.log_every=1",
-                                                  f"run_root={run_root}"])
+                                                  "algo_params.cost_normalize=true", f"run_root={run_root}"])
     part = train(cfg, stop_after=4)
     saved = rundir.load_checkpoint(part, cfg)
     assert saved["replay"]["size"] == 4 * cfg.steps_per_iteration
+    assert saved["replay"]["cost_norm"]["count"] == 4 * cfg.steps_per_iteration  # the normaliser's statistics
     train(cfg, run_dir=part)
     m = pd.read_csv(part / "metrics.csv")
     assert m["replay/size"].tolist() == [cfg.steps_per_iteration * (i + 1) for i in range(len(m))]
@@ -319,3 +320,65 @@ def test_init_reaches_actor_and_critics(cls, params):
                 assert (lin.bias != 0).all() and lin.weight.abs().max() <= bound and lin.bias.abs().max() <= bound
     with pytest.raises(ValueError, match="init"):
         params(init="xavier")
+
+
+class OmniSafeNormalizer:
+    """OmniSafe 0.5's ``Normalizer`` as its source reads (Chan, Golub & LeVeque's pairwise update of
+    mean and sum of squares, unbiased variance, std floored at 0.01; the first push returns the raw
+    data), with ``CostNormalize``'s clip of 5, written out one push at a time."""
+
+    def __init__(self):
+        self.first, self.count, self.mean, self.sumsq = True, 0, 0.0, 0.0
+
+    def normalize(self, data: np.ndarray) -> np.ndarray:
+        data = np.asarray(data, np.float64)
+        if self.first:
+            self.mean, self.count, self.first = data.mean(), len(data), False
+            self.sumsq = ((data - self.mean) ** 2).sum()
+        else:
+            count = self.count + len(data)
+            delta = data.mean() - self.mean
+            self.mean += delta * len(data) / count
+            self.sumsq += ((data - data.mean()) ** 2).sum() + delta ** 2 * self.count * len(data) / count
+            self.count = count
+        if self.count <= 1:
+            return data
+        std = max(np.sqrt(self.sumsq / (self.count - 1)), 1e-2)
+        return np.clip((data - self.mean) / std, -5, 5)
+
+
+def test_cost_normalisation_is_omnisafes_per_env_step():
+    """``cost_normalize``: the replay stores each cost normalised as OmniSafe's CostNormalize does
+    with the hosts' envs as one vector env, step after step, across iterations and a resume;
+    skipped steps stay out of the statistics; rewards and the rest are untouched."""
+    rng = np.random.default_rng(0)
+    ref, buf = OmniSafeNormalizer(), ReplayBuffer(10_000, 1, 0.99, 0, cost_normalize=True)
+    stored = []
+    for it in range(4):
+        hosts = [rollout_batch(rng, T=6, N=3) for _ in range(2)]
+        for b in hosts:
+            b["cost"] = (rng.random(b["cost"].shape) < 0.2).astype(np.float32) * rng.integers(1, 3, b["cost"].shape)
+            b["valid"] = np.ones(b["cost"].shape, bool)
+        hosts[1]["valid"][4:, 2] = False  # a skipped episode's steps
+        hosts[1]["cost"][4:, 2] = 0.0
+        want = np.zeros((6, 6))
+        for t in range(6):
+            cost = np.concatenate([hosts[0]["cost"][t], hosts[1]["cost"][t]])
+            valid = np.concatenate([hosts[0]["valid"][t], hosts[1]["valid"][t]])
+            want[t, valid] = ref.normalize(cost[valid])
+        if it == 2:  # resume from a checkpoint of the buffer
+            sd = buf.state_dict()
+            buf = ReplayBuffer(10_000, 1, 0.99, 0, cost_normalize=True)
+            buf.load_state_dict(sd)
+        before = buf.size
+        buf.add(*hosts)
+        got = buf.data["cost"][before:buf.size]
+        # n_step_transitions flattens each host's [T, N] in turn and drops invalid steps
+        expect = np.concatenate([want[:, :3].reshape(-1), want[:, 3:].reshape(-1)[hosts[1]["valid"].reshape(-1)]])
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(buf.data["reward"][before:buf.size][:18], hosts[0]["reward"].reshape(-1))
+        stored.append(got)
+    assert np.abs(np.concatenate(stored)).max() <= 5.0 and ref.count == 4 * 6 * 6 - 4 * 2
+    plain = ReplayBuffer(100, 1, 0.99, 0)
+    plain.add(hosts[0])
+    np.testing.assert_array_equal(plain.data["cost"][:18], hosts[0]["cost"].reshape(-1))

@@ -65,8 +65,10 @@ OMNISAFE_TASK_SECTIONS = {"policy_lr": 5e-6, "critic_lr": 1e-3, "lagrange": {"in
 def omnisafe_settings(algo: str, task: str) -> dict:
     out = {**OMNISAFE_COMMON, **OMNISAFE[algo], "policy_lr": 3e-4, "critic_lr": 3e-4,
            "lagrange": dict(OMNISAFE_LAGRANGE)}
+    out["cost_normalize"] = True  # defaults: True; the Goal1 / Circle1 sections of SACLag and TD3Lag: False
     if "Goal1" in task or "Circle1" in task:
         out.update(policy_lr=5e-6, critic_lr=1e-3)
+        out["cost_normalize"] = algo == "ddpg_lag"
         out["lagrange"].update(OMNISAFE_TASK_SECTIONS["lagrange"])
         if algo == "sac_lag":
             out["init_alpha"] = 1e-5

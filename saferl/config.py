@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _PACKAGED = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else REPO_ROOT / "configs"
 DEFAULTS = "defaults.yaml"  # per algorithm folder: the settings its task files share
+FALLBACK = "fallback"  # a defaults.yaml key: "defaults" makes it the config of tasks without a file
 
 
 class ConfigError(ValueError):
@@ -277,7 +278,10 @@ def resolve_path(name_or_path: str) -> tuple[Path, dict]:
     and the fields to override in it. A task without its own file uses its base task's (followed
     until one exists) with ``task`` replaced: e.g. ``shac/SafeGBPOPendulum-RM-v0`` the plain
     task's, ``ppo_lag/SafetyDoggoGoal2-v0`` the algorithm's SafetyPointGoal1-v0 config.
-    ``load_config`` merges the file over the ``defaults.yaml`` beside it."""
+    ``load_config`` merges the file over the ``defaults.yaml`` beside it. A ``defaults.yaml`` with
+    ``fallback: defaults`` is itself the config of every Safety-Gymnasium task without a file (its
+    task files hold per-task sections, as OmniSafe's off-policy configs do, that other tasks must
+    not take)."""
     p = Path(name_or_path)
     for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{name_or_path}.yaml"):
         if cand.is_file():
@@ -288,6 +292,10 @@ def resolve_path(name_or_path: str) -> tuple[Path, dict]:
     algo, _, task = name_or_path.removesuffix(".yaml").rpartition("/")
     if task in registry.UNSUPPORTED_TASKS:
         raise ConfigError(f"config error: task: {registry.task_error(task)}")
+    defaults = CONFIG_DIR / algo / DEFAULTS
+    if (task in registry.TASKS and registry.TASKS[task].kind == "safety_gymnasium" and defaults.is_file()
+            and _read_yaml(defaults).get(FALLBACK) == "defaults"):
+        return defaults, {"task": task}
     base = registry.TASKS[task].base if task in registry.TASKS else None
     while base:
         if (CONFIG_DIR / algo / f"{base}.yaml").is_file():
@@ -311,7 +319,9 @@ def read_config_file(path: Path) -> dict:
     file winning), so ``configs/<algo>/<task>.yaml`` states only how its task differs."""
     defaults = path.parent / DEFAULTS
     data = _read_yaml(path)
-    return _merge(_read_yaml(defaults), data) if defaults.is_file() else data
+    merged = _merge(_read_yaml(defaults), data) if defaults.is_file() else data
+    merged.pop(FALLBACK, None)
+    return merged
 
 
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:

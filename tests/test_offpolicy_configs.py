@@ -101,3 +101,18 @@ def test_same_settings_on_every_task(algo):
         ref = settings(algo, group[0])
         for task in group[1:]:
             assert settings(algo, task) == ref, task
+
+
+@pytest.mark.parametrize("algo", sorted(OMNISAFE))
+def test_tasks_without_a_file_take_omnisafes_defaults_not_goal1s_section(algo):
+    """OmniSafe's per-task sections are Goal1's and Circle1's; every other Safety-Gymnasium task (the
+    velocity tasks, Push, Goal2, ...) runs its defaults. A task without a config file therefore takes
+    ``defaults.yaml`` here (``fallback: defaults``), not the Goal1 file other algorithms fall back to."""
+    for task in ("SafetyHopperVelocity-v1", "SafetyAntVelocity-v1", "SafetyPointPush1-v0", "SafetyCarGoal2-v0"):
+        cfg = load_config(f"{algo}/{task}")
+        assert cfg.task == task and cfg.schedule.phases == {"dual": 1}
+        assert cfg.learner_params() == registry.get_algo(algo).load().Params(
+            **omnisafe_settings(algo, "SafetyPointButton1-v0")), task
+    # elsewhere the base task's file stays the fallback (a safeguarded pendulum takes the plain one's)
+    assert load_config(f"{algo}/SafeGBPOPendulum-RM-v0").learner_params() == load_config(
+        f"{algo}/SafeGBPOPendulum-v0").learner_params()

@@ -83,11 +83,11 @@ def test_a_new_agents_velocity_task_steps_in_the_env_host(sg_registry):
     ("trpo_lag/SafetyRacecarPush0-v0", "trpo_lag/SafetyPointGoal1-v0"),
     ("cpo/SafetyAntFadingHard1-v0", "cpo/SafetyPointGoal1-v0"),
     ("ppo_lag/SafetyAntCircle0-v0", "ppo_lag/SafetyCarCircle1-v0"),  # ppo_lag has no Point Circle config
-    ("sac_lag/SafetyAntCircle0-v0", "sac_lag/SafetyPointCircle1-v0"),
+    ("sac_lag/SafetyAntCircle0-v0", "sac_lag/defaults"),  # OmniSafe's sections are PointCircle1's, not AntCircle0's
     ("ppo_lag/SafetyPointCircle1-v0", "ppo_lag/SafetyCarCircle1-v0"),
     ("cpo/SafetyWalker2dVelocity-v1", "cpo/SafetyAntVelocity-v1"),
     ("trpo/SafetyHumanoidVelocity-v0", "trpo/SafetyAntVelocity-v1"),
-    ("sac_lag/SafetyWalker2dVelocity-v1", "sac_lag/SafetyPointGoal1-v0"),  # no off-policy velocity config
+    ("sac_lag/SafetyWalker2dVelocity-v1", "sac_lag/defaults"),  # fallback: defaults (OmniSafe's for this task)
     ("sac_lag/SafetyCarButton1-v0", "sac_lag/SafetyCarButton1-v0"),  # shipped files stay in use
 ])
 def test_new_tasks_use_their_familys_config(name, file):

@@ -36,8 +36,11 @@ matrix H are of the joint action distribution, or averaged over action dimension
 tol = 0; ``learners/trpo_lag.py`` says what it changes).
 
 The constraint value. ``cost_limit`` d is per episode (undiscounted episode cost), while the
-surrogate E[ρ Â_C] is a per-step average; as in OmniSafe, c = (J_C − d) / L with L the mean
-episode length, which puts both on the per-step scale (J_C(θ) − J_C(θ_k) ≈ L·E[ρ Â_C]).
+surrogate E[ρ Â_C] is a per-step average; c = (J_C − d) / L with L the mean episode length,
+which puts both on the per-step scale (J_C(θ) − J_C(θ_k) ≈ L·E[ρ Â_C]). This is a deviation from
+OmniSafe 0.5, whose CPO and PCPO take c = J_C − d (J_C its 50-episode cost window, not divided by
+L) against the same per-step surrogate, so its |c| is up to L times larger
+(docs/results/baselines.md compares the two on a velocity task).
 J_C and L are the mean undiscounted cost and length of the episodes that ended in this batch
 (``EpisodeCosts`` carries each env's partial episode from one batch to the next, so episodes
 longer than a rollout count too). When none ended, J_C is estimated from the batch's cost

@@ -20,7 +20,8 @@ OmniSafe's PCPO does, a backtracking line search (``line_search``, on by default
 the first fraction 1, β, β², … with D̄_KL ≤ δ(1 + tol), a cost-surrogate increase ≤ max(−c, 0)
 and, when θ_k is feasible (c < 0), a reward-surrogate improvement — the acceptance rule of CPO
 (``learners/cpo.py``), whose constraint value c = (J_C − d)/L (per-step scale, J_C and the mean
-episode length L from ``EpisodeCosts``) PCPO shares. ``line_search: false`` gives the paper's
+episode length L from ``EpisodeCosts``; OmniSafe: J_C − d, see there) PCPO shares.
+``line_search: false`` gives the paper's
 update unchanged. H and D̄_KL are of the joint action distribution, or averaged over action
 dimensions with ``kl_action_dims: mean`` (OmniSafe's measure; ``learners/trpo_lag.py``). No dual
 variable: the constraint enters each step, so no ``dual`` phase.

@@ -51,29 +51,27 @@ class CostNormaliser:
     CLIP, STD_FLOOR = 5.0, 0.01
 
     def __init__(self):
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0  # m2: sum of squared deviations
+        self.count, self.total, self.squares = 0, 0.0, 0.0  # of the merged costs: n, Σc, Σc²
 
     def __call__(self, cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Costs [T, N] of T successive env steps, normalised step by step; invalid (skipped) steps
         are left out of the statistics."""
         c = np.where(valid, cost, 0.0).astype(np.float64)
         n = self.count + np.cumsum(valid.sum(1))
-        total = self.count * self.mean + np.cumsum(c.sum(1))
-        squares = self.m2 + self.count * self.mean ** 2 + np.cumsum((c ** 2).sum(1))
+        total = self.total + np.cumsum(c.sum(1))
+        squares = self.squares + np.cumsum((c ** 2).sum(1))
         mean = total / np.maximum(n, 1)
         var = np.maximum(squares - n * mean ** 2, 0.0) / np.maximum(n - 1, 1)
         z = np.clip((cost - mean[:, None]) / np.maximum(np.sqrt(var), self.STD_FLOOR)[:, None], -self.CLIP, self.CLIP)
-        out = np.where((n > 1)[:, None], z, cost)
         if len(n):
-            self.count, self.mean = int(n[-1]), float(mean[-1])
-            self.m2 = float(max(squares[-1] - n[-1] * mean[-1] ** 2, 0.0))
-        return out.astype(np.float32)
+            self.count, self.total, self.squares = int(n[-1]), float(total[-1]), float(squares[-1])
+        return np.where((n > 1)[:, None], z, cost).astype(np.float32)
 
     def state_dict(self) -> dict:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+        return {"count": self.count, "total": self.total, "squares": self.squares}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.count, self.mean, self.m2 = sd["count"], sd["mean"], sd["m2"]
+        self.count, self.total, self.squares = sd["count"], sd["total"], sd["squares"]
 
 
 class ReplayBuffer(ActorProcess):

@@ -41,17 +41,11 @@ class Wrapped(torch.nn.Module):
         return self.policy.net(self.policy.normalised(obs)), self.policy.log_std
 
 
-def test_fvp_equals_explicit_fisher_matrix(float64):
-    torch.manual_seed(0)
-    pol = GaussianPolicy(3, 2, [4], init_log_std=-0.3)
-    pol.norm.update(torch.randn(50, 3) * 2 + 1)  # non-trivial normaliser
-    with torch.no_grad():
-        pol.log_std.copy_(torch.tensor([-0.3, 0.4]))
-    obs = torch.randn(16, 3)
+def functional_outputs(pol: GaussianPolicy, obs: torch.Tensor):
+    """θ ↦ (μ, log σ) of ``pol`` on ``obs`` at flat parameters θ (the order of ``flat_params``)."""
     wrapped = Wrapped(pol)
     names = [f"policy.{n}" for n, _ in pol.named_parameters()]
     shapes = [p.shape for p in pol.parameters()]
-    theta0 = flat_params(pol)
     buffers = {f"policy.{n}": b for n, b in pol.named_buffers()}
 
     def unflat(theta):
@@ -61,9 +55,18 @@ def test_fvp_equals_explicit_fisher_matrix(float64):
             i += s.numel()
         return out
 
-    def outputs(theta):
-        return torch.func.functional_call(wrapped, {**unflat(theta), **buffers}, (obs,))
+    return lambda theta: torch.func.functional_call(wrapped, {**unflat(theta), **buffers}, (obs,))
 
+
+def test_fvp_equals_explicit_fisher_matrix(float64):
+    torch.manual_seed(0)
+    pol = GaussianPolicy(3, 2, [4], init_log_std=-0.3)
+    pol.norm.update(torch.randn(50, 3) * 2 + 1)  # non-trivial normaliser
+    with torch.no_grad():
+        pol.log_std.copy_(torch.tensor([-0.3, 0.4]))
+    obs = torch.randn(16, 3)
+    theta0 = flat_params(pol)
+    outputs = functional_outputs(pol, obs)
     mu0, ls0 = (t.detach() for t in outputs(theta0))
     old = torch.distributions.Normal(mu0, ls0.exp())
 
@@ -103,17 +106,11 @@ def test_omnisafe_kl_measure_gives_omnisafes_trpo_step(float64):
     pol = GaussianPolicy(3, 2, [4], init_log_std=0.0)
     obs, act, adv = torch.randn(64, 3), torch.randn(64, 2), torch.randn(64)
     theta0 = flat_params(pol).clone()
-    names = [n for n, _ in pol.named_parameters()]
-    shapes = [q.shape for q in pol.parameters()]
+    outputs = functional_outputs(pol, obs)
 
     def dist(theta):
-        params, i = {}, 0
-        for n, sh in zip(names, shapes):
-            params[n] = theta[i:i + sh.numel()].view(sh)
-            i += sh.numel()
-        mu = torch.func.functional_call(pol.net, {k[4:]: v for k, v in params.items() if k.startswith("net.")},
-                                        (pol.normalised(obs),))
-        return torch.distributions.Normal(mu, params["log_std"].exp().expand_as(mu))
+        mu, log_std = outputs(theta)
+        return torch.distributions.Normal(mu, log_std.exp().expand_as(mu))
 
     old = dist(theta0)
     old = torch.distributions.Normal(old.loc.detach(), old.scale.detach())

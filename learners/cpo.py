@@ -36,25 +36,31 @@ matrix H are of the joint action distribution, or averaged over action dimension
 tol = 0; ``learners/trpo_lag.py`` says what it changes).
 
 The constraint value. ``cost_limit`` d is per episode (undiscounted episode cost), while the
-surrogate E[ρ Â_C] is a per-step average; c = (J_C − d) / L with L the mean episode length,
-which puts both on the per-step scale (J_C(θ) − J_C(θ_k) ≈ L·E[ρ Â_C]). This is a deviation from
-OmniSafe 0.5, whose CPO and PCPO take c = J_C − d (J_C its 50-episode cost window, not divided by
-L) against the same per-step surrogate, so its |c| is up to L times larger
-(docs/results/baselines.md compares the two on a velocity task).
+surrogate E[ρ Â_C] is a per-step average. ``constraint_scale: per_step`` (the default) takes
+c = (J_C − d) / L with L the mean episode length, which puts both on the per-step scale
+(J_C(θ) − J_C(θ_k) ≈ L·E[ρ Â_C]). ``constraint_scale: episode`` takes c = J_C − d against the same
+per-step surrogate, as OmniSafe 0.5's CPO and PCPO do, so |c| is up to L times larger: an
+infeasible θ_k falls into the recovery case far more often and a feasible one into the plain TRPO
+case (docs/results/baselines.md compares the two on a velocity task).
 J_C and L are the mean undiscounted cost and length of the episodes that ended in this batch
 (``EpisodeCosts`` carries each env's partial episode from one batch to the next, so episodes
-longer than a rollout count too). When none ended, J_C is estimated from the batch's cost
-signal as mean per-step cost × max_episode_steps, with L = max_episode_steps (so c is the mean
-per-step cost minus d / max_episode_steps). The critics' value targets are discounted and
-would underestimate the undiscounted J_C, so they are not used.
+longer than a rollout count too), or, with ``cost_window`` n > 0, of the last n episodes that
+ended, this batch's included (OmniSafe: its 50-episode ``Metrics/EpCost`` window). When none has
+ended, J_C is estimated from the batch's cost signal as mean per-step cost × max_episode_steps,
+with L = max_episode_steps (so the per-step c is the mean per-step cost minus d / max_episode_steps).
+The critics' value targets are discounted and would underestimate the undiscounted J_C, so they
+are not used.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from saferl.learners import base
 from saferl.learners.onpolicy_base import standardise
@@ -65,7 +71,10 @@ COST_GRAD_EPS = 1e-6  # ‖b‖² below this counts as "no cost gradient" (OmniS
 
 
 class CPOParams(TrustRegionParams):
-    pass
+    constraint_scale: Literal["per_step", "episode"] = Field(
+        "per_step", description="c = (J_C − d)/L on the surrogate's per-step scale, or J_C − d (OmniSafe)")
+    cost_window: int = Field(0, ge=0, description="J_C over the last n ended episodes (OmniSafe: 50); "
+                             "0: the episodes that ended in this batch")
 
 
 @dataclass
@@ -165,16 +174,22 @@ class CPO(TrustRegionLearner):
     def __init__(self, params: CPOParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
         self.episodes = EpisodeCosts()
+        self.recent: deque = deque(maxlen=params.cost_window or None)  # (cost, length) of ended episodes
 
     def constraint_value(self, batches: list[dict], prep: dict) -> tuple[float, float, float]:
-        """(c, J_C, L): c = (J_C − d) / L on the surrogate's per-step scale (module docstring)."""
-        costs, lengths = self.episodes(batches)
-        if costs:
-            j_c, length = float(np.mean(costs)), float(np.mean(lengths))
+        """(c, J_C, L): c = (J_C − d) / L, or J_C − d with ``constraint_scale: episode``
+        (module docstring)."""
+        ended = list(zip(*self.episodes(batches)))
+        if self.p.cost_window:
+            self.recent.extend(ended)
+            ended = list(self.recent)
+        if ended:
+            j_c, length = (float(np.mean(x)) for x in zip(*ended))
         else:
             length = float(self.env.max_episode_steps)
             j_c = prep["batch"]["cost"].double().mean().item() * length
-        return (j_c - self.cost_limit) / length, j_c, length
+        excess = j_c - self.cost_limit
+        return (excess if self.p.constraint_scale == "episode" else excess / length), j_c, length
 
     def search(self, k, step, adv_r, adv_c, loss_before: float, cost_before: float, c: float,
                require_improvement: bool):
@@ -192,7 +207,7 @@ class CPO(TrustRegionLearner):
             max_cost_increase=max(-c, 0.0))
 
     def linearise(self, prep: dict, batches: list[dict], tag: str):
-        """The quadratic model's ingredients at θ_k: c = (J_C − b)/L, Â_R z-scored and Â_C centred,
+        """The quadratic model's ingredients at θ_k: the constraint value c, Â_R z-scored and Â_C centred,
         π_k, the surrogate gradients g = ∇E[ρÂ_R] and b = ∇E[ρÂ_C], the surrogates at θ_k, and the
         constraint value as metrics."""
         c, j_c, length = self.constraint_value(batches, prep)
@@ -230,8 +245,9 @@ class CPO(TrustRegionLearner):
                 "step_norm": (fraction * step).norm().item()}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "episodes": self.episodes.state_dict()}
+        return {**super().state_dict(), "episodes": self.episodes.state_dict(), "recent": list(self.recent)}
 
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
         self.episodes.load_state_dict(sd["episodes"])
+        self.recent = deque(sd.get("recent", []), maxlen=self.p.cost_window or None)

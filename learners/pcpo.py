@@ -19,8 +19,8 @@ xᵀHx (``learners/trust_region.py``, shared with TRPO and CPO). The paper takes
 OmniSafe's PCPO does, a backtracking line search (``line_search``, on by default) then accepts
 the first fraction 1, β, β², … with D̄_KL ≤ δ(1 + tol), a cost-surrogate increase ≤ max(−c, 0)
 and, when θ_k is feasible (c < 0), a reward-surrogate improvement — the acceptance rule of CPO
-(``learners/cpo.py``), whose constraint value c = (J_C − d)/L (per-step scale, J_C and the mean
-episode length L from ``EpisodeCosts``; OmniSafe: J_C − d, see there) PCPO shares.
+(``learners/cpo.py``), whose constraint value c PCPO shares: (J_C − d)/L on the per-step scale,
+or J_C − d over a 50-episode window as OmniSafe's PCPO (``constraint_scale``, ``cost_window``).
 ``line_search: false`` gives the paper's
 update unchanged. H and D̄_KL are of the joint action distribution, or averaged over action
 dimensions with ``kl_action_dims: mean`` (OmniSafe's measure; ``learners/trpo_lag.py``). No dual

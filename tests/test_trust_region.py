@@ -336,9 +336,10 @@ def assert_resumes_identically(cls, p) -> None:
     assert out_a == out_b
 
 
-@pytest.mark.parametrize("cls", [TRPOLag, CPO])
-def test_state_dict_resumes_identically(cls):
-    assert_resumes_identically(cls, cls.Params(hidden=[8, 8], critic_epochs=2))
+@pytest.mark.parametrize("cls,extra", [(TRPOLag, {}), (CPO, {}),
+                                       (CPO, {"constraint_scale": "episode", "cost_window": 3})])
+def test_state_dict_resumes_identically(cls, extra):
+    assert_resumes_identically(cls, cls.Params(hidden=[8, 8], critic_epochs=2, **extra))
 
 
 def test_cpo_update_respects_the_cost_surrogate_and_kl():
@@ -373,6 +374,34 @@ def test_episode_costs_match_the_hosts_episodes():
             assert sorted(lengths) == sorted(e["length"] for e in expected)
             host_eps.append(len(expected))
     assert host_eps == [0, 4, 4, 0, 0, 4, 0, 4]
+
+
+def test_cpo_constraint_value_on_either_scale_and_window():
+    """Per step: c = (J_C − d)/L from the batch's own episodes. OmniSafe's: c = J_C − d, J_C the mean
+    of the last n ended episodes (its Metrics/EpCost window), carried across batches; before any
+    episode has ended, J_C is estimated from the per-step costs."""
+    batches, summaries, env = rollouts(n_batches=4, steps=70, envs=4)
+    dev, d = torch.device("cpu"), 8.0
+    per_step = CPO(CPO.Params(hidden=[8]), env, d, dev, seed=0)
+    windowed = CPO(CPO.Params(hidden=[8], constraint_scale="episode", cost_window=6), env, d, dev, seed=0)
+    ended = []
+    for batch, summary in zip(batches, summaries):
+        prep = {"batch": {"cost": torch.as_tensor(batch["cost"])}}
+        eps = [(e["cost"], e["length"]) for e in summary["episodes"]]
+        ended = (ended + eps)[-6:]
+        c, j_c, length = per_step.constraint_value([batch], prep)
+        c_w, j_w, length_w = windowed.constraint_value([batch], prep)
+        if not ended:  # first batch: episodes of 100 steps, rollouts of 70
+            assert j_c == j_w == pytest.approx(batch["cost"].mean() * 100) and length == length_w == 100
+            assert c_w == pytest.approx(j_w - d) and c == pytest.approx((j_c - d) / 100)
+            continue
+        if eps:
+            assert j_c == pytest.approx(np.mean([e[0] for e in eps]), rel=1e-5)
+            assert c == pytest.approx((j_c - d) / np.mean([e[1] for e in eps]), rel=1e-5)
+        assert j_w == pytest.approx(np.mean([e[0] for e in ended]), rel=1e-5)
+        assert length_w == pytest.approx(np.mean([e[1] for e in ended]))
+        assert c_w == pytest.approx(j_w - d, rel=1e-5)
+    assert len(ended) == 6 and len(windowed.recent) == 6  # 8 episodes ended, the window keeps 6
 
 
 # -- end to end on Ray --------------------------------------------------------------------------

@@ -382,3 +382,16 @@ def test_cost_normalisation_is_omnisafes_per_env_step():
     plain = ReplayBuffer(100, 1, 0.99, 0)
     plain.add(hosts[0])
     np.testing.assert_array_equal(plain.data["cost"][:18], hosts[0]["cost"].reshape(-1))
+
+
+def test_cost_normalisation_of_fragments_of_different_lengths():
+    """Hosts whose fragments differ in length cannot be lined up step by step: each host's steps
+    are merged in turn, as a vector env of its own envs would push them."""
+    rng = np.random.default_rng(1)
+    ref, buf = OmniSafeNormalizer(), ReplayBuffer(1_000, 1, 0.99, 0, cost_normalize=True)
+    hosts = [rollout_batch(rng, T=6, N=3), rollout_batch(rng, T=4, N=2)]
+    want = [np.stack([ref.normalize(b["cost"][t]) for t in range(len(b["cost"]))]) for b in hosts]
+    buf.add(*hosts)
+    np.testing.assert_allclose(buf.data["cost"][:buf.size], np.concatenate([w.reshape(-1) for w in want]),
+                               rtol=1e-5, atol=1e-6)
+    assert buf.cost_norm.count == 6 * 3 + 4 * 2

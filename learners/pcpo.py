@@ -17,12 +17,16 @@ paper's closed-form update
 H⁻¹g and H⁻¹a come from conjugate gradient with Fisher-vector products, gᵀH⁻¹g is measured as
 xᵀHx (``learners/trust_region.py``, shared with TRPO and CPO). The paper takes the step as is; as
 OmniSafe's PCPO does, a backtracking line search (``line_search``, on by default) then accepts
-the first fraction 1, β, β², … with D̄_KL ≤ δ(1 + tol), a cost-surrogate increase ≤ max(−c, 0)
-and, when θ_k is feasible (c < 0), a reward-surrogate improvement — the acceptance rule of CPO
-(``learners/cpo.py``), whose constraint value c PCPO shares: (J_C − d)/L on the per-step scale,
+the first fraction 1, β, β², … with D̄_KL ≤ δ(1 + tol) and a cost-surrogate increase ≤ max(−c, 0)
+(OmniSafe's PCPO calls CPO's search with up to 200 fractions and without CPO's requirement of a
+reward-surrogate improvement; ``improvement_required`` adds it when θ_k is feasible, c < 0, as
+CPO's rule in ``learners/cpo.py`` does). The constraint value c is CPO's: (J_C − d)/L on the per-step scale,
 or J_C − d over a 50-episode window as OmniSafe's PCPO (``constraint_scale``, ``cost_window``).
 ``line_search: false`` gives the paper's
-update unchanged. H and D̄_KL are of the joint action distribution, or averaged over action
+update unchanged. One difference from OmniSafe 0.5 is kept on purpose: its reward step is
+√(2δ/q)·F(H⁻¹g), the Fisher-vector product of the CG solution, which is g itself up to the CG
+residual, not the natural-gradient step √(2δ/q)·H⁻¹g the paper (and its projection coefficient)
+is written for; saferl takes the paper's. H and D̄_KL are of the joint action distribution, or averaged over action
 dimensions with ``kl_action_dims: mean`` (OmniSafe's measure; ``learners/trpo_lag.py``). No dual
 variable: the constraint enters each step, so no ``dual`` phase.
 """
@@ -41,6 +45,8 @@ class PCPOParams(CPOParams):
     metric: Literal["kl", "l2"] = Field("kl", description="projection metric L: H (KL, the paper's "
                                         "choice in its experiments and OmniSafe's) or I (L2)")
     line_search: bool = Field(True, description="backtrack the projected step (OmniSafe); false: the paper's step")
+    improvement_required: bool = Field(False, description="the line search also requires a reward-surrogate "
+                                       "improvement when θ_k is feasible (CPO's rule; not OmniSafe's PCPO)")
 
 
 def project_to_halfspace(x: torch.Tensor, a: torch.Tensor, l_inv_a: torch.Tensor, c: float
@@ -88,7 +94,8 @@ class PCPO(CPO):
             stats.update({"pcpo/nu": nu, "pcpo/q": q, "pcpo/projected": float(nu > 0),
                           "pcpo/reward_step_norm": half.norm().item()})
             if p.line_search:
-                res = self.search(k, step, adv_r, adv_c, loss_before, cost_before, c, require_improvement=c < 0)
+                res = self.search(k, step, adv_r, adv_c, loss_before, cost_before, c,
+                                  require_improvement=p.improvement_required and c < 0)
         fraction = 0.0 if failed else res.fraction if res is not None else 1.0  # 1.0: no line search
         k.move(step, fraction)
         loss, kl, cost = k.measure(adv_r, adv_c)

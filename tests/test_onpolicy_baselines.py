@@ -384,7 +384,9 @@ def test_pcpo_with_a_limit_that_cannot_bind_is_trpo():
     trpo = TRPO(TRPO.Params(hidden=[16, 16]), env, cost_limit=1e6, device=CPU, seed=0)  # λ = 0
     ref = [trpo.update([b]) for b in batches]  # (each learner seeds the global RNG: one at a time)
     for metric in ("kl", "l2"):
-        pcpo = PCPO(PCPO.Params(hidden=[16, 16], metric=metric), env, cost_limit=1e6, device=CPU, seed=0)
+        # with CPO's acceptance rule (a feasible step must improve the reward surrogate), as TRPO's search
+        pcpo = PCPO(PCPO.Params(hidden=[16, 16], metric=metric, improvement_required=True), env,
+                    cost_limit=1e6, device=CPU, seed=0)
         out = [pcpo.update([b]) for b in batches]
         assert all(o["pcpo/nu"] == 0.0 and o["step_accepted"] == 1.0 for o in out)
         assert [o["step_fraction"] for o in out] == [r["step_fraction"] for r in ref]

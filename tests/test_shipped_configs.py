@@ -79,12 +79,15 @@ def test_the_omnisafe_trust_regions_measure_kl_as_omnisafe(algo):
 
 
 @pytest.mark.parametrize("algo", ["cpo", "pcpo"])
-def test_the_omnisafe_constraint_value_on_safety_gym_tasks(algo):
-    """OmniSafe's CPO and PCPO take c = J_C − d over its 50-episode window; the Brax (Table 1) and
-    FunctionEnv configs keep c on the surrogate's per-step scale from the batch's own episodes."""
+def test_the_omnisafe_constraint_value_and_search_on_safety_gym_tasks(algo):
+    """OmniSafe's CPO and PCPO take c = J_C − d over its 50-episode window and search 20 (CPO) or 200
+    (PCPO, with no reward-improvement test) fractions; the Brax (Table 1) and FunctionEnv configs
+    keep c on the surrogate's per-step scale from the batch's own episodes."""
     for task in SAFETY_GYM_TASKS:
         p = load_config(f"{algo}/{task}").learner_params()
         assert (p.constraint_scale, p.cost_window) == ("episode", 50), task
+        assert p.max_backtracks == (20 if algo == "cpo" else 200), task
+        assert algo == "cpo" or (p.line_search and not p.improvement_required), task
     others = ["FunctionEnv-v0"] + (["BraxAntVel-v0", "BraxCartPole-v1", "BraxHalfCheetahVel-v0", "BraxReacher-v0"]
                                    if algo == "cpo" else [])
     for task in others:

@@ -15,20 +15,21 @@ paper's closed-form update
     θ_{k+1} = θ_k + √(2δ/gᵀH⁻¹g) H⁻¹g − max(0, (√(2δ/gᵀH⁻¹g) aᵀH⁻¹g + c) / aᵀL⁻¹a) L⁻¹a.
 
 H⁻¹g and H⁻¹a come from conjugate gradient with Fisher-vector products, gᵀH⁻¹g is measured as
-xᵀHx (``learners/trust_region.py``, shared with TRPO and CPO). The paper takes the step as is; as
-OmniSafe's PCPO does, a backtracking line search (``line_search``, on by default) then accepts
-the first fraction 1, β, β², … with D̄_KL ≤ δ(1 + tol) and a cost-surrogate increase ≤ max(−c, 0)
-(OmniSafe's PCPO calls CPO's search with up to 200 fractions and without CPO's requirement of a
-reward-surrogate improvement; ``improvement_required`` adds it when θ_k is feasible, c < 0, as
-CPO's rule in ``learners/cpo.py`` does). The constraint value c is CPO's: (J_C − d)/L on the per-step scale,
-or J_C − d over a 50-episode window as OmniSafe's PCPO (``constraint_scale``, ``cost_window``).
-``line_search: false`` gives the paper's
-update unchanged. One difference from OmniSafe 0.5 is kept on purpose: its reward step is
-√(2δ/q)·F(H⁻¹g), the Fisher-vector product of the CG solution, which is g itself up to the CG
-residual, not the natural-gradient step √(2δ/q)·H⁻¹g the paper (and its projection coefficient)
-is written for; saferl takes the paper's. H and D̄_KL are of the joint action distribution, or averaged over action
-dimensions with ``kl_action_dims: mean`` (OmniSafe's measure; ``learners/trpo_lag.py``). No dual
-variable: the constraint enters each step, so no ``dual`` phase.
+xᵀHx (``learners/trust_region.py``, shared with TRPO and CPO). The paper takes the step as is;
+``line_search: false`` gives that. As OmniSafe's PCPO does, a backtracking line search (on by
+default) accepts the first fraction 1, β, β², … with D̄_KL ≤ δ(1 + tol) and a cost-surrogate
+increase ≤ max(−c, 0); OmniSafe calls CPO's search with up to 200 fractions and without CPO's
+requirement that a feasible step improve the reward surrogate (``improvement_required`` adds it).
+The constraint value c is CPO's (``learners/cpo.py``): (J_C − d)/L on the per-step scale, or J_C − d
+over a 50-episode window as OmniSafe's (``constraint_scale``, ``cost_window``). H and D̄_KL are of
+the joint action distribution, or averaged over action dimensions with ``kl_action_dims: mean``
+(OmniSafe's measure; ``learners/trpo_lag.py``). No dual variable: the constraint enters each
+step, so no ``dual`` phase.
+
+One difference from OmniSafe 0.5 is kept on purpose: its reward step is √(2δ/q)·F(H⁻¹g), the
+Fisher-vector product of the CG solution, which is g up to the CG residual, not the
+natural-gradient step √(2δ/q)·H⁻¹g that the paper (and OmniSafe's own projection coefficient)
+is written for; saferl takes the paper's.
 """
 from __future__ import annotations
 

@@ -218,3 +218,16 @@ def test_seeds_run_one_comparison_each_and_one_table(ray_session, tmp_path, monk
     assert main([*argv, "--out", str(again), "--reference-from", str(out)]) == 0
     assert (again / "seed1" / "reference" / "reference_curve.csv").read_text() == (
         out / "seed1" / "reference" / "reference_curve.csv").read_text()
+
+
+def test_the_lambda_panel_is_drawn_only_for_curves_with_a_multiplier():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    point = {"env_steps": 1.0, "episode_return": 1.0, "episode_cost": 0.0, "lagrange_multiplier": None}
+    for lam, n in ((None, 2), (0.5, 3)):
+        fig, axes = reference._panels(plt, [[point], [{**point, "lagrange_multiplier": lam}]])
+        assert len(axes) == n
+        plt.close(fig)

@@ -303,8 +303,15 @@ def _draw(axes, curve: list[dict], **style) -> None:
     axes[0].plot(x, [p["episode_return"] for p in curve], **style)
     axes[1].plot(x, [p["episode_cost"] for p in curve], **style)
     lam = [(p["env_steps"], p["lagrange_multiplier"]) for p in curve if p["lagrange_multiplier"] is not None]
-    if lam:
+    if lam and len(axes) > 2:
         axes[2].plot(*zip(*lam), **style)
+
+
+def _panels(plt, curves: list[list[dict]]):
+    """The figure and its return and cost panels, and a λ panel when any curve logs λ."""
+    n = 3 if any(p["lagrange_multiplier"] is not None for c in curves for p in c) else 2
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.6))
+    return fig, list(axes)
 
 
 def _label_panels(axes, s: dict) -> None:
@@ -323,7 +330,7 @@ def plot(path: Path, s: dict, curves: dict) -> None:
 
     from saferl.tools.studies.runner import save_figure
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = _panels(plt, list(curves.values()))
     for (src, curve), color in zip(curves.items(), ("tab:blue", "tab:orange")):
         label = f"saferl {s['algo']}" if src == "saferl" else f"OmniSafe {s['reference_algo']}"
         _draw(axes, curve, color=color, label=label)
@@ -415,7 +422,7 @@ def plot_seeds(path: Path, s: dict, curves: dict[int, dict]) -> None:
 
     from saferl.tools.studies.runner import save_figure
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = _panels(plt, [c for by_source in curves.values() for c in by_source.values()])
     for src, color in (("saferl", "tab:blue"), ("omnisafe", "tab:orange")):
         label = f"saferl {s['algo']}" if src == "saferl" else f"OmniSafe {s['reference_algo']}"
         for i, (seed, by_source) in enumerate(sorted(curves.items())):

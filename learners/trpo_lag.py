@@ -38,9 +38,6 @@ from saferl.metric_keys import LAGRANGE_MULTIPLIER
 
 
 class TRPOLagParams(TrustRegionParams):
-    critic_norm_coef: float = Field(0.0, ge=0, description="L2 penalty on the critics' parameters (OmniSafe: 0.001)")
-    clip_critic_grad: bool = Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
-    max_grad_norm: float = Field(40.0, gt=0, description="with clip_critic_grad (OmniSafe: 40)")
     lagrange: OmniSafeLagrangeParams = Field(default_factory=OmniSafeLagrangeParams)
 
 

@@ -52,6 +52,9 @@ class TrustRegionParams(base.Params):
     max_backtracks: int = Field(15, gt=0, description="candidate steps tried: 1, β, …, β^(n−1)")
     critic_epochs: int = Field(10, gt=0)
     minibatch_size: int = Field(128, gt=0, description="critic minibatch")
+    critic_norm_coef: float = Field(0.0, ge=0, description="L2 penalty on the critics' parameters (OmniSafe: 0.001)")
+    clip_critic_grad: bool = Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
+    max_grad_norm: float = Field(40.0, gt=0, description="with clip_critic_grad (OmniSafe: 40)")
     init_log_std: float = -0.5
     normalise_obs: bool = True
     obs_clip: float = obs_clip_field()

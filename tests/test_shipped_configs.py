@@ -47,13 +47,22 @@ def test_same_settings_on_every_task(algo):
         assert settings(algo, task) == ref, task
 
 
-@pytest.mark.parametrize("algo", ["ppo_lag", "trpo_lag"])
+@pytest.mark.parametrize("algo", ["ppo_lag", "trpo_lag", "trpo", "cpo", "pcpo"])
 def test_the_omnisafe_configs_initialise_as_omnisafe(algo):
     """The configs that follow OmniSafe key by key take its weight_initialization_mode (PyTorch's
-    kaiming_uniform); the other tasks keep the learner's default, orthogonal."""
+    kaiming_uniform), its learnt log σ from 0 and its critic L2 norm and gradient clip; the other
+    tasks keep the learner's defaults (orthogonal, log σ −0.5, no critic norm or clip)."""
     for task in SAFETY_GYM_TASKS:
-        assert load_config(f"{algo}/{task}").learner_params().init == "kaiming_uniform", task
-    assert load_config(f"{algo}/FunctionEnv-v0").learner_params().init == "orthogonal"
+        p = load_config(f"{algo}/{task}").learner_params()
+        assert (p.init, p.init_log_std) == ("kaiming_uniform", 0.0), task
+        assert (p.critic_norm_coef, p.max_grad_norm) == (0.001, 40.0), task
+        assert algo == "ppo_lag" or p.clip_critic_grad, task
+    others = ["FunctionEnv-v0"] + (["BraxAntVel-v0", "BraxCartPole-v1", "BraxHalfCheetahVel-v0", "BraxReacher-v0"]
+                                   if algo == "cpo" else [])
+    for task in others:
+        p = load_config(f"{algo}/{task}").learner_params()
+        assert p.init == "orthogonal" and p.critic_norm_coef == 0.0, task
+        assert algo == "ppo_lag" or (p.init_log_std == -0.5 and not p.clip_critic_grad), task
 
 
 OMNISAFE_NORMALISER = ("ppo_lag", "trpo_lag", "cpo", "pcpo", "trpo")

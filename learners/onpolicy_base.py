@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from saferl.batch import next_observations
 from saferl.learners import base
@@ -87,6 +88,16 @@ def to_floats(values: list) -> list:
     """Per-minibatch statistics kept as 0-d tensors -> Python floats, in one transfer (no host
     sync per minibatch); plain floats pass through."""
     return torch.stack(values).tolist() if values and torch.is_tensor(values[0]) else values
+
+
+def critic_norm_coef_field():
+    """The ``critic_norm_coef`` entry of a learner's params (``ActorCritic.critic_objective``)."""
+    return Field(0.0, ge=0, description="L2 penalty on the critics' parameters (OmniSafe: 0.001)")
+
+
+def clip_critic_grad_field():
+    """The ``clip_critic_grad`` entry of a learner's params (``ActorCritic.critic_objective``)."""
+    return Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
 
 
 class ActorCritic(base.Learner):

@@ -45,7 +45,9 @@ from saferl.learners.onpolicy_base import (
     adam,
     advantages,
     assemble,
+    clip_critic_grad_field,
     clipped_surrogate,
+    critic_norm_coef_field,
     flat,
     lagrangian_advantage,
     shuffled_minibatches,
@@ -73,8 +75,8 @@ class PPOLagParams(base.Params):
     obs_clip: float = obs_clip_field()
     obs_norm_per_step: bool = obs_norm_per_step_field()
     init: str = init_field()
-    critic_norm_coef: float = Field(0.0, ge=0, description="L2 penalty on the critics' parameters (OmniSafe: 0.001)")
-    clip_critic_grad: bool = Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
+    critic_norm_coef: float = critic_norm_coef_field()
+    clip_critic_grad: bool = clip_critic_grad_field()
     lr_decay_updates: int = Field(0, ge=0, description="decay policy_lr linearly to 0 over this many updates "
                                   "(OmniSafe's linear_lr_decay: total_env_steps / steps_per_iteration); 0: constant")
     lagrange: OmniSafeLagrangeParams = Field(default_factory=OmniSafeLagrangeParams)

@@ -19,7 +19,15 @@ from saferl.learners.networks import (
     obs_norm_per_step_field,
     set_flat_params,
 )
-from saferl.learners.onpolicy_base import ActorCritic, advantages, assemble, flat, to_floats
+from saferl.learners.onpolicy_base import (
+    ActorCritic,
+    advantages,
+    assemble,
+    clip_critic_grad_field,
+    critic_norm_coef_field,
+    flat,
+    to_floats,
+)
 from saferl.learners.trust_region import (
     SearchResult,
     backtracking_line_search,
@@ -52,8 +60,8 @@ class TrustRegionParams(base.Params):
     max_backtracks: int = Field(15, gt=0, description="candidate steps tried: 1, β, …, β^(n−1)")
     critic_epochs: int = Field(10, gt=0)
     minibatch_size: int = Field(128, gt=0, description="critic minibatch")
-    critic_norm_coef: float = Field(0.0, ge=0, description="L2 penalty on the critics' parameters (OmniSafe: 0.001)")
-    clip_critic_grad: bool = Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
+    critic_norm_coef: float = critic_norm_coef_field()
+    clip_critic_grad: bool = clip_critic_grad_field()
     max_grad_norm: float = Field(40.0, gt=0, description="with clip_critic_grad (OmniSafe: 40)")
     init_log_std: float = -0.5
     normalise_obs: bool = True

@@ -47,6 +47,12 @@ def test_same_settings_on_every_task(algo):
         assert settings(algo, task) == ref, task
 
 
+def own_settings_tasks(algo: str) -> list[str]:
+    """The tasks whose configs keep the settings of their recorded runs, not OmniSafe's."""
+    brax = ["BraxAntVel-v0", "BraxCartPole-v1", "BraxHalfCheetahVel-v0", "BraxReacher-v0"]
+    return ["FunctionEnv-v0"] + (brax if algo == "cpo" else [])
+
+
 @pytest.mark.parametrize("algo", ["ppo_lag", "trpo_lag", "trpo", "cpo", "pcpo"])
 def test_the_omnisafe_configs_initialise_as_omnisafe(algo):
     """The configs that follow OmniSafe key by key take its weight_initialization_mode (PyTorch's
@@ -57,9 +63,7 @@ def test_the_omnisafe_configs_initialise_as_omnisafe(algo):
         assert (p.init, p.init_log_std) == ("kaiming_uniform", 0.0), task
         assert (p.critic_norm_coef, p.max_grad_norm) == (0.001, 40.0), task
         assert algo == "ppo_lag" or p.clip_critic_grad, task
-    others = ["FunctionEnv-v0"] + (["BraxAntVel-v0", "BraxCartPole-v1", "BraxHalfCheetahVel-v0", "BraxReacher-v0"]
-                                   if algo == "cpo" else [])
-    for task in others:
+    for task in own_settings_tasks(algo):
         p = load_config(f"{algo}/{task}").learner_params()
         assert p.init == "orthogonal" and p.critic_norm_coef == 0.0, task
         assert algo == "ppo_lag" or (p.init_log_std == -0.5 and not p.clip_critic_grad), task
@@ -97,8 +101,6 @@ def test_the_omnisafe_constraint_value_and_search_on_safety_gym_tasks(algo):
         assert (p.constraint_scale, p.cost_window) == ("episode", 50), task
         assert p.max_backtracks == (20 if algo == "cpo" else 200), task
         assert algo == "cpo" or (p.line_search and not p.improvement_required), task
-    others = ["FunctionEnv-v0"] + (["BraxAntVel-v0", "BraxCartPole-v1", "BraxHalfCheetahVel-v0", "BraxReacher-v0"]
-                                   if algo == "cpo" else [])
-    for task in others:
+    for task in own_settings_tasks(algo):
         p = load_config(f"{algo}/{task}").learner_params()
         assert (p.constraint_scale, p.cost_window) == ("per_step", 0), task

@@ -217,7 +217,7 @@ class EnvHost(ActorProcess):
         f["skipped"] += len(bad)
         ep_start[term | trunc] = t + 1
         ep_start[bad] = t + 1
-        for i, fo in info["final_obs"].items():
+        for i, fo in info["final_obs"].items():  # in env order, as info["episodes"]: final_cost lines up
             f["final_idx"].append((t, i))
             f["final_obs"].append(fo)
         f["episodes"] += info["episodes"]
@@ -235,6 +235,8 @@ class EnvHost(ActorProcess):
         buf["last_obs"] = self.obs.copy()
         buf["final_idx"] = np.asarray(f["final_idx"], np.int64).reshape(-1, 2)
         buf["final_obs"] = np.asarray(f["final_obs"], np.float32).reshape(-1, d)
+        buf["final_cost"] = np.asarray([ep["cost"] for ep in f["episodes"]], np.float64)
+        buf["final_length"] = np.asarray([ep["length"] for ep in f["episodes"]], np.int64)
         summary = {"episodes": f["episodes"], "inference_s": f["inference_s"], "env_s": f["env_s"],
                    "skipped_episodes": f["skipped"], "clipped_action_frac": f["clipped"] / max(1, f["t"] * n * a),
                    "safeguard_failures": safeguard_failures()}

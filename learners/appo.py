@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from saferl.learners.cpo import EpisodeCosts
+from saferl.batch import ended_episodes
 from saferl.learners.lagrange import LagrangeParams
 from saferl.learners.onpolicy_base import advantages, standardise
 from saferl.learners.ppo_lag import PPOLag, PPOLagParams
@@ -110,13 +110,12 @@ class APPO(PPOLag):
     def __init__(self, params: APPOParams, env, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
         self.sigma = params.sigma
-        self.episodes = EpisodeCosts()
         self.weight = 0.0  # w_k of the update in progress
 
     def batch_cost(self, batches: list[dict]) -> float:
-        """Ĵ_C: the mean undiscounted cost of the episodes that end in ``batches`` (partial episodes
-        carried between batches); none ended: mean per-step cost × max_episode_steps."""
-        costs, _ = self.episodes(batches)
+        """Ĵ_C: the mean undiscounted cost of the episodes that end in ``batches`` (whole, as the hosts
+        counted them); none ended: mean per-step cost × max_episode_steps."""
+        costs, _ = ended_episodes(batches)
         if costs:
             return float(np.mean(costs))
         cost = np.concatenate([b["cost"] for b in batches], axis=1)
@@ -160,9 +159,8 @@ class APPO(PPOLag):
         return {LAGRANGE_MULTIPLIER: self.multiplier.value, "appo/sigma": self.sigma}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "sigma": self.sigma, "episodes": self.episodes.state_dict()}
+        return {**super().state_dict(), "sigma": self.sigma}
 
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
         self.sigma = sd["sigma"]
-        self.episodes.load_state_dict(sd["episodes"])

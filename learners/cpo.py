@@ -42,12 +42,13 @@ c = (J_C − d) / L with L the mean episode length, which puts both on the per-s
 per-step surrogate, as OmniSafe 0.5's CPO and PCPO do, so |c| is up to L times larger: an
 infeasible θ_k falls into the recovery case far more often and a feasible one into the plain TRPO
 case (docs/results/baselines.md compares the two on a velocity task).
-J_C and L are the mean undiscounted cost and length of the episodes that ended in this batch
-(``EpisodeCosts`` carries each env's partial episode from one batch to the next, so episodes
-longer than a rollout count too), or, with ``cost_window`` n > 0, of the last n episodes that
-ended, this batch's included (OmniSafe: its 50-episode ``Metrics/EpCost`` window). When none has
-ended, J_C is estimated from the batch's cost signal as mean per-step cost × max_episode_steps,
-with L = max_episode_steps (so the per-step c is the mean per-step cost minus d / max_episode_steps).
+J_C and L are the mean undiscounted cost and length of the episodes that ended in this batch,
+as the env hosts counted them from each episode's first step (the batch's ``final_cost`` and
+``final_length``: an episode longer than a rollout counts whole), or, with ``cost_window``
+n > 0, of the last n episodes that ended, this batch's included (OmniSafe: its 50-episode
+``Metrics/EpCost`` window). When none has ended, J_C is estimated from the batch's cost signal
+as mean per-step cost × max_episode_steps, with L = max_episode_steps (so the per-step c is the
+mean per-step cost minus d / max_episode_steps).
 The critics' value targets are discounted and would underestimate the undiscounted J_C, so they
 are not used.
 """
@@ -62,6 +63,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from saferl.batch import ended_episodes
 from saferl.learners import base
 from saferl.learners.onpolicy_base import standardise
 from saferl.learners.trust_region import backtracking_line_search, conjugate_gradient, max_step
@@ -131,55 +133,17 @@ def cpo_step(x_g: torch.Tensor, x_b: torch.Tensor | None, q: float, r: float, s:
     return CPOSolution((x_g - nu * x_b) / lam, 2 if c < 0 else 1, lam, nu)
 
 
-class EpisodeCosts:
-    """Undiscounted cost and length of the episodes that end in each batch. Each env's partial
-    episode is carried to the next batch when the batch continues it: the env's first observation
-    equals the last observation of the previous batch (a host that was reset in between, by an
-    evaluation or a resume, starts fresh episodes, and the carry is dropped)."""
-
-    def __init__(self):
-        self.cost = self.length = self.last_obs = None
-
-    def __call__(self, batches: list[dict]) -> tuple[list[float], list[int]]:
-        cost = np.concatenate([b["cost"] for b in batches], axis=1).astype(np.float64)
-        end = np.concatenate([b["terminated"] | b["truncated"] for b in batches], axis=1)
-        first = np.concatenate([b["obs"][0] for b in batches], axis=0)
-        n = cost.shape[1]
-        run_c, run_l = np.zeros(n), np.zeros(n, np.int64)
-        if self.last_obs is not None and self.last_obs.shape == first.shape:
-            cont = (self.last_obs == first).all(-1)
-            run_c[cont], run_l[cont] = self.cost[cont], self.length[cont]
-        costs, lengths = [], []
-        for t in range(cost.shape[0]):
-            run_c += cost[t]
-            run_l += 1
-            for i in np.flatnonzero(end[t]):
-                costs.append(float(run_c[i]))
-                lengths.append(int(run_l[i]))
-                run_c[i], run_l[i] = 0.0, 0
-        self.cost, self.length = run_c, run_l
-        self.last_obs = np.concatenate([b["last_obs"] for b in batches], axis=0)
-        return costs, lengths
-
-    def state_dict(self) -> dict:
-        return {"cost": self.cost, "length": self.length, "last_obs": self.last_obs}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.cost, self.length, self.last_obs = sd["cost"], sd["length"], sd["last_obs"]
-
-
 class CPO(TrustRegionLearner):
     Params = CPOParams
 
     def __init__(self, params: CPOParams, env: base.EnvSpec, cost_limit, device, seed):
         super().__init__(params, env, cost_limit, device, seed)
-        self.episodes = EpisodeCosts()
         self.recent: deque = deque(maxlen=params.cost_window or None)  # (cost, length) of ended episodes
 
     def constraint_value(self, batches: list[dict], prep: dict) -> tuple[float, float, float]:
         """(c, J_C, L): c = (J_C − d) / L, or J_C − d with ``constraint_scale: episode``
         (module docstring)."""
-        ended = list(zip(*self.episodes(batches)))
+        ended = list(zip(*ended_episodes(batches)))
         if self.p.cost_window:
             self.recent.extend(ended)
             ended = list(self.recent)
@@ -245,9 +209,8 @@ class CPO(TrustRegionLearner):
                 "step_norm": (fraction * step).norm().item()}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "episodes": self.episodes.state_dict(), "recent": list(self.recent)}
+        return {**super().state_dict(), "recent": list(self.recent)}
 
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
-        self.episodes.load_state_dict(sd["episodes"])
-        self.recent = deque(sd.get("recent", []), maxlen=self.p.cost_window or None)
+        self.recent = deque(sd.get("recent", []), maxlen=self.recent.maxlen)

@@ -71,7 +71,7 @@ def pcpo_step(x_g: torch.Tensor, q: float, a: torch.Tensor | None, l_inv_a: torc
 
 
 class PCPO(CPO):
-    """CPO's learner (critics, ``EpisodeCosts``, constraint value, checkpoints) with PCPO's step."""
+    """CPO's learner (critics, constraint value, checkpoints) with PCPO's step."""
 
     Params = PCPOParams
 

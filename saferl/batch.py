@@ -25,6 +25,8 @@ class RolloutBatch(TypedDict):
     last_obs: np.ndarray    # [N, d]: the observation after the last step
     final_idx: np.ndarray   # [E, 2] int64: (t, env) of each episode that ended in the batch
     final_obs: np.ndarray   # [E, d] float32: its final observation (obs[t + 1] is already the reset)
+    final_cost: np.ndarray  # [E] float64: its undiscounted cost, counted by the host from its first step,
+    final_length: np.ndarray  # [E] int64: and its length (an episode may have begun in an earlier batch)
     # With the policy's ``obs_norm_per_step``: obs, last_obs and final_obs are normalised as the host
     # acted on them (statistics updated every step), and the raw observations come here:
     raw_obs: NotRequired[np.ndarray]  # [T, N, d] float32 (only then)
@@ -72,6 +74,13 @@ def next_observations(batch: dict) -> np.ndarray:
     if len(batch["final_idx"]):
         nxt[batch["final_idx"][:, 0], batch["final_idx"][:, 1]] = batch["final_obs"]
     return nxt
+
+
+def ended_episodes(batches: list[dict]) -> tuple[list[float], list[int]]:
+    """Undiscounted cost and length of the episodes that ended in ``batches``, as the env hosts
+    counted them from each episode's first step (which may lie in an earlier batch)."""
+    return ([float(c) for b in batches for c in b["final_cost"]],
+            [int(n) for b in batches for n in b["final_length"]])
 
 
 def merge_moments(mean, var, count, n, batch_mean, batch_var):

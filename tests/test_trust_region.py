@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from saferl.actors.env_host import EnvHost
+from saferl.batch import ended_episodes
 from saferl.learners.base import EnvSpec
-from saferl.learners.cpo import CPO, EpisodeCosts, cpo_step
+from saferl.learners.cpo import CPO, cpo_step
 from saferl.learners.networks import GaussianPolicy, flat_params
 from saferl.learners.onpolicy_base import advantages, assemble, lagrangian_advantage
 from saferl.learners.trpo_lag import TRPOLag
@@ -260,10 +261,11 @@ def test_cpo_step_solves_the_qcqp_like_cvxpy(float64, seed, sign):
 
 # -- learners on real batches -------------------------------------------------------------------
 
-def rollouts(n_batches=1, steps=60, envs=8, seed=0, reset_before=None):
+def rollouts(n_batches=1, steps=60, envs=8, seed=0, reset_before=None, obs_norm_per_step=False):
     host = EnvHost("FunctionEnv-v0", envs, seed)
     torch.manual_seed(seed)
     pol = GaussianPolicy(1, 1, [16], init_log_std=0.0).export_numpy()
+    pol["obs_norm_per_step"] = obs_norm_per_step
     batches, summaries = [], []
     for i in range(n_batches):
         if i == reset_before:
@@ -358,22 +360,34 @@ def test_cpo_update_respects_the_cost_surrogate_and_kl():
     assert out["loss_pi"] < out["loss_pi_before"] and 0 < out["kl"] <= 0.015
 
 
-def test_episode_costs_match_the_hosts_episodes():
-    # rollouts of 70 steps, episodes of 100: every episode ends in a later batch than it began;
-    # the tracker's undiscounted episode costs equal the hosts' own accounting. A host reset
-    # between batches (evaluation, resume) must drop the carried partial episodes.
-    host_eps = []
+@pytest.mark.parametrize("obs_norm_per_step", [False, True])
+def test_ended_episodes_are_counted_whole_across_batches(obs_norm_per_step):
+    # rollouts of 70 steps, episodes of 100: every episode ends in a later batch than it began. The
+    # batch's final_cost / final_length (what CPO's and APPO's J_C read) equal the sums over the
+    # episode's steps in every batch it spans, counted here from the per-step costs, also when the
+    # host normalises observations at every step (the batch's obs then differ from one batch's
+    # last_obs to the next) and when the host is reset between batches (evaluation, resume).
     for reset_before in (None, 2):
-        batches, summaries, _ = rollouts(n_batches=4, steps=70, envs=4, reset_before=reset_before)
-        tracker = EpisodeCosts()
-        for batch, summary in zip(batches, summaries):
-            costs, lengths = tracker([batch])
-            expected = summary["episodes"]
-            assert len(costs) == len(expected)
-            np.testing.assert_allclose(sorted(costs), sorted(e["cost"] for e in expected), rtol=1e-5)
-            assert sorted(lengths) == sorted(e["length"] for e in expected)
-            host_eps.append(len(expected))
-    assert host_eps == [0, 4, 4, 0, 0, 4, 0, 4]
+        batches, summaries, _ = rollouts(n_batches=4, steps=70, envs=4, reset_before=reset_before,
+                                         obs_norm_per_step=obs_norm_per_step)
+        run_c, run_l, n_ended = np.zeros(4), np.zeros(4, int), []
+        for i, (batch, summary) in enumerate(zip(batches, summaries)):
+            if i == reset_before:
+                run_c[:], run_l[:] = 0.0, 0
+            expected = []
+            for t in range(70):
+                run_c += batch["cost"][t]
+                run_l += 1
+                for e in np.flatnonzero(batch["terminated"][t] | batch["truncated"][t]):
+                    expected.append((t, e, run_c[e], run_l[e]))
+                    run_c[e], run_l[e] = 0.0, 0
+            costs, lengths = ended_episodes([batch])
+            assert [tuple(x) for x in batch["final_idx"]] == [(t, e) for t, e, _, _ in expected]
+            np.testing.assert_allclose(costs, [c for *_, c, _ in expected], rtol=1e-5)
+            assert lengths == [n for *_, n in expected]
+            assert costs == [ep["cost"] for ep in summary["episodes"]]  # the metrics' episodes
+            n_ended.append(len(expected))
+        assert n_ended == ([0, 4, 4, 0] if reset_before is None else [0, 4, 0, 4])
 
 
 def test_cpo_constraint_value_on_either_scale_and_window():

@@ -72,12 +72,17 @@ def _synthetic_rollout(rng, T: int, n: int, d: int, a: int, episode: int) -> dic
     t = np.arange(T)[:, None] + np.zeros((1, n), int)
     trunc = (t + 1) % episode == 0
     final_idx = np.argwhere(trunc)
+    cost = (rng.random((T, n)) < 0.05).astype(np.float32)
+    to_t = np.cumsum(cost, axis=0, dtype=np.float64)  # each episode's cost: to its end minus to its start
+    before = np.where(final_idx[:, 0] >= episode, to_t[final_idx[:, 0] - episode, final_idx[:, 1]], 0.0)
     return {"obs": rng.standard_normal((T, n, d), np.float32), "act": rng.standard_normal((T, n, a), np.float32),
             "logp": rng.standard_normal((T, n)).astype(np.float32),
             "reward": rng.standard_normal((T, n)).astype(np.float32),
-            "cost": (rng.random((T, n)) < 0.05).astype(np.float32), "terminated": np.zeros((T, n), bool),
+            "cost": cost, "terminated": np.zeros((T, n), bool),
             "truncated": trunc, "last_obs": rng.standard_normal((n, d), np.float32),
-            "final_idx": final_idx.astype(np.int64), "final_obs": rng.standard_normal((len(final_idx), d), np.float32)}
+            "final_idx": final_idx.astype(np.int64), "final_obs": rng.standard_normal((len(final_idx), d), np.float32),
+            "final_cost": to_t[final_idx[:, 0], final_idx[:, 1]] - before,
+            "final_length": np.full(len(final_idx), episode, np.int64)}
 
 
 def _learner_inputs(cfg, spec: dict, rng) -> tuple[list, int, str]:

@@ -43,7 +43,14 @@ from pydantic import Field
 from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams
 from saferl.learners.networks import init_field, obs_clip_field, obs_norm_per_step_field
-from saferl.learners.onpolicy_base import advantages, assemble, flat, standardise
+from saferl.learners.onpolicy_base import (
+    advantages,
+    assemble,
+    clip_critic_grad_field,
+    critic_norm_coef_field,
+    flat,
+    standardise,
+)
 from saferl.learners.ppo_lag import PPOLag
 from saferl.learners.trust_region import detached
 from saferl.metric_keys import SKIPPED_UPDATES
@@ -63,6 +70,8 @@ class FOCOPSParams(base.Params):
     epochs: int = Field(10, gt=0)
     minibatch_size: int = Field(64, gt=0, description="paper: 64")
     max_grad_norm: float = Field(40.0, gt=0)
+    critic_norm_coef: float = critic_norm_coef_field()
+    clip_critic_grad: bool = clip_critic_grad_field()
     init_log_std: float = -0.5
     normalise_obs: bool = True
     obs_clip: float = obs_clip_field()

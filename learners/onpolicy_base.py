@@ -134,13 +134,13 @@ class ActorCritic(base.Learner):
 
     def critic_objective(self, z: torch.Tensor, ret_r: torch.Tensor,
                          ret_c: torch.Tensor) -> tuple[torch.Tensor, list, float | None, object]:
-        """L_V = E[(V_R(z) − R̂)²] + E[(V_C(z) − Ĉ)²] (+ ``critic_norm_coef`` Σ‖θ_V‖², where the
-        params have it) for one step: (L_V, the critics' parameters, the clip (``max_grad_norm``
-        with ``clip_critic_grad``, else None), the backward to use (None: ``L_V.backward()``))."""
+        """L_V = E[(V_R(z) − R̂)²] + E[(V_C(z) − Ĉ)²] + ``critic_norm_coef`` Σ‖θ_V‖² for one step:
+        (L_V, the critics' parameters, the clip (``max_grad_norm`` with ``clip_critic_grad``, else
+        None), the backward to use (None: ``L_V.backward()``))."""
         params = [*self.v_r.parameters(), *self.v_c.parameters()]
         mse = ((self.v_r(z).squeeze(-1) - ret_r) ** 2).mean() + ((self.v_c(z).squeeze(-1) - ret_c) ** 2).mean()
-        clip = self.p.max_grad_norm if getattr(self.p, "clip_critic_grad", False) else None
-        coef = getattr(self.p, "critic_norm_coef", 0.0)
+        clip = self.p.max_grad_norm if self.p.clip_critic_grad else None
+        coef = self.p.critic_norm_coef
         if not coef:
             return mse, params, clip, None
         with torch.no_grad():  # the penalty's value (w·w is w ** 2); its gradient is added by hand

@@ -217,7 +217,7 @@ class EnvHost(ActorProcess):
         f["skipped"] += len(bad)
         ep_start[term | trunc] = t + 1
         ep_start[bad] = t + 1
-        for i, fo in info["final_obs"].items():  # in env order, as info["episodes"]: final_cost lines up
+        for i, fo in info["final_obs"].items():  # the ended envs in info["episodes"]'s order (final_cost)
             f["final_idx"].append((t, i))
             f["final_obs"].append(fo)
         f["episodes"] += info["episodes"]

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from saferl.batch import ended_episodes
+from saferl.batch import ended_episodes, mean_step_cost
 from saferl.learners.lagrange import LagrangeParams
 from saferl.learners.onpolicy_base import advantages, standardise
 from saferl.learners.ppo_lag import PPOLag, PPOLagParams
@@ -118,10 +118,7 @@ class APPO(PPOLag):
         costs, _ = ended_episodes(batches)
         if costs:
             return float(np.mean(costs))
-        cost = np.concatenate([b["cost"] for b in batches], axis=1)
-        valid = np.concatenate([b.get("valid", np.ones(b["cost"].shape, bool)) for b in batches], axis=1)
-        per_step = float(cost[valid].mean()) if valid.any() else 0.0
-        return per_step * self.env.max_episode_steps
+        return mean_step_cost(batches) * self.env.max_episode_steps
 
     def update(self, batches: list[dict]) -> dict:
         lam, sigma = self.multiplier.value, self.sigma

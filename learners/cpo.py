@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from saferl.batch import ended_episodes
+from saferl.batch import ended_episodes, mean_step_cost
 from saferl.learners import base
 from saferl.learners.onpolicy_base import standardise
 from saferl.learners.trust_region import backtracking_line_search, conjugate_gradient, max_step
@@ -140,7 +140,7 @@ class CPO(TrustRegionLearner):
         super().__init__(params, env, cost_limit, device, seed)
         self.recent: deque = deque(maxlen=params.cost_window or None)  # (cost, length) of ended episodes
 
-    def constraint_value(self, batches: list[dict], prep: dict) -> tuple[float, float, float]:
+    def constraint_value(self, batches: list[dict]) -> tuple[float, float, float]:
         """(c, J_C, L): c = (J_C − d) / L, or J_C − d with ``constraint_scale: episode``
         (module docstring)."""
         ended = list(zip(*ended_episodes(batches)))
@@ -151,7 +151,7 @@ class CPO(TrustRegionLearner):
             j_c, length = (float(np.mean(x)) for x in zip(*ended))
         else:
             length = float(self.env.max_episode_steps)
-            j_c = prep["batch"]["cost"].double().mean().item() * length
+            j_c = mean_step_cost(batches) * length
         excess = j_c - self.cost_limit
         return (excess if self.p.constraint_scale == "episode" else excess / length), j_c, length
 
@@ -174,7 +174,7 @@ class CPO(TrustRegionLearner):
         """The quadratic model's ingredients at θ_k: the constraint value c, Â_R z-scored and Â_C centred,
         π_k, the surrogate gradients g = ∇E[ρÂ_R] and b = ∇E[ρÂ_C], the surrogates at θ_k, and the
         constraint value as metrics."""
-        c, j_c, length = self.constraint_value(batches, prep)
+        c, j_c, length = self.constraint_value(batches)
         adv_r, adv_c = standardise(prep["adv_r"]), prep["adv_c"] - prep["adv_c"].mean()
         k = self.policy_at_k(prep)
         loss_before, _, cost_before = k.measure(adv_r, adv_c)

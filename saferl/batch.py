@@ -83,6 +83,13 @@ def ended_episodes(batches: list[dict]) -> tuple[list[float], list[int]]:
             [int(n) for b in batches for n in b["final_length"]])
 
 
+def mean_step_cost(batches: list[dict]) -> float:
+    """Mean per-step cost over the valid steps of ``batches`` (0.0 if none): the constraint
+    estimate's fallback, × max_episode_steps, when no episode ended."""
+    cost = np.concatenate([b["cost"][b["valid"]] if "valid" in b else b["cost"].ravel() for b in batches])
+    return float(cost.mean()) if cost.size else 0.0
+
+
 def merge_moments(mean, var, count, n, batch_mean, batch_var):
     """The running mean and (population) variance of ``count`` observations merged with ``n`` more
     of mean ``batch_mean`` and variance ``batch_var`` (parallel Welford; numpy arrays or torch

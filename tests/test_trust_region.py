@@ -400,11 +400,10 @@ def test_cpo_constraint_value_on_either_scale_and_window():
     windowed = CPO(CPO.Params(hidden=[8], constraint_scale="episode", cost_window=6), env, d, dev, seed=0)
     ended = []
     for batch, summary in zip(batches, summaries):
-        prep = {"batch": {"cost": torch.as_tensor(batch["cost"])}}
         eps = [(e["cost"], e["length"]) for e in summary["episodes"]]
         ended = (ended + eps)[-6:]
-        c, j_c, length = per_step.constraint_value([batch], prep)
-        c_w, j_w, length_w = windowed.constraint_value([batch], prep)
+        c, j_c, length = per_step.constraint_value([batch])
+        c_w, j_w, length_w = windowed.constraint_value([batch])
         if not ended:  # first batch: episodes of 100 steps, rollouts of 70
             assert j_c == j_w == pytest.approx(batch["cost"].mean() * 100) and length == length_w == 100
             assert c_w == pytest.approx(j_w - d) and c == pytest.approx((j_c - d) / 100)
@@ -416,6 +415,23 @@ def test_cpo_constraint_value_on_either_scale_and_window():
         assert length_w == pytest.approx(np.mean([e[1] for e in ended]))
         assert c_w == pytest.approx(j_w - d, rel=1e-5)
     assert len(ended) == 6 and len(windowed.recent) == 6  # 8 episodes ended, the window keeps 6
+
+
+def test_no_episode_ended_estimate_skips_invalid_steps_for_cpo_and_appo():
+    """Before any episode ends, J_C = mean per-step cost × max_episode_steps over the *valid* steps:
+    the zeroed steps of an episode the hosts skipped for bad data do not pull it down (CPO once
+    averaged them in), and CPO and APPO give the same estimate."""
+    from saferl.learners.appo import APPO
+
+    (batch,), _, env = rollouts(n_batches=1, steps=70, envs=4)
+    batch = {**batch, "cost": np.full_like(batch["cost"], 0.5), "valid": np.ones_like(batch["cost"], bool)}
+    batch["valid"][:, 0], batch["cost"][:, 0] = False, 0.0  # env 0 skipped: its costs zeroed
+    assert len(batch["final_cost"]) == 0
+    dev = torch.device("cpu")
+    _, j_cpo, length = CPO(CPO.Params(hidden=[8]), env, 8.0, dev, seed=0).constraint_value([batch])
+    j_appo = APPO(APPO.Params(hidden=[8]), env, cost_limit=8.0, device=dev, seed=0).batch_cost([batch])
+    assert length == env.max_episode_steps
+    assert j_cpo == j_appo == pytest.approx(0.5 * env.max_episode_steps)
 
 
 # -- end to end on Ray --------------------------------------------------------------------------

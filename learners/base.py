@@ -85,6 +85,19 @@ def guarded_step(opt: torch.optim.Optimizer, params, max_grad_norm: float | None
     return True
 
 
+def guarded_descend(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float | None = None,
+                    backward=None) -> bool:
+    """Zero grads, backward, clip (``max_grad_norm``), step, unless the loss or a gradient is
+    NaN/Inf (then nothing moves and it returns False). ``backward`` replaces ``loss.backward()``
+    where part of the gradient is written by hand. ``Learner.descend`` counts the refusals; this
+    counts nothing, so a second thread may call it (``onpolicy_base.CriticLane``)."""
+    opt.zero_grad()
+    if not math.isfinite(loss.item()):  # a scalar, as backward() needs
+        return False
+    (backward or loss.backward)()
+    return guarded_step(opt, params, max_grad_norm)
+
+
 def clip_grad_norm(params: list, max_norm: float) -> bool:
     """``torch.nn.utils.clip_grad_norm_`` (the same total norm and factor max_norm / (norm + 1e-6)),
     except that the gradients are multiplied only when the factor is below 1 (torch multiplies by
@@ -123,17 +136,15 @@ class Learner(abc.ABC):
 
     def descend(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float | None = None,
                 backward=None) -> bool:
-        """The guarded optimiser step: zero grads, backward, clip (``max_grad_norm``), step. A
-        NaN/Inf loss or gradient skips the step (parameters and optimiser state untouched, grads
-        cleared), counts it in ``skipped_updates`` (``health/skipped_updates``) and returns False.
-        ``backward`` replaces ``loss.backward()`` where part of the loss's gradient is written by
-        hand (the loss's value is still what the guard checks)."""
-        opt.zero_grad()
-        if not math.isfinite(loss.item()):  # a scalar, as backward() needs
-            self.skipped_updates += 1
-            return False
-        (backward or loss.backward)()
-        return self.step_grads(opt, params, max_grad_norm)
+        """The guarded optimiser step (``guarded_descend``): a NaN/Inf loss or gradient skips the
+        step (parameters and optimiser state untouched, grads cleared), counts it in
+        ``skipped_updates`` (``health/skipped_updates``) and returns False. ``backward`` replaces
+        ``loss.backward()`` where part of the loss's gradient is written by hand (the loss's value
+        is still what the guard checks)."""
+        if guarded_descend(opt, loss, params, max_grad_norm, backward):
+            return True
+        self.skipped_updates += 1
+        return False
 
     def step_grads(self, opt: torch.optim.Optimizer, params, max_grad_norm: float | None = None) -> bool:
         """``descend`` for gradients set by hand (the analytic-gradient learners write −(g − λq)

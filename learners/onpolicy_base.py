@@ -4,6 +4,8 @@ cost advantages from separate critics (GAE, ``learners/gae.py``), the Lagrangian
 OmniSafe's scaling, the clipped surrogate, the critics' step, minibatches and Adam."""
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 import torch
 from pydantic import Field
@@ -100,6 +102,44 @@ def clip_critic_grad_field():
     return Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
 
 
+def parallel_critics_field():
+    """The ``parallel_critics`` entry of a learner's params (``CriticLane``)."""
+    return Field(True, description="on a CPU, run the critics' minibatch steps on a second thread while the "
+                 "policy steps (the same floats; the update uses a second core, which the env hosts leave "
+                 "idle while the on-policy learner updates)")
+
+
+class CriticLane:
+    """The critics' minibatch steps, in order, on a second thread while the policy takes its own.
+
+    The two sets of parameters, optimisers and autograd graphs are disjoint, neither step draws
+    random numbers, and each thread runs its ops in the serial loop's order, so every float is the
+    serial loop's; torch releases the GIL inside its kernels and backward passes, which is what
+    overlaps. Unthreaded (``threaded`` false: on a GPU, or ``parallel_critics: false``) each step
+    runs at ``submit``. ``step(*args) -> (loss, ok)`` must not touch state the policy's step uses."""
+
+    def __init__(self, step, threaded: bool):
+        self.step = step
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="saferl-critics") if threaded else None
+        self.pending: list = []
+
+    def submit(self, *args) -> None:
+        self.pending.append(self.pool.submit(self.step, *args) if self.pool else self.step(*args))
+
+    def drain(self) -> tuple[list, int]:
+        """Wait for the submitted steps: (their losses, in order; how many were refused for NaN/Inf)."""
+        done = [r.result() if isinstance(r, Future) else r for r in self.pending]
+        self.pending = []
+        return [loss for loss, _ in done], sum(not ok for _, ok in done)
+
+    def __enter__(self) -> CriticLane:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class ActorCritic(base.Learner):
     """What the on-policy learners share: the Gaussian policy with running observation
     statistics (``hidden``, ``init_log_std``, ``normalise_obs``, ``obs_clip``, ``init``), reward and cost critics on the
@@ -151,9 +191,18 @@ class ActorCritic(base.Learner):
             add_l2_gradient(params, coef)
         return loss, params, clip, backward  # the guard checks the whole L_V
 
-    def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> torch.Tensor:
-        """One guarded Adam step on ``critic_objective``; returns L_V as a detached 0-d tensor
-        (``to_floats``)."""
+    def critic_update(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """One guarded Adam step on ``critic_objective``: (L_V as a detached 0-d tensor, whether the
+        step was taken). Touches only the critics and their optimiser (``CriticLane``)."""
         loss, params, clip, backward = self.critic_objective(z, ret_r, ret_c)
-        self.descend(self.v_opt, loss, params, clip, backward=backward)
-        return loss.detach()
+        return loss.detach(), base.guarded_descend(self.v_opt, loss, params, clip, backward)
+
+    def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> torch.Tensor:
+        """``critic_update`` with a refused step counted in ``skipped_updates``; returns L_V."""
+        loss, ok = self.critic_update(z, ret_r, ret_c)
+        self.skipped_updates += not ok
+        return loss
+
+    def critic_lane(self) -> CriticLane:
+        """Where this update's critic steps run: a second thread on a CPU with ``parallel_critics``."""
+        return CriticLane(self.critic_update, self.device.type == "cpu" and self.p.parallel_critics)

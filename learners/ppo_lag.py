@@ -42,6 +42,7 @@ from saferl.learners.networks import (
 )
 from saferl.learners.onpolicy_base import (
     ActorCritic,
+    CriticLane,
     adam,
     advantages,
     assemble,
@@ -50,6 +51,7 @@ from saferl.learners.onpolicy_base import (
     critic_norm_coef_field,
     flat,
     lagrangian_advantage,
+    parallel_critics_field,
     shuffled_minibatches,
     to_floats,
 )
@@ -80,6 +82,7 @@ class PPOLagParams(base.Params):
     lr_decay_updates: int = Field(0, ge=0, description="decay policy_lr linearly to 0 over this many updates "
                                   "(OmniSafe's linear_lr_decay: total_env_steps / steps_per_iteration); 0: constant")
     lagrange: OmniSafeLagrangeParams = Field(default_factory=OmniSafeLagrangeParams)
+    parallel_critics: bool = parallel_critics_field()
     cuda_graph: bool = Field(True, description="on a GPU, run each minibatch's policy and critic steps as one "
                              "CUDA graph, captured once per update (no effect on the CPU); a subclass whose "
                              "minibatch loss reads the host (.item(), validated distributions) sets it false")
@@ -143,34 +146,39 @@ class PPOLag(LagrangianLearner, ActorCritic):
         ``minibatch_loss(mb) -> (loss, extra stats)`` and a critic step (``minibatch_step``); after
         each pass the ``epoch_kl()`` early stop at ``target_kl``. Returns the stats lists (floats)
         and the passes run. Minibatch statistics stay 0-d tensors until the end, so the loop never
-        waits on the device."""
+        waits on the device; on a CPU the critic steps run beside the policy's (``CriticLane``)."""
         p = self.p
-        step = self.minibatch_step(minibatch_loss)
         stats: dict[str, list] = {"loss_pi": [], "loss_v": [], "kl": []}
-        for epoch in range(p.epochs):  # noqa: B007  (the epochs run are returned)
-            for mb in shuffled_minibatches(data, p.minibatch_size, self.device):
-                for k, v in step(mb).items():
-                    stats.setdefault(k, []).append(v)
-            with torch.no_grad():
-                stats["kl"].append(epoch_kl())
-            if stats["kl"][-1] > p.target_kl:
-                break
+        with self.critic_lane() as lane:
+            step = self.minibatch_step(minibatch_loss, lane)
+            for epoch in range(p.epochs):  # noqa: B007  (the epochs run are returned)
+                for mb in shuffled_minibatches(data, p.minibatch_size, self.device):
+                    for k, v in step(mb).items():
+                        stats.setdefault(k, []).append(v)
+                with torch.no_grad():
+                    stats["kl"].append(epoch_kl())
+                if stats["kl"][-1] > p.target_kl:
+                    break
+            losses_v, refused_v = lane.drain()
+        stats["loss_v"] += losses_v
         stats = {k: to_floats(v) for k, v in stats.items()}
-        self.skipped_updates += int(sum(stats.pop("skipped", [])))
+        self.skipped_updates += int(sum(stats.pop("skipped", []))) + refused_v
         return stats, epoch + 1
 
-    def minibatch_step(self, minibatch_loss):
+    def minibatch_step(self, minibatch_loss, lane: CriticLane):
         """``mb -> stats`` (0-d tensors): the guarded policy step on ``minibatch_loss(mb)`` and the
         critic step. On a GPU with ``cuda_graph``, ``device_step`` as one CUDA graph captured for
-        this update (``learners/cuda_graph.py``); otherwise ``eager_step``."""
+        this update (``learners/cuda_graph.py``); otherwise ``eager_step``, its critic step handed
+        to ``lane``."""
         if self.device.type == "cuda" and getattr(self.p, "cuda_graph", False):
             return GraphedStep(partial(self.device_step, minibatch_loss))
-        return partial(self.eager_step, minibatch_loss)
+        return partial(self.eager_step, minibatch_loss, lane)
 
-    def eager_step(self, minibatch_loss, mb: dict) -> dict:
+    def eager_step(self, minibatch_loss, lane: CriticLane, mb: dict) -> dict:
+        lane.submit(mb["z"], mb["ret_r"], mb["ret_c"])  # first, so that a threaded lane runs it beside the policy's
         loss_pi, extra = minibatch_loss(mb)
         self.descend(self.pi_opt, loss_pi, self.policy.parameters(), self.p.max_grad_norm)
-        return {"loss_pi": loss_pi.detach(), "loss_v": self.critic_step(mb["z"], mb["ret_r"], mb["ret_c"]), **extra}
+        return {"loss_pi": loss_pi.detach(), **extra}
 
     def device_step(self, minibatch_loss, mb: dict) -> dict:
         """``eager_step`` without host reads (the same floats): the NaN/Inf guard runs on the device

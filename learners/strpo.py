@@ -110,21 +110,21 @@ class UnsafeTRPO(TrustRegionLearner):
         if self.p.distributional:  # the quantile critic's targets replace the scalar ones
             atoms = return_atoms(self.q_c, self.policy.normalised, prep["batch"], "cost", self.p.cost_gamma)
             prep["ret_c"] = flat(prep["batch"], atoms)
+        with torch.no_grad():  # here: the critics are fitted beside the policy step (``CriticLane``)
+            prep["cvar_cost_value"] = self.v_c(self.policy.normalised(prep["obs"])).mean().item()
         return prep
 
-    def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> torch.Tensor:
+    def critic_update(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> tuple[torch.Tensor, bool]:
         if not self.p.distributional:
-            return super().critic_step(z, ret_r, ret_c)
+            return super().critic_update(z, ret_r, ret_c)
         loss = ((self.v_r(z).squeeze(-1) - ret_r) ** 2).mean() + \
             quantile_huber_loss(self.q_c(z), ret_c, self.q_c.taus, self.p.huber_kappa)
-        self.descend(self.v_opt, loss, [p for group in self.v_opt.param_groups for p in group["params"]])
-        return loss.detach()
+        params = [p for group in self.v_opt.param_groups for p in group["params"]]
+        return loss.detach(), base.guarded_descend(self.v_opt, loss, params)
 
     def policy_step(self, prep: dict, batches: list[dict]) -> dict:
-        out = natural_gradient_step(self.policy_at_k(prep), standardise(prep["adv_c"]), self.p)
-        with torch.no_grad():
-            out["cvar_cost_value"] = self.v_c(self.policy.normalised(prep["obs"])).mean().item()
-        return out
+        return {**natural_gradient_step(self.policy_at_k(prep), standardise(prep["adv_c"]), self.p),
+                "cvar_cost_value": prep["cvar_cost_value"]}
 
 
 # -- stage 2: the exclusion step ------------------------------------------------------------------

@@ -21,11 +21,13 @@ from saferl.learners.networks import (
 )
 from saferl.learners.onpolicy_base import (
     ActorCritic,
+    CriticLane,
     advantages,
     assemble,
     clip_critic_grad_field,
     critic_norm_coef_field,
     flat,
+    parallel_critics_field,
     to_floats,
 )
 from saferl.learners.trust_region import (
@@ -62,6 +64,7 @@ class TrustRegionParams(base.Params):
     minibatch_size: int = Field(128, gt=0, description="critic minibatch")
     critic_norm_coef: float = critic_norm_coef_field()
     clip_critic_grad: bool = clip_critic_grad_field()
+    parallel_critics: bool = parallel_critics_field()
     max_grad_norm: float = Field(40.0, gt=0, description="with clip_critic_grad (OmniSafe: 40)")
     init_log_std: float = -0.5
     normalise_obs: bool = True
@@ -132,16 +135,16 @@ def natural_gradient_step(k: PolicyAtK, adv: torch.Tensor, p: TrustRegionParams)
 
 class TrustRegionLearner(ActorCritic):
     """What TRPO, TRPO-Lag and CPO share: ``onpolicy_base.ActorCritic``'s networks, batch preparation,
-    critic fitting after the policy step, and checkpointing. Subclasses implement
+    critic fitting beside the policy step (``CriticLane``), and checkpointing. Subclasses implement
     ``policy_step(prepared) -> metrics``."""
     Params = TrustRegionParams
     MODULES = ("policy", "v_r", "v_c", "v_opt")
 
-    def fit_critics(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> float:
-        """``critic_epochs`` shuffled passes of minibatch critic steps; the mean minibatch loss."""
-        losses = [self.critic_step(z[idx], ret_r[idx], ret_c[idx]) for _ in range(self.p.critic_epochs)
-                  for idx in torch.randperm(z.shape[0], device=z.device).split(self.p.minibatch_size)]
-        return float(np.mean(to_floats(losses)))
+    def fit_critics(self, lane: CriticLane, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> None:
+        """Hand ``critic_epochs`` shuffled passes of minibatch critic steps to ``lane``."""
+        for _ in range(self.p.critic_epochs):
+            for idx in torch.randperm(z.shape[0], device=z.device).split(self.p.minibatch_size):
+                lane.submit(z[idx], ret_r[idx], ret_c[idx])
 
     def prepare(self, batches: list[dict]) -> dict:
         """Assembled batch with flat obs/act, raw reward and cost GAE advantages and value targets."""
@@ -160,8 +163,12 @@ class TrustRegionLearner(ActorCritic):
     def train_on(self, batches: list[dict]) -> dict:
         skipped = self.skipped_updates
         prep = self.prepare(batches)
-        out = self.policy_step(prep, batches)
-        out["loss_v"] = self.fit_critics(self.policy.normalised(prep["obs"]), prep["ret_r"], prep["ret_c"])
+        with self.critic_lane() as lane:  # the critics' fit, beside the policy's step on a CPU
+            self.fit_critics(lane, self.policy.normalised(prep["obs"]), prep["ret_r"], prep["ret_c"])
+            out = self.policy_step(prep, batches)
+            losses_v, refused_v = lane.drain()
+        out["loss_v"] = float(np.mean(to_floats(losses_v)))
+        self.skipped_updates += refused_v
         out[SKIPPED_UPDATES] = self.skipped_updates - skipped  # critic steps refused for NaN/Inf
         if self.policy.norm is not None:  # statistics for the next rollout, after this update
             self.policy.norm.update(prep["obs"])

@@ -181,7 +181,7 @@ def test_device_step_is_the_eager_step_bitwise(max_grad_norm):
     statistics, over two updates; a max_grad_norm of 0.05 clips every step."""
     eager, host = small_ppo_lag(max_grad_norm=max_grad_norm)
     device = copy.deepcopy(eager)
-    device.minibatch_step = lambda loss: functools.partial(device.device_step, loss)
+    device.minibatch_step = lambda loss, lane: functools.partial(device.device_step, loss)
     for _ in range(2):
         batch, _ = host.rollout(eager.numpy_policy(), 50)
         torch.manual_seed(1)
@@ -217,7 +217,7 @@ def test_device_step_counts_refused_steps_like_the_eager_step():
     ``health/skipped_updates`` and end with the same parameters."""
     eager, host = small_ppo_lag(epochs=1)
     device = copy.deepcopy(eager)
-    device.minibatch_step = lambda loss: functools.partial(device.device_step, loss)
+    device.minibatch_step = lambda loss, lane: functools.partial(device.device_step, loss)
     batch, _ = host.rollout(eager.numpy_policy(), 50)
     out = []
     for learner in (eager, device):
@@ -256,3 +256,52 @@ def test_batches_normalised_per_step_are_trained_on_as_collected(algo):
     assert all(torch.equal(x, y) for x, y in zip(learner.policy.net.state_dict().values(),
                                                  plain.policy.net.state_dict().values()))
     assert all(torch.equal(getattr(learner.policy.norm, k), getattr(expected, k)) for k in ("mean", "var", "count"))
+
+
+@pytest.mark.parametrize("algo", ["ppo_lag", "focops", "cup", "appo", "trpo_lag", "cpo", "pcpo", "trpo_unsafe"])
+def test_critics_on_a_second_thread_give_the_serial_floats(algo):
+    """``parallel_critics`` (the critic steps on a second thread, ``CriticLane``: beside each policy
+    minibatch step in the PPO family, beside the whole policy step in the TRPO family) against the
+    serial loop, over three updates: parameters, Adam moments and every statistic equal bitwise."""
+    from saferl.registry import get_algo
+
+    cls = get_algo(algo).load()
+    host = EnvHost("FunctionEnv-v0", 4, 0)
+    epochs = {"epochs": 3} if "epochs" in cls.Params.model_fields else {"critic_epochs": 3}
+    critic_reg = {"critic_norm_coef": 0.001, "clip_critic_grad": True} if algo != "trpo_unsafe" else {}
+    params = cls.Params(hidden=[16, 16], minibatch_size=32, **epochs, **critic_reg)
+    threaded = cls(params, EnvSpec.of(host.spec()), 8.0, CPU, seed=0)
+    serial = copy.deepcopy(threaded)
+    serial.p = params.model_copy(update={"parallel_critics": False})
+    for _ in range(3):
+        batch, _ = host.rollout(threaded.numpy_policy(), 50)
+        torch.manual_seed(1)
+        a = threaded.update([batch])
+        torch.manual_seed(1)
+        b = serial.update([batch])
+        assert a == b and a["loss_v"] > 0
+        sa, sb = threaded.state_dict(), serial.state_dict()
+        for key in ("policy", "v_r", "v_c", "q_c"):
+            assert all(torch.equal(x, y) for x, y in zip(sa.get(key, {}).values(), sb.get(key, {}).values()))
+        assert all(str(sa[k]) == str(sb[k]) for k in ("v_opt", "pi_opt") if k in sa)
+
+
+def test_a_refused_critic_step_on_the_second_thread_is_counted():
+    """One minibatch's value targets NaN: its critic step is refused on the lane's thread, counted
+    once in ``health/skipped_updates``, and the critics end as the serial loop's."""
+    threaded, host = small_ppo_lag(epochs=1)
+    serial = copy.deepcopy(threaded)
+    serial.p = threaded.p.model_copy(update={"parallel_critics": False})
+    batch, _ = host.rollout(threaded.numpy_policy(), 50)
+    out = []
+    for learner in (threaded, serial):
+        advantages = learner.policy_advantages
+
+        def poisoned(b, advantages=advantages):
+            adv, ret_r, ret_c = advantages(b)
+            return adv, torch.where(torch.arange(len(ret_r)) == 7, float("nan"), ret_r), ret_c
+        learner.policy_advantages = poisoned
+        torch.manual_seed(1)
+        out.append(learner.update([batch]))
+    assert threaded.p.parallel_critics and out[0][SKIPPED_UPDATES] == out[1][SKIPPED_UPDATES] == 1
+    assert same_state(threaded, serial)

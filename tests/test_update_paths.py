@@ -167,11 +167,36 @@ def small_ppo_lag(**kw) -> tuple[PPOLag, EnvHost]:
     return PPOLag(params, EnvSpec.of(host.spec()), 8.0, CPU, seed=0), host
 
 
-def same_state(a: PPOLag, b: PPOLag) -> bool:
+def same_state(a, b) -> bool:
+    """Networks (bitwise) and optimiser states of two on-policy learners alike."""
     sa, sb = a.state_dict(), b.state_dict()
-    return all(torch.equal(x, y) for k in ("policy", "v_r", "v_c")
-               for x, y in zip(sa[k].values(), sb[k].values())) and str(sa["pi_opt"]) == str(sb["pi_opt"]) \
-        and str(sa["v_opt"]) == str(sb["v_opt"])
+    return all(torch.equal(x, y) for k in ("policy", "v_r", "v_c", "q_c")
+               for x, y in zip(sa.get(k, {}).values(), sb.get(k, {}).values())) \
+        and all(str(sa[k]) == str(sb[k]) for k in ("pi_opt", "v_opt") if k in sa)
+
+
+def paired_updates(a, b, host: EnvHost, n: int):
+    """``n`` updates of ``a`` and of ``b`` on the same batches (rolled out with ``a``'s policy), the
+    torch seed reset before each: yields their statistics."""
+    for _ in range(n):
+        batch, _ = host.rollout(a.numpy_policy(), 50)
+        torch.manual_seed(1)
+        x = a.update([batch])
+        torch.manual_seed(1)
+        yield x, b.update([batch])
+
+
+def update_with_a_nan(learner: PPOLag, batch: dict, target: str) -> dict:
+    """One update with row 7 of the advantages (``adv``) or the reward value targets (``ret_r``) NaN."""
+    advantages = learner.policy_advantages
+
+    def poisoned(b):
+        out = dict(zip(("adv", "ret_r", "ret_c"), advantages(b)))
+        out[target] = torch.where(torch.arange(len(out[target])) == 7, float("nan"), out[target])
+        return out["adv"], out["ret_r"], out["ret_c"]
+    learner.policy_advantages = poisoned
+    torch.manual_seed(1)
+    return learner.update([batch])
 
 
 @pytest.mark.parametrize("max_grad_norm", [40.0, 0.05])
@@ -182,12 +207,7 @@ def test_device_step_is_the_eager_step_bitwise(max_grad_norm):
     eager, host = small_ppo_lag(max_grad_norm=max_grad_norm)
     device = copy.deepcopy(eager)
     device.minibatch_step = lambda loss, lane: functools.partial(device.device_step, loss)
-    for _ in range(2):
-        batch, _ = host.rollout(eager.numpy_policy(), 50)
-        torch.manual_seed(1)
-        a = eager.update([batch])
-        torch.manual_seed(1)
-        b = device.update([batch])
+    for a, b in paired_updates(eager, device, host, 2):
         assert same_state(eager, device) and a == b
 
 
@@ -219,16 +239,7 @@ def test_device_step_counts_refused_steps_like_the_eager_step():
     device = copy.deepcopy(eager)
     device.minibatch_step = lambda loss, lane: functools.partial(device.device_step, loss)
     batch, _ = host.rollout(eager.numpy_policy(), 50)
-    out = []
-    for learner in (eager, device):
-        advantages = learner.policy_advantages
-
-        def poisoned(b, advantages=advantages):
-            adv, ret_r, ret_c = advantages(b)
-            return torch.where(torch.arange(len(adv)) == 7, float("nan"), adv), ret_r, ret_c
-        learner.policy_advantages = poisoned
-        torch.manual_seed(1)
-        out.append(learner.update([batch]))
+    out = [update_with_a_nan(learner, batch, "adv") for learner in (eager, device)]
     assert out[0][SKIPPED_UPDATES] == out[1][SKIPPED_UPDATES] == 1 and same_state(eager, device)
 
 
@@ -273,17 +284,8 @@ def test_critics_on_a_second_thread_give_the_serial_floats(algo):
     threaded = cls(params, EnvSpec.of(host.spec()), 8.0, CPU, seed=0)
     serial = copy.deepcopy(threaded)
     serial.p = params.model_copy(update={"parallel_critics": False})
-    for _ in range(3):
-        batch, _ = host.rollout(threaded.numpy_policy(), 50)
-        torch.manual_seed(1)
-        a = threaded.update([batch])
-        torch.manual_seed(1)
-        b = serial.update([batch])
-        assert a == b and a["loss_v"] > 0
-        sa, sb = threaded.state_dict(), serial.state_dict()
-        for key in ("policy", "v_r", "v_c", "q_c"):
-            assert all(torch.equal(x, y) for x, y in zip(sa.get(key, {}).values(), sb.get(key, {}).values()))
-        assert all(str(sa[k]) == str(sb[k]) for k in ("v_opt", "pi_opt") if k in sa)
+    for a, b in paired_updates(threaded, serial, host, 3):
+        assert a == b and a["loss_v"] > 0 and same_state(threaded, serial)
 
 
 def test_a_refused_critic_step_on_the_second_thread_is_counted():
@@ -293,15 +295,6 @@ def test_a_refused_critic_step_on_the_second_thread_is_counted():
     serial = copy.deepcopy(threaded)
     serial.p = threaded.p.model_copy(update={"parallel_critics": False})
     batch, _ = host.rollout(threaded.numpy_policy(), 50)
-    out = []
-    for learner in (threaded, serial):
-        advantages = learner.policy_advantages
-
-        def poisoned(b, advantages=advantages):
-            adv, ret_r, ret_c = advantages(b)
-            return adv, torch.where(torch.arange(len(ret_r)) == 7, float("nan"), ret_r), ret_c
-        learner.policy_advantages = poisoned
-        torch.manual_seed(1)
-        out.append(learner.update([batch]))
+    out = [update_with_a_nan(learner, batch, "ret_r") for learner in (threaded, serial)]
     assert threaded.p.parallel_critics and out[0][SKIPPED_UPDATES] == out[1][SKIPPED_UPDATES] == 1
     assert same_state(threaded, serial)

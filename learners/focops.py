@@ -73,7 +73,7 @@ class FOCOPSParams(base.Params):
     max_grad_norm: float = Field(40.0, gt=0)
     critic_norm_coef: float = critic_norm_coef_field()
     clip_critic_grad: bool = clip_critic_grad_field()
-    parallel_critics: bool = parallel_critics_field()
+    parallel_critics: bool = parallel_critics_field(False)
     init_log_std: float = -0.5
     normalise_obs: bool = True
     obs_clip: float = obs_clip_field()

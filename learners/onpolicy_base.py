@@ -102,11 +102,14 @@ def clip_critic_grad_field():
     return Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
 
 
-def parallel_critics_field():
-    """The ``parallel_critics`` entry of a learner's params (``CriticLane``)."""
-    return Field(True, description="on a CPU, run the critics' minibatch steps on a second thread while the "
-                 "policy steps (the same floats; the update uses a second core, which the env hosts leave "
-                 "idle while the on-policy learner updates)")
+def parallel_critics_field(default: bool):
+    """The ``parallel_critics`` entry of a learner's params (``CriticLane``). Its default is the
+    family's: on for the TRPO family, whose critic fit overlaps a policy step of large kernels (the
+    conjugate gradient and line search over the whole batch), off for the PPO family, whose small
+    minibatch steps spend more on the two threads' handoffs than they overlap."""
+    return Field(default, description="on a CPU, run the critics' minibatch steps on a second thread beside the "
+                 "policy's step (the same floats; the update uses a second core, which the env hosts leave idle "
+                 "while an on-policy learner updates)")
 
 
 class CriticLane:

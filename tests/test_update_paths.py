@@ -280,7 +280,7 @@ def test_critics_on_a_second_thread_give_the_serial_floats(algo):
     host = EnvHost("FunctionEnv-v0", 4, 0)
     epochs = {"epochs": 3} if "epochs" in cls.Params.model_fields else {"critic_epochs": 3}
     critic_reg = {"critic_norm_coef": 0.001, "clip_critic_grad": True} if algo != "trpo_unsafe" else {}
-    params = cls.Params(hidden=[16, 16], minibatch_size=32, **epochs, **critic_reg)
+    params = cls.Params(hidden=[16, 16], minibatch_size=32, parallel_critics=True, **epochs, **critic_reg)
     threaded = cls(params, EnvSpec.of(host.spec()), 8.0, CPU, seed=0)
     serial = copy.deepcopy(threaded)
     serial.p = params.model_copy(update={"parallel_critics": False})
@@ -291,7 +291,7 @@ def test_critics_on_a_second_thread_give_the_serial_floats(algo):
 def test_a_refused_critic_step_on_the_second_thread_is_counted():
     """One minibatch's value targets NaN: its critic step is refused on the lane's thread, counted
     once in ``health/skipped_updates``, and the critics end as the serial loop's."""
-    threaded, host = small_ppo_lag(epochs=1)
+    threaded, host = small_ppo_lag(epochs=1, parallel_critics=True)
     serial = copy.deepcopy(threaded)
     serial.p = threaded.p.model_copy(update={"parallel_critics": False})
     batch, _ = host.rollout(threaded.numpy_policy(), 50)

@@ -1,6 +1,7 @@
 """The trust-region family's base (TRPO, TRPO-Lag, CPO, PCPO, sTRPO): its parameters, the
 policy at θ_k and the natural-gradient step with its line search (the math in
-``learners/trust_region.py``), and the learner that fits the critics after the policy step."""
+``learners/trust_region.py``), and the learner that fits the critics beside the policy step
+(on the targets computed before it)."""
 from __future__ import annotations
 
 from typing import Literal

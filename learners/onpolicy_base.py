@@ -200,12 +200,6 @@ class ActorCritic(base.Learner):
         loss, params, clip, backward = self.critic_objective(z, ret_r, ret_c)
         return loss.detach(), base.guarded_descend(self.v_opt, loss, params, clip, backward)
 
-    def critic_step(self, z: torch.Tensor, ret_r: torch.Tensor, ret_c: torch.Tensor) -> torch.Tensor:
-        """``critic_update`` with a refused step counted in ``skipped_updates``; returns L_V."""
-        loss, ok = self.critic_update(z, ret_r, ret_c)
-        self.skipped_updates += not ok
-        return loss
-
     def critic_lane(self) -> CriticLane:
         """Where this update's critic steps run: a second thread on a CPU with ``parallel_critics``."""
         return CriticLane(self.critic_update, self.device.type == "cpu" and self.p.parallel_critics)

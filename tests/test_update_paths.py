@@ -52,7 +52,7 @@ def test_l2_gradient_by_hand_is_autograds():
     mse().backward()
     add_l2_gradient(params, 0.001)
     assert all(torch.equal(w.grad, r) for w, r in zip(params, ref))
-    with torch.no_grad():  # the penalty's value as critic_step forms it
+    with torch.no_grad():  # the penalty's value as critic_update forms it
         penalty = sum(s.sum() for s in torch._foreach_mul(params, params))
         assert torch.equal(penalty, sum((w ** 2).sum() for w in params))
 

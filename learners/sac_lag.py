@@ -5,7 +5,7 @@ Per minibatch of n-step transitions (``actors/replay.py``: r and c are n-step su
 is γⁿ, 0 after a terminal state), a = tanh(u) from the stored pre-squash sample u:
 
     y_R = r + discount · [min_j Q̄_Rj(s', a') − α log π(a'|s')],   a' ~ π(·|s')      (eq 5)
-    y_C = c + discount · Q̄_C(s', a')
+    y_C = c + discount · Q̄_C(s', a'),  or at a' = tanh(μ(s')) with ``cost_target: mean``
     L_Q = Σ_j E (Q_Rj(s, a) − y_R)² + E (Q_C(s, a) − y_C)²
     L_π = E [α log π(ã|s) − min_j Q_Rj(s, ã) + λ Q_C(s, ã)] / (1 + λ),  ã ~ π reparameterised (eq 7)
     L_α = −E [log α · (log π(ã|s) + H̄)],  H̄ = −dim(A)                             (eq 18)
@@ -21,8 +21,16 @@ SAC has no phase and λ stays at its initial value (its cost critic is still tra
 value is logged). ``policy_delay`` k > 1 updates the actor, α and the targets every k-th step
 (OmniSafe's SAC inherits its DDPG loop's policy_delay: 2). The coordinator owns the update-to-data ratio and the
 uniform warm-up through ``offpolicy_setup``.
+
+``cost_target``: the cost critic bootstraps at the sampled a' (``sample``: SAC's soft target without
+the entropy term, as FSRL's SAC-Lag) or at the mean action tanh(μ(s')) (``mean``: OmniSafe's SACLag,
+whose cost critic step is inherited from its DDPG). The configs that follow OmniSafe take its; with it,
+``saferl benchmark reference --check-update`` finds OmniSafe's update functions reach the same
+parameters from the same weights, minibatches and noise.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import torch
@@ -45,6 +53,8 @@ class SACLagParams(OffPolicyParams):
     max_grad_norm: float = Field(40.0, gt=0)
     policy_delay: int = Field(1, ge=1, description="critic steps per actor/α/target update (OmniSafe: 2)")
     cost_normalize: bool = cost_normalize_field()
+    cost_target: Literal["sample", "mean"] = Field(
+        "sample", description="the cost critic's bootstrap action: the sampled a' (FSRL) or tanh(μ(s')) (OmniSafe)")
     lagrange: OmniSafeOffPolicyLagrangeParams = Field(default_factory=OmniSafeOffPolicyLagrangeParams)
 
 
@@ -67,7 +77,11 @@ class SACLag(LagrangianLearner, OffPolicyLearner):
         p, alpha, lam = self.p, self.log_alpha.exp().detach(), self.multiplier.value
         with torch.no_grad():
             a2, logp2 = self.policy.sample(b["next_obs"])
-        loss_q = self.critic_step(b, a2, -alpha * logp2)
+            y_c = None
+            if p.cost_target == "mean":
+                mean_a2 = torch.tanh(self.policy.dist(b["next_obs"]).mean)
+                y_c = b["cost"] + b["discount"] * self.q_c_target(b["next_obs"], mean_a2)[0]
+        loss_q = self.critic_step(b, a2, -alpha * logp2, y_c)
         self.steps += 1
         if self.steps % p.policy_delay:
             return {"loss_q": loss_q}

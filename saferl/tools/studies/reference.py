@@ -7,6 +7,9 @@
     saferl benchmark reference --reference-from runs/ref-a --out runs/ref-b
                                                             saferl's side again, OmniSafe's reused
     saferl benchmark reference --seeds 0,1 --out runs/ref   one comparison per seed, one table across
+    saferl benchmark reference --algo sac_lag --check-update
+                                                            the update rules compared step by step
+                                                            (reference_update.py), no training
 
 Both sides get the same task, seed, cost limit (the registry's), total env steps and steps per
 iteration (OmniSafe's ``steps_per_epoch``); each keeps its own hyper-parameters: saferl the shipped
@@ -136,6 +139,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "algorithm, task, seed, steps and --reference-set instead of running it again")
     add_out_argument(p, "reference", note="re-running with the same folder keeps finished runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the saferl config")
+    p.add_argument("--check-update", action="store_true",
+                   help="compare the update rules instead of training: the same weights, minibatches and noise "
+                        "through saferl's learner and OmniSafe's update functions (reference_update.py)")
+    p.add_argument("--update-steps", type=int, default=20, help="gradient steps of --check-update (default 20)")
     add_address_argument(p)
     p.set_defaults(parallel=1)
 
@@ -470,6 +477,10 @@ def run(args) -> Path:
     if getattr(args, "seeds", None):
         return run_seeds(args)
     console, out = study_console_and_out("reference", args)
+    if args.check_update:
+        from saferl.tools.studies import reference_update
+
+        return reference_update.run(args, console, out, reference_python(args, console))
     s = settings(args)
     out.mkdir(parents=True, exist_ok=True)
     job = saferl_job(s, out)

@@ -44,6 +44,7 @@ from saferl.learners import base
 from saferl.learners.lagrange import LagrangeParams
 from saferl.learners.networks import init_field, obs_clip_field, obs_norm_per_step_field
 from saferl.learners.onpolicy_base import (
+    ParallelCritics,
     advantages,
     assemble,
     clip_critic_grad_field,
@@ -73,7 +74,7 @@ class FOCOPSParams(base.Params):
     max_grad_norm: float = Field(40.0, gt=0)
     critic_norm_coef: float = critic_norm_coef_field()
     clip_critic_grad: bool = clip_critic_grad_field()
-    parallel_critics: bool = parallel_critics_field(False)
+    parallel_critics: ParallelCritics = parallel_critics_field("off")
     init_log_std: float = -0.5
     normalise_obs: bool = True
     obs_clip: float = obs_clip_field()

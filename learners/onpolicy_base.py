@@ -5,13 +5,16 @@ OmniSafe's scaling, the clipped surrogate, the critics' step, minibatches and Ad
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from saferl.batch import next_observations
 from saferl.learners import base
+from saferl.learners.critic_process import CriticProcess, ProcessLane
 from saferl.learners.gae import gae
 from saferl.learners.networks import GaussianPolicy, mlp
 
@@ -102,14 +105,23 @@ def clip_critic_grad_field():
     return Field(False, description="clip the critics' gradient norm at max_grad_norm (OmniSafe)")
 
 
-def parallel_critics_field(default: bool):
-    """The ``parallel_critics`` entry of a learner's params (``CriticLane``). Its default is the
-    family's: on for the TRPO family, whose critic fit overlaps a policy step of large kernels (the
-    conjugate gradient and line search over the whole batch), off for the PPO family, whose small
-    minibatch steps spend more on the two threads' handoffs than they overlap."""
-    return Field(default, description="on a CPU, run the critics' minibatch steps on a second thread beside the "
-                 "policy's step (the same floats; the update uses a second core, which the env hosts leave idle "
-                 "while an on-policy learner updates)")
+def parallel_critics_field(default: str):
+    """The ``parallel_critics`` entry of a learner's params: where a CPU update runs the critics'
+    minibatch steps. ``thread`` (``CriticLane``), the TRPO family's default: its critic fit overlaps
+    a policy step of large kernels (the conjugate gradient and line search over the whole batch).
+    ``process`` (``learners/critic_process.py``): a second interpreter, for the PPO family's small
+    minibatch steps, whose dispatch holds the GIL and so gains nothing on a second thread. ``off``:
+    in the loop. ``true`` / ``false`` read as ``thread`` / ``off``."""
+    return Field(default, description="on a CPU, run the critics' minibatch steps beside the policy's: "
+                 "off | thread | process (the same floats; the update uses a second core, which the env hosts "
+                 "leave idle while an on-policy learner updates)")
+
+
+def _parallel_critics_of_bool(value):
+    return ("thread" if value else "off") if isinstance(value, bool) else value
+
+
+ParallelCritics = Annotated[Literal["off", "thread", "process"], BeforeValidator(_parallel_critics_of_bool)]
 
 
 class CriticLane:
@@ -118,8 +130,9 @@ class CriticLane:
     The two sets of parameters, optimisers and autograd graphs are disjoint, neither step draws
     random numbers, and each thread runs its ops in the serial loop's order, so every float is the
     serial loop's; torch releases the GIL inside its kernels and backward passes, which is what
-    overlaps. Unthreaded (``threaded`` false: on a GPU, or ``parallel_critics: false``) each step
-    runs at ``submit``. ``step(*args) -> (loss, ok)`` must not touch state the policy's step uses."""
+    overlaps. Unthreaded (``threaded`` false: on a GPU, or ``parallel_critics: off``) each step
+    runs at ``submit``. ``step(*args) -> (loss, ok)`` must not touch state the policy's step uses.
+    ``critic_process.ProcessLane`` has the same interface over a second process."""
 
     def __init__(self, step, threaded: bool):
         self.step = step
@@ -157,6 +170,7 @@ class ActorCritic(base.Learner):
         self.v_r = mlp([env.obs_dim, *p.hidden, 1], init=p.init).to(device)
         self.v_c = mlp([env.obs_dim, *p.hidden, 1], init=p.init).to(device)
         self.v_opt = adam([*self.v_r.parameters(), *self.v_c.parameters()], lr=p.critic_lr)
+        self.critic_process: CriticProcess | None = None  # parallel_critics: process, started on first use
 
     def policy_state(self) -> dict:
         return self.policy.export_numpy()
@@ -200,6 +214,12 @@ class ActorCritic(base.Learner):
         loss, params, clip, backward = self.critic_objective(z, ret_r, ret_c)
         return loss.detach(), base.guarded_descend(self.v_opt, loss, params, clip, backward)
 
-    def critic_lane(self) -> CriticLane:
-        """Where this update's critic steps run: a second thread on a CPU with ``parallel_critics``."""
-        return CriticLane(self.critic_update, self.device.type == "cpu" and self.p.parallel_critics)
+    def critic_lane(self) -> CriticLane | ProcessLane:
+        """Where this update's critic steps run (``parallel_critics``; on a GPU always in the loop)."""
+        mode = self.p.parallel_critics if self.device.type == "cpu" else "off"
+        if mode != "process":
+            return CriticLane(self.critic_update, mode == "thread")
+        if self.critic_process is None or not self.critic_process.alive():  # the child builds its own learner
+            self.critic_process = CriticProcess(partial(type(self), self.p, self.env, self.cost_limit,
+                                                        torch.device("cpu"), 0))
+        return self.critic_process.lane(self)

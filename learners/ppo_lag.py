@@ -43,6 +43,7 @@ from saferl.learners.networks import (
 from saferl.learners.onpolicy_base import (
     ActorCritic,
     CriticLane,
+    ParallelCritics,
     adam,
     advantages,
     assemble,
@@ -82,7 +83,7 @@ class PPOLagParams(base.Params):
     lr_decay_updates: int = Field(0, ge=0, description="decay policy_lr linearly to 0 over this many updates "
                                   "(OmniSafe's linear_lr_decay: total_env_steps / steps_per_iteration); 0: constant")
     lagrange: OmniSafeLagrangeParams = Field(default_factory=OmniSafeLagrangeParams)
-    parallel_critics: bool = parallel_critics_field(False)
+    parallel_critics: ParallelCritics = parallel_critics_field("off")
     cuda_graph: bool = Field(True, description="on a GPU, run each minibatch's policy and critic steps as one "
                              "CUDA graph, captured once per update (no effect on the CPU); a subclass whose "
                              "minibatch loss reads the host (.item(), validated distributions) sets it false")

@@ -23,6 +23,7 @@ from saferl.learners.networks import (
 from saferl.learners.onpolicy_base import (
     ActorCritic,
     CriticLane,
+    ParallelCritics,
     advantages,
     assemble,
     clip_critic_grad_field,
@@ -65,7 +66,7 @@ class TrustRegionParams(base.Params):
     minibatch_size: int = Field(128, gt=0, description="critic minibatch")
     critic_norm_coef: float = critic_norm_coef_field()
     clip_critic_grad: bool = clip_critic_grad_field()
-    parallel_critics: bool = parallel_critics_field(True)
+    parallel_critics: ParallelCritics = parallel_critics_field("thread")
     max_grad_norm: float = Field(40.0, gt=0, description="with clip_critic_grad (OmniSafe: 40)")
     init_log_std: float = -0.5
     normalise_obs: bool = True

@@ -269,23 +269,30 @@ def test_batches_normalised_per_step_are_trained_on_as_collected(algo):
     assert all(torch.equal(getattr(learner.policy.norm, k), getattr(expected, k)) for k in ("mean", "var", "count"))
 
 
+@pytest.mark.parametrize("lane", ["thread", "process"])
 @pytest.mark.parametrize("algo", ["ppo_lag", "focops", "cup", "appo", "trpo_lag", "cpo", "pcpo", "trpo_unsafe"])
-def test_critics_on_a_second_thread_give_the_serial_floats(algo):
-    """``parallel_critics`` (the critic steps on a second thread, ``CriticLane``: beside each policy
-    minibatch step in the PPO family, beside the whole policy step in the TRPO family) against the
-    serial loop, over three updates: parameters, Adam moments and every statistic equal bitwise."""
+def test_critics_beside_the_policy_give_the_serial_floats(algo, lane):
+    """``parallel_critics`` (the critic steps on a second thread, ``CriticLane``, or in a second
+    process, ``learners/critic_process.py``: beside each policy minibatch step in the PPO family,
+    beside the whole policy step in the TRPO family) against the serial loop, over three updates:
+    parameters, Adam moments and every statistic equal bitwise."""
     from saferl.registry import get_algo
 
     cls = get_algo(algo).load()
     host = EnvHost("FunctionEnv-v0", 4, 0)
     epochs = {"epochs": 3} if "epochs" in cls.Params.model_fields else {"critic_epochs": 3}
     critic_reg = {"critic_norm_coef": 0.001, "clip_critic_grad": True} if algo != "trpo_unsafe" else {}
-    params = cls.Params(hidden=[16, 16], minibatch_size=32, parallel_critics=True, **epochs, **critic_reg)
-    threaded = cls(params, EnvSpec.of(host.spec()), 8.0, CPU, seed=0)
-    serial = copy.deepcopy(threaded)
+    params = cls.Params(hidden=[16, 16], minibatch_size=32, parallel_critics=lane, **epochs, **critic_reg)
+    beside = cls(params, EnvSpec.of(host.spec()), 8.0, CPU, seed=0)
+    serial = copy.deepcopy(beside)
     serial.p = params.model_copy(update={"parallel_critics": False})
-    for a, b in paired_updates(threaded, serial, host, 3):
-        assert a == b and a["loss_v"] > 0 and same_state(threaded, serial)
+    try:
+        for a, b in paired_updates(beside, serial, host, 3):
+            assert a == b and a["loss_v"] > 0 and same_state(beside, serial)
+    finally:
+        if beside.critic_process is not None:
+            beside.critic_process.close()
+    assert (beside.critic_process is not None) == (lane == "process")
 
 
 def test_a_refused_critic_step_on_the_second_thread_is_counted():
@@ -298,3 +305,22 @@ def test_a_refused_critic_step_on_the_second_thread_is_counted():
     out = [update_with_a_nan(learner, batch, "ret_r") for learner in (threaded, serial)]
     assert threaded.p.parallel_critics and out[0][SKIPPED_UPDATES] == out[1][SKIPPED_UPDATES] == 1
     assert same_state(threaded, serial)
+
+
+def test_a_critic_process_that_died_is_a_one_line_error_and_the_next_update_restarts_it():
+    """``parallel_critics: process``: the child killed during an update; the drain says so in one
+    line, and the next update starts a fresh child from the learner's state."""
+    learner, host = small_ppo_lag(epochs=1, parallel_critics="process")
+    batch, _ = host.rollout(learner.numpy_policy(), 50)
+    try:
+        learner.update([batch])
+        lane, dead = learner.critic_lane(), learner.critic_process
+        dead.proc.kill()
+        dead.proc.wait()
+        lane.submit(torch.zeros(4, 1), torch.zeros(4), torch.zeros(4))
+        with pytest.raises(RuntimeError, match=rf"^the critic process \(pid {dead.proc.pid}\) ended: exit code -9$"):
+            lane.drain()
+        out = learner.update([batch])
+        assert learner.critic_process is not dead and learner.critic_process.alive() and out["loss_v"] > 0
+    finally:
+        learner.critic_process.close()

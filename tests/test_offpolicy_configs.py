@@ -54,7 +54,8 @@ def test_shipped_config_loads_and_validates(algo, task):
 # saferl's names: the defaults, then the sections of Goal1 and Circle1 (Button1 has none).
 OMNISAFE_COMMON = {"batch_size": 256, "utd": 1.0, "buffer_capacity": 1_000_000, "tau": 0.005, "gamma": 0.99,
                    "max_grad_norm": 40.0, "hidden": [256, 256], "init": "kaiming_uniform"}
-OMNISAFE = {"sac_lag": {"warmup_steps": 10_000, "policy_delay": 2, "auto_alpha": False, "init_alpha": 0.2},
+OMNISAFE = {"sac_lag": {"warmup_steps": 10_000, "policy_delay": 2, "auto_alpha": False, "init_alpha": 0.2,
+                        "cost_target": "mean"},  # its code, not a key: the cost critic's step is DDPG's
             "td3_lag": {"warmup_steps": 25_000, "policy_delay": 2, "exploration_noise": 0.1, "target_noise": 0.2,
                         "noise_clip": 0.5},
             "ddpg_lag": {"warmup_steps": 25_000, "policy_delay": 1, "exploration_noise": 0.1}}

@@ -180,7 +180,11 @@ class TanhGaussianPolicy(nn.Module):
 
     def sample(self, obs: torch.Tensor, u: torch.Tensor | None = None):
         """(a, log π(a|s)); reparameterised, or at the given pre-squash ``u``."""
-        dist = self.dist(obs)
+        return self.sample_of(self.dist(obs), u)
+
+    @staticmethod
+    def sample_of(dist: torch.distributions.Normal, u: torch.Tensor | None = None):
+        """``sample`` from an already evaluated ``dist`` (a caller that also needs its mean)."""
         u = dist.rsample() if u is None else u
         return torch.tanh(u), tanh_log_prob(dist, u)
 

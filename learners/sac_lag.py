@@ -76,11 +76,11 @@ class SACLag(LagrangianLearner, OffPolicyLearner):
     def step(self, b: dict) -> dict:
         p, alpha, lam = self.p, self.log_alpha.exp().detach(), self.multiplier.value
         with torch.no_grad():
-            a2, logp2 = self.policy.sample(b["next_obs"])
+            dist = self.policy.dist(b["next_obs"])
+            a2, logp2 = self.policy.sample_of(dist)
             y_c = None
             if p.cost_target == "mean":
-                mean_a2 = torch.tanh(self.policy.dist(b["next_obs"]).mean)
-                y_c = b["cost"] + b["discount"] * self.q_c_target(b["next_obs"], mean_a2)[0]
+                y_c = b["cost"] + b["discount"] * self.q_c_target(b["next_obs"], torch.tanh(dist.mean))[0]
         loss_q = self.critic_step(b, a2, -alpha * logp2, y_c)
         self.steps += 1
         if self.steps % p.policy_delay:

@@ -480,7 +480,7 @@ def run(args) -> Path:
     if args.check_update:
         from saferl.tools.studies import reference_update
 
-        return reference_update.run(args, console, out, reference_python(args, console))
+        return reference_update.run(args, console, out, lambda: reference_python(args, console))
     s = settings(args)
     out.mkdir(parents=True, exist_ok=True)
     job = saferl_job(s, out)

@@ -183,7 +183,9 @@ def report(s: dict, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(args, console, out: Path, python: str) -> Path:
+def run(args, console, out: Path, find_python) -> Path:
+    """The check; ``find_python()`` gives the reference interpreter (asked after the arguments
+    are checked, so a bad argument is reported as such, not as a missing interpreter)."""
     from saferl.config import ConfigError
     from saferl.tools.studies.reference import REFERENCE_ALGOS, reference_sets
     from saferl.tools.studies.runner import shipped_config
@@ -192,6 +194,7 @@ def run(args, console, out: Path, python: str) -> Path:
         raise ConfigError(f"usage error: --check-update compares {', '.join(MODULES)} (not {args.algo})")
     if args.update_steps <= 0:
         raise ConfigError(f"usage error: --update-steps must be > 0 (got {args.update_steps})")
+    python = find_python()
     out.mkdir(parents=True, exist_ok=True)
     reference_input, ours = saferl_side(args.algo, list(args.set), args.task, args.update_steps)
     _, control = saferl_side(args.algo, list(args.set), args.task, args.update_steps, PERTURBATION)

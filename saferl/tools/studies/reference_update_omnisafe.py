@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_omnisafe import apply_shims, nested  # a script beside it
+from reference_omnisafe import apply_shims, nested  # scripts beside it
+from reference_update import queued_normal_noise
 
 
 class _Log:
@@ -79,24 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     d = torch.load(args.input)
     steps = d["obs"].shape[0]
     algo, ac = build(args.algo, args.env, args.set, d["init"], d["obs"].shape[-1], d["u"].shape[-1])
-    queue = list(d["noise"])
-
-    def rsample(self, sample_shape=torch.Size()):  # noqa: B008  (torch's own default)
-        eps = queue.pop(0)
-        if eps.shape != self.loc.shape:
-            raise RuntimeError(f"queued noise {tuple(eps.shape)} for a distribution of {tuple(self.loc.shape)}")
-        return self.loc + eps * self.scale
-
-    torch.distributions.Normal.rsample = rsample
     batches = [{"obs": d["obs"][i], "act": torch.tanh(d["u"][i]), "reward": d["reward"][i], "cost": d["cost"][i],
                 "done": d["done"][i], "next_obs": d["next_obs"][i]} for i in range(steps)]
     algo._buf = _Buffer(batches)
     snapshots, done = {}, 0
-    for k in d["checkpoints"]:
-        for _ in range(k - done):
-            algo._update()
-        done = k
-        snapshots[k] = {name: [p.detach().clone() for p in getattr(ac, name).parameters()] for name in d["init"]}
+    with queued_normal_noise(list(d["noise"])) as queue:
+        for k in d["checkpoints"]:
+            for _ in range(k - done):
+                algo._update()
+            done = k
+            snapshots[k] = {name: [p.detach().clone() for p in getattr(ac, name).parameters()] for name in d["init"]}
     torch.save({"snapshots": snapshots, "noise_used": len(d["noise"]) - len(queue)}, args.out)
     return 0
 

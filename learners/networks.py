@@ -92,13 +92,18 @@ class RunningNorm(nn.Module):
     @torch.no_grad()
     def update_moments(self, n: int, mean, var) -> None:
         # numpy moments (gradient workers') or tensors on any device (this learner's own batch)
-        mean = torch.as_tensor(mean, dtype=torch.float64).to(self.mean.device)
-        var = torch.as_tensor(var, dtype=torch.float64).to(self.mean.device)
+        mean, var = (_float64(m, self.mean.device) for m in (mean, var))
         self.mean, self.var, self.count = merge_moments(self.mean, self.var, self.count, n, mean, var)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.mean.to(x.dtype)) / torch.sqrt(self.var.to(x.dtype) + 1e-8)
         return z.clamp(-self.clip, self.clip)
+
+
+def _float64(x, device) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = np.array(x, dtype=np.float64)  # a copy: arrays from Ray's object store are read-only
+    return torch.as_tensor(x, dtype=torch.float64).to(device)
 
 
 class GaussianPolicy(nn.Module):

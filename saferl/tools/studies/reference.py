@@ -10,6 +10,9 @@
     saferl benchmark reference --algo sac_lag --check-update
                                                             the update rules compared step by step
                                                             (reference_update.py), no training
+    saferl benchmark reference --algo sac_lag --task SafetyHopperVelocity-v1 --check-data
+                                                            the collected transitions compared under
+                                                            fixed policies (reference_data.py)
 
 Both sides get the same task, seed, cost limit (the registry's), total env steps and steps per
 iteration (OmniSafe's ``steps_per_epoch``); each keeps its own hyper-parameters: saferl the shipped
@@ -108,6 +111,16 @@ def reference_python(args, console) -> str:
     return str(python)
 
 
+def run_script(argv: list[str], cwd: Path, side: str) -> None:
+    """Run one side's script to the end; a failure is a one-line error with its last output line."""
+    from saferl.config import ConfigError
+
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    if done.returncode:
+        lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+        raise ConfigError(f"{side} error: exit {done.returncode}: {(lines or ['?'])[-1][:300]}")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from saferl.tools.studies.runner import add_address_argument, add_out_argument
 
@@ -143,6 +156,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compare the update rules instead of training: the same weights, minibatches and noise "
                         "through saferl's learner and OmniSafe's update functions (reference_update.py)")
     p.add_argument("--update-steps", type=int, default=20, help="gradient steps of --check-update (default 20)")
+    p.add_argument("--check-data", action="store_true",
+                   help="compare the collected data instead of training: the same fixed policies through saferl's "
+                        "env host and replay and OmniSafe's adapter and buffer (reference_data.py)")
+    p.add_argument("--data-steps", type=int, default=20_000,
+                   help="env steps per phase and side of --check-data (default 20,000)")
     add_address_argument(p)
     p.set_defaults(parallel=1)
 
@@ -481,6 +499,10 @@ def run(args) -> Path:
         from saferl.tools.studies import reference_update
 
         return reference_update.run(args, console, out, lambda: reference_python(args, console))
+    if args.check_data:
+        from saferl.tools.studies import reference_data
+
+        return reference_data.run(args, console, out, lambda: reference_python(args, console))
     s = settings(args)
     out.mkdir(parents=True, exist_ok=True)
     job = saferl_job(s, out)

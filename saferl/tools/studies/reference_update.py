@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +186,7 @@ def run(args, console, out: Path, find_python) -> Path:
     """The check; ``find_python()`` gives the reference interpreter (asked after the arguments
     are checked, so a bad argument is reported as such, not as a missing interpreter)."""
     from saferl.config import ConfigError
-    from saferl.tools.studies.reference import REFERENCE_ALGOS, reference_sets
+    from saferl.tools.studies.reference import REFERENCE_ALGOS, reference_sets, run_script
     from saferl.tools.studies.runner import shipped_config
 
     if args.algo not in MODULES:
@@ -210,10 +209,7 @@ def run(args, console, out: Path, find_python) -> Path:
     for item in reference_sets({"algo": args.algo, "cost_limit": limit, "reference_set": args.reference_set}):
         argv += ["--set", item]
     console.print("reference: " + " ".join(argv[1:]))
-    done = subprocess.run(argv, cwd=out, capture_output=True, text=True)
-    if done.returncode:
-        lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
-        raise ConfigError(f"reference error: exit {done.returncode}: {(lines or ['?'])[-1][:300]}")
+    run_script(argv, out, "reference")
     theirs = torch.load(out / "update_reference.pt")
     result = compare(ours, theirs, control)
     (out / "update_check.json").write_text(json.dumps({**s, **result}, indent=1,

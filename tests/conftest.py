@@ -3,7 +3,9 @@ seconds), and the repository root."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import stat
 import sys
 import textwrap
 from pathlib import Path
@@ -33,6 +35,23 @@ def run_root(tmp_path, monkeypatch):
 def needs_sg():
     return pytest.mark.skipif(not SG_PYTHON.exists() and not os.environ.get("SAFERL_SG_PYTHON"),
                               reason="Safety-Gymnasium interpreter missing: run deploy/setup.sh")
+
+
+def check_with_stand_in(tmp_path: Path, script: str, task: str, *flags: str) -> tuple[Path, list[str]]:
+    """``saferl benchmark reference --algo sac_lag --task TASK FLAGS`` with its reference interpreter
+    replaced by ``script`` (run by this Python; it saves its argv as argv.json): the output folder and
+    the argv the reference got, checked to name OmniSafe's algorithm and the task's cost limit."""
+    from saferl.cli import main
+
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\n{script}")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "check"
+    assert main(["benchmark", "reference", "--algo", "sac_lag", "--task", task, *flags,
+                 "--reference-python", str(fake), "--out", str(out)]) == 0
+    sent = json.loads((out / "argv.json").read_text())
+    assert sent[sent.index("--algo") + 1] == "SACLag" and "lagrange_cfgs.cost_limit=25.0" in sent
+    return out, sent
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import stat
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import pytest
 
 from saferl.config import REPO_ROOT
 from saferl.tools.studies import reference_data as rd
+from tests.conftest import check_with_stand_in, needs_sg
 
 TASK = "SafetyHopperVelocity-v1"  # Hopper: 11 observations, 3 actions
 SAC_SHAPES = [(256, 11), (256,), (256, 256), (256,), (6, 256), (6,)]  # OmniSafe's gaussian_sac actor
@@ -41,6 +41,7 @@ def _saferl_side(tmp_path, name: str, seed: int, steps: int) -> dict:
     return rd.load_side(folder)
 
 
+@needs_sg()
 def test_two_samples_of_the_same_data_path_pass_and_a_shifted_one_does_not(tmp_path):
     a = _saferl_side(tmp_path, "a", 0, 3000)
     b = _saferl_side(tmp_path, "b", 7, 3000)
@@ -76,7 +77,6 @@ def test_episode_bounds_split_at_a_cut_bootstrap_and_at_a_time_limit():
 
 
 STAND_IN = textwrap.dedent('''\
-    #!{python}
     """Stands in for the reference interpreter: a reference whose episodes all last 5 steps."""
     import json, sys
     import numpy as np
@@ -84,8 +84,7 @@ STAND_IN = textwrap.dedent('''\
     out = argv[argv.index("--out") + 1]
     n = int(argv[argv.index("--steps") + 1])
     g = np.random.default_rng(0)
-    shapes = {shapes}
-    np.savez(out + "/actor.npz", *[np.zeros(s, np.float32) for s in shapes])
+    np.savez(out + "/actor.npz", *[np.zeros(s, np.float32) for s in {shapes}])
     obs = g.standard_normal((n, 11)).astype(np.float32)
     done = (np.arange(n) % 5 == 4).astype(np.float32)
     for phase in ("uniform", "policy"):
@@ -96,17 +95,10 @@ STAND_IN = textwrap.dedent('''\
 ''')
 
 
+@needs_sg()
 def test_check_data_cli_writes_the_tables_and_the_verdict(tmp_path):
-    from saferl.cli import main
-
-    fake = tmp_path / "python"
-    fake.write_text(STAND_IN.format(python=sys.executable, shapes=SAC_SHAPES))
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    out = tmp_path / "check"
-    assert main(["benchmark", "reference", "--algo", "sac_lag", "--task", TASK, "--check-data",
-                 "--data-steps", "1000", "--reference-python", str(fake), "--out", str(out)]) == 0
-    sent = json.loads((out / "argv.json").read_text())
-    assert sent[sent.index("--algo") + 1] == "SACLag" and "lagrange_cfgs.cost_limit=25.0" in sent
+    out, _ = check_with_stand_in(tmp_path, STAND_IN.format(shapes=SAC_SHAPES), TASK, "--check-data",
+                                 "--data-steps", "1000")
     table = (out / "data_check.md").read_text()
     assert "## uniform" in table and "## policy" in table and "**the data differ**" in table
     assert "| episode length | 5.000 ± 0.000 |" in table and "configs/sac_lag/" in table

@@ -4,7 +4,6 @@ page records the real check). Also SAC-Lag's ``cost_target``, which the check ex
 from __future__ import annotations
 
 import json
-import stat
 import sys
 import textwrap
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from saferl.tools.studies import reference_update as ru
+from tests.conftest import check_with_stand_in
 
 TASK = "SafetyHopperVelocity-v1"  # a shipped sac_lag config (the defaults), no env is built
 
@@ -68,28 +68,18 @@ def test_sac_lag_cost_target_mean_bootstraps_without_noise(target, same):
 
 
 STAND_IN = textwrap.dedent('''\
-    #!{python}
     """Stands in for the reference interpreter: a reference whose update never moves anything."""
     import json, sys, torch
     argv = sys.argv[2:]
     d = torch.load(argv[argv.index("--input") + 1])
-    snaps = {{k: d["init"] for k in d["checkpoints"]}}
-    torch.save({{"snapshots": snaps, "noise_used": 0}}, argv[argv.index("--out") + 1])
+    snaps = {k: d["init"] for k in d["checkpoints"]}
+    torch.save({"snapshots": snaps, "noise_used": 0}, argv[argv.index("--out") + 1])
     open("argv.json", "w").write(json.dumps(argv))
 ''')
 
 
-def test_check_update_cli_writes_the_table_and_the_verdict(tmp_path, monkeypatch):
-    from saferl.cli import main
-
-    fake = tmp_path / "python"
-    fake.write_text(STAND_IN.format(python=sys.executable))
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    out = tmp_path / "check"
-    assert main(["benchmark", "reference", "--algo", "sac_lag", "--task", TASK, "--check-update",
-                 "--update-steps", "3", "--reference-python", str(fake), "--out", str(out)]) == 0
-    sent = json.loads((out / "argv.json").read_text())
-    assert sent[sent.index("--algo") + 1] == "SACLag" and "lagrange_cfgs.cost_limit=25.0" in sent
+def test_check_update_cli_writes_the_table_and_the_verdict(tmp_path):
+    out, _ = check_with_stand_in(tmp_path, STAND_IN, TASK, "--check-update", "--update-steps", "3")
     table = (out / "update_check.md").read_text()
     assert "| 1 |" in table and "| 3 |" in table and "**the updates differ**" in table
     assert "configs/sac_lag/" in table and str(tmp_path) not in table.split("\n")[2]

@@ -107,6 +107,51 @@ def test_check_data_cli_writes_the_tables_and_the_verdict(tmp_path):
     assert len(np.load(out / "saferl" / "policy.npz")["reward"]) == 1000
 
 
+def _saferl_run(tmp_path, algo: str = "sac_lag"):
+    """A run directory of ``algo`` on Hopper with one checkpoint (no training): its learner."""
+    import torch
+
+    from saferl.cluster import rundir
+    from saferl.config import load_config
+    from saferl.learners.base import EnvSpec
+    from saferl.tools.studies.runner import shipped_config
+
+    cfg = load_config(shipped_config(algo, TASK)[0], [f"run_root={tmp_path / 'runs'}"])
+    spec = EnvSpec(obs_dim=11, act_dim=3, act_low=[-1.0] * 3, act_high=[1.0] * 3, max_episode_steps=1000)
+    learner = cfg.algo_spec.load()(cfg.learner_params(), spec, cfg.limit, torch.device("cpu"), 3)
+    run = rundir.new_run_dir(cfg)
+    rundir.save_checkpoint(run, 1, {"algo": algo, "task": TASK, "learner": learner.state_dict(),
+                                    "schedule": {"iteration": 1, "env_steps": 2000}}, keep=1)
+    return run, learner
+
+
+def test_policy_from_takes_the_actor_of_a_runs_newest_checkpoint(tmp_path):
+    run, learner = _saferl_run(tmp_path)
+    weights, what = rd.checkpoint_actor(run, "sac_lag", TASK)
+    assert [w.shape for w in weights] == SAC_SHAPES and "2,000 env steps" in what
+    assert all(np.array_equal(w, p.detach().numpy()) for w, p in zip(weights, learner.policy.parameters()))
+
+
+def test_policy_from_a_run_of_another_algorithm_or_no_run_is_a_one_line_error(tmp_path):
+    from saferl.config import ConfigError
+
+    run, _ = _saferl_run(tmp_path, "td3_lag")
+    with pytest.raises(ConfigError, match="a td3_lag run on SafetyHopperVelocity-v1, not sac_lag"):
+        rd.checkpoint_actor(run, "sac_lag", TASK)
+    with pytest.raises(ConfigError, match="not a run directory"):
+        rd.checkpoint_actor(tmp_path, "sac_lag", TASK)
+
+
+@needs_sg()
+def test_check_data_with_policy_from_sends_the_checkpoints_actor_to_the_reference(tmp_path):
+    run, learner = _saferl_run(tmp_path)
+    out, sent = check_with_stand_in(tmp_path, STAND_IN.format(shapes=SAC_SHAPES), TASK, "--check-data",
+                                    "--data-steps", "500", "--policy-from", str(run))
+    with np.load(sent[sent.index("--actor") + 1]) as z:
+        assert np.array_equal(z["arr_0"], learner.policy.net[0].weight.detach().numpy())
+    assert f"the actor of `{run.name}`'s checkpoint at 2,000 env steps" in (out / "data_check.md").read_text()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--algo", "ppo_lag"], "--check-data compares sac_lag"),
     (["--algo", "sac_lag", "--data-steps", "0"], "--data-steps must be > 0")])

@@ -161,6 +161,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "env host and replay and OmniSafe's adapter and buffer (reference_data.py)")
     p.add_argument("--data-steps", type=int, default=20_000,
                    help="env steps per phase and side of --check-data (default 20,000)")
+    p.add_argument("--policy-from", default=None, metavar="RUN_DIR",
+                   help="--check-data's policy phase acts with this saferl run's newest checkpoint "
+                        "(default: OmniSafe's actor at its seeded initialisation)")
     add_address_argument(p)
     p.set_defaults(parallel=1)
 

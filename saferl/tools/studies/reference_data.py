@@ -2,15 +2,17 @@
 
     saferl benchmark reference --algo sac_lag --task SafetyHopperVelocity-v1 --check-data --out runs/data-sac
     saferl benchmark reference --algo sac_lag --check-data --data-steps 50000
+    saferl benchmark reference --algo sac_lag --check-data --policy-from runs/sac_lag-SafetyHopperVelocity-v1-...
 
 ``--check-update`` compares the update rules; this compares the data they learn from. No training:
 each side collects ``--data-steps`` env steps per phase with the same fixed policies, through the
 code a training run uses, and the two samples are tested for being one distribution.
 
 * ``uniform``: the off-policy warm-up's uniform actions.
-* ``policy``: the reference's actor at its own initialisation (seeded), sampled; saferl's side
-  gets the same weights through its learner's network and ``export_numpy``, so it acts through the
-  env host's numpy inference, as in training.
+* ``policy``: the reference's actor at its own initialisation (seeded), or with ``--policy-from
+  RUN_DIR`` the actor of a saferl run's newest checkpoint (the state region a trained policy
+  visits), sampled; saferl's side gets the same weights through its learner's network and
+  ``export_numpy``, so it acts through the env host's numpy inference, as in training.
 
 The reference (OmniSafe 0.5, ``reference_data_omnisafe.py`` in its own interpreter) steps its
 ``OffPolicyAdapter.rollout`` into its ``VectorOffPolicyBuffer`` with its own config for the task;
@@ -35,6 +37,9 @@ import numpy as np
 from saferl.tools.studies.reference_update import MODULES
 
 PHASES = ("uniform", "policy")
+# what each side writes per phase: the stored transitions (actions as the env got them, done = the
+# bootstrap is cut), then the finished episodes' statistics
+FIELDS = ("obs", "act", "reward", "cost", "done", "next_obs", "ep_return", "ep_cost", "ep_length")
 ALPHA = 0.01
 DRIVER = Path(__file__).resolve().with_name("reference_data_omnisafe.py")
 HOST_MODULE = "saferl.tools.studies.reference_data_host"
@@ -67,6 +72,23 @@ def saferl_policy(algo: str, overrides: list[str], task: str, weights: list[np.n
     o = learner.offpolicy_setup()
     return {"policy": learner.policy_state(), "act_dim": act_dim,
             **{k: o[k] for k in ("n_step", "gamma", "cost_normalize")}}
+
+
+def checkpoint_actor(run: Path, algo: str, task: str) -> tuple[list[np.ndarray], str]:
+    """The actor weights of a saferl run's newest checkpoint (a run of the check's algorithm and
+    task), in the reference actor's parameter order, and what they are, for the report."""
+    from saferl.cluster import rundir
+    from saferl.config import ConfigError
+
+    cfg = rundir.load_run_config(run)  # a one-line error where run is not a run directory
+    if (cfg.algo, cfg.task) != (algo, task):
+        raise ConfigError(f"usage error: --policy-from {run}: a {cfg.algo} run on {cfg.task}, not {algo} on {task}")
+    ckpt = rundir.load_checkpoint(run, cfg)
+    if ckpt is None:
+        raise ConfigError(f"usage error: --policy-from {run}: no checkpoint")
+    ours = next(name for name, ref in MODULES[algo].items() if ref == "actor")
+    weights = [t.detach().cpu().numpy() for t in ckpt["learner"][ours].values()]
+    return weights, f"the actor of `{run.name}`'s checkpoint at {ckpt['schedule']['env_steps']:,} env steps"
 
 
 def episode_bounds(d: dict) -> list[tuple[int, int]]:
@@ -141,8 +163,8 @@ def report(s: dict, result: dict) -> str:
              f"{s['task']}, {s['steps']:,} env steps per phase and side, one env, seed {s['seed']}. "
              f"saferl: `EnvHost.rollout` into `ReplayBuffer.add` with `{s['config']}`'s replay settings; "
              "OmniSafe: `OffPolicyAdapter.rollout` into `VectorOffPolicyBuffer` with its own config for the task. "
-             "`uniform`: the warm-up's uniform actions; `policy`: OmniSafe's actor at its seeded "
-             "initialisation, sampled, the same weights on both sides. p: two-sample Kolmogorov-Smirnov.", ""]
+             f"`uniform`: the warm-up's uniform actions; `policy`: {s['policy']}, sampled, the same weights on "
+             "both sides. p: two-sample Kolmogorov-Smirnov.", ""]
     for phase, v in result["phases"].items():
         lines += [f"## {phase}", "", "| quantity | OmniSafe | saferl | p |", "|---|---|---|---|"]
         lines += [f"| {name} | {a} | {b} | {'' if p is None else f'{p:.3f}'} |" for name, a, b, p in v["rows"]]
@@ -154,7 +176,17 @@ def report(s: dict, result: dict) -> str:
 
 
 def load_side(folder: Path) -> dict[str, dict]:
-    return {p: dict(np.load(folder / f"{p}.npz")) for p in PHASES}
+    from saferl.config import ConfigError
+
+    out = {}
+    for phase in PHASES:
+        path = folder / f"{phase}.npz"
+        with np.load(path) as z:
+            missing = [f for f in FIELDS if f not in z.files]
+            if missing:
+                raise ConfigError(f"check error: {path} lacks {', '.join(missing)}")
+            out[phase] = {f: z[f] for f in FIELDS}
+    return out
 
 
 def run(args, console, out: Path, find_python) -> Path:
@@ -173,12 +205,17 @@ def run(args, console, out: Path, find_python) -> Path:
     source, path = shipped_config(args.algo, args.task)
     cfg = load_config(source, list(args.set))
     s = {"algo": args.algo, "reference_algo": REFERENCE_ALGOS[args.algo], "task": args.task, "seed": args.seed,
-         "steps": args.data_steps, "config": str(path.relative_to(CONFIG_DIR.parent)), "set": list(args.set)}
+         "steps": args.data_steps, "config": str(path.relative_to(CONFIG_DIR.parent)), "set": list(args.set),
+         "policy": "OmniSafe's actor at its seeded initialisation"}
     ref_dir, our_dir = out / "reference", out / "saferl"
     for d in (ref_dir, our_dir):
         d.mkdir(parents=True, exist_ok=True)
     argv = [python, str(DRIVER), "--algo", s["reference_algo"], "--env", args.task, "--steps", str(args.data_steps),
             "--seed", str(args.seed), "--out", str(ref_dir)]
+    if args.policy_from:
+        weights, s["policy"] = checkpoint_actor(Path(args.policy_from), args.algo, args.task)
+        np.savez(our_dir / "actor.npz", *weights)
+        argv += ["--actor", str(our_dir / "actor.npz")]
     for item in reference_sets({"algo": args.algo, "cost_limit": cfg.limit, "reference_set": args.reference_set}):
         argv += ["--set", item]
     console.print("reference: " + " ".join(argv[1:]))

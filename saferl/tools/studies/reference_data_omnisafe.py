@@ -2,11 +2,12 @@
 
 Executed as a script by the reference interpreter (``.venv-omnisafe``), never imported by saferl:
 builds OmniSafe 0.5's ``OffPolicyAdapter`` (its env and wrapper stack) and ``VectorOffPolicyBuffer``
-from its own config for the task, and its actor with its own initialisation (``torch.manual_seed``),
-then collects each phase's steps through the adapter's own ``rollout``: ``uniform`` (its warm-up
-actions) and ``policy`` (that actor, sampled), each from fresh episodes. Writes ``actor.npz`` (the
-actor's parameters, in order, for saferl's side) and ``<phase>.npz`` (the buffer's transitions and the
-finished episodes' statistics, in ``reference_data.FIELDS``).
+from its own config for the task, and its actor with its own initialisation (``torch.manual_seed``)
+or the given weights (``--actor``), then collects each phase's steps through the adapter's own
+``rollout``: ``uniform`` (its warm-up actions) and ``policy`` (that actor, sampled), each from fresh
+episodes. Writes ``actor.npz`` (the actor's parameters, in order, for saferl's side) and
+``<phase>.npz`` (the buffer's transitions and the finished episodes' statistics, in
+``reference_data.FIELDS``).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--actor", default=None, help="npz of the actor's parameters, in order (default: its own init)")
     args = ap.parse_args(argv)
     apply_shims()
     import numpy as np
@@ -58,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         adapter = OffPolicyAdapter(args.env, 1, args.seed + i, cfgs)
         if actor is None:
             actor = ConstraintActorQCritic(adapter.observation_space, adapter.action_space, cfgs.model_cfgs, 1)
+            if args.actor:
+                with np.load(args.actor) as z, torch.no_grad():
+                    given = [z[f"arr_{k}"] for k in range(len(z.files))]
+                    params = list(actor.actor.parameters())
+                    if [p.shape for p in params] != [torch.Size(w.shape) for w in given]:
+                        raise SystemExit("reference error: the given actor's shapes are not OmniSafe's config's")
+                    for p, w in zip(params, given):
+                        p.copy_(torch.as_tensor(w))
             np.savez(out / "actor.npz", *[p.detach().numpy() for p in actor.actor.parameters()])
         buffer = VectorOffPolicyBuffer(adapter.observation_space, adapter.action_space, args.steps, 1, 1)
         episodes = _Episodes()

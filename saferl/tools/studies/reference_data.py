@@ -45,6 +45,11 @@ DRIVER = Path(__file__).resolve().with_name("reference_data_omnisafe.py")
 HOST_MODULE = "saferl.tools.studies.reference_data_host"
 
 
+def actor_attribute(algo: str) -> str:
+    """The saferl learner's attribute that holds the network the reference calls its actor."""
+    return next(ours for ours, ref in MODULES[algo].items() if ref == "actor")
+
+
 def saferl_policy(algo: str, overrides: list[str], task: str, weights: list[np.ndarray]) -> dict:
     """The reference's actor weights through saferl's learner for ``algo`` (its shipped config
     with ``overrides``): the env host's policy and the replay's settings."""
@@ -62,8 +67,7 @@ def saferl_policy(algo: str, overrides: list[str], task: str, weights: list[np.n
     spec = EnvSpec(obs_dim=obs_dim, act_dim=act_dim, act_low=[-1.0] * act_dim, act_high=[1.0] * act_dim,
                    max_episode_steps=1000)
     learner = registry.get_algo(algo).load()(params, spec, cfg.limit, torch.device("cpu"), cfg.seed)
-    ours = next(name for name, ref in MODULES[algo].items() if ref == "actor")
-    net = getattr(learner, ours)  # the network policy_state exports
+    net = getattr(learner, actor_attribute(algo))  # the network policy_state exports
     if [tuple(p.shape) for p in net.parameters()] != [w.shape for w in weights]:
         raise ConfigError(f"check error: the reference's actor has other shapes than {algo}'s config builds")
     with torch.no_grad():
@@ -86,8 +90,7 @@ def checkpoint_actor(run: Path, algo: str, task: str) -> tuple[list[np.ndarray],
     ckpt = rundir.load_checkpoint(run, cfg)
     if ckpt is None:
         raise ConfigError(f"usage error: --policy-from {run}: no checkpoint")
-    ours = next(name for name, ref in MODULES[algo].items() if ref == "actor")
-    weights = [t.detach().cpu().numpy() for t in ckpt["learner"][ours].values()]
+    weights = [t.detach().cpu().numpy() for t in ckpt["learner"][actor_attribute(algo)].values()]
     return weights, f"the actor of `{run.name}`'s checkpoint at {ckpt['schedule']['env_steps']:,} env steps"
 
 

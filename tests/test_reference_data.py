@@ -109,16 +109,13 @@ def test_check_data_cli_writes_the_tables_and_the_verdict(tmp_path):
 
 def _saferl_run(tmp_path, algo: str = "sac_lag"):
     """A run directory of ``algo`` on Hopper with one checkpoint (no training): its learner."""
-    import torch
-
     from saferl.cluster import rundir
     from saferl.config import load_config
-    from saferl.learners.base import EnvSpec
+    from saferl.tools.studies.reference_update import box_learner
     from saferl.tools.studies.runner import shipped_config
 
     cfg = load_config(shipped_config(algo, TASK)[0], [f"run_root={tmp_path / 'runs'}"])
-    spec = EnvSpec(obs_dim=11, act_dim=3, act_low=[-1.0] * 3, act_high=[1.0] * 3, max_episode_steps=1000)
-    learner = cfg.algo_spec.load()(cfg.learner_params(), spec, cfg.limit, torch.device("cpu"), 3)
+    learner = box_learner(algo, [], TASK, 11, 3)
     run = rundir.new_run_dir(cfg)
     rundir.save_checkpoint(run, 1, {"algo": algo, "task": TASK, "learner": learner.state_dict(),
                                     "schedule": {"iteration": 1, "env_steps": 2000}}, keep=1)

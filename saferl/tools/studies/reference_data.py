@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saferl.tools.studies.reference_update import MODULES
+from saferl.tools.studies.reference_update import MODULES, box_learner
 
 PHASES = ("uniform", "policy")
 # what each side writes per phase: the stored transitions (actions as the env got them, done = the
@@ -55,18 +55,10 @@ def saferl_policy(algo: str, overrides: list[str], task: str, weights: list[np.n
     with ``overrides``): the env host's policy and the replay's settings."""
     import torch
 
-    from saferl import registry
-    from saferl.config import ConfigError, load_config
-    from saferl.learners.base import EnvSpec
-    from saferl.tools.studies.runner import shipped_config
+    from saferl.config import ConfigError
 
-    source, _ = shipped_config(algo, task)
-    cfg = load_config(source, overrides)
-    params = cfg.learner_params()
-    obs_dim, act_dim = weights[0].shape[1], weights[-1].shape[0] // 2
-    spec = EnvSpec(obs_dim=obs_dim, act_dim=act_dim, act_low=[-1.0] * act_dim, act_high=[1.0] * act_dim,
-                   max_episode_steps=1000)
-    learner = registry.get_algo(algo).load()(params, spec, cfg.limit, torch.device("cpu"), cfg.seed)
+    act_dim = weights[-1].shape[0] // 2  # the actor's outputs: mean and log σ of each action
+    learner = box_learner(algo, overrides, task, weights[0].shape[1], act_dim)
     net = getattr(learner, actor_attribute(algo))  # the network policy_state exports
     if [tuple(p.shape) for p in net.parameters()] != [w.shape for w in weights]:
         raise ConfigError(f"check error: the reference's actor has other shapes than {algo}'s config builds")

@@ -96,22 +96,26 @@ def perturb(learner, names: dict, size: float, seed: int = 1) -> None:
                 getattr(learner, ours).load_state_dict(getattr(learner, ours.removesuffix("_target")).state_dict())
 
 
-def saferl_side(algo: str, overrides: list[str], task: str, steps: int, perturbation: float = 0.0) -> tuple[dict, dict]:
-    """(the data and initial weights for the reference, saferl's parameters at each checkpoint);
-    ``perturbation``: the initial weights changed by that relative size first (``perturb``)."""
+def box_learner(algo: str, overrides: list[str], task: str, obs_dim: int, act_dim: int):
+    """saferl's learner for ``algo`` from the shipped config for ``task`` (with ``overrides``), on
+    the CPU, for ``obs_dim`` observations and the action box [−1, 1]^act_dim: the networks the
+    checks set against the reference's."""
     from saferl import registry
     from saferl.config import load_config
     from saferl.learners.base import EnvSpec
     from saferl.tools.studies.runner import shipped_config
 
-    source, _ = shipped_config(algo, task)
-    cfg = load_config(source, overrides)
-    params = cfg.learner_params()
-    cls = registry.get_algo(algo).load()
-    spec = EnvSpec(obs_dim=OBS_DIM, act_dim=ACT_DIM, act_low=[-1.0] * ACT_DIM, act_high=[1.0] * ACT_DIM,
+    cfg = load_config(shipped_config(algo, task)[0], overrides)
+    spec = EnvSpec(obs_dim=obs_dim, act_dim=act_dim, act_low=[-1.0] * act_dim, act_high=[1.0] * act_dim,
                    max_episode_steps=1000)
-    learner = cls(params, spec, cfg.limit, torch.device("cpu"), cfg.seed)
-    data = synthetic_data(steps, params.gamma)
+    return registry.get_algo(algo).load()(cfg.learner_params(), spec, cfg.limit, torch.device("cpu"), cfg.seed)
+
+
+def saferl_side(algo: str, overrides: list[str], task: str, steps: int, perturbation: float = 0.0) -> tuple[dict, dict]:
+    """(the data and initial weights for the reference, saferl's parameters at each checkpoint);
+    ``perturbation``: the initial weights changed by that relative size first (``perturb``)."""
+    learner = box_learner(algo, overrides, task, OBS_DIM, ACT_DIM)
+    data = synthetic_data(steps, learner.p.gamma)
     names = MODULES[algo]
     if perturbation:
         perturb(learner, names, perturbation)

@@ -85,6 +85,25 @@ def test_bench_learner_reports_the_time_per_minibatch_step(tmp_path):
     assert "ms per minibatch step" in (tmp_path / "learner.md").read_text()
 
 
+def test_bench_learner_counts_the_update_arithmetic(tmp_path):
+    """GFLOP per update counts the learner's own work: it doubles with the minibatch rows, and a
+    critic lane on a second thread (invisible to the counter) is counted in the loop instead."""
+    def row(algo, setting):
+        out = tmp_path / setting
+        assert main(["bench", "learner", "--algos", algo, "--updates", "1", "--set", setting, "--out", str(out)]) == 0
+        [r] = json.loads((out / "learner.json").read_text())
+        return r
+
+    small = row("sac_lag/PointHazard-D1-v0", "algo_params.batch_size=64")
+    large = row("sac_lag/PointHazard-D1-v0", "algo_params.batch_size=128")
+    assert large["gflop_per_update"] == pytest.approx(2 * small["gflop_per_update"], rel=0.02)
+    assert small["gflop_per_s"] == pytest.approx(small["gflop_per_update"] / small["s_per_update"], rel=0.05)
+    assert small["matmul_gflop_per_s"] > 0 and small["matmul_shape"] == [64, 64, 64]
+    serial = row("trpo_lag/FunctionEnv-v0", "algo_params.parallel_critics=off")
+    threaded = row("trpo_lag/FunctionEnv-v0", "algo_params.parallel_critics=thread")
+    assert threaded["gflop_per_update"] == serial["gflop_per_update"] > 0
+
+
 def test_bench_device_runs_without_ray_and_reports_each_device(tmp_path):
     """`saferl bench device` in a fresh interpreter where importing Ray fails: learner rows on
     every device here (a spec from --specs stands in for the task's own), inference and

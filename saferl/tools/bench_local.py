@@ -117,13 +117,21 @@ def bench_learner(out_dir: Path, algos: list[str], updates: int = 3, device: str
     with _one_thread():
         rows = [_bench_one_learner(algo, updates, say, device, specs, overrides) for algo in algos]
     write_table(out_dir, "learner", rows, ["algo", "config task", "device", "hidden", "samples per update",
-                                           "sample", "s per update", "samples/s"],
+                                           "sample", "s per update", "samples/s", "GFLOP per update",
+                                           "GFLOP/s (a matmul's at the layer shape)"],
                 lambda r: [r["algo"], r["task"], r["device"], r["hidden"], r["samples_per_update"],
                            r["sample"] + (f"; passes run: {r['epochs']}" if "epochs" in r else "")
                            + (f"; {r['ms_per_minibatch_step']} ms per minibatch step"
                               if "ms_per_minibatch_step" in r else ""),
-                           f"{r['s_per_update']:.3f}", f"{r['samples_per_s']:,.0f}"], say)
+                           f"{r['s_per_update']:.3f}", f"{r['samples_per_s']:,.0f}", r["gflop_per_update"],
+                           _fmt_rate(r)], say)
     return rows
+
+
+def _fmt_rate(r: dict) -> str:
+    """'achieved (of the layer-shaped product's rate)', e.g. '52.4 (of 99.1)'."""
+    got = "–" if r["gflop_per_s"] is None else f"{r['gflop_per_s']}"
+    return f"{got} (of {r['matmul_gflop_per_s']} at {'×'.join(map(str, r['matmul_shape']))})"
 
 
 @contextlib.contextmanager
@@ -186,9 +194,57 @@ def _bench_one_learner(algo: str, updates: int, say, device: str = "cpu", specs:
     if cfg.algo_spec.kind == "offpolicy":
         row["minibatch_size"] = samples // OFFPOLICY_MINIBATCHES
         row["minibatches_per_s"] = round(OFFPOLICY_MINIBATCHES / dt, 1)
+    row.update(_arithmetic(learner, inputs, epochs, dt, cfg, device))
     say(f"{cfg.algo:>8} ({cfg.task}, hidden {hidden}, {row['device']}): {samples} samples per update in "
         f"{dt:.3f} s -> {samples / dt:,.0f} samples/s")
     return row
+
+
+def _arithmetic(learner, inputs, epochs: list, dt: float, cfg, device: str) -> dict:
+    """How close an update runs to the arithmetic rate of the device: the floating-point
+    operations of one more update (torch's FLOP counter, which counts matrix products and
+    convolutions: nearly all of a learner's arithmetic) over the timed updates' time, beside the
+    rate of one matrix product of the learner's own shape (minibatch rows × widest layer) on the
+    same device and threads. The rate is left out where the counted update ran a different number
+    of passes from the timed ones (the KL stop) or where the counter sees nothing (a CUDA graph's
+    replays bypass it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inner, params = learner.learner, learner.learner.p
+    if getattr(params, "parallel_critics", "off") != "off":  # the counter sees only this thread's operations
+        inner.p = params.model_copy(update={"parallel_critics": "off"})  # the same floats (CriticLane)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            passes = learner.update(inputs).get("epochs")
+    finally:
+        inner.p = params
+    flops = counter.get_total_flops()
+    rows = getattr(params, "minibatch_size", None) or getattr(params, "batch_size", None) or 256
+    width = max(cfg.algo_params.get("hidden") or [256])
+    same_work = flops > 0 and all(e == passes for e in epochs)
+    return {"gflop_per_update": round(flops / 1e9, 3),
+            "gflop_per_s": round(flops / 1e9 / dt, 1) if same_work else None,
+            "matmul_gflop_per_s": round(matmul_rate(rows, width, device), 1), "matmul_shape": [rows, width, width]}
+
+
+def matmul_rate(rows: int, width: int, device: str = "cpu", repeats: int = 200) -> float:
+    """GFLOP/s of a [rows, width] × [width, width] matrix product on ``device`` (best of five):
+    what this device's kernels reach on a learner layer's shape, at the caller's torch threads."""
+    import torch
+
+    a, b = torch.randn(rows, width, device=device), torch.randn(width, width, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(20):
+        a @ b
+    best = math.inf
+    for _ in range(5):
+        sync()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync()
+        best = min(best, (time.perf_counter() - t) / repeats)
+    return 2 * rows * width * width / best / 1e9
 
 
 # -- the same work on each device ---------------------------------------------------------------
@@ -315,11 +371,12 @@ def bench_device(out_dir: Path, algos: list[str], updates: int, batches: list[in
     with _one_thread():
         out["learner"] = [_learner_row(a, updates, say, device, specs, overrides) for device in devices for a in algos]
     write_table(out_dir, "learner", out["learner"], ["algo", "device", "samples per update", "s per update",
-                                                     "samples/s", "ms per minibatch step"],
+                                                     "samples/s", "ms per minibatch step",
+                                                     "GFLOP/s (a matmul's at the layer shape)"],
                 lambda r: [r["algo"], r["device"], r.get("samples_per_update", ""),
                            r.get("s_per_update", r.get("error")),
                            f"{r['samples_per_s']:,.0f}" if "samples_per_s" in r else "",
-                           r.get("ms_per_minibatch_step", "")], say)
+                           r.get("ms_per_minibatch_step", ""), _fmt_rate(r) if "gflop_per_update" in r else ""], say)
     out["inference"] = bench_inference(out_dir, devices, batches, [64, 64], console=console)
     out["worker_windows"] = bench_worker_windows(out_dir, devices, tasks, envs, horizon, windows, console)
     (out_dir / "device.json").write_text(json.dumps(out, indent=2))

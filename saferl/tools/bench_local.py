@@ -129,7 +129,8 @@ def bench_learner(out_dir: Path, algos: list[str], updates: int = 3, device: str
 
 
 def _fmt_rate(r: dict) -> str:
-    """'achieved (of the layer-shaped product's rate)', e.g. '52.4 (of 99.1)'."""
+    """'achieved (of the layer-shaped product's rate at its shape)', e.g. '47.3 (of 101.1 at 256×256×256)';
+    '–' for the achieved rate where it is left out."""
     got = "–" if r["gflop_per_s"] is None else f"{r['gflop_per_s']}"
     return f"{got} (of {r['matmul_gflop_per_s']} at {'×'.join(map(str, r['matmul_shape']))})"
 
